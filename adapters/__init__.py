@@ -1,0 +1,1 @@
+"""Backend protocols: one module per upstream protocol, behind the small `Backend` Protocol."""

@@ -1,0 +1,66 @@
+"""The one place where aiohttp client exceptions and upstream error statuses become `GatewayError`s.
+
+Messages name the backend but never its URL credentials or API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+
+from gateway.errors import (
+    GatewayError,
+    UpstreamProtocolError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+
+def map_client_error(exc: BaseException, backend: str, phase: str) -> GatewayError:
+    """Translate a client-side exception raised while talking to `backend` during `phase`."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return UpstreamTimeout(f"backend {backend} timed out ({phase})")
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+        return UpstreamUnavailable(f"backend {backend} is unreachable ({phase})")
+    if isinstance(
+        exc,
+        aiohttp.ClientPayloadError | aiohttp.ClientResponseError | aiohttp.InvalidURL,
+    ):
+        return UpstreamProtocolError(f"backend {backend} sent a broken response ({phase})")
+    if isinstance(exc, aiohttp.ClientError | ConnectionError | OSError):
+        return UpstreamUnavailable(f"backend {backend} connection failed ({phase})")
+    return UpstreamProtocolError(f"backend {backend} failed ({phase}): {type(exc).__name__}")
+
+
+def status_error(
+    backend: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> UpstreamStatus:
+    """An error status from the upstream, with its retry-after where given."""
+    return UpstreamStatus(
+        f"backend {backend} answered {status}",
+        upstream_status=status,
+        upstream_body=body[:65536],
+        retry_after_s=parse_retry_after(headers),
+    )
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """`retry-after-ms` wins over `retry-after` (seconds); HTTP dates are not used by providers."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    s = headers.get("retry-after")
+    if s:
+        try:
+            return max(0.0, float(s))
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,1 @@
+"""neogate: the gateway app, its edge, metering and live backend state."""

@@ -1,0 +1,191 @@
+"""The app factory: `create_app(config)` builds every part of a gateway and nothing lives at module level."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from adapters.base import Backend
+from adapters.openai_compat import OpenAICompatBackend
+from gateway import endpoints
+from gateway.auth import Authenticator
+from gateway.config import BackendSpec, GatewayConfig, resolve_secret
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.estimate import Estimator
+from gateway.limits import Limits
+from gateway.metering import Meter
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import handler
+from gateway.routing import Router
+from gateway.runtime import RUNTIME, Runtime
+from gateway.tokenizer import Tokenizer
+
+log = logging.getLogger("neogate")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """How this app is run, beyond the policy file."""
+
+    anonymous_allowed: bool = False
+    admin_key: str | None = None
+    server_secret: str | None = None
+
+
+def create_app(config: GatewayConfig, options: AppOptions | None = None) -> web.Application:
+    """Build the gateway app for `config`; I/O resources open in its cleanup context."""
+    opts = options or AppOptions()
+    cap = max(t.limits.max_body_bytes for t in config.tenants) if config.tenants else 0
+    app = web.Application(
+        middlewares=[_errors_middleware],
+        client_max_size=max(cap, 4 * 1024 * 1024) + 1,
+        handler_args={"max_field_size": 16384},
+    )
+    app.cleanup_ctx.append(_runtime_ctx(config, opts))
+    app.router.add_post("/v1/chat/completions", handler("chat"))
+    app.router.add_post("/v1/completions", handler("completions"))
+    app.router.add_post("/v1/embeddings", handler("embeddings"))
+    endpoints.add_routes(app)
+    return app
+
+
+def _runtime_ctx(
+    config: GatewayConfig, opts: AppOptions
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=config.max_inflight,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        try:
+            app[RUNTIME] = build_runtime(config, opts, session)
+            yield
+        finally:
+            await session.close()
+
+    return ctx
+
+
+def build_runtime(
+    config: GatewayConfig, opts: AppOptions, session: aiohttp.ClientSession
+) -> Runtime:
+    """Wire every part of the request path for one app."""
+    metrics = GatewayMetrics()
+    specs = {b.name: b for b in config.backends}
+    backends: dict[str, Backend] = {b.name: make_backend(b, session) for b in config.backends}
+    tokenizer = Tokenizer.from_source(
+        config.tokenizer.source, config.tokenizer.encoding, config.tokenizer.path
+    )
+    secret = opts.server_secret or resolve_secret(config.auth.server_secret) or ""
+    keys = _YamlKeys(config, secret.encode() or os.urandom(32))
+    auth = Authenticator(
+        config,
+        keys,
+        anonymous_allowed=opts.anonymous_allowed,
+        admin_key=opts.admin_key or resolve_secret(config.admin.api_key),
+    )
+    return Runtime(
+        config=config,
+        backends=backends,
+        specs=specs,
+        models={m.name: m for m in config.models},
+        metrics=metrics,
+        auth=auth,
+        estimator=Estimator(tokenizer),
+        limits=Limits(),
+        router=Router(backends, specs, metrics),
+        meter=Meter(tokenizer, metrics),
+    )
+
+
+def make_backend(spec: BackendSpec, session: aiohttp.ClientSession) -> Backend:
+    """The adapter for one configured backend; every kind speaks the OpenAI protocol."""
+    metrics_url = spec.metrics_url
+    if metrics_url is None and spec.is_local:
+        base = spec.base_url.removesuffix("/v1")
+        metrics_url = f"{base}/metrics"
+    return OpenAICompatBackend(
+        name=spec.name,
+        base_url=spec.base_url,
+        api_key=resolve_secret(spec.api_key),
+        session=session,
+        is_local=spec.is_local,
+        metrics_url=metrics_url,
+    )
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id and render every error once, as OpenAI JSON."""
+    rid = request.headers.get("x-request-id") or os.urandom(12).hex()
+    if len(rid) > 128 or not rid.isprintable():
+        rid = os.urandom(12).hex()
+    request["rid"] = rid
+    try:
+        resp = await handler(request)
+    except GatewayError as exc:
+        return _error_response(exc, rid)
+    except web.HTTPRequestEntityTooLarge as exc:
+        from gateway.errors import PayloadTooLarge
+
+        return _error_response(PayloadTooLarge(f"request body is too large: {exc.text}"), rid)
+    except web.HTTPMethodNotAllowed:
+        return _error_response(
+            MethodNotAllowed(f"method {request.method} is not allowed on {request.path}"), rid
+        )
+    except web.HTTPNotFound:
+        return _error_response(NotFound(f"unknown path {request.path}", code="unknown_url"), rid)
+    except web.HTTPClientError as exc:
+        return _error_response(InvalidRequest(exc.reason), rid)
+    if not resp.prepared:
+        resp.headers["x-request-id"] = rid
+    return resp
+
+
+def _error_response(exc: GatewayError, rid: str) -> web.Response:
+    headers = exc.headers()
+    headers["x-request-id"] = rid
+    return web.Response(
+        body=exc.body(),
+        status=exc.http_status(),
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+class _YamlKeys:
+    """Temporary: tenant keys from the YAML, hashed (replaced by gateway.keys)."""
+
+    def __init__(self, config: GatewayConfig, secret: bytes) -> None:
+        import hashlib
+        import hmac
+
+        self._secret = secret
+        self._hmac = hmac
+        self._sha = hashlib.sha256
+        self._by_hash: dict[str, str] = {}
+        for t in config.tenants:
+            for ref in t.api_keys:
+                key = resolve_secret(ref)
+                if key:
+                    self._by_hash[self._digest(key)] = t.name
+
+    def _digest(self, key: str) -> str:
+        return self._hmac.new(self._secret, key.encode(), self._sha).hexdigest()
+
+    def authenticate(self, presented: str) -> str | None:
+        return self._by_hash.get(self._digest(presented))

@@ -1,0 +1,140 @@
+"""`neogate serve`: load the policy (or the embedded default), start the app, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway import secretfile
+from gateway.app import AppOptions, create_app
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    is_loopback,
+    load_config,
+    missing_env,
+    parse_config,
+    resolve_secret,
+)
+
+log = logging.getLogger("neogate")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: str | None
+    host: str | None = None
+    port: int | None = None
+    workers: int = 1
+    drain_timeout_s: float = 30.0
+
+
+def serve_forever(opts: ServeOptions) -> int:
+    """Run the gateway until SIGINT/SIGTERM; return the exit status."""
+    from gateway.cli import run_async
+
+    status = 0
+
+    async def main() -> None:
+        nonlocal status
+        status = await _serve(opts)
+
+    run_async(main)
+    return status
+
+
+async def _serve(opts: ServeOptions) -> int:
+    sims: list[web.AppRunner] = []
+    try:
+        if opts.config_path:
+            config = load_config(opts.config_path)
+            problems = missing_env(config)
+            if problems:
+                raise ConfigError(opts.config_path, problems)
+        else:
+            config, sims = await start_embedded_default()
+        host = opts.host or config.listen.host
+        port = opts.port if opts.port is not None else config.listen.port
+        app_opts = _app_options(config, host, embedded=not opts.config_path)
+        app = create_app(config, app_opts)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=opts.drain_timeout_s,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=opts.workers > 1)
+        await site.start()
+        log.info("neogate listening on http://%s:%d/v1", host, port)
+        await _wait_for_signal()
+        log.info("neogate draining in-flight requests (up to %.0fs)", opts.drain_timeout_s)
+        await runner.cleanup()
+        log.info("neogate stopped")
+        return 0
+    finally:
+        for sim in sims:
+            await sim.cleanup()
+
+
+def _app_options(config: GatewayConfig, host: str, *, embedded: bool) -> AppOptions:
+    anonymous = config.auth.allow_anonymous_on_loopback and is_loopback(host)
+    if config.auth.allow_anonymous_on_loopback:
+        if anonymous:
+            log.warning(
+                "accepting requests WITHOUT an API key: bound to loopback address %s only", host
+            )
+        else:
+            log.warning("%s is not a loopback address: every request needs an API key", host)
+    key = secretfile.admin_key(config, create=embedded)
+    if key is None:
+        log.warning("no admin key configured (admin.api_key): admin endpoints are disabled")
+    elif embedded and resolve_secret(config.admin.api_key) is None:
+        log.info("admin key is in %s", secretfile.data_dir(config) / "admin.key")
+    return AppOptions(
+        anonymous_allowed=anonymous,
+        admin_key=key,
+        server_secret=secretfile.server_secret(config),
+    )
+
+
+async def start_embedded_default() -> tuple[GatewayConfig, list[web.AppRunner]]:
+    """Start the simulated workers and provider in-process and fill their URLs into the default."""
+    from loadtest.sim.common import start_site
+    from loadtest.sim.provider import ProviderOptions, create_provider_app
+    from loadtest.sim.worker import WorkerOptions, create_worker_app
+
+    from gateway.cli import default_policy_text
+
+    runners: list[web.AppRunner] = []
+    urls: dict[str, str] = {}
+    for name, seed in (("gpu-a", 1), ("gpu-b", 2)):
+        runner, port = await start_site(create_worker_app(WorkerOptions(seed=seed)))
+        runners.append(runner)
+        urls[name] = f"http://127.0.0.1:{port}/v1"
+    runner, port = await start_site(create_provider_app(ProviderOptions()))
+    runners.append(runner)
+    urls["provider"] = f"http://127.0.0.1:{port}/v1"
+    text = default_policy_text()
+    for name, url in urls.items():
+        text = text.replace("{sim:" + name + "}", url)
+    log.info(
+        "embedded default: simulated backends %s", ", ".join(f"{k}={v}" for k, v in urls.items())
+    )
+    return parse_config(text, source="<embedded default>"), runners
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

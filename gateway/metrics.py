@@ -1,0 +1,115 @@
+"""Prometheus metrics of one gateway app, in a registry of its own (no global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports; labels are bounded (backend, model, outcome, kind)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self.requests = Counter(
+            "neogate_requests_total",
+            "Client requests by serving backend, public model and outcome.",
+            ["backend", "model", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "neogate_tokens_total",
+            "Tokens metered, by kind (prompt, completion, cached, reasoning).",
+            ["backend", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "neogate_cost_usd_total", "Cost charged, in USD.", ["backend", "model"], registry=r
+        )
+        self.ttft = Histogram(
+            "neogate_time_to_first_token_seconds",
+            "Time from request arrival to the first byte of the answer.",
+            ["backend", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "neogate_inter_token_latency_seconds",
+            "Mean gap between streamed events of one request.",
+            ["backend", "model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "neogate_request_duration_seconds",
+            "Total time of a request at the gateway.",
+            ["backend", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "neogate_upstream_errors_total",
+            "Failed upstream attempts by backend and error code.",
+            ["backend", "code"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "neogate_rejections_total",
+            "Requests refused at the edge, by reason (budget, rate limit, overload, auth, invalid).",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "neogate_backend_inflight_requests",
+            "Requests the gateway has in flight per backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.divergence = Counter(
+            "neogate_usage_divergence_total",
+            "Requests whose upstream-reported and gateway-counted tokens diverged past the threshold.",
+            ["backend"],
+            registry=r,
+        )
+        self.price_feed_failures = Counter(
+            "neogate_price_feed_failures_total",
+            "Price-feed polls that failed; the last good prices stay in force.",
+            registry=r,
+        )
+        self.scrape_failures = Counter(
+            "neogate_worker_scrape_failures_total",
+            "Failed /metrics scrapes of local workers.",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_healthy = Gauge(
+            "neogate_backend_healthy",
+            "1 while a backend is in service, 0 while ejected by the circuit breaker.",
+            ["backend"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "neogate_retries_total",
+            "Attempts after the first for one request (failover).",
+            ["backend"],
+            registry=r,
+        )

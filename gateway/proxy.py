@@ -1,0 +1,169 @@
+"""The request path of the inference endpoints: edge, estimate, admission, route, forward, relay, meter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, ModelNotFound, PayloadTooLarge, PermissionDenied
+from gateway.forward import Attempt, first_attempt_that_answers
+from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
+from gateway.metering import Completion
+from gateway.relay import DONE, EventFilter
+from gateway.runtime import RUNTIME, Runtime, Tenant
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def read_body(request: web.Request, cap: int) -> bytes:
+    """Read the body, refusing it before it is read whole when it is over the cap."""
+    length = request.content_length
+    if length is not None and length > cap:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"request body is over the limit of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def handler(endpoint: Endpoint) -> Any:
+    """The aiohttp handler of one inference endpoint."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        tenant = rt.auth.tenant_for(request)
+        raw = await read_body(request, tenant.limits.max_body_bytes)
+        inbound = parse_request(raw, endpoint, tenant.limits)
+        return await serve(rt, request, tenant, inbound)
+
+    return handle
+
+
+async def serve(
+    rt: Runtime, request: web.Request, tenant: Tenant, inbound: InboundRequest
+) -> web.StreamResponse:
+    """Admit, route, forward and meter one validated request."""
+    model = rt.models.get(inbound.model)
+    if model is None:
+        raise ModelNotFound(
+            f"The model `{inbound.model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+    if tenant.allowed_models is not None and inbound.model not in tenant.allowed_models:
+        raise PermissionDenied(
+            f"this key may not use the model `{inbound.model}`",
+            param="model",
+            code="model_not_allowed",
+        )
+    rid: str = request["rid"]
+    arrived = time.monotonic()
+    estimate = rt.estimator.estimate(inbound, model)
+    reservation = await rt.admission.reserve(tenant, inbound, estimate)
+    completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
+    try:
+        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request)
+        completion.decision = decision
+        attempt = await first_attempt_that_answers(
+            plans,
+            path=PATHS[inbound.endpoint],
+            headers=rt.forward_headers(request, rid),
+            stream=inbound.stream,
+            deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, request),
+            on_failure=rt.router.on_failure,
+            may_retry=rt.router.may_retry,
+        )
+    except BaseException:
+        await rt.meter.abandon(completion)
+        raise
+    completion.attach(attempt, rt.router.batch_seen(attempt.backend))
+    rt.router.on_start(attempt.backend)
+    try:
+        if inbound.stream:
+            return await _relay_stream(rt, request, completion, attempt)
+        return await _relay_whole(rt, completion, attempt)
+    finally:
+        rt.router.on_end(attempt.backend)
+
+
+async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) -> web.Response:
+    try:
+        body = await attempt.response.read()
+    except GatewayError:
+        await rt.meter.finish(completion, outcome="upstream_error", body=None)
+        raise
+    completion.first_byte_at = time.monotonic()
+    await rt.meter.finish(completion, outcome="ok", body=body)
+    return web.Response(
+        body=body,
+        status=attempt.response.status,
+        headers=rt.answer_headers(completion, attempt, "application/json"),
+    )
+
+
+async def _relay_stream(
+    rt: Runtime, request: web.Request, completion: Completion, attempt: Attempt
+) -> web.StreamResponse:
+    assert attempt.first_event is not None and attempt.events is not None
+    inbound = completion.inbound
+    flt = EventFilter(strip_usage=not inbound.include_usage)
+    meter = completion.stream_meter()
+    resp = web.StreamResponse(status=200, headers=rt.answer_headers(completion, attempt, None))
+    resp.headers.update(_SSE_HEADERS)
+    outcome = "ok"
+    try:
+        await resp.prepare(request)
+        completion.first_byte_at = time.monotonic()
+        block: bytes | None = attempt.first_event
+        events = attempt.events
+        while block is not None:
+            meter.feed(block)
+            out = flt.filter(block)
+            if out is not None:
+                await resp.write(out + b"\n\n")
+            if flt.done:
+                break
+            block = await anext(events, None)
+        if not flt.done:
+            outcome = "upstream_error" if flt.error_seen else "upstream_cut"
+    except GatewayError as exc:
+        outcome = "upstream_cut"
+        await _send_stream_error(resp, exc)
+    except (ConnectionResetError, asyncio.CancelledError):
+        outcome = "client_disconnect"
+        attempt.response.close()
+        await asyncio.shield(rt.meter.finish(completion, outcome=outcome, meter=meter))
+        raise
+    attempt.response.close()
+    await rt.meter.finish(completion, outcome=outcome, meter=meter)
+    if outcome == "ok":
+        try:
+            await resp.write(DONE + b"\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the row is written; the client left before [DONE]
+    elif outcome == "upstream_cut" and not flt.error_seen:
+        await _send_stream_error(
+            resp,
+            GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
+        )
+    return resp
+
+
+async def _send_stream_error(resp: web.StreamResponse, exc: GatewayError) -> None:
+    """A mid-stream failure: `data: {"error": ...}` and the stream closes without [DONE]."""
+    try:
+        await resp.write(b"data: " + exc.body() + b"\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        return

@@ -1,0 +1,92 @@
+"""The runtime of one gateway app: every part built from the config, held under one AppKey."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from adapters.base import Backend
+from gateway.auth import Authenticator, Tenant
+from gateway.config import BackendSpec, GatewayConfig, ModelSpec
+from gateway.forward import Attempt
+from gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from gateway.estimate import Estimator
+    from gateway.limits import Limits
+    from gateway.metering import Completion, Meter
+    from gateway.routing import Router
+
+__all__ = ["RUNTIME", "Runtime", "Tenant"]
+
+# Client headers that may reach an upstream; everything else (Authorization,
+# cookies, hop-by-hop headers) stays at the gateway.
+FORWARDED_CLIENT_HEADERS: Final = ("traceparent", "tracestate", "user-agent", "openai-beta")
+# Request header through which a tenant may shorten (never lengthen) its deadline.
+TIMEOUT_HEADER: Final = "x-neogate-timeout"
+
+
+@dataclass
+class Runtime:
+    """Everything the request path needs, built once per app."""
+
+    config: GatewayConfig
+    backends: dict[str, Backend]
+    specs: dict[str, BackendSpec]
+    models: dict[str, ModelSpec]
+    metrics: GatewayMetrics
+    auth: Authenticator
+    estimator: Estimator
+    limits: Limits
+    router: Router
+    meter: Meter
+    extra_forward_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def admission(self) -> Limits:
+        return self.limits
+
+    def forward_headers(self, request: web.Request, rid: str) -> dict[str, str]:
+        """The allow-listed client headers plus our request id."""
+        out = {"X-Request-Id": rid}
+        h = request.headers
+        for name in FORWARDED_CLIENT_HEADERS:
+            value = h.get(name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def request_deadline_s(self, tenant: Tenant, request: web.Request) -> float:
+        """The overall budget of a request: the longest backend total, shortened by the client."""
+        ceiling = max(s.timeouts.total_s for s in self.specs.values())
+        asked = request.headers.get(TIMEOUT_HEADER)
+        if asked:
+            try:
+                return max(0.001, min(ceiling, float(asked)))
+            except ValueError:
+                return ceiling
+        return ceiling
+
+    def answer_headers(
+        self, completion: Completion, attempt: Attempt, content_type: str | None
+    ) -> dict[str, str]:
+        """Headers that explain the decision: which backend, why, and at what predicted cost."""
+        out = {"x-neogate-backend": attempt.backend}
+        decision = completion.decision
+        if decision is not None:
+            out["x-neogate-route-reason"] = decision.reason
+            cand = next((c for c in decision.candidates if c.backend == attempt.backend), None)
+            if cand is not None:
+                out["x-neogate-predicted-cost-usd"] = f"{cand.predicted_cost_usd:.8f}"
+            out["x-neogate-price-version"] = str(decision.price_version)
+        if attempt.number:
+            out["x-neogate-attempts"] = str(attempt.number + 1)
+        if content_type:
+            out["Content-Type"] = content_type
+        return out
+
+
+RUNTIME: Final = web.AppKey("runtime", Runtime)
