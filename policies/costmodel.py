@@ -1,0 +1,190 @@
+"""The batch-aware GPU cost model: throughput, latency and dollars per token by batch size.
+
+A local worker costs `price_per_hour` whether busy or idle. Its decode throughput
+T(b) (output tokens/s across the batch) is interpolated from measured points; the
+amortized cost of one output token at batch b is `price_per_hour / 3600 / T(b)`.
+For a `reserved` GPU one more request costs ~nothing while the batch is below the
+knee (it lowers everyone's per-token cost); past the knee the marginal cost ramps
+up to the amortized cost at `max_batch`. An `on_demand` GPU is priced at the
+amortized cost of the predicted batch.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Literal
+
+from policies.spec import GpuSpec, ThroughputProfileSpec
+
+GpuMode = Literal["reserved", "on_demand"]
+
+# A segment whose throughput gain per added request is below this fraction of the
+# batch-1 per-request throughput is past the knee.
+KNEE_SLOPE_FRACTION = 0.25
+
+
+def derive_knee(points: tuple[tuple[int, float], ...], max_batch: int) -> int:
+    """Concurrency at which adding a request stops paying: the start of the first flat segment."""
+    c0, t0 = points[0]
+    per_request = t0 / c0
+    for (ca, ta), (cb, tb) in pairwise(points):
+        if (tb - ta) / (cb - ca) < KNEE_SLOPE_FRACTION * per_request:
+            return min(ca, max_batch)
+    # Throughput is flat beyond the last measured point.
+    return min(points[-1][0], max_batch)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuModel:
+    """One local worker's economics and performance, as a plain immutable value."""
+
+    price_per_hour: float
+    mode: GpuMode
+    points: tuple[tuple[int, float], ...]
+    prefill_tokens_per_s: float
+    max_batch: int
+    knee: int
+    # Throughput at integer batch sizes 0..len-1, precomputed: the hot path indexes it.
+    _table: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _xs: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.price_per_hour <= 0 or self.prefill_tokens_per_s <= 0 or self.max_batch < 1:
+            raise ValueError("price, prefill speed and max_batch must be positive")
+        if not self.points or any(c < 1 or t <= 0 for c, t in self.points):
+            raise ValueError("throughput points must be positive")
+        if list(self.points) != sorted(self.points) or len({c for c, _ in self.points}) != len(
+            self.points
+        ):
+            raise ValueError("throughput points must be sorted by distinct concurrency")
+        xs = tuple(c for c, _ in self.points)
+        object.__setattr__(self, "_xs", xs)
+        top = max(self.max_batch, xs[-1])
+        object.__setattr__(
+            self, "_table", (0.0, *(self._interpolate(float(b)) for b in range(1, top + 1)))
+        )
+
+    @classmethod
+    def from_spec(cls, spec: GpuSpec) -> GpuModel:
+        """Build the value once from the YAML spec; the routing hot path never sees pydantic."""
+        return cls.from_profile(spec.profile, spec.price_per_hour, spec.mode)
+
+    @classmethod
+    def from_profile(
+        cls, profile: ThroughputProfileSpec, price_per_hour: float, mode: GpuMode = "reserved"
+    ) -> GpuModel:
+        """Build from a throughput profile and a price."""
+        points = tuple(sorted((int(c), float(t)) for c, t in profile.decode_tokens_per_s.items()))
+        knee = profile.knee if profile.knee is not None else derive_knee(points, profile.max_batch)
+        return cls(
+            price_per_hour=price_per_hour,
+            mode=mode,
+            points=points,
+            prefill_tokens_per_s=profile.prefill_tokens_per_s,
+            max_batch=profile.max_batch,
+            knee=min(knee, profile.max_batch),
+        )
+
+    def _interpolate(self, batch: float) -> float:
+        pts = self.points
+        if batch <= pts[0][0]:
+            # Below the first point each request decodes at the first point's per-request speed.
+            return pts[0][1] * batch / pts[0][0]
+        if batch >= pts[-1][0]:
+            return pts[-1][1]
+        i = bisect_right(self._xs, batch)
+        (ca, ta), (cb, tb) = pts[i - 1], pts[i]
+        return ta + (tb - ta) * (batch - ca) / (cb - ca)
+
+    @property
+    def price_per_second(self) -> float:
+        """Dollars per GPU-second."""
+        return self.price_per_hour / 3600.0
+
+    def throughput(self, batch: float) -> float:
+        """Output tokens/s across the whole batch at `batch` concurrent requests (min 1)."""
+        batch = max(batch, 1)
+        if isinstance(batch, int) and batch < len(self._table):
+            return self._table[batch]
+        return self._interpolate(float(batch))
+
+    def itl_s(self, batch: float) -> float:
+        """Inter-token latency seen by each request at this batch."""
+        b = batch if batch >= 1 else 1
+        return b / self.throughput(b)
+
+    def cost_per_output_token(self, batch: float) -> float:
+        """Amortized USD per output token when the GPU runs this batch."""
+        return self.price_per_hour / 3600.0 / self.throughput(batch)
+
+    def prefill_time_s(self, tokens: float) -> float:
+        """Seconds of GPU time to prefill `tokens` prompt tokens."""
+        return tokens / self.prefill_tokens_per_s
+
+    def prefill_cost(self, tokens: float) -> float:
+        """Amortized USD of prefilling `tokens` prompt tokens (the GPU does nothing else meanwhile)."""
+        return tokens * self.price_per_hour / 3600.0 / self.prefill_tokens_per_s
+
+    def amortized_cost(self, prompt_tokens: float, output_tokens: float, batch: float) -> float:
+        """USD of a request's prefill plus its output tokens at the amortized rate of `batch`."""
+        b = batch if batch <= self.max_batch else self.max_batch
+        return self.prefill_cost(prompt_tokens) + output_tokens * self.cost_per_output_token(b)
+
+    def predicted_ttft_s(
+        self,
+        prompt_tokens: int,
+        *,
+        load: int,
+        queued_prefill_tokens: int,
+        expected_output_tokens: int,
+    ) -> float:
+        """TTFT of one more request given `load` requests already on the worker.
+
+        Queued prefill and our own prefill run at the prefill speed; then one decode step at
+        the new batch. Requests beyond `max_batch` wait for slots, which free at the rate
+        requests complete (throughput at max_batch / expected output length).
+        """
+        after = load + 1
+        wait = 0.0
+        if after > self.max_batch:
+            per_completion = max(expected_output_tokens, 1) / self._table[self.max_batch]
+            wait = (after - self.max_batch) * per_completion
+            after = self.max_batch
+        prefill = (queued_prefill_tokens + prompt_tokens) / self.prefill_tokens_per_s
+        return wait + prefill + after / self._table[after]
+
+    def ramp(self, batch_after: int) -> float:
+        """Fraction of the amortized cost a reserved GPU charges as marginal cost at this batch."""
+        if batch_after <= self.knee:
+            return 0.0
+        span = self.max_batch - self.knee
+        if span <= 0:
+            return 1.0
+        r = (batch_after - self.knee) / span
+        return r if r < 1.0 else 1.0
+
+    def marginal_cost(self, prompt_tokens: int, output_tokens: int, batch_after: int) -> float:
+        """USD that sending this request here adds, with the batch becoming `batch_after`.
+
+        Reserved: ~0 up to the knee (the GPU is paid anyway), then a linear ramp to the
+        amortized cost at max_batch. On-demand: the amortized cost at the predicted batch.
+        """
+        if self.mode == "reserved":
+            r = self.ramp(batch_after)
+            if r == 0.0:
+                return 0.0
+            return r * self.amortized_cost(prompt_tokens, output_tokens, batch_after)
+        return self.amortized_cost(prompt_tokens, output_tokens, batch_after)
+
+    def chargeback_cost(
+        self, prompt_tokens: int, completion_tokens: int, batch_seen: float
+    ) -> float:
+        """USD a tenant is charged for local tokens at the batch they actually shared.
+
+        Positive whenever any token was processed: an idle GPU's cost is not hidden (batch 1
+        is the most expensive), and a full batch is cheap.
+        """
+        b = batch_seen if batch_seen >= 1 else 1.0
+        return self.amortized_cost(max(prompt_tokens, 0), max(completion_tokens, 0), b)

@@ -1,0 +1,112 @@
+"""Latency estimators: exponentially weighted mean and spread of TTFT and inter-token latency.
+
+Values are immutable; `update` returns a new estimate. The gateway keeps one per
+(backend, model) and feeds it each finished request; Groq's server-side usage
+timings give an ITL sample even for non-streamed requests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_ALPHA = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Ewma:
+    """Exponentially weighted mean and variance; `count` samples seen (0: prior only)."""
+
+    mean: float
+    var: float = 0.0
+    count: int = 0
+
+    @property
+    def spread(self) -> float:
+        """Standard deviation of the weighted samples."""
+        return math.sqrt(self.var)
+
+    def update(self, sample: float, alpha: float = DEFAULT_ALPHA) -> Ewma:
+        """Fold one sample in; the first sample replaces the prior mean."""
+        if not math.isfinite(sample) or sample < 0:
+            return self
+        if self.count == 0:
+            return Ewma(sample, 0.0, 1)
+        diff = sample - self.mean
+        incr = alpha * diff
+        return Ewma(self.mean + incr, (1.0 - alpha) * (self.var + diff * incr), self.count + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySample:
+    """One finished request's latencies; None where it could not be measured."""
+
+    ttft_s: float | None = None
+    itl_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyEstimate:
+    """TTFT and ITL estimates of one backend for one model."""
+
+    ttft: Ewma
+    itl: Ewma
+
+    @classmethod
+    def prior(cls, ttft_s: float, itl_s: float) -> LatencyEstimate:
+        """A starting guess (from config) that the first real sample replaces."""
+        return cls(Ewma(ttft_s), Ewma(itl_s))
+
+
+def update(
+    est: LatencyEstimate, sample: LatencySample, alpha: float = DEFAULT_ALPHA
+) -> LatencyEstimate:
+    """The estimate after one more sample."""
+    ttft = est.ttft if sample.ttft_s is None else est.ttft.update(sample.ttft_s, alpha)
+    itl = est.itl if sample.itl_s is None else est.itl.update(sample.itl_s, alpha)
+    if ttft is est.ttft and itl is est.itl:
+        return est
+    return LatencyEstimate(ttft, itl)
+
+
+def sample_from_timings(
+    ttft_s: float | None, total_s: float | None, completion_tokens: int
+) -> LatencySample:
+    """A sample from what the gateway measured: ITL is the mean gap after the first token."""
+    itl = None
+    if ttft_s is not None and total_s is not None and completion_tokens > 1 and total_s >= ttft_s:
+        itl = (total_s - ttft_s) / (completion_tokens - 1)
+    return LatencySample(ttft_s, itl)
+
+
+def _seconds(usage: Mapping[str, object], key: str) -> float | None:
+    v = usage.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) and f >= 0 else None
+
+
+def sample_from_groq_usage(
+    usage: Mapping[str, object], completion_tokens: int | None = None
+) -> LatencySample | None:
+    """A server-side sample from Groq usage timings (`queue_time`, `prompt_time`, `completion_time`).
+
+    TTFT is queue + prompt time (no network); ITL is completion time per output token.
+    Pass the `usage` object (for streams: the final chunk's `x_groq.usage`). None when the
+    timings are absent.
+    """
+    queue = _seconds(usage, "queue_time")
+    prompt = _seconds(usage, "prompt_time")
+    completion = _seconds(usage, "completion_time")
+    if completion_tokens is None:
+        ct = usage.get("completion_tokens")
+        completion_tokens = ct if isinstance(ct, int) and not isinstance(ct, bool) else None
+    ttft = None if prompt is None else prompt + (queue or 0.0)
+    itl = None
+    if completion is not None and completion_tokens is not None and completion_tokens > 0:
+        itl = completion / completion_tokens
+    if ttft is None and itl is None:
+        return None
+    return LatencySample(ttft, itl)

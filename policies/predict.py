@@ -1,0 +1,67 @@
+"""Per-backend predictions for one request: cost, TTFT, ITL, total, and whether the SLO holds."""
+
+from __future__ import annotations
+
+from policies.types import BackendSnapshot, Candidate, RouteRequest
+
+# A worker whose KV cache is this full admits nothing new until requests finish.
+KV_FULL = 0.98
+
+
+def local_load(s: BackendSnapshot) -> int:
+    """Requests already on a local worker: the gateway's own count, or the scrape if fresh and higher.
+
+    The worker may serve other clients too, so a fresh scrape can only add to what the
+    gateway knows; a stale one is ignored.
+    """
+    load = s.inflight
+    if s.metrics_fresh:
+        worker = s.running + s.queued
+        load = max(load, worker)
+        if s.gpu is not None and s.kv_usage is not None and s.kv_usage >= KV_FULL:
+            # A full KV cache admits nothing: the next request waits like one past max_batch.
+            load = max(load, s.gpu.max_batch)
+    return load
+
+
+def predict(request: RouteRequest, s: BackendSnapshot, now: float, sigmas: float) -> Candidate:
+    """What sending `request` to `s` is predicted to cost and take, judged against its SLO."""
+    out = request.expected_output_tokens
+    gpu = s.gpu
+    batch = 0
+    if gpu is not None:
+        load = local_load(s)
+        queued_prefill = s.pending_prefill_tokens
+        if s.metrics_fresh and s.queued:
+            # Prompts of requests queued by other clients are unknown; ours stands in for them.
+            queued_prefill = max(queued_prefill, s.queued * request.prompt_tokens)
+        ttft = gpu.predicted_ttft_s(
+            request.prompt_tokens,
+            load=load,
+            queued_prefill_tokens=queued_prefill,
+            expected_output_tokens=out,
+        )
+        batch = load + 1
+        itl = gpu.itl_s(batch if batch <= gpu.max_batch else gpu.max_batch)
+        cost = gpu.marginal_cost(request.prompt_tokens, out, batch)
+    else:
+        ttft = s.ttft_s
+        itl = s.itl_s
+        cost = request.prompt_tokens * s.price_in_per_token + out * s.price_out_per_token
+    decode = out - 1 if out > 1 else 0
+    total = ttft + decode * itl
+
+    slo = request.slo
+    reason = ""
+    if slo.max_ttft_s is not None and ttft + sigmas * s.ttft_spread_s > slo.max_ttft_s:
+        reason = f"ttft {ttft:.2f}s > {slo.max_ttft_s:g}s"
+    elif slo.max_itl_s is not None and itl + sigmas * s.itl_spread_s > slo.max_itl_s:
+        reason = f"itl {itl * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
+    elif (
+        slo.max_total_s is not None
+        and total + sigmas * (s.ttft_spread_s + decode * s.itl_spread_s) > slo.max_total_s
+    ):
+        reason = f"total {total:.1f}s > {slo.max_total_s:g}s"
+    elif request.deadline is not None and now + total > request.deadline:
+        reason = f"misses deadline by {now + total - request.deadline:.1f}s"
+    return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch)

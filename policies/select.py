@@ -1,0 +1,274 @@
+"""`select`: rank the usable backends for one request under a policy, and say why.
+
+Pure and fast: frozen snapshots and the clock come in, a `RouteDecision` goes out.
+Unhealthy backends, those cooling down after a 429, those at their gateway-side
+concurrency cap and (pinned) those not listed are rejected with a reason; backends
+near a rate limit stay usable but go to the end of the fallback order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from policies.headroom import near_limit
+from policies.predict import predict
+from policies.queueing import DEFAULT_SPREAD_SIGMAS, tolerates_delay, wait_decision
+from policies.spec import (
+    CostPolicySpec,
+    LatencyPolicySpec,
+    PinnedPolicySpec,
+    PolicySpec,
+    WeightedPolicySpec,
+)
+from policies.types import BackendSnapshot, Candidate, RouteDecision, RouteRequest
+
+MAX_REASON = 199
+
+
+@dataclass(frozen=True, slots=True)
+class CostPolicy:
+    """Cheapest predicted cost among SLO-meeting candidates; fastest if none meets it."""
+
+    spread_sigmas: float = DEFAULT_SPREAD_SIGMAS
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPolicy:
+    """Fastest predicted total latency."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedPolicy:
+    """Random first choice by static weight (the caller supplies the random number)."""
+
+    weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedPolicy:
+    """A fixed order, which is also the fallback order; unlisted backends are not used."""
+
+    order: tuple[str, ...]
+    rank: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", MappingProxyType({n: i for i, n in enumerate(self.order)}))
+
+
+Policy = CostPolicy | LatencyPolicy | WeightedPolicy | PinnedPolicy
+_COMPILED = (CostPolicy, LatencyPolicy, WeightedPolicy, PinnedPolicy)
+
+
+def compile_policy(spec: PolicySpec | Policy) -> Policy:
+    """The plain value for a policy spec; do this once at config load, not per request."""
+    if isinstance(spec, _COMPILED):
+        return spec
+    if isinstance(spec, CostPolicySpec):
+        return CostPolicy(spec.spread_sigmas)
+    if isinstance(spec, LatencyPolicySpec):
+        return LatencyPolicy()
+    if isinstance(spec, WeightedPolicySpec):
+        return WeightedPolicy(MappingProxyType(dict(spec.weights)))
+    if isinstance(spec, PinnedPolicySpec):
+        return PinnedPolicy(tuple(spec.order))
+    raise TypeError(f"not a policy: {type(spec).__name__}")
+
+
+def policy_name(policy: Policy) -> str:
+    """The `kind` of a compiled policy."""
+    if isinstance(policy, CostPolicy):
+        return "cost"
+    if isinstance(policy, LatencyPolicy):
+        return "latency"
+    if isinstance(policy, WeightedPolicy):
+        return "weighted"
+    return "pinned"
+
+
+def _total_key(c: Candidate) -> tuple[float, float]:
+    return (c.predicted_total_s, c.predicted_cost_usd)
+
+
+def _cost_key(c: Candidate) -> tuple[float, float]:
+    return (c.predicted_cost_usd, c.predicted_total_s)
+
+
+def _ascii(text: str) -> str:
+    if not text.isascii():
+        text = text.encode("ascii", "replace").decode("ascii")
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def _detail(c: Candidate, s: BackendSnapshot, request: RouteRequest) -> str:
+    gpu = s.gpu
+    itl = f"itl {c.predicted_itl_s * 1000:.1f}ms"
+    if request.slo.max_itl_s is not None:
+        itl += f" <= {request.slo.max_itl_s * 1000:g}ms"
+    ttft = f"ttft {c.predicted_ttft_s:.2f}s"
+    if gpu is not None:
+        return f"{gpu.mode}, batch {c.predicted_batch}/{gpu.max_batch}, {ttft}, {itl}"
+    return f"{ttft}, {itl}"
+
+
+def _others(n: int) -> str:
+    return "" if n <= 0 else f"; {n} other" + ("s" if n > 1 else "")
+
+
+def _demote(c: Candidate) -> Candidate:
+    return Candidate(
+        c.backend,
+        c.predicted_cost_usd,
+        c.predicted_ttft_s,
+        c.predicted_itl_s,
+        c.predicted_total_s,
+        c.meets_slo,
+        "near rate limit" + (f"; {c.reason}" if c.reason else ""),
+        c.predicted_batch,
+    )
+
+
+def select(
+    request: RouteRequest,
+    snapshots: Sequence[BackendSnapshot],
+    policy: PolicySpec | Policy,
+    now: float,
+    *,
+    rng_value: float = 0.5,
+) -> RouteDecision:
+    """Rank the backends in `snapshots` for `request` at time `now` under `policy`.
+
+    `rng_value` in [0, 1) drives the weighted policy's pick, so the function stays pure.
+    The decision's `candidates` hold every usable backend, best first: the fallback order.
+    """
+    pol = policy if isinstance(policy, _COMPILED) else compile_policy(policy)
+    sigmas = pol.spread_sigmas if isinstance(pol, CostPolicy) else DEFAULT_SPREAD_SIGMAS
+    rank = pol.rank if isinstance(pol, PinnedPolicy) else None
+    need_tokens = request.prompt_tokens + request.max_output_tokens
+    rejected: list[tuple[str, str]] = []
+    usable: list[Candidate] = []
+    near: list[Candidate] = []
+    by_name: dict[str, BackendSnapshot] = {}
+    version = 0
+    for s in snapshots:
+        version = max(version, s.price_version)
+        h = s.headroom
+        if not s.healthy:
+            rejected.append((s.name, "unhealthy"))
+        elif h.cooldown_until is not None and now < h.cooldown_until:
+            rejected.append((s.name, f"429 cool-down {h.cooldown_until - now:.1f}s"))
+        elif s.max_concurrency is not None and s.inflight >= s.max_concurrency:
+            rejected.append((s.name, f"at max concurrency {s.max_concurrency}"))
+        elif rank is not None and s.name not in rank:
+            rejected.append((s.name, "not in pinned order"))
+        else:
+            by_name[s.name] = s
+            c = predict(request, s, now, sigmas)
+            if (h.remaining_tokens is not None or h.remaining_requests is not None) and near_limit(
+                h, need_tokens, now
+            ):
+                near.append(_demote(c))
+            else:
+                usable.append(c)
+
+    reason: str
+    if isinstance(pol, CostPolicy):
+        ok = [c for c in usable if c.meets_slo]
+        bad = [c for c in usable if not c.meets_slo]
+        ok.sort(key=_cost_key)
+        bad.sort(key=_total_key)
+        near.sort(key=_cost_key)
+        ranked = ok + bad + near
+        if ok:
+            c = ok[0]
+            reason = (
+                f"cost: {c.backend} ${c.predicted_cost_usd:.7f} "
+                f"({_detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
+            )
+        elif ranked:
+            c = ranked[0]
+            reason = (
+                f"cost: none meets slo {request.slo_class}; fastest {c.backend} "
+                f"({c.reason or _detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
+            )
+        else:
+            reason = ""
+    elif isinstance(pol, LatencyPolicy):
+        usable.sort(key=_total_key)
+        near.sort(key=_total_key)
+        ranked = usable + near
+        reason = ""
+        if ranked:
+            c = ranked[0]
+            reason = (
+                f"latency: {c.backend} total {c.predicted_total_s:.2f}s "
+                f"({_detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
+            )
+    elif isinstance(pol, WeightedPolicy):
+        ranked = _weighted(usable, pol.weights, rng_value) + _weighted(near, pol.weights, rng_value)
+        reason = ""
+        if ranked:
+            w = pol.weights
+            total = sum(w.get(c.backend, 0.0) for c in ranked)
+            c = ranked[0]
+            reason = (
+                f"weighted: {c.backend} weight {w.get(c.backend, 0.0):g} of {total:g}"
+                f"{_others(len(ranked) - 1)}"
+            )
+    else:
+        assert rank is not None
+        usable.sort(key=lambda c: rank[c.backend])
+        near.sort(key=lambda c: rank[c.backend])
+        ranked = usable + near
+        reason = ""
+        if ranked:
+            c = ranked[0]
+            reason = (
+                f"pinned: {c.backend} (#{rank[c.backend] + 1} in order){_others(len(ranked) - 1)}"
+            )
+
+    if not ranked:
+        why = ", ".join(f"{n} {r}" for n, r in rejected) or "no backends"
+        reason = f"no usable backend: {why}"
+    elif near and ranked[0] is near[0]:
+        reason += "; all others unusable, using one near its rate limit"
+
+    wait = None
+    if (
+        isinstance(pol, CostPolicy)
+        and tolerates_delay(request)
+        and (not ranked or not by_name[ranked[0].backend].is_local)
+    ):
+        wait = wait_decision(request, snapshots, now, spread_sigmas=sigmas)
+        if wait is not None:
+            reason = f"wait up to {wait:.1f}s for local; then {reason}"
+    return RouteDecision(
+        tuple(ranked), _ascii(reason), version, policy_name(pol), tuple(rejected), wait
+    )
+
+
+def _weighted(cands: list[Candidate], weights: Mapping[str, float], u: float) -> list[Candidate]:
+    """First pick by weight using `u`; the rest by descending weight (unweighted last)."""
+    if len(cands) <= 1:
+        return cands
+    total = 0.0
+    for c in cands:
+        total += weights.get(c.backend, 0.0)
+    rest = sorted(cands, key=lambda c: -weights.get(c.backend, 0.0))
+    if total <= 0:
+        return rest
+    target = min(max(u, 0.0), 1.0) * total
+    acc = 0.0
+    first = rest[-1]
+    for c in cands:
+        w = weights.get(c.backend, 0.0)
+        acc += w
+        if w > 0 and target < acc:
+            first = c
+            break
+    else:
+        # u == 1.0 or rounding: the last weighted candidate.
+        first = next(c for c in reversed(cands) if weights.get(c.backend, 0.0) > 0)
+    rest.remove(first)
+    return [first, *rest]
