@@ -1,0 +1,167 @@
+"""The SQLite ledger store: one file in WAL mode, written from one dedicated thread.
+
+Durability: journal_mode=WAL with synchronous=NORMAL. A commit appends the
+transaction to the -wal file with write(2) before COMMIT returns; it is not fsynced
+until a checkpoint. The data is then in the OS page cache, which survives the
+death of our process (kill -9, OOM kill, crash): the next open replays the WAL.
+Only an OS crash or power loss can drop the last commits; pass
+synchronous="FULL" to fsync every commit when that matters more than throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from gateway.ledger.rows import COLUMNS, LedgerRow, LedgerUnavailable
+
+T = TypeVar("T")
+
+_INT_COLUMNS = {
+    "attempt",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "counted_prompt_tokens",
+    "counted_completion_tokens",
+    "divergent",
+    "price_in_nusd_per_m",
+    "price_out_nusd_per_m",
+    "price_cached_nusd_per_m",
+    "cost_nusd",
+    "stream",
+    "batch_size",
+    "is_local",
+}
+_REAL_COLUMNS = {"ts", "ttft_s", "total_s"}
+_NULLABLE = {
+    "counted_prompt_tokens",
+    "counted_completion_tokens",
+    "price_cached_nusd_per_m",
+    "ttft_s",
+    "batch_size",
+}
+
+
+def _column_sql(name: str) -> str:
+    kind = "INTEGER" if name in _INT_COLUMNS else "REAL" if name in _REAL_COLUMNS else "TEXT"
+    return f"{name} {kind}" + ("" if name in _NULLABLE else " NOT NULL")
+
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ledger ("
+    + ", ".join(_column_sql(c) for c in COLUMNS)
+    + ", PRIMARY KEY (request_id, attempt))",
+    "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
+    "CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts)",
+)
+INSERT = (
+    f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
+    "ON CONFLICT (request_id, attempt) DO NOTHING"
+)
+
+
+class SqliteLedger:
+    """LedgerStore over one SQLite file; every call runs on the store's own thread."""
+
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_s: float = 2.0,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self._synchronous = synchronous
+        self._create = create
+        self._conn: sqlite3.Connection | None = None
+        # One thread owns the connection: sqlite3 objects must stay on their thread,
+        # and the event loop never blocks on disk.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neogate-ledger")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def open(self) -> None:
+        """Open (creating the file and schema when `create`); LedgerUnavailable on failure."""
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        if self._conn is not None:
+            return
+        try:
+            if self._create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, isolation_level=None)
+            else:
+                conn = sqlite3.connect(f"{self.path.as_uri()}?mode=rw", uri=True)
+                conn.isolation_level = None
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                if self._create:
+                    for stmt in SCHEMA:
+                        conn.execute(stmt)
+            except sqlite3.Error:
+                conn.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+        self._conn = conn
+
+    async def write(self, rows: Sequence[LedgerRow]) -> None:
+        """Insert `rows` in one transaction; duplicates of (request_id, attempt) are skipped."""
+        values = [r.as_tuple() for r in rows]
+        await self._run(lambda: self._write_sync(values))
+
+    def _write_sync(self, values: list[tuple[Any, ...]]) -> None:
+        self._open_sync()
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(INSERT, values)
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query (``?`` placeholders) on the store's thread."""
+
+        def go() -> list[tuple[Any, ...]]:
+            self._open_sync()
+            assert self._conn is not None
+            try:
+                return list(self._conn.execute(sql, tuple(params)).fetchall())
+            except sqlite3.Error as exc:
+                raise LedgerUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+
+        return await self._run(go)
+
+    async def close(self) -> None:
+        """Close the connection and stop the thread."""
+
+        def go() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await self._run(go)
+        finally:
+            self._executor.shutdown(wait=True)
