@@ -1,0 +1,259 @@
+"""Policies over plain snapshots: ranking, SLO filtering, exclusions, stale metrics, queue waits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from policies.costmodel import GpuModel
+from policies.headroom import Headroom, mark_429
+from policies.queueing import wait_decision
+from policies.select import compile_policy, select
+from policies.spec import (
+    CostPolicySpec,
+    GpuSpec,
+    LatencyPolicySpec,
+    PinnedPolicySpec,
+    ThroughputProfileSpec,
+    WeightedPolicySpec,
+    default_slo_classes,
+)
+from policies.types import BackendSnapshot, RouteRequest, Slo
+
+NOW = 1000.0
+H100 = GpuModel.from_spec(GpuSpec(price_per_hour=2.95))
+INTERACTIVE = Slo.from_spec(default_slo_classes()["interactive"])
+BATCH = Slo.from_spec(default_slo_classes()["batch"])
+
+
+def request(
+    slo: Slo = INTERACTIVE, *, prompt: int = 800, out: int = 200, deadline: float | None = None
+) -> RouteRequest:
+    cls = "interactive" if slo is INTERACTIVE else "batch"
+    return RouteRequest("llama-8b", prompt, 512, out, True, cls, slo, deadline, "t1")
+
+
+def local(name: str = "gpu-a", **kw: object) -> BackendSnapshot:
+    return BackendSnapshot(name, "llama-3.1-8b", is_local=True, gpu=H100, **kw)  # type: ignore[arg-type]
+
+
+def groq(**kw: object) -> BackendSnapshot:
+    base: dict[str, object] = {
+        "price_in_per_token": 0.05e-6,
+        "price_out_per_token": 0.08e-6,
+        "ttft_s": 0.25,
+        "ttft_spread_s": 0.05,
+        "itl_s": 0.0013,
+        "price_version": 4,
+    }
+    base.update(kw)
+    return BackendSnapshot("groq", "llama-3.1-8b-instant", **base)  # type: ignore[arg-type]
+
+
+def together(**kw: object) -> BackendSnapshot:
+    base: dict[str, object] = {
+        "price_in_per_token": 0.18e-6,
+        "price_out_per_token": 0.18e-6,
+        "ttft_s": 0.4,
+        "itl_s": 0.005,
+        "price_version": 4,
+    }
+    base.update(kw)
+    return BackendSnapshot("together", "Meta-Llama-3.1-8B-Instruct-Turbo", **base)  # type: ignore[arg-type]
+
+
+def names(decision: object) -> list[str]:
+    return [c.backend for c in decision.candidates]  # type: ignore[attr-defined]
+
+
+COST = compile_policy(CostPolicySpec())
+
+
+def test_cost_fills_reserved_gpu_while_slo_holds() -> None:
+    d = select(request(), [groq(), together(), local(inflight=7)], COST, NOW)
+    assert names(d) == ["gpu-a", "groq", "together"]
+    top = d.candidates[0]
+    assert top.predicted_cost_usd == 0.0 and top.meets_slo and top.predicted_batch == 8
+    assert d.policy == "cost" and d.price_version == 4
+    assert d.reason.startswith("cost: gpu-a $0")
+    assert "reserved, batch 8/256" in d.reason and "2 others" in d.reason
+
+
+def test_cost_spills_to_cheapest_external_when_local_ttft_breaks_slo() -> None:
+    # 25k prompt tokens queued for prefill: 1.25 s before our first token.
+    busy = local(inflight=30, pending_prefill_tokens=25_000)
+    d = select(request(), [busy, together(), groq()], COST, NOW)
+    assert names(d) == ["groq", "together", "gpu-a"]
+    assert not d.candidates[2].meets_slo
+    assert d.candidates[2].reason.startswith("ttft 1.")
+
+
+def test_cost_spills_when_predicted_itl_breaks_slo() -> None:
+    slow = GpuModel.from_profile(
+        ThroughputProfileSpec(decode_tokens_per_s={1: 40, 64: 640}, max_batch=64), 4.0
+    )
+    # Batch 41 on this GPU: 41 / (40 + 600 * 40 / 63) = 97 ms per token.
+    gpu = BackendSnapshot("gpu-70b", "m", is_local=True, gpu=slow, inflight=40)
+    d = select(request(), [gpu, together()], COST, NOW)
+    assert names(d) == ["together", "gpu-70b"]
+    assert d.candidates[1].reason.startswith("itl ")
+    assert d.candidates[1].predicted_itl_s > 0.05
+
+
+def test_cost_ranks_externals_by_price_and_uses_spread() -> None:
+    jittery = groq(ttft_s=0.7, ttft_spread_s=0.4)  # 0.7 + 1 sigma > 1 s
+    d = select(request(), [jittery, together()], COST, NOW)
+    assert names(d) == ["together", "groq"]
+    loose = compile_policy(CostPolicySpec(spread_sigmas=0.0))
+    assert names(select(request(), [jittery, together()], loose, NOW)) == ["groq", "together"]
+
+
+def test_cost_falls_back_to_fastest_when_nothing_meets_slo() -> None:
+    a = groq(ttft_s=3.0)
+    b = together(ttft_s=2.0)
+    d = select(request(), [a, b], COST, NOW)
+    assert names(d) == ["together", "groq"]
+    assert not any(c.meets_slo for c in d.candidates)
+    assert "none meets slo interactive" in d.reason and "fastest together" in d.reason
+
+
+def test_latency_policy_ranks_by_predicted_total() -> None:
+    d = select(request(), [together(), local(inflight=3), groq()], LatencyPolicySpec(), NOW)
+    # groq: 0.25 + 199 * 1.3 ms = 0.51 s; gpu: ~0.05 + 199 * 4.8 ms = 1.0 s; together 1.4 s.
+    assert names(d) == ["groq", "gpu-a", "together"]
+    assert d.reason.startswith("latency: groq total 0.51s")
+
+
+def test_weighted_policy_uses_the_supplied_random_value() -> None:
+    pol = compile_policy(WeightedPolicySpec(weights={"groq": 1, "together": 3, "gpu-a": 0}))
+    snaps = [groq(), together(), local()]
+    assert names(select(request(), snaps, pol, NOW, rng_value=0.1)) == ["groq", "together", "gpu-a"]
+    assert names(select(request(), snaps, pol, NOW, rng_value=0.3)) == ["together", "groq", "gpu-a"]
+    assert names(select(request(), snaps, pol, NOW, rng_value=0.999)) == [
+        "together",
+        "groq",
+        "gpu-a",
+    ]
+    firsts = [
+        select(request(), snaps, pol, NOW, rng_value=i / 100).candidates[0].backend
+        for i in range(100)
+    ]
+    assert firsts.count("groq") == 25 and firsts.count("together") == 75
+    assert "weight 3 of 4" in select(request(), snaps, pol, NOW, rng_value=0.5).reason
+
+
+def test_pinned_policy_keeps_its_order_and_drops_unlisted() -> None:
+    pol = PinnedPolicySpec(order=["together", "gpu-a"])
+    d = select(request(), [groq(), local(), together()], pol, NOW)
+    assert names(d) == ["together", "gpu-a"]
+    assert d.rejected == (("groq", "not in pinned order"),)
+    assert d.reason.startswith("pinned: together (#1 in order)")
+
+
+def test_unhealthy_cooling_and_capped_backends_are_rejected_with_reasons() -> None:
+    cooling = groq(headroom=mark_429(Headroom(), 7.5, NOW))
+    d = select(
+        request(),
+        [cooling, together(healthy=False), local(inflight=8, max_concurrency=8), local("gpu-b")],
+        COST,
+        NOW,
+    )
+    assert names(d) == ["gpu-b"]
+    assert dict(d.rejected) == {
+        "groq": "429 cool-down 7.5s",
+        "together": "unhealthy",
+        "gpu-a": "at max concurrency 8",
+    }
+    # After retry-after passes the provider is usable again.
+    assert "groq" in names(select(request(), [cooling], COST, NOW + 7.5))
+
+
+def test_near_limit_provider_goes_last_but_stays_a_fallback() -> None:
+    low = Headroom(limit_tokens=100_000, remaining_tokens=3_000, observed_at=NOW)
+    d = select(request(), [groq(headroom=low), together()], COST, NOW)
+    assert names(d) == ["together", "groq"]
+    assert d.candidates[1].reason == "near rate limit"
+    only = select(request(), [groq(headroom=low)], COST, NOW)
+    assert names(only) == ["groq"] and "near its rate limit" in only.reason
+
+
+def test_no_usable_backend_says_why() -> None:
+    d = select(request(), [groq(healthy=False)], COST, NOW)
+    assert d.candidates == () and d.chosen is None
+    assert d.reason == "no usable backend: groq unhealthy"
+
+
+def test_stale_metrics_are_ignored_and_inflight_is_used() -> None:
+    # The last scrape said 300 running (beyond max_batch), but it is stale: the gateway
+    # knows of 2 in flight, so the worker is judged nearly idle.
+    stale = local(running=300, queued=40, metrics_fresh=False, inflight=2)
+    d = select(request(), [stale, groq()], COST, NOW)
+    assert names(d)[0] == "gpu-a" and d.candidates[0].predicted_batch == 3
+    fresh = dataclasses.replace(stale, metrics_fresh=True)
+    d2 = select(request(), [fresh, groq()], COST, NOW)
+    assert names(d2)[0] == "groq"
+    assert d2.candidates[1].predicted_batch == 341
+    assert d2.candidates[1].predicted_cost_usd > 0  # past the knee: no longer free
+
+
+def test_fresh_full_kv_cache_counts_as_a_full_batch() -> None:
+    full = local(running=20, metrics_fresh=True, kv_usage=0.99, inflight=20)
+    d = select(request(out=2000), [full, groq()], COST, NOW)
+    gpu = next(c for c in d.candidates if c.backend == "gpu-a")
+    assert gpu.predicted_batch == 257
+
+
+def test_cost_balances_two_idle_local_gpus_by_latency() -> None:
+    d = select(
+        request(), [local("gpu-a", inflight=9), local("gpu-b", inflight=2), groq()], COST, NOW
+    )
+    assert names(d) == ["gpu-b", "gpu-a", "groq"]
+
+
+def test_reason_is_ascii_and_short() -> None:
+    long_name = "gpu-ü-" + "x" * 300
+    d = select(request(), [local(long_name)], COST, NOW)
+    assert d.reason.isascii() and len(d.reason) < 200
+
+
+def test_batch_request_waits_for_a_capped_local_worker() -> None:
+    capped = local(inflight=4, max_concurrency=4)
+    d = select(request(BATCH, out=400), [capped, groq()], COST, NOW)
+    assert names(d) == ["groq"]
+    assert d.wait_for_local == pytest.approx(30.0)  # the batch class's max_queue_wait_s
+    assert d.reason.startswith("wait up to 30.0s for local; then cost: groq")
+    # An interactive request never waits.
+    assert select(request(), [capped, groq()], COST, NOW).wait_for_local is None
+    # The latency policy never waits either.
+    assert select(request(BATCH), [capped, groq()], LatencyPolicySpec(), NOW).wait_for_local is None
+
+
+def test_wait_is_bounded_by_the_deadline() -> None:
+    capped = local(inflight=4, max_concurrency=4)
+    req = request(BATCH, prompt=2000, out=400, deadline=NOW + 12.0)
+    wait = wait_decision(req, [capped, groq()], NOW)
+    # Service once admitted: 0.1 s prefill + 400 tokens at ITL(4).
+    service = 0.1 + 400 * H100.itl_s(4)
+    assert wait == pytest.approx(12.0 - service)
+    assert wait_decision(dataclasses.replace(req, deadline=NOW + 1.0), [capped], NOW) is None
+
+
+def test_no_wait_when_local_can_take_it_now_or_none_exists() -> None:
+    assert wait_decision(request(BATCH), [local(), groq()], NOW) is None
+    assert wait_decision(request(BATCH), [groq()], NOW) is None
+    assert wait_decision(request(BATCH), [local(healthy=False), groq()], NOW) is None
+
+
+def test_price_version_of_the_decision_is_the_book_version() -> None:
+    d = select(request(), [local(price_version=2), groq(price_version=7)], COST, NOW)
+    assert d.price_version == 7
+
+
+def test_policy_specs_and_compiled_policies_rank_alike() -> None:
+    snaps = [groq(), together(), local(inflight=40, pending_prefill_tokens=30_000)]
+    assert names(select(request(), snaps, CostPolicySpec(), NOW)) == names(
+        select(request(), snaps, COST, NOW)
+    )
+    with pytest.raises(TypeError):
+        compile_policy("cost")  # type: ignore[arg-type]
