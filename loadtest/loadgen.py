@@ -223,10 +223,14 @@ class _Run:
         prep = self.prep
         i = n % len(prep.bodies)
         k = n % len(prep.tenants)
+        now = _perf()
+        if now < scheduled:
+            # Loop timers are coarse (uvloop: 1 ms) and may fire early: count from the send.
+            scheduled = now
         rec = RequestRecord(
             start=scheduled - self.t0, stream=prep.streams[i], tenant=prep.tenants[k]
         )
-        rec.lag = max(0.0, _perf() - scheduled)
+        rec.lag = now - scheduled
         p = self.progress
         p.started += 1
         p.inflight += 1
