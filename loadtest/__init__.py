@@ -1,0 +1,1 @@
+"""Simulated backends, load generator, trace-driven policy simulator, benchmark and report scripts."""
