@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,11 +19,12 @@ from gateway.config import BackendSpec, GatewayConfig, resolve_secret
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.estimate import Estimator
 from gateway.limits import Limits
+from gateway.live import LiveState
 from gateway.metering import Meter
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import handler
 from gateway.routing import Router
-from gateway.runtime import RUNTIME, Runtime
+from gateway.runtime import REQUEST_ID, RUNTIME, Runtime
 from gateway.tokenizer import Tokenizer
 
 log = logging.getLogger("neogate")
@@ -107,7 +109,7 @@ def build_runtime(
         auth=auth,
         estimator=Estimator(tokenizer),
         limits=Limits(),
-        router=Router(backends, specs, metrics),
+        router=Router(config, backends, LiveState(specs, time.time()), metrics),
         meter=Meter(tokenizer, metrics),
     )
 
@@ -134,7 +136,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     rid = request.headers.get("x-request-id") or os.urandom(12).hex()
     if len(rid) > 128 or not rid.isprintable():
         rid = os.urandom(12).hex()
-    request["rid"] = rid
+    request[REQUEST_ID] = rid
     try:
         resp = await handler(request)
     except GatewayError as exc:
@@ -151,6 +153,10 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         return _error_response(NotFound(f"unknown path {request.path}", code="unknown_url"), rid)
     except web.HTTPClientError as exc:
         return _error_response(InvalidRequest(exc.reason), rid)
+    except Exception:
+        # A bug of ours: logged with its traceback, answered as an OpenAI 500, never a crash.
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, rid)
+        return _error_response(GatewayError("internal error in the gateway"), rid)
     if not resp.prepared:
         resp.headers["x-request-id"] = rid
     return resp

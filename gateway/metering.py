@@ -37,7 +37,29 @@ class Completion:
     attempt: int = 0
     batch_seen: int = 0
     first_byte_at: float | None = None
+    usage: Usage | None = None
     _meter: StreamMeter | None = field(default=None)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_byte_at is None else self.first_byte_at - self.arrived
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage is not None else 0
+
+    @property
+    def groq_usage(self) -> dict[str, object] | None:
+        u = self.usage
+        t = u.upstream_timings if u is not None else None
+        if t is None:
+            return None
+        return {
+            "queue_time": t.queue_s,
+            "prompt_time": t.prompt_s,
+            "completion_time": t.completion_s,
+            "total_time": t.total_s,
+        }
 
     def attach(self, attempt: Attempt, batch_seen: int) -> None:
         self.backend = attempt.backend
@@ -76,6 +98,7 @@ class Meter:
             )
         elif body is not None:
             usage = self._usage_of_body(completion, body)
+        completion.usage = usage
         backend = completion.backend or "none"
         model = completion.inbound.model
         m = self._metrics

@@ -13,7 +13,7 @@ from gateway.forward import Attempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
 from gateway.relay import DONE, EventFilter
-from gateway.runtime import RUNTIME, Runtime, Tenant
+from gateway.runtime import REQUEST_ID, RUNTIME, Runtime, Tenant
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -66,13 +66,13 @@ async def serve(
             param="model",
             code="model_not_allowed",
         )
-    rid: str = request["rid"]
+    rid = request[REQUEST_ID]
     arrived = time.monotonic()
     estimate = rt.estimator.estimate(inbound, model)
     reservation = await rt.admission.reserve(tenant, inbound, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     try:
-        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request)
+        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)
         completion.decision = decision
         attempt = await first_attempt_that_answers(
             plans,
@@ -87,13 +87,20 @@ async def serve(
         await rt.meter.abandon(completion)
         raise
     completion.attach(attempt, rt.router.batch_seen(attempt.backend))
-    rt.router.on_start(attempt.backend)
+    rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
     try:
         if inbound.stream:
             return await _relay_stream(rt, request, completion, attempt)
         return await _relay_whole(rt, completion, attempt)
     finally:
-        rt.router.on_end(attempt.backend)
+        rt.router.on_end(
+            attempt.backend,
+            inbound.model,
+            completion.ttft_s,
+            time.monotonic() - arrived,
+            completion.completion_tokens,
+            completion.groq_usage,
+        )
 
 
 async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) -> web.Response:

@@ -1,35 +1,62 @@
-"""Live routing glue: turns backend state into snapshots, asks the pure policy, and plans attempts."""
+"""Live routing: snapshots of every candidate backend, the pure policy's decision, and the attempt plan.
+
+Also the feedback loop: each attempt's outcome updates latency estimates,
+rate-limit headroom and the circuit breaker that the next decision reads.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
-
-from aiohttp import web
+import asyncio
+import random
+import time
+from dataclasses import replace
+from collections.abc import Callable, Mapping
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.auth import Tenant
-from gateway.config import BackendSpec, ModelSpec
-from gateway.errors import GatewayError
+from gateway.config import GatewayConfig, ModelSpec
+from gateway.errors import GatewayError, NoBackendAvailable, UpstreamStatus
 from gateway.estimate import Estimate
-from gateway.forward import AttemptPlan
+from gateway.forward import AttemptPlan, is_retryable
 from gateway.inbound import InboundRequest, upstream_body
+from gateway.live import LiveState
 from gateway.metrics import GatewayMetrics
+from gateway.retry_budget import RetryBudget
+from policies.latency import LatencySample, sample_from_groq_usage
+from policies.select import Policy, compile_policy, select
+from policies.types import RouteDecision, RouteRequest, Slo
+
+SLO_HEADER = "x-neogate-slo-class"
+DEADLINE_HEADER = "x-neogate-deadline-s"
 
 
 class Router:
-    """Chooses backends for each request and keeps the live counts routing depends on."""
+    """Chooses backends for each request and keeps the live state routing depends on."""
 
     def __init__(
         self,
-        backends: dict[str, Backend],
-        specs: dict[str, BackendSpec],
+        config: GatewayConfig,
+        backends: Mapping[str, Backend],
+        live: LiveState,
         metrics: GatewayMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._backends = backends
-        self._specs = specs
+        self._specs = {b.name: b for b in config.backends}
+        self.live = live
         self._metrics = metrics
-        self._inflight: dict[str, int] = defaultdict(int)
+        self._clock = clock
+        self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
+        self._policies: dict[str, Policy] = {m.name: compile_policy(m.policy) for m in config.models}
+        self._tenant_policies: dict[str, Policy] = {
+            t.name: compile_policy(t.policy) for t in config.tenants if t.policy is not None
+        }
+        self._stale_after = config.routing.metrics_stale_after_s
+        self._queue_max = config.routing.queue_max
+        self._waiting = 0
+        self._freed = asyncio.Event()
+        self._retry_budget = RetryBudget()
         self._timeouts = {
             name: AttemptTimeouts(
                 connect_s=s.timeouts.connect_s,
@@ -37,8 +64,40 @@ class Router:
                 idle_s=s.timeouts.idle_s,
                 total_s=s.timeouts.total_s,
             )
-            for name, s in specs.items()
+            for name, s in self._specs.items()
         }
+
+    def route_request(
+        self, inbound: InboundRequest, tenant: Tenant, estimate: Estimate, headers: Mapping[str, str]
+    ) -> RouteRequest:
+        slo_class = headers.get(SLO_HEADER) or tenant.slo_class
+        if slo_class not in self._slos:
+            slo_class = tenant.slo_class
+        deadline: float | None = None
+        asked = headers.get(DEADLINE_HEADER)
+        if asked:
+            try:
+                deadline = self._clock() + max(0.0, float(asked))
+            except ValueError:
+                deadline = None
+        return RouteRequest(
+            model=inbound.model,
+            prompt_tokens=estimate.prompt_tokens,
+            max_output_tokens=estimate.max_output_tokens,
+            expected_output_tokens=estimate.expected_output_tokens,
+            stream=inbound.stream,
+            slo_class=slo_class,
+            slo=self._slos[slo_class],
+            deadline=deadline,
+            tenant=tenant.name,
+        )
+
+    def decide(self, req: RouteRequest, model: ModelSpec, tenant: Tenant | None) -> RouteDecision:
+        """The pure policy's decision over fresh snapshots of the model's backends."""
+        now = self._clock()
+        snaps = [self.live.snapshot(b, model.name, now, self._stale_after) for b in model.backends]
+        policy = (tenant and self._tenant_policies.get(tenant.name)) or self._policies[model.name]
+        return select(req, snaps, policy, now, rng_value=random.random())
 
     async def plan(
         self,
@@ -46,35 +105,130 @@ class Router:
         model: ModelSpec,
         tenant: Tenant,
         estimate: Estimate,
-        request: web.Request,
-    ) -> tuple[list[AttemptPlan], Any]:
+        headers: Mapping[str, str],
+    ) -> tuple[list[AttemptPlan], RouteDecision]:
+        """Decide, wait for local headroom where the request tolerates it, and build the attempts."""
+        self._retry_budget.on_request(self._clock())
+        req = self.route_request(inbound, tenant, estimate, headers)
+        decision = self.decide(req, model, tenant)
+        if decision.wait_for_local and self._waiting < self._queue_max:
+            decision = await self._wait_for_local(req, model, tenant, decision)
+        if not decision.candidates:
+            reasons = "; ".join(f"{b}: {why}" for b, why in decision.rejected)
+            raise NoBackendAvailable(
+                f"no backend can serve {model.name} now ({reasons})",
+                should_retry=False,
+                retry_after_s=1.0,
+            )
         plans = []
-        for name in model.backends:
-            backend_model = self._specs[name].models[model.name]
+        for cand in decision.candidates:
+            backend_model = self._specs[cand.backend].models[model.name]
             plans.append(
                 AttemptPlan(
-                    self._backends[name],
+                    self._backends[cand.backend],
                     backend_model,
                     upstream_body(inbound, backend_model),
-                    self._timeouts[name],
+                    self._timeouts[cand.backend],
                 )
             )
-        return plans, None
+        return plans, decision
+
+    async def _wait_for_local(
+        self, req: RouteRequest, model: ModelSpec, tenant: Tenant, decision: RouteDecision
+    ) -> RouteDecision:
+        """Queue for local GPU headroom instead of paying an external price, up to the wait budget."""
+        assert decision.wait_for_local is not None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + decision.wait_for_local
+        self._waiting += 1
+        try:
+            while True:
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    return self._spill(req, model, tenant)
+                try:
+                    await asyncio.wait_for(self._freed.wait(), remaining)
+                except TimeoutError:
+                    return self._spill(req, model, tenant)
+                fresh = self.decide(req, model, tenant)
+                if fresh.wait_for_local is None:
+                    return fresh
+        finally:
+            self._waiting -= 1
+
+    def _spill(self, req: RouteRequest, model: ModelSpec, tenant: Tenant) -> RouteDecision:
+        """The wait budget is spent: route now, without waiting again."""
+        no_wait = replace(req, deadline=None, slo=replace(req.slo, max_queue_wait_s=0.0))
+        decision = self.decide(no_wait, model, tenant)
+        return replace(decision, reason="spilled after queue wait; " + decision.reason)
+
+    # --- feedback from attempts -------------------------------------------------------
 
     def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None:
+        now = self._clock()
         self._metrics.upstream_errors.labels(backend, exc.code).inc()
+        breaker = self.live.backends[backend].breaker
+        if isinstance(exc, UpstreamStatus) and exc.upstream_status == 429:
+            # A 429 is the provider's limit, not ill health: cool down, don't eject.
+            self.live.observe_429(backend, exc.retry_after_s, now)
+            breaker.on_release(now)
+        elif is_retryable(exc):
+            breaker.on_failure(now)
+        else:
+            breaker.on_success(now)  # it answered: a client mistake is not ill health
+        self._metrics.backend_healthy.labels(backend).set(1 if breaker.available(now) else 0)
 
     def may_retry(self) -> bool:
-        return True
+        return self._retry_budget.try_spend(self._clock())
 
-    def on_start(self, backend: str) -> None:
-        self._inflight[backend] += 1
+    def on_start(self, backend: str, headers: Mapping[str, str], prompt_tokens: int) -> None:
+        """The attempt answered (first byte): count it in flight and read the provider's headroom."""
+        now = self._clock()
+        live = self.live.backends[backend]
+        live.inflight += 1
+        live.breaker.on_success(now)
+        self.live.observe_headers(backend, headers, now)
+        self._metrics.inflight.labels(backend).set(live.inflight)
+        del prompt_tokens
 
-    def on_end(self, backend: str) -> None:
-        self._inflight[backend] -= 1
+    def on_end(
+        self,
+        backend: str,
+        model: str,
+        ttft_s: float | None,
+        total_s: float,
+        completion_tokens: int,
+        groq_usage: Mapping[str, object] | None,
+    ) -> None:
+        live = self.live.backends[backend]
+        live.inflight -= 1
+        self._metrics.inflight.labels(backend).set(live.inflight)
+        sample: LatencySample | None = None
+        if groq_usage is not None:
+            sample = sample_from_groq_usage(groq_usage, completion_tokens)
+        if sample is None and ttft_s is not None:
+            itl = (total_s - ttft_s) / (completion_tokens - 1) if completion_tokens > 1 else None
+            sample = LatencySample(ttft_s=ttft_s, itl_s=itl)
+        if sample is not None:
+            self.live.observe_latency(backend, model, sample)
+        if live.spec.is_local:
+            self._notify_freed()
+
+    def _notify_freed(self) -> None:
+        """Wake every request queued for local headroom; each re-decides."""
+        if self._waiting:
+            freed, self._freed = self._freed, asyncio.Event()
+            freed.set()
 
     def batch_seen(self, backend: str) -> int:
-        return self._inflight[backend] + 1
+        """The batch a request joins on a local worker: what it reports running, or our own count."""
+        live = self.live.backends[backend]
+        worker = live.worker
+        own = live.inflight
+        if worker is not None and worker.is_fresh(self._clock(), self._stale_after):
+            return max(own, worker.running + 1)
+        return own + 1
 
     def any_healthy(self, names: list[str]) -> bool:
-        return bool(names)
+        now = self._clock()
+        return any(self.live.backends[n].breaker.available(now) for n in names)

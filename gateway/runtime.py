@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from gateway.metering import Completion, Meter
     from gateway.routing import Router
 
-__all__ = ["RUNTIME", "Runtime", "Tenant"]
+__all__ = ["REQUEST_ID", "RUNTIME", "Runtime", "Tenant"]
 
 # Client headers that may reach an upstream; everything else (Authorization,
 # cookies, hop-by-hop headers) stays at the gateway.
@@ -74,7 +74,7 @@ class Runtime:
         self, completion: Completion, attempt: Attempt, content_type: str | None
     ) -> dict[str, str]:
         """Headers that explain the decision: which backend, why, and at what predicted cost."""
-        out = {"x-neogate-backend": attempt.backend}
+        out = {"x-request-id": completion.rid, "x-neogate-backend": attempt.backend}
         decision = completion.decision
         if decision is not None:
             out["x-neogate-route-reason"] = decision.reason
@@ -90,3 +90,4 @@ class Runtime:
 
 
 RUNTIME: Final = web.AppKey("runtime", Runtime)
+REQUEST_ID: Final = web.RequestKey("request_id", str)

@@ -1,0 +1,150 @@
+"""Live backend state: in-flight counts, latency estimates, rate-limit headroom, worker metrics, health.
+
+The request path and the background pollers write here; the router reads it
+into frozen `BackendSnapshot`s for the pure policy. Times are wall-clock
+seconds (`time.time()`), so state can be shared between replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from adapters.worker_metrics import WorkerMetrics
+from gateway.breaker import BreakerConfig, CircuitBreaker
+from gateway.config import BackendSpec, PriceSpec
+from policies.costmodel import GpuModel
+from policies.headroom import Headroom, mark_429
+from policies.latency import LatencyEstimate, LatencySample, update
+from policies.pricebook import Price, PriceBook
+from policies.types import BackendSnapshot
+
+# Priors until traffic is measured: a local worker is judged by its cost model,
+# an external provider by a typical hosted-API first token.
+_REMOTE_PRIOR = LatencyEstimate.prior(ttft_s=0.35, itl_s=0.004)
+
+
+@dataclass
+class BackendLive:
+    """Everything the gateway knows about one backend right now."""
+
+    spec: BackendSpec
+    gpu: GpuModel | None
+    breaker: CircuitBreaker
+    inflight: int = 0
+    pending_prefill: int = 0
+    headroom: Headroom = field(default_factory=Headroom)
+    worker: WorkerMetrics | None = None
+    latency: dict[str, LatencyEstimate] = field(default_factory=dict)
+
+    def estimate(self, model: str) -> LatencyEstimate:
+        est = self.latency.get(model)
+        if est is None:
+            if self.gpu is not None:
+                itl = self.gpu.itl_s(1)
+                est = LatencyEstimate.prior(ttft_s=self.gpu.prefill_time_s(512) + itl, itl_s=itl)
+            else:
+                est = _REMOTE_PRIOR
+        return est
+
+
+class PriceBoard:
+    """The price book in force; every change makes a new version."""
+
+    def __init__(self, specs: Mapping[str, BackendSpec], now: float) -> None:
+        updates: dict[str | tuple[str, str], Price] = {}
+        for spec in specs.values():
+            if spec.price is not None:
+                updates[spec.name] = _price(spec.price, now)
+            for model, p in spec.model_prices.items():
+                updates[(spec.name, model)] = _price(p, now)
+        self.book = PriceBook().with_prices(updates)
+
+    def set(self, backend: str, price: Price, model: str | None = None) -> int:
+        self.book = self.book.with_price(backend, price, model)
+        return self.book.version
+
+    def set_many(self, updates: Mapping[str | tuple[str, str], Price]) -> int:
+        """Merge a feed's prices; the version moves only if a rate changed."""
+        self.book = self.book.with_prices(updates)
+        return self.book.version
+
+
+def _price(p: PriceSpec, now: float) -> Price:
+    return Price.per_million(
+        p.input_per_million,
+        p.output_per_million,
+        p.cached_input_per_million,
+        source="config",
+        updated_at=now,
+    )
+
+
+class LiveState:
+    """Live state of every configured backend."""
+
+    def __init__(
+        self,
+        specs: Mapping[str, BackendSpec],
+        now: float,
+        *,
+        alpha: float = 0.2,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
+        self.alpha = alpha
+        self.prices = PriceBoard(specs, now)
+        self.backends: dict[str, BackendLive] = {
+            name: BackendLive(
+                spec=spec,
+                gpu=GpuModel.from_spec(spec.gpu) if spec.gpu is not None else None,
+                breaker=CircuitBreaker(breaker),
+            )
+            for name, spec in specs.items()
+        }
+
+    def observe_latency(self, backend: str, model: str, sample: LatencySample) -> None:
+        live = self.backends[backend]
+        live.latency[model] = update(live.estimate(model), sample, self.alpha)
+
+    def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
+        live = self.backends[backend]
+        live.headroom = Headroom.from_headers(headers, now, live.headroom)
+
+    def observe_429(self, backend: str, retry_after_s: float | None, now: float) -> None:
+        live = self.backends[backend]
+        live.headroom = mark_429(live.headroom, retry_after_s, now)
+
+    def snapshot(
+        self, backend: str, model: str, now: float, metrics_max_age_s: float
+    ) -> BackendSnapshot:
+        """The frozen view of one backend that the pure policy reads."""
+        live = self.backends[backend]
+        spec = live.spec
+        est = live.estimate(model)
+        book = self.prices.book
+        price = book.get(backend, model)
+        worker = live.worker
+        fresh = worker is not None and worker.is_fresh(now, metrics_max_age_s)
+        return BackendSnapshot(
+            name=backend,
+            backend_model=spec.models[model],
+            is_local=spec.is_local,
+            healthy=live.breaker.available(now),
+            price_in_per_token=price.input_per_token if price else 0.0,
+            price_out_per_token=price.output_per_token if price else 0.0,
+            price_cached_in_per_token=price.cached_input_per_token if price else None,
+            price_version=book.version,
+            ttft_s=est.ttft.mean,
+            ttft_spread_s=est.ttft.spread,
+            itl_s=est.itl.mean,
+            itl_spread_s=est.itl.spread,
+            headroom=live.headroom,
+            running=worker.running if fresh and worker else 0,
+            queued=worker.waiting if fresh and worker else 0,
+            kv_usage=worker.kv_usage if fresh and worker else None,
+            metrics_fresh=fresh,
+            inflight=live.inflight,
+            pending_prefill_tokens=live.pending_prefill,
+            max_concurrency=spec.max_concurrency,
+            gpu=live.gpu,
+        )
