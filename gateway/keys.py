@@ -36,36 +36,6 @@ def hash_key(secret: bytes, key: str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
-def load_or_create_secret(path: str | Path) -> bytes:
-    """The server secret kept in `path`, created (random, mode 0600) on first use.
-
-    For setups without NEOGATE_SECRET: `neogate serve` and `neogate keys` in the
-    same directory then agree on the secret, so created keys keep working.
-    """
-    p = Path(path)
-    try:
-        return p.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    p.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(_SECRET_BYTES).encode()
-    try:
-        fd = p.open("xb")
-    except FileExistsError:  # another process created it first: use theirs
-        return p.read_bytes().strip()
-    with fd:
-        p.chmod(0o600)
-        fd.write(value)
-    return value
-
-
-def resolve_server_secret(configured: str | None, secret_file: str | Path) -> bytes:
-    """The configured secret (already resolved from env:) or the one kept in `secret_file`."""
-    if configured:
-        return configured.encode()
-    return load_or_create_secret(secret_file)
-
-
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """What may be shown about a key (never the key, never its hash)."""

@@ -103,7 +103,7 @@ class SqliteLedger:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, isolation_level=None)
             else:
-                conn = sqlite3.connect(f"{self.path.as_uri()}?mode=rw", uri=True)
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True)
                 conn.isolation_level = None
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")

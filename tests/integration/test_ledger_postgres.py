@@ -14,6 +14,7 @@ import pytest
 from gateway.ledger import LedgerRow, LedgerWriter, Spool
 from gateway.ledger.postgres import PostgresLedger, to_dollar_params
 from gateway.usage import UnitPrices, Usage
+from tests.integration.test_ledger_sqlite import check_reports, dataset_rows
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
@@ -177,3 +178,15 @@ def test_placeholders_are_rewritten_in_order() -> None:
     assert to_dollar_params("a = ? AND b IN (?, ?)") == "a = $1 AND b IN ($2, $3)"
     with pytest.raises(ValueError, match="identifier"):
         PostgresLedger(DSN, schema="x; DROP TABLE y")
+
+
+async def test_reports_on_postgres(schema: str) -> None:
+    writer = LedgerWriter(PostgresLedger(DSN, schema=schema))
+    await writer.start()
+    await asyncio.gather(*(writer.record(r) for r in dataset_rows()))
+    await writer.close()
+    store = PostgresLedger(DSN, schema=schema, create=False)
+    try:
+        await check_reports(store)
+    finally:
+        await store.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import csv
+import io
+import json
 import os
 import signal
 import sqlite3
@@ -15,8 +19,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.ledger import LedgerRow, LedgerWriter, Spool
+from gateway.admission import TenantSpend
+from gateway.ledger import DEFAULT_LEDGER_PATH, LedgerRow, LedgerStore, LedgerWriter, Spool
+from gateway.ledger.reports import pricing_sheet, spend_by_tenant, usage_report
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.metering_cli import add_usage_parser, run_usage
 from gateway.usage import UnitPrices, Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,3 +177,205 @@ def test_every_acknowledged_row_survives_kill_9(tmp_path: Path) -> None:
     missing = [i for i in acked if f"req-{i}" not in stored]
     assert len(acked) >= 2000
     assert missing == []
+
+
+# --- reports and `neogate usage` on this ledger ----------------------------------------
+
+DAY1 = 1_749_988_800.0  # 2025-06-15 12:00 UTC
+DAY2 = DAY1 + 86_400.0
+# (request, attempt, ts, tenant, model, backend, batch, prompt, completion, in $/M, out $/M, outcome)
+DATASET = [
+    ("req-1", 0, DAY1, "acme", "llama-8b", "groq", None, 1000, 500, "0.05", "0.08", "ok"),
+    ("req-1", 1, DAY1, "acme", "llama-8b", "groq", None, 1000, 0, "0.05", "0.08", "upstream_cut"),
+    ("req-2", 0, DAY2, "acme", "llama-8b", "groq", None, 1000, 500, "0.05", "0.08", "ok"),
+    ("req-3", 0, DAY1, "beta", "llama-8b", "local-h100", 1, 100, 1000, "0.1", "3.82", "ok"),
+    ("req-4", 0, DAY1, "beta", "llama-8b", "local-h100", 3, 100, 1000, "0.05", "1.0", "ok"),
+    ("req-5", 0, DAY2, "beta", "llama-70b", "local-h100", 40, 100, 1000, "0.01", "0.1", "ok"),
+]
+
+
+def dataset_rows() -> list[LedgerRow]:
+    return [
+        LedgerRow.from_usage(
+            request_id=rid,
+            attempt=attempt,
+            ts=ts,
+            tenant=tenant,
+            model=model,
+            backend=backend,
+            backend_model=model,
+            usage=Usage(prompt, completion),
+            prices=UnitPrices.of(p_in, p_out, version=f"{backend}@1"),
+            ttft_s=0.1,
+            total_s=1.0,
+            stream=True,
+            outcome=outcome,
+            batch_size=batch,
+            is_local=batch is not None,
+        )
+        for rid, attempt, ts, tenant, model, backend, batch, prompt, completion, p_in, p_out, outcome in DATASET
+    ]
+
+
+async def check_reports(store: LedgerStore) -> None:
+    """The same expectations hold on every store (SQLite here, PostgreSQL in its own test)."""
+    rows = await usage_report(store, ["day", "model"])
+    assert [(dict(r.group)["day"], dict(r.group)["model"]) for r in rows] == [
+        ("2025-06-15", "llama-8b"),
+        ("2025-06-16", "llama-70b"),
+        ("2025-06-16", "llama-8b"),
+    ]
+    first = rows[0]
+    assert (first.requests, first.attempts) == (3, 4)
+    assert (first.prompt_tokens, first.completion_tokens) == (2200, 2500)
+    assert first.cost_nusd == 90_000 + 50_000 + 3_830_000 + 1_005_000
+    by_tenant = await usage_report(store, ["tenant"], since=DAY2 - 3600)
+    assert [(dict(r.group)["tenant"], r.cost_nusd) for r in by_tenant] == [
+        ("acme", 90_000),
+        ("beta", 101_000),
+    ]
+    only = await usage_report(store, [], tenant="acme", until=DAY1 + 1)
+    assert [(r.requests, r.attempts, r.cost_nusd) for r in only] == [(1, 2, 140_000)]
+    assert await usage_report(store, ["backend"], since=DAY2 + 86_400) == []
+    with pytest.raises(ValueError, match="cannot group"):
+        await usage_report(store, ["request_id; DROP TABLE ledger"])
+
+    sheet = await pricing_sheet(store)
+    assert [(p.backend, p.batch, p.requests) for p in sheet] == [
+        ("groq", "-", 2),
+        ("local-h100", "1", 1),
+        ("local-h100", "2-4", 1),
+        ("local-h100", "33-64", 1),
+    ]
+    groq, b1, _, b40 = sheet
+    assert groq.effective_usd_per_m == pytest.approx(0.0575)  # 230_000 nUSD over 4000 tokens
+    assert (groq.charged_in_usd_per_m, groq.charged_out_usd_per_m) == (0.05, 0.08)
+    assert (groq.list_in_usd_per_m, groq.list_out_usd_per_m) == (0.05, 0.08)
+    assert b1.is_local and b1.charged_out_usd_per_m == pytest.approx(3.82)
+    assert b1.effective_usd_per_m == pytest.approx(3830 / 1100)
+    assert b40.effective_usd_per_m == pytest.approx(101 / 1100)
+    assert b1.list_out_usd_per_m == pytest.approx(0.1)  # the latest price on that backend
+
+    spend = await spend_by_tenant(store, DAY2 + 60)
+    assert spend["acme"] == TenantSpend(90_000, 1500, 230_000, 4000, 230_000, 4000)
+    assert spend["beta"] == TenantSpend(101_000, 1100, 4_936_000, 3300, 4_936_000, 3300)
+
+
+async def write_dataset(db: Path) -> None:
+    writer = LedgerWriter(SqliteLedger(db))
+    await writer.start()
+    await asyncio.gather(*(writer.record(r) for r in dataset_rows()))
+    await writer.close()
+
+
+async def test_reports_on_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    await write_dataset(db)
+    store = SqliteLedger(db, create=False)
+    await check_reports(store)
+    await store.close()
+
+
+def usage_cli(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_usage_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    code = run_usage(parser.parse_args(["usage", *argv]), out)
+    return code, out.getvalue()
+
+
+async def test_usage_cli_reads_the_default_ledger_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    await write_dataset(tmp_path / DEFAULT_LEDGER_PATH)
+    code, out = await asyncio.to_thread(usage_cli)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "day", "model", "requests", "attempts", "prompt_tokens", "completion_tokens",
+        "cached_tokens", "reasoning_tokens", "cost_usd",
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        "2025-06-15",
+        "llama-8b",
+        "3",
+        "4",
+        "2200",
+        "2500",
+        "0",
+        "0",
+        "0.004975",
+    ]
+    assert lines[-1].split()[0] == "TOTAL"
+
+
+async def test_usage_cli_formats_filters_and_pricing(tmp_path: Path) -> None:
+    db = tmp_path / "elsewhere.db"
+    await write_dataset(db)
+    code, out = await asyncio.to_thread(
+        usage_cli,
+        "--ledger",
+        str(db),
+        "--by",
+        "tenant",
+        "--since",
+        "2025-06-16",
+        "--format",
+        "json",
+    )
+    assert code == 0
+    assert [(r["tenant"], r["cost_nusd"]) for r in json.loads(out)] == [
+        ("acme", 90_000),
+        ("beta", 101_000),
+    ]
+    code, out = await asyncio.to_thread(
+        usage_cli,
+        "--ledger",
+        str(db),
+        "--by",
+        "backend",
+        "--until",
+        "2025-06-15",
+        "--format",
+        "csv",
+    )
+    assert code == 0
+    assert next(iter(csv.DictReader(io.StringIO(out))))["backend"] == "groq"
+    code, out = await asyncio.to_thread(usage_cli, "--ledger", str(db), "--pricing")
+    assert code == 0
+    assert "33-64" in out and "local-h100" in out
+
+
+async def test_usage_cli_with_config_reads_its_ledger_section(tmp_path: Path) -> None:
+    db = tmp_path / "configured" / "ledger.db"
+    await write_dataset(db)
+    config = tmp_path / "policy.yaml"
+    config.write_text(
+        "backends:\n"
+        "  - name: groq\n"
+        "    kind: groq\n"
+        "    base_url: http://127.0.0.1:9/v1\n"
+        "    models: {llama-8b: llama-3.1-8b-instant}\n"
+        "    price: {input_per_million: 0.05, output_per_million: 0.08}\n"
+        "models:\n"
+        "  - name: llama-8b\n"
+        "    backends: [groq]\n"
+        "ledger:\n"
+        f"  path: {db}\n"
+    )
+    code, out = await asyncio.to_thread(usage_cli, "--config", str(config), "--format", "json")
+    assert code == 0
+    assert len(json.loads(out)) == 3
+
+
+def test_usage_cli_without_a_ledger_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _ = usage_cli()
+    assert code == 1
+    assert "no ledger at neogate-data/ledger.db" in capsys.readouterr().err
+    assert not (tmp_path / "neogate-data").exists()  # reading never creates a ledger
+    code, _ = usage_cli("--ledger", str(tmp_path / "x.db"), "--since", "yesterday")
+    assert code == 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import io
+import json
 import re
 import sqlite3
-import stat
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +21,8 @@ from gateway.keys import (
     SqliteKeyBackend,
     generate_key,
     hash_key,
-    load_or_create_secret,
-    resolve_server_secret,
 )
+from gateway.metering_cli import add_keys_parser, run_keys
 
 SECRET = b"test-server-secret"
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -118,14 +120,7 @@ async def test_static_keys_from_config() -> None:
         await store.create("acme")
 
 
-def test_server_secret_file_is_created_once_and_private(tmp_path: Path) -> None:
-    path = tmp_path / "data" / "server-secret"
-    first = load_or_create_secret(path)
-    assert len(first) == 64
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_or_create_secret(path) == first
-    assert resolve_server_secret(None, path) == first
-    assert resolve_server_secret("from-env", path) == b"from-env"
+def test_empty_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="secret"):
         KeyStore(None, b"")
 
@@ -159,3 +154,38 @@ async def test_postgres_keys_and_cross_process_revocation(pg_schema: str) -> Non
     finally:
         await admin.close()
         await gateway.close()
+
+
+def keys_cli(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_keys_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    code = run_keys(parser.parse_args(["keys", *argv]), out)
+    return code, out.getvalue()
+
+
+async def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
+    db = str(tmp_path / "data" / "ledger.db")
+    code, out = await asyncio.to_thread(
+        keys_cli, "create", "--tenant", "acme", "--label", "ci", "--db", db
+    )
+    assert code == 0
+    key = re.search(r"key:\s+(ng-\S+)", out)
+    key_id = re.search(r"key_id:\s+(\S+)", out)
+    assert key and key_id
+    # The gateway finds the secret where the CLI left it (beside the ledger) and accepts the key.
+    secret = (tmp_path / "data" / "server.secret").read_text().strip().encode()
+    store = KeyStore(SqliteKeyBackend(db), secret)
+    await store.open()
+    assert store.authenticate(key.group(1)) == "acme"
+    code, out = await asyncio.to_thread(keys_cli, "list", "--db", db, "--format", "json")
+    assert code == 0
+    (listed,) = json.loads(out)
+    assert listed["key_id"] == key_id.group(1) and listed["revoked"] is None
+    assert key.group(1) not in out
+    code, _ = await asyncio.to_thread(keys_cli, "revoke", key_id.group(1), "--db", db)
+    assert code == 0
+    assert await store.refresh()
+    assert store.authenticate(key.group(1)) is None
+    code, _ = await asyncio.to_thread(keys_cli, "revoke", key_id.group(1), "--db", db)
+    assert code == 1  # already revoked
