@@ -1,0 +1,474 @@
+"""neogate side by side with the LiteLLM proxy: the same load, the same upstream, one run.
+
+    python -m loadtest.compare_litellm [--duration 10] [--levels 1,8,32,128] [--repeats 3]
+
+Installs `litellm[proxy]` from PyPI into its own virtual environment (never a dependency of
+neogate; default /tmp/neogate-litellm-venv), starts one process each of: the static simulated
+upstream (`neogate sim static`), neogate (`neogate serve --config <generated>`) and the LiteLLM
+proxy (one worker), all logging at the same level, then runs closed-loop load at every
+concurrency level, buffered and streamed, through neogate, through LiteLLM and straight to the
+upstream. Prints throughput and latency with ratios and writes a Markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtest.compare_procs import Proc, ensure_litellm, free_port, git_commit, wait_ready
+from loadtest.loadgen import LoadConfig, machine_info, run_load
+from loadtest.results import save_results, summarize
+from loadtest.schedule import constant_schedule
+
+TARGETS = ("direct", "neogate", "litellm")
+MODES = ("buffered", "streamed")
+
+# The neogate policy for the benchmark: one OpenAI-compatible backend (the upstream), one
+# tenant, the SQLite ledger on. Format: gateway/config.py and README.
+NEOGATE_CONFIG = """\
+listen:
+  host: 127.0.0.1
+  port: {port}
+backends:
+  - name: upstream
+    kind: openai_compatible
+    base_url: http://127.0.0.1:{upstream_port}/v1
+    models:
+      {model}: {model}
+    price:
+      input_per_million: 0.10
+      output_per_million: 0.20
+models:
+  - name: {model}
+    backends: [upstream]
+tenants:
+  - name: bench
+    api_keys: [env:NEOGATE_BENCH_KEY]
+ledger:
+  kind: sqlite
+  path: {data}/ledger.db
+  spool_path: {data}/ledger.spool
+"""
+
+# LiteLLM's equivalent: the upstream as an OpenAI-compatible model, a master key for auth.
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: {model}
+    litellm_params:
+      model: openai/{model}
+      api_base: http://127.0.0.1:{upstream_port}/v1
+      api_key: sk-upstream-unused
+litellm_settings:
+  drop_params: true
+  set_verbose: false
+general_settings:
+  master_key: {master_key}
+"""
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """A logging config for LiteLLM's uvicorn: every logger at `level` (no per-request lines)."""
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"default": handler},
+        "root": {"handlers": ["default"], "level": level},
+        "loggers": {
+            n: {"handlers": ["default"], "level": level, "propagate": False}
+            for n in ("uvicorn", "uvicorn.error", "uvicorn.access", "LiteLLM", "LiteLLM Proxy")
+        },
+    }
+
+
+@dataclass
+class Cell:
+    """Results of one (mode, level, target) over the repeats."""
+
+    req_per_s: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    ttft_p50: list[float] = field(default_factory=list)
+    errors: int = 0
+    requests: int = 0
+    cpu_ms_per_req: list[float] = field(default_factory=list)
+
+    def med(self, name: str) -> float | None:
+        vals: list[float] = getattr(self, name)
+        return statistics.median(vals) if vals else None
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    key: str
+    proc: Proc | None
+    usage_key: str | None = None
+    version: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.compare_litellm", description=__doc__)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    p.add_argument("--levels", default="1,8,32,128", help="concurrency levels")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
+    p.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,neogate,litellm")
+    p.add_argument("--modes", default=",".join(MODES), help="buffered,streamed")
+    p.add_argument("--model", default="bench-model")
+    p.add_argument("--prompt-tokens", default="const:64")
+    p.add_argument("--max-tokens", default="const:16")
+    p.add_argument("--completion-tokens", type=int, default=16, help="upstream answer length")
+    p.add_argument("--log-level", default="WARNING", help="both gateways log at this level")
+    p.add_argument("--venv", default="/tmp/neogate-litellm-venv", help="LiteLLM's own venv")
+    p.add_argument("--out", default=None, help="directory (default loadtest/results/compare-*)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument(
+        "--upstream-cmd",
+        default=None,
+        help="command for the upstream, {port} substituted (default: neogate sim static)",
+    )
+    return p.parse_args(argv)
+
+
+def _neogate_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def start_all(args: argparse.Namespace, out: Path, names: list[str]) -> dict[str, Target]:
+    """Start the upstream and every gateway named; returns the targets (direct included)."""
+    level = args.log_level.upper()
+    up_port = free_port()
+    if args.upstream_cmd:
+        up_cmd = args.upstream_cmd.format(port=up_port).split()
+    else:
+        up_cmd = _neogate_cmd(
+            "--log-level",
+            level,
+            "sim",
+            "static",
+            "--port",
+            str(up_port),
+            "--model",
+            args.model,
+            "--completion-tokens",
+            str(args.completion_tokens),
+        )
+    upstream = Proc.start("upstream", up_cmd, out / "upstream.log")
+    targets = {"direct": Target("direct", f"http://127.0.0.1:{up_port}", "sk-direct", upstream)}
+    if "neogate" in names:
+        port, data = free_port(), out / "neogate-data"
+        data.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "neogate.yaml"
+        cfg_path.write_text(
+            NEOGATE_CONFIG.format(port=port, upstream_port=up_port, model=args.model, data=data)
+        )
+        key, admin = "sk-bench-" + secrets.token_hex(8), "sk-admin-" + secrets.token_hex(8)
+        env = {
+            "NEOGATE_BENCH_KEY": key,
+            "NEOGATE_ADMIN_KEY": admin,
+            "NEOGATE_SECRET": secrets.token_hex(16),
+        }
+        proc = Proc.start(
+            "neogate",
+            _neogate_cmd("--log-level", level, "serve", "--config", str(cfg_path)),
+            out / "neogate.log",
+            env,
+        )
+        targets["neogate"] = Target("neogate", f"http://127.0.0.1:{port}", key, proc, admin)
+    if "litellm" in names:
+        t0 = time.monotonic()
+        litellm_bin, version, installed = ensure_litellm(Path(args.venv))
+        print(
+            f"litellm {version} in {args.venv}"
+            + (f" (installed in {time.monotonic() - t0:.0f} s)" if installed else "")
+        )
+        port, master = free_port(), "sk-litellm-" + secrets.token_hex(8)
+        cfg_path = out / "litellm.yaml"
+        cfg_path.write_text(
+            LITELLM_CONFIG.format(upstream_port=up_port, model=args.model, master_key=master)
+        )
+        log_cfg = out / "litellm-logging.json"
+        log_cfg.write_bytes(orjson.dumps(uvicorn_log_config(level)))
+        env = {
+            "LITELLM_LOG": level,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_DONT_SHOW_FEEDBACK_BOX": "True",
+        }
+        cmd = [
+            str(litellm_bin),
+            "--config",
+            str(cfg_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+            "--log_config",
+            str(log_cfg),
+        ]
+        proc = Proc.start("litellm", cmd, out / "litellm.log", env)
+        targets["litellm"] = Target(
+            "litellm", f"http://127.0.0.1:{port}", master, proc, version=version
+        )
+    return targets
+
+
+def _load_cfg(
+    args: argparse.Namespace, t: Target, mode: str, level: int, seconds: float, seed: int
+) -> LoadConfig:
+    from loadtest.schedule import parse_distribution
+
+    return LoadConfig(
+        url=t.url,
+        schedule=constant_schedule(level, seconds),
+        model=args.model,
+        keys=(t.key,),
+        stream_ratio=1.0 if mode == "streamed" else 0.0,
+        seed=seed,
+        timeout=args.timeout,
+        prompt_tokens=parse_distribution(args.prompt_tokens),
+        max_tokens=parse_distribution(args.max_tokens),
+        usage_key=t.usage_key,
+    )
+
+
+async def measure(
+    args: argparse.Namespace,
+    targets: dict[str, Target],
+    out: Path,
+    names: list[str],
+    modes: list[str],
+    levels: list[int],
+) -> dict[tuple[str, int, str], Cell]:
+    cells: dict[tuple[str, int, str], Cell] = {}
+    for name in names:
+        t = targets[name]
+        await run_load(_load_cfg(args, t, "buffered", 8, args.warmup, 99), usage=False)
+    for rep in range(args.repeats):
+        for mode in modes:
+            for level in levels:
+                # Targets take turns inside each cell so slow drift on the machine hits all alike.
+                for name in names:
+                    t = targets[name]
+                    cfg = _load_cfg(args, t, mode, level, args.duration, rep)
+                    cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
+                    res = await run_load(cfg, usage=name == "neogate")
+                    cpu = (t.proc.cpu_seconds() if t.proc else 0.0) - cpu0
+                    res.meta["label"] = f"{name}-{mode}-c{level}-r{rep}"
+                    save_results(out / "runs" / f"{res.meta['label']}.jsonl", res.meta, res.records)
+                    s = summarize(res.records)
+                    c = cells.setdefault((mode, level, name), Cell())
+                    c.req_per_s.append(s.req_per_s)
+                    if s.e2e is not None:
+                        c.p50.append(s.e2e.p50)
+                        c.p99.append(s.e2e.p99)
+                    if s.ttft is not None:
+                        c.ttft_p50.append(s.ttft.p50)
+                    if s.ok:
+                        c.cpu_ms_per_req.append(cpu / s.ok * 1e3)
+                    c.errors += s.requests - s.ok
+                    c.requests += s.requests
+                    print(
+                        f"  r{rep} {mode:8} c={level:<4} {name:8} {s.req_per_s:9.1f} req/s"
+                        f"  p50 {_ms(s.e2e.p50 if s.e2e else None)}"
+                        f"  p99 {_ms(s.e2e.p99 if s.e2e else None)} ms"
+                        f"  errors {s.requests - s.ok}",
+                        flush=True,
+                    )
+    return cells
+
+
+def _ms(v: float | None) -> str:
+    return f"{v * 1e3:8.2f}" if v is not None else "       -"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.1f}x" if a and b else "-"
+
+
+def render_tables(
+    cells: dict[tuple[str, int, str], Cell], names: list[str], modes: list[str], levels: list[int]
+) -> list[str]:
+    """Markdown tables: per mode, per level, per target, with ratios to LiteLLM."""
+    md: list[str] = []
+    for mode in modes:
+        md += [
+            f"### {mode}",
+            "",
+            "| conc | target | req/s | p50 ms | p99 ms | TTFT p50 ms | server CPU ms/req "
+            "| errors | req/s vs LiteLLM | p99 vs LiteLLM |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in levels:
+            ref = cells.get((mode, level, "litellm"))
+            for name in names:
+                c = cells.get((mode, level, name))
+                if c is None:
+                    continue
+                rps, p99 = c.med("req_per_s"), c.med("p99")
+                ttft = c.med("ttft_p50")
+                cpu = c.med("cpu_ms_per_req")
+                ratio_rps = _ratio(rps, ref.med("req_per_s")) if ref and name != "litellm" else ""
+                ratio_p99 = _ratio(p99, ref.med("p99")) if ref and name != "litellm" else ""
+                md.append(
+                    f"| {level} | {name} | {rps or 0:.1f} | {_ms(c.med('p50')).strip()} "
+                    f"| {_ms(p99).strip()} | {_ms(ttft).strip() if mode == 'streamed' else '-'} "
+                    f"| {f'{cpu:.3f}' if cpu is not None else '-'} | {c.errors}/{c.requests} "
+                    f"| {ratio_rps} | {ratio_p99} |"
+                )
+        md.append("")
+    return md
+
+
+def goals(cells: dict[tuple[str, int, str], Cell], levels: list[int]) -> list[str]:
+    """The issue's three goals, checked against this run."""
+
+    def med(mode: str, level: int, name: str, attr: str) -> float | None:
+        c = cells.get((mode, level, name))
+        return c.med(attr) if c else None
+
+    out: list[str] = []
+    ng = [v for lv in levels if (v := med("buffered", lv, "neogate", "req_per_s"))]
+    ll = [v for lv in levels if (v := med("buffered", lv, "litellm", "req_per_s"))]
+    if ng and ll:
+        r = max(ng) / max(ll)
+        out.append(
+            f"- max buffered throughput: neogate {max(ng):.0f} req/s, LiteLLM "
+            f"{max(ll):.0f} req/s: {r:.1f}x (goal >= 30x: {'met' if r >= 30 else 'NOT met'})"
+        )
+    ok_levels = [
+        lv
+        for lv in levels
+        for m in MODES
+        if (c := cells.get((m, lv, "litellm"))) and c.errors == 0 and c.requests
+    ]
+    worse = [
+        (m, lv)
+        for m in MODES
+        for lv in sorted(set(ok_levels))
+        if (a := med(m, lv, "neogate", "p99")) and (b := med(m, lv, "litellm", "p99")) and a >= b
+    ]
+    if ok_levels and any(("buffered", lv, "neogate") in cells for lv in levels):
+        out.append(
+            "- p99 below LiteLLM's at every level LiteLLM sustains without errors: "
+            + ("met" if not worse else f"NOT met at {worse}")
+        )
+    d, n = med("streamed", 1, "direct", "ttft_p50"), med("streamed", 1, "neogate", "ttft_p50")
+    if d is not None and n is not None:
+        added = (n - d) * 1e3
+        out.append(
+            f"- streaming TTFT p50 added by neogate at concurrency 1: {added:.3f} ms "
+            f"(goal < 1 ms: {'met' if added < 1 else 'NOT met'})"
+        )
+    return out or ["- (needs neogate and LiteLLM in the run)"]
+
+
+def write_markdown(
+    path: Path,
+    args: argparse.Namespace,
+    targets: dict[str, Target],
+    body: list[str],
+    argv: list[str],
+) -> None:
+    m = machine_info()
+    version = targets["litellm"].version if "litellm" in targets else None
+    md = [
+        "# neogate vs LiteLLM proxy vs direct",
+        "",
+        f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}; machine: {m['cpus']} CPUs, "
+        f"{m['processor']}, {m['platform']}, Python {m['python']}; neogate commit "
+        f"{git_commit()}; LiteLLM {version or '-'}.",
+        "",
+        f"Command: `python -m loadtest.compare_litellm {' '.join(argv)}`",
+        "",
+        "## Settings",
+        "",
+        f"- upstream: `neogate sim static` (fixed answers, {args.completion_tokens} completion "
+        "tokens), one process"
+        if not args.upstream_cmd
+        else f"- upstream: `{args.upstream_cmd}`",
+        "- neogate: `neogate serve --config neogate.yaml`, one process, one OpenAI-compatible "
+        "backend, tenant-key auth, metering and the SQLite ledger on",
+        "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn), master-key auth, "
+        "no database (so no spend tracking), `openai/<model>` with `api_base`",
+        f"- logging: both at {args.log_level.upper()} (LiteLLM's uvicorn access log off)",
+        f"- load: closed loop, {args.duration:g} s per cell after {args.warmup:g} s warm-up per "
+        f"target, levels {args.levels}, prompt {args.prompt_tokens} tokens, max_tokens "
+        f"{args.max_tokens}, medians of {args.repeats} repeat(s); load generator in its own "
+        "process on the same machine (raw HTTP/1.1 client)",
+        "- server CPU ms/req: CPU time of the target's process tree over the cell / OK requests",
+        "",
+        "## Results",
+        "",
+        *body,
+    ]
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    names = [n for n in args.targets.split(",") if n]
+    modes = [m for m in args.modes.split(",") if m]
+    levels = [int(x) for x in args.levels.split(",") if x]
+    bad = [n for n in names if n not in TARGETS] + [m for m in modes if m not in MODES]
+    if bad or not levels:
+        print(f"compare_litellm: unknown targets/modes {bad} or no levels", file=sys.stderr)
+        return 2
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"loadtest/results/compare-{stamp}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    targets: dict[str, Target] = {}
+    try:
+        targets = start_all(args, out, names)
+        for t in targets.values():
+            wait_ready(t.proc, t.url, t.key, args.model, timeout=120.0)
+        cells = _run(measure(args, targets, out, names, modes, levels))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"compare_litellm: {exc}", file=sys.stderr)
+        for t in targets.values():
+            if t.proc is not None:
+                print(t.proc.tail(), file=sys.stderr)
+        return 1
+    finally:
+        for t in targets.values():
+            if t.proc is not None:
+                t.proc.stop()
+    body = render_tables(cells, names, modes, levels)
+    body += ["## Goals (issue 6)", "", *goals(cells, levels), ""]
+    report = out / "compare.md"
+    write_markdown(report, args, targets, body, argv)
+    print("\n".join(body))
+    print(f"report: {report}")
+    return 0
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(coro)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
