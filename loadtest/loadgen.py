@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from loadtest.rawhttp import RawClient, request_head
 from loadtest.results import RequestRecord
 from loadtest.schedule import (
     Distribution,
@@ -32,7 +33,7 @@ from loadtest.schedule import (
     concurrency_changes,
     poisson_arrivals,
 )
-from loadtest.wire import AiohttpClient, Client, RawClient, ResponseReader, Target, request_head
+from loadtest.wire import AiohttpClient, Client, ResponseReader, Target
 
 _perf = time.perf_counter
 

@@ -452,3 +452,84 @@ async def test_report_writes_markdown_and_pngs(server: Server, tmp_path: Path) -
     assert "cost-per-batch plot is omitted" in md2 and "no backend" in md2.lower()
     assert not (rep2 / "backend_share.png").exists() and not (rep2 / "cost_vs_batch.png").exists()
     assert run_report(parser.parse_args(["report", str(tmp_path / "missing.jsonl")])) == 2
+
+
+async def _dribble_server(payloads: list[bytes]) -> tuple[asyncio.Server, int]:
+    """A raw HTTP server answering the n-th request with payloads[n], a few bytes per write."""
+    count = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                data = payloads[count % len(payloads)]
+                count += 1
+                for i in range(0, len(data), 5):
+                    writer.write(data[i : i + 5])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                if b"Connection: close" in data or (
+                    b"Content-Length" not in data and (b"chunked" not in data)
+                ):
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def _chunked(body: bytes, sizes: int = 7) -> bytes:
+    out = b""
+    for i in range(0, len(body), sizes):
+        part = body[i : i + sizes]
+        out += b"%x\r\n%s\r\n" % (len(part), part)
+    return out + b"0\r\n\r\n"
+
+
+async def test_raw_client_frames_responses_split_into_small_pieces() -> None:
+    usage = b'{"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+    sse = (
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+        b": keep-alive comment\n\n"
+        b'data: {"choices":[{"delta":{"content":"b"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    payloads = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Neogate-Backend: b1\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(usage), usage),
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n" + _chunked(sse),
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + _chunked(b'{"error":{"message":"x","type":"overloaded","code":null}}'),
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + usage,
+    ]
+    srv, port = await _dribble_server(payloads)
+    try:
+        cfg = _cfg(
+            f"http://127.0.0.1:{port}",
+            max_requests=8,
+            schedule=constant_schedule(1, 5),
+            client="raw",
+        )
+        out = await run_load(cfg, usage=False)
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    recs = out.records
+    assert len(recs) == 8
+    for i in (0, 4):
+        assert recs[i].ok and recs[i].completion_tokens == 2 and recs[i].backend == "b1"
+    for i in (1, 5):
+        assert recs[i].ok and recs[i].events == 2 and recs[i].completion_tokens == 2
+        assert recs[i].ttft is not None
+    for i in (2, 6):
+        assert recs[i].error == "http_503:overloaded" and recs[i].status == 503
+    for i in (3, 7):
+        assert recs[i].ok and recs[i].completion_tokens == 2 and recs[i].backend is None
