@@ -271,27 +271,22 @@ class StreamMeter:
         """True once ``[DONE]`` went by."""
         return self._done
 
-    def feed(self, payload: bytes) -> None:
-        """One event's data (the bytes after ``data:``; a leading space is fine)."""
+    def feed(self, block: bytes) -> None:
+        """One SSE event as relayed: its data payload, or the raw ``data: ...`` block."""
         self.events_seen += 1
-        if payload.startswith(b"data:"):
-            payload = payload[5:]
         # Inside JSON strings quotes are escaped, so a raw `"usage"` is always a key.
-        at = payload.find(b'"usage"')
+        at = block.find(b'"usage"')
         if at < 0:
-            if payload.strip() == b"[DONE]":
+            if len(block) < 32 and b"[DONE]" in block:
                 self._done = True
                 return
-            self._events.append(payload)
+            self._events.append(block)
             return
-        self._events.append(payload)
-        if not _object_follows(payload, at + 7):
+        self._events.append(block)
+        if not _object_follows(block, at + 7):
             return  # "usage": null on ordinary chunks
-        try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, Mapping):
+        event = _parse_event(block)
+        if event is not None:
             usage = _usage_in_event(event)
             if usage is not None:
                 self._usage = usage
@@ -299,12 +294,9 @@ class StreamMeter:
     def delivered_tokens(self, tokenizer: TokenCounter) -> int:
         """Tokens of everything delivered so far across all choices (content, reasoning, tools)."""
         delivered = _Delivered()
-        for payload in self._events:
-            try:
-                event = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(event, Mapping):
+        for block in self._events:
+            event = _parse_event(block)
+            if event is None:
                 continue
             choices = event.get("choices")
             if isinstance(choices, list):
@@ -343,6 +335,20 @@ class StreamMeter:
             counted_prompt_tokens=prompt_tokens_estimate,
             counted_completion_tokens=counted,
         )
+
+
+def _parse_event(block: bytes) -> Mapping[str, Any] | None:
+    """The JSON object of one event (payload or full SSE block); None when it is not one."""
+    if block[:1] != b"{":
+        # A full block: join its data lines (SSE allows several) and drop other fields.
+        lines = [ln.rstrip(b"\r") for ln in block.split(b"\n")]
+        data = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
+        block = b"\n".join(data) if data else block.strip()
+    try:
+        event = orjson.loads(block)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, Mapping) else None
 
 
 def _object_follows(payload: bytes, pos: int) -> bool:

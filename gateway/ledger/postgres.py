@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +102,7 @@ class PostgresLedger:
         self._command_timeout = command_timeout_s
         self._create = create
         self._pool: Any = None
+        self._opening = asyncio.Lock()  # concurrent first calls must not build two pools
         self._insert = (
             f"INSERT INTO {self.schema}.ledger ({', '.join(COLUMNS)}) VALUES "
             f"({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) "
@@ -122,6 +124,11 @@ class PostgresLedger:
         """Create the pool and the schema; LedgerUnavailable when the server can't be reached."""
         if self._pool is not None:
             return
+        async with self._opening:
+            if self._pool is None:
+                await self._open()
+
+    async def _open(self) -> None:
         import asyncpg
 
         try:

@@ -29,6 +29,7 @@ class Spool:
     def open(self) -> None:
         """Create the file if absent; cut a torn last line left by a crash; count rows."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
         with open(self.path, "ab+") as f:
             f.seek(0)
             data = f.read()
@@ -40,6 +41,8 @@ class Spool:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.path.parent)  # the new file's name must survive a power cut too
         self.size = end
         self.rows = data.count(b"\n", 0, end)
 
@@ -113,10 +116,14 @@ class Spool:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(self.path.parent)
         self.size = len(tail)
         self.rows = tail.count(b"\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -220,7 +220,13 @@ class LedgerWriter:
                 await self._commit(batch)
             if self._replay_waiters or self._replay_due():
                 waiters, self._replay_waiters = self._replay_waiters, []
-                moved = await self._replay()
+                try:
+                    moved = await self._replay()
+                except OSError as exc:
+                    # The spool itself failed (disk): keep serving, try again later.
+                    log.error("ledger spool replay failed: %s", exc)
+                    self._next_retry = self._clock() + self._retry_interval
+                    moved = 0
                 for w in waiters:
                     if not w.done():
                         w.set_result(moved)

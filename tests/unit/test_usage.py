@@ -200,7 +200,11 @@ def test_stream_cached_and_reasoning(tok: Tokenizer) -> None:
 
 
 def test_stream_groq_x_groq_usage(tok: Tokenizer) -> None:
-    first = {"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}}], "x_groq": {"id": "r"}}
+    first = {
+        "id": "x",
+        "choices": [{"index": 0, "delta": {"content": "hi"}}],
+        "x_groq": {"id": "r"},
+    }
     final = {
         "id": "x",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
@@ -338,3 +342,15 @@ def test_local_chargeback_prices_are_never_free() -> None:
     u = Usage(prompt_tokens=500, completion_tokens=200)
     # A chargeback price computed by the cost model at the batch the request shared.
     assert cost_usd(u, UnitPrices.of(0.02, 3.82, version="gpu:b1")) > 0
+
+
+def test_full_sse_blocks_are_understood(tok: Tokenizer) -> None:
+    m = StreamMeter()
+    m.feed(b"data: " + chunk("hello"))
+    m.feed(b"event: message\r\ndata: " + chunk(" world") + b"\r\n")
+    m.feed(b": keep-alive comment")
+    m.feed(b"data: " + usage_chunk({"prompt_tokens": 3, "completion_tokens": 2}))
+    m.feed(b"data: [DONE]")
+    assert m.saw_done
+    u = m.finish(True, tok, 3)
+    assert (u.completion_tokens, u.counted_completion_tokens) == (2, 2)
