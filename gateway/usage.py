@@ -362,20 +362,22 @@ def _object_follows(payload: bytes, pos: int) -> bool:
 # --- reconciliation -----------------------------------------------------------------
 
 
-def reconcile(usage: Usage, threshold: float, *, min_tokens: int = 8) -> bool:
+def reconcile(
+    usage: Usage, threshold: float, *, min_tokens: int = 8, include_prompt: bool = False
+) -> bool:
     """True when reported and gateway-counted tokens diverge beyond `threshold`.
 
     A pair diverges when |reported - counted| exceeds both `threshold` x reported
-    and `min_tokens` (small absolute slack: message framing and tokenizer
-    differences make tiny counts noisy). Only completion and prompt pairs where
-    both sides exist are compared.
+    and `min_tokens` (absolute slack: tokenizer differences make tiny counts noisy).
+    Completions are compared by default; prompts only with `include_prompt`,
+    because the upstream's chat template (e.g. Llama's default system header)
+    adds tokens the gateway cannot see, a systematic gap rather than an error.
     """
     if usage.source != "reported":
         return False
-    pairs = (
-        (usage.completion_tokens, usage.counted_completion_tokens),
-        (usage.prompt_tokens, usage.counted_prompt_tokens),
-    )
+    pairs = [(usage.completion_tokens, usage.counted_completion_tokens)]
+    if include_prompt:
+        pairs.append((usage.prompt_tokens, usage.counted_prompt_tokens))
     for reported, counted in pairs:
         if counted is None:
             continue

@@ -316,6 +316,9 @@ def test_reconcile_flags_divergence_beyond_threshold() -> None:
     assert reconcile(tiny, 0.1, min_tokens=0)
     counted = Usage(1, 1, source="counted", counted_completion_tokens=100)
     assert not reconcile(counted, 0.1)
+    template = Usage(200, 10, counted_prompt_tokens=150, counted_completion_tokens=10)
+    assert not reconcile(template, 0.1)  # prompt gaps are the upstream's chat template
+    assert reconcile(template, 0.1, include_prompt=True)
 
 
 def test_cost_cached_input_at_own_price() -> None:
