@@ -14,11 +14,16 @@ from aiohttp import web
 from adapters.base import Backend
 from adapters.openai_compat import OpenAICompatBackend
 from gateway import endpoints
+from gateway.admin import add_admin_routes, add_usage_routes
+from gateway.admission import Admission, LimitStore, TenantLimits
 from gateway.auth import Authenticator
+from gateway.background import Background
 from gateway.config import BackendSpec, GatewayConfig, resolve_secret
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.estimate import Estimator
-from gateway.limits import Limits
+from gateway.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
+from gateway.ledger import build_writer
+from gateway.ledger.reports import spend_by_tenant
 from gateway.live import LiveState
 from gateway.metering import Meter
 from gateway.metrics import GatewayMetrics
@@ -39,6 +44,8 @@ class AppOptions:
     anonymous_allowed: bool = False
     admin_key: str | None = None
     server_secret: str | None = None
+    ledger: bool = True  # off only for the metering-off comparison benchmark
+    limit_store: LimitStore | None = None  # shared (Redis) limits; None: in-process
 
 
 def create_app(config: GatewayConfig, options: AppOptions | None = None) -> web.Application:
@@ -55,6 +62,8 @@ def create_app(config: GatewayConfig, options: AppOptions | None = None) -> web.
     app.router.add_post("/v1/completions", handler("completions"))
     app.router.add_post("/v1/embeddings", handler("embeddings"))
     endpoints.add_routes(app)
+    add_usage_routes(app)
+    add_admin_routes(app)
     return app
 
 
@@ -73,13 +82,34 @@ def _runtime_ctx(
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
+        rt: Runtime | None = None
         try:
-            app[RUNTIME] = build_runtime(config, opts, session)
+            rt = build_runtime(config, opts, session)
+            await rt.keys.open()
+            ledger = rt.meter.ledger
+            if ledger is not None:
+                await ledger.start()
+                spend = await spend_by_tenant(ledger.store, time.time())
+                await rt.meter.admission.seed(spend)
+            rt.background = Background(rt, session)
+            rt.background.start()
+            app[RUNTIME] = rt
             yield
         finally:
+            if rt is not None:
+                await _close_runtime(rt)
             await session.close()
 
     return ctx
+
+
+async def _close_runtime(rt: Runtime) -> None:
+    """Stop pollers, then flush the ledger: every row reaches the database or the spool."""
+    if rt.background is not None:
+        await rt.background.stop()
+    if rt.meter.ledger is not None:
+        await rt.meter.ledger.close()
+    await rt.keys.close()
 
 
 def build_runtime(
@@ -93,13 +123,31 @@ def build_runtime(
         config.tokenizer.source, config.tokenizer.encoding, config.tokenizer.path
     )
     secret = opts.server_secret or resolve_secret(config.auth.server_secret) or ""
-    keys = _YamlKeys(config, secret.encode() or os.urandom(32))
+    keys = KeyStore(_key_backend(config), secret.encode() or os.urandom(32))
+    keys.set_static_keys(
+        {t.name: [k for k in (resolve_secret(r) for r in t.api_keys) if k] for t in config.tenants}
+    )
     auth = Authenticator(
         config,
         keys,
         anonymous_allowed=opts.anonymous_allowed,
         admin_key=opts.admin_key or resolve_secret(config.admin.api_key),
     )
+    live = LiveState(specs, time.time(), alpha=config.routing.ewma_alpha)
+    admission = Admission(
+        {t.name: TenantLimits.from_specs(t.budgets, t.rate_limits) for t in config.tenants},
+        opts.limit_store,
+    )
+    ledger = None
+    if opts.ledger:
+        ledger = build_writer(
+            config.ledger.kind,
+            path=config.ledger.path,
+            dsn=resolve_secret(config.ledger.dsn),
+            spool_path=config.ledger.spool_path,
+            registry=metrics.registry,
+            schema=config.ledger.schema_name,
+        )
     return Runtime(
         config=config,
         backends=backends,
@@ -108,10 +156,27 @@ def build_runtime(
         metrics=metrics,
         auth=auth,
         estimator=Estimator(tokenizer),
-        limits=Limits(),
-        router=Router(config, backends, LiveState(specs, time.time()), metrics),
-        meter=Meter(tokenizer, metrics),
+        router=Router(config, backends, live, metrics),
+        meter=Meter(
+            tokenizer,
+            metrics,
+            ledger,
+            admission,
+            live,
+            divergence_threshold=config.ledger.divergence_threshold,
+        ),
+        keys=keys,
     )
+
+
+def _key_backend(config: GatewayConfig) -> KeyBackend:
+    """API keys live beside the ledger: the same SQLite file or PostgreSQL database."""
+    if config.ledger.kind == "postgres":
+        dsn = resolve_secret(config.ledger.dsn)
+        if not dsn:
+            raise ValueError("ledger.dsn is not set")
+        return PostgresKeyBackend(dsn, schema=config.ledger.schema_name)
+    return SqliteKeyBackend(config.ledger.path)
 
 
 def make_backend(spec: BackendSpec, session: aiohttp.ClientSession) -> Backend:
@@ -171,27 +236,3 @@ def _error_response(exc: GatewayError, rid: str) -> web.Response:
         headers=headers,
         content_type="application/json",
     )
-
-
-class _YamlKeys:
-    """Temporary: tenant keys from the YAML, hashed (replaced by gateway.keys)."""
-
-    def __init__(self, config: GatewayConfig, secret: bytes) -> None:
-        import hashlib
-        import hmac
-
-        self._secret = secret
-        self._hmac = hmac
-        self._sha = hashlib.sha256
-        self._by_hash: dict[str, str] = {}
-        for t in config.tenants:
-            for ref in t.api_keys:
-                key = resolve_secret(ref)
-                if key:
-                    self._by_hash[self._digest(key)] = t.name
-
-    def _digest(self, key: str) -> str:
-        return self._hmac.new(self._secret, key.encode(), self._sha).hexdigest()
-
-    def authenticate(self, presented: str) -> str | None:
-        return self._by_hash.get(self._digest(presented))

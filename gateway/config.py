@@ -173,6 +173,7 @@ class LedgerSpec(Model):
     path: str = "neogate-data/ledger.db"
     dsn: str | None = None  # env:NAME or a postgres:// URL without a password
     spool_path: str = "neogate-data/ledger.spool"
+    schema_name: str = Field(default="neogate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")  # PostgreSQL
     divergence_threshold: float = Field(default=0.1, ge=0)
 
 
@@ -197,6 +198,33 @@ class RoutingSpec(Model):
     queue_max: int = Field(default=1024, ge=0)
 
 
+class RedisSpec(Model):
+    """Shared state across processes and replicas."""
+
+    url: str  # redis://host:port/db (a password, if any, as env:NAME in password)
+    password: str | None = None  # env:NAME
+    on_outage: Literal["open", "closed"] = "open"  # open: local limits, flagged; closed: reject
+    key_prefix: str = "neogate"
+
+
+class ReliabilitySpec(Model):
+    """Failover, circuit breaking, back-pressure and hedging."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_budget_min: int = Field(default=10, ge=0)
+    breaker_consecutive_failures: int = Field(default=5, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_base_ejection_s: float = Field(default=5.0, gt=0)
+    breaker_max_ejection_s: float = Field(default=300.0, gt=0)
+    max_queue: int = Field(default=512, ge=0)
+    queue_wait_s: float = Field(default=2.0, ge=0)
+    hedge: bool = False
+    hedge_delay_s: float | None = Field(default=None, gt=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    write_buffer_bytes: int = Field(default=256 * 1024, ge=4096)
+
+
 class GatewayConfig(Model):
     """The whole policy file."""
 
@@ -211,6 +239,8 @@ class GatewayConfig(Model):
     tokenizer: TokenizerSpec = TokenizerSpec()
     price_feed: PriceFeedSpec | None = None
     routing: RoutingSpec = RoutingSpec()
+    reliability: ReliabilitySpec = ReliabilitySpec()
+    redis: RedisSpec | None = None
     max_inflight: int = Field(default=4096, ge=1)
 
     @model_validator(mode="after")

@@ -1,24 +1,37 @@
-"""Metering glue: one `Completion` per request, turned into usage, cost, a ledger row and metrics."""
+"""Metering glue: one `Completion` per request, turned into usage, cost, a ledger row, budgets and metrics.
+
+The row is committed (or durably spooled) before the request counts as
+complete: callers await `Meter.finish` before the last byte goes to the client.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.admission import Admission, AdmissionRejected, Reservation
+from gateway.config import ModelSpec
+from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.estimate import Estimate
 from gateway.inbound import InboundRequest
+from gateway.ledger import LedgerRow, LedgerWriter
+from gateway.live import LiveState
 from gateway.metrics import GatewayMetrics
 from gateway.tokenizer import Tokenizer
-from gateway.usage import StreamMeter, Usage, usage_from_response
+from gateway.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_response
 
 if TYPE_CHECKING:
+    from gateway.auth import Tenant
+    from gateway.forward import Attempt
     from policies.types import RouteDecision
 
-    from gateway.forward import Attempt
-    from gateway.limits import Reservation
+log = logging.getLogger("neogate.metering")
+_MILLION = 1_000_000
 
 
 @dataclass(slots=True)
@@ -36,9 +49,21 @@ class Completion:
     backend_model: str | None = None
     attempt: int = 0
     batch_seen: int = 0
+    prices: UnitPrices | None = None  # captured when the attempt started: the price in force
     first_byte_at: float | None = None
     usage: Usage | None = None
     _meter: StreamMeter | None = field(default=None)
+
+    def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
+        self.backend = attempt.backend
+        self.backend_model = attempt.backend_model
+        self.attempt = attempt.number
+        self.batch_seen = batch_seen
+        self.prices = prices
+
+    def stream_meter(self) -> StreamMeter:
+        self._meter = StreamMeter()
+        return self._meter
 
     @property
     def ttft_s(self) -> float | None:
@@ -50,8 +75,7 @@ class Completion:
 
     @property
     def groq_usage(self) -> dict[str, object] | None:
-        u = self.usage
-        t = u.upstream_timings if u is not None else None
+        t = self.usage.upstream_timings if self.usage is not None else None
         if t is None:
             return None
         return {
@@ -61,27 +85,75 @@ class Completion:
             "total_time": t.total_s,
         }
 
-    def attach(self, attempt: Attempt, batch_seen: int) -> None:
-        self.backend = attempt.backend
-        self.backend_model = attempt.backend_model
-        self.attempt = attempt.number
-        self.batch_seen = batch_seen
-
-    def stream_meter(self) -> StreamMeter:
-        self._meter = StreamMeter()
-        return self._meter
-
 
 class Meter:
-    """Turns finished requests into usage and metrics (ledger and budgets are wired by the app)."""
+    """Turns finished requests into usage, cost, a ledger row, settled budgets and metrics."""
 
-    def __init__(self, tokenizer: Tokenizer, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        metrics: GatewayMetrics,
+        ledger: LedgerWriter | None,
+        admission: Admission,
+        live: LiveState,
+        *,
+        divergence_threshold: float = 0.1,
+    ) -> None:
         self._tokenizer = tokenizer
         self._metrics = metrics
+        self.ledger = ledger
+        self.admission = admission
+        self._live = live
+        self._threshold = divergence_threshold
+
+    # --- before forwarding ----------------------------------------------------------
+
+    async def reserve(self, tenant: Tenant, model: ModelSpec, estimate: Estimate) -> Reservation:
+        """Hold the most this request can cost against the tenant's budgets and rate limits."""
+        worst = max(
+            (self.unit_prices(b, model.name, 1) for b in model.backends),
+            key=lambda p: p.input_per_m + p.output_per_m,
+        )
+        cost = (
+            estimate.prompt_tokens * worst.input_per_m
+            + estimate.max_output_tokens * worst.output_per_m
+        ) / _MILLION
+        try:
+            return await self.admission.reserve(tenant.name, estimate.max_total_tokens, cost)
+        except AdmissionRejected as exc:
+            self._metrics.rejections.labels(exc.limit).inc()
+            raise _limit_error(exc) from exc
+
+    def unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
+        """Prices in force now: the price book for providers, the cost model at `batch` for GPUs."""
+        live = self._live.backends[backend]
+        book = self._live.prices.book
+        version = str(book.version)
+        if live.gpu is not None:
+            gpu = live.gpu
+            return UnitPrices.of(
+                round(gpu.prefill_cost(_MILLION), 9),
+                round(gpu.cost_per_output_token(batch) * _MILLION, 9),
+                None,
+                version=f"{version}/gpu@b{batch}",
+            )
+        price = book.get(backend, model)
+        if price is None:
+            return UnitPrices.of(0, 0, None, version)
+        cached = price.cached_input_per_token
+        return UnitPrices.of(
+            round(price.input_per_token * _MILLION, 9),
+            round(price.output_per_token * _MILLION, 9),
+            None if cached is None else round(cached * _MILLION, 9),
+            version,
+        )
+
+    # --- after the answer -------------------------------------------------------------
 
     async def abandon(self, completion: Completion) -> None:
         """A request that never reached a backend: release what it reserved."""
-        del completion
+        if completion.reservation is not None:
+            await self.admission.release(completion.reservation)
 
     async def finish(
         self,
@@ -91,34 +163,98 @@ class Meter:
         body: bytes | None = None,
         meter: StreamMeter | None = None,
     ) -> Usage | None:
-        usage: Usage | None = None
-        if meter is not None:
-            usage = meter.finish(
-                outcome == "ok", self._tokenizer, completion.estimate.prompt_tokens
-            )
-        elif body is not None:
-            usage = self._usage_of_body(completion, body)
+        """Meter the attempt, commit its ledger row, settle the budget; returns the usage."""
+        usage = self._usage(completion, outcome, body, meter)
         completion.usage = usage
+        cost = Decimal(0)
+        if usage is not None and completion.backend is not None and completion.prices is not None:
+            divergent = reconcile(usage, self._threshold)
+            row = self._row(completion, usage, outcome, divergent)
+            cost = row.cost_usd
+            if divergent:
+                self._metrics.divergence.labels(completion.backend).inc()
+            if self.ledger is not None:
+                await self.ledger.record(row)
+        if completion.reservation is not None:
+            tokens = usage.total_tokens if usage is not None else 0
+            await self.admission.settle(completion.reservation, tokens, cost)
+        self._observe(completion, outcome, usage, cost)
+        return usage
+
+    def _usage(
+        self, completion: Completion, outcome: str, body: bytes | None, meter: StreamMeter | None
+    ) -> Usage | None:
+        prompt = completion.estimate.prompt_tokens
+        if meter is not None:
+            return meter.finish(outcome == "ok", self._tokenizer, prompt)
+        if body is None:
+            return None
+        try:
+            parsed: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            # Not JSON we can read: the backend still did the prompt's work.
+            return Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt)
+        return usage_from_response(parsed, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
+
+    def _row(
+        self, completion: Completion, usage: Usage, outcome: str, divergent: bool
+    ) -> LedgerRow:
+        assert completion.backend is not None and completion.prices is not None
+        live = self._live.backends[completion.backend]
+        return LedgerRow.from_usage(
+            request_id=completion.rid,
+            attempt=completion.attempt,
+            ts=time.time(),
+            tenant=completion.tenant,
+            model=completion.inbound.model,
+            backend=completion.backend,
+            backend_model=completion.backend_model or "",
+            usage=usage,
+            prices=completion.prices,
+            ttft_s=completion.ttft_s,
+            total_s=time.monotonic() - completion.arrived,
+            stream=completion.inbound.stream,
+            outcome=outcome,
+            divergent=divergent,
+            batch_size=completion.batch_seen if live.gpu is not None else None,
+            is_local=live.spec.is_local,
+        )
+
+    def _observe(
+        self, completion: Completion, outcome: str, usage: Usage | None, cost: Decimal
+    ) -> None:
         backend = completion.backend or "none"
         model = completion.inbound.model
         m = self._metrics
         m.requests.labels(backend, model, outcome).inc()
-        now = time.monotonic()
-        m.duration.labels(backend, model).observe(now - completion.arrived)
-        if completion.first_byte_at is not None:
-            m.ttft.labels(backend, model).observe(completion.first_byte_at - completion.arrived)
-        if usage is not None:
-            m.tokens.labels(backend, model, "prompt").inc(usage.prompt_tokens)
-            m.tokens.labels(backend, model, "completion").inc(usage.completion_tokens)
-        return usage
+        total = time.monotonic() - completion.arrived
+        m.duration.labels(backend, model).observe(total)
+        ttft = completion.ttft_s
+        if ttft is not None:
+            m.ttft.labels(backend, model).observe(ttft)
+        if usage is None:
+            return
+        m.tokens.labels(backend, model, "prompt").inc(usage.prompt_tokens)
+        m.tokens.labels(backend, model, "completion").inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            m.tokens.labels(backend, model, "cached").inc(usage.cached_tokens)
+        if usage.reasoning_tokens:
+            m.tokens.labels(backend, model, "reasoning").inc(usage.reasoning_tokens)
+        if cost:
+            m.cost.labels(backend, model).inc(float(cost))
+        if completion.inbound.stream and ttft is not None and usage.completion_tokens > 1:
+            m.itl.labels(backend, model).observe((total - ttft) / (usage.completion_tokens - 1))
 
-    def _usage_of_body(self, completion: Completion, body: bytes) -> Usage | None:
-        try:
-            parsed: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(parsed, dict):
-            return None
-        return usage_from_response(
-            parsed, tokenizer=None, prompt_tokens_estimate=completion.estimate.prompt_tokens
-        )
+
+def _limit_error(exc: AdmissionRejected) -> LimitExceeded:
+    """429 saying which limit; retry-after only where waiting helps."""
+    cls = LimitExceeded if exc.limit.endswith("_per_minute") else BudgetExceeded
+    waiting_helps = exc.retry_after_s is not None
+    return cls(
+        exc.message,
+        code=exc.limit,
+        retry_after_s=exc.retry_after_s,
+        should_retry=waiting_helps,
+    )

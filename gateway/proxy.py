@@ -69,7 +69,7 @@ async def serve(
     rid = request[REQUEST_ID]
     arrived = time.monotonic()
     estimate = rt.estimator.estimate(inbound, model)
-    reservation = await rt.admission.reserve(tenant, inbound, estimate)
+    reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     try:
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)
@@ -86,7 +86,8 @@ async def serve(
     except BaseException:
         await rt.meter.abandon(completion)
         raise
-    completion.attach(attempt, rt.router.batch_seen(attempt.backend))
+    batch = rt.router.batch_seen(attempt.backend)
+    completion.attach(attempt, batch, rt.meter.unit_prices(attempt.backend, inbound.model, batch))
     rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
     try:
         if inbound.stream:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import replace
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.auth import Tenant
@@ -48,7 +48,9 @@ class Router:
         self._metrics = metrics
         self._clock = clock
         self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
-        self._policies: dict[str, Policy] = {m.name: compile_policy(m.policy) for m in config.models}
+        self._policies: dict[str, Policy] = {
+            m.name: compile_policy(m.policy) for m in config.models
+        }
         self._tenant_policies: dict[str, Policy] = {
             t.name: compile_policy(t.policy) for t in config.tenants if t.policy is not None
         }
@@ -68,7 +70,11 @@ class Router:
         }
 
     def route_request(
-        self, inbound: InboundRequest, tenant: Tenant, estimate: Estimate, headers: Mapping[str, str]
+        self,
+        inbound: InboundRequest,
+        tenant: Tenant,
+        estimate: Estimate,
+        headers: Mapping[str, str],
     ) -> RouteRequest:
         slo_class = headers.get(SLO_HEADER) or tenant.slo_class
         if slo_class not in self._slos:

@@ -15,8 +15,9 @@ from gateway.forward import Attempt
 from gateway.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
+    from gateway.background import Background
     from gateway.estimate import Estimator
-    from gateway.limits import Limits
+    from gateway.keys import KeyStore
     from gateway.metering import Completion, Meter
     from gateway.routing import Router
 
@@ -40,14 +41,11 @@ class Runtime:
     metrics: GatewayMetrics
     auth: Authenticator
     estimator: Estimator
-    limits: Limits
     router: Router
     meter: Meter
+    keys: KeyStore
+    background: Background | None = None
     extra_forward_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-    @property
-    def admission(self) -> Limits:
-        return self.limits
 
     def forward_headers(self, request: web.Request, rid: str) -> dict[str, str]:
         """The allow-listed client headers plus our request id."""

@@ -1,4 +1,5 @@
 """`python -m gateway.cli`."""
+
 import sys
 
 from gateway.cli import main

@@ -104,11 +104,10 @@ def _app_options(config: GatewayConfig, host: str, *, embedded: bool) -> AppOpti
 
 async def start_embedded_default() -> tuple[GatewayConfig, list[web.AppRunner]]:
     """Start the simulated workers and provider in-process and fill their URLs into the default."""
+    from gateway.cli import default_policy_text
     from loadtest.sim.common import start_site
     from loadtest.sim.provider import ProviderOptions, create_provider_app
     from loadtest.sim.worker import WorkerOptions, create_worker_app
-
-    from gateway.cli import default_policy_text
 
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}

@@ -1,0 +1,128 @@
+"""Background tasks of one app: worker /metrics scraper, price-feed poller, key-revocation refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+
+from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
+from gateway.errors import GatewayError
+from policies.pricebook import FeedError, Price, parse_neogate_feed, parse_openrouter_feed
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("neogate.background")
+
+KEY_REFRESH_S = 0.5  # revocations by another process take effect within this
+
+
+class Background:
+    """Starts and stops the app's pollers; each loop survives its own failures."""
+
+    def __init__(self, rt: Runtime, session: aiohttp.ClientSession) -> None:
+        self._rt = rt
+        self._session = session
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        rt = self._rt
+        interval = rt.config.routing.scrape_interval_s
+        for name, backend in rt.backends.items():
+            if backend.is_local:
+                self._spawn(f"scrape-{name}", interval, self._scraper(name))
+        feed = rt.config.price_feed
+        if feed is not None:
+            self._spawn("price-feed", feed.interval_s, self.poll_price_feed)
+        self._spawn("key-refresh", KEY_REFRESH_S, self._refresh_keys)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _spawn(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        async def loop() -> None:
+            while True:
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("background task %s failed; retrying in %.1fs", name, interval)
+                await asyncio.sleep(interval)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
+
+    def _scraper(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def scrape() -> None:
+            rt = self._rt
+            try:
+                text = await rt.backends[name].fetch_metrics()
+                if text is None:
+                    return
+                metrics = parse_worker_metrics(text, time.time())
+            except (GatewayError, MetricsParseError) as exc:
+                rt.metrics.scrape_failures.labels(name).inc()
+                log.debug("scrape of %s failed: %s", name, exc)
+                return
+            rt.router.live.backends[name].worker = metrics
+
+        return scrape
+
+    async def poll_price_feed(self) -> None:
+        """Fetch the feed; a malformed or unreachable feed keeps the last good prices."""
+        rt = self._rt
+        feed = rt.config.price_feed
+        assert feed is not None
+        try:
+            async with self._session.get(feed.url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                if r.status != 200:
+                    raise FeedError(f"price feed answered {r.status}")
+                body = await r.read()
+            updates = self._feed_updates(orjson.loads(body))
+        except (aiohttp.ClientError, TimeoutError, FeedError, orjson.JSONDecodeError) as exc:
+            rt.metrics.price_feed_failures.inc()
+            log.warning(
+                "price feed %s failed, keeping version %d: %s",
+                feed.url,
+                rt.router.live.prices.book.version,
+                exc,
+            )
+            return
+        before = rt.router.live.prices.book.version
+        after = rt.router.live.prices.set_many(updates)
+        if after != before:
+            log.info("price feed applied: version %d -> %d", before, after)
+
+    def _feed_updates(self, obj: object) -> dict[str | tuple[str, str], Price]:
+        rt = self._rt
+        feed = rt.config.price_feed
+        assert feed is not None
+        now = time.time()
+        if feed.format == "neogate":
+            parsed = parse_neogate_feed(obj, now=now)
+            known = {(k if isinstance(k, str) else k[0]) for k in parsed}
+            unknown = known - set(rt.backends)
+            if unknown:
+                raise FeedError(f"feed prices unknown backends {sorted(unknown)}")
+            return dict(parsed)
+        by_id = parse_openrouter_feed(obj, now=now)
+        out: dict[str | tuple[str, str], Price] = {}
+        for feed_id, target in feed.map.items():
+            price = by_id.get(feed_id)
+            if price is None:
+                continue
+            backend, _, model = target.partition("/")
+            out[(backend, model) if model else backend] = price
+        return out
+
+    async def _refresh_keys(self) -> None:
+        await self._rt.keys.refresh()
