@@ -20,130 +20,15 @@ JSON_TYPE = "application/json"
 
 # Common English words that are one token each in cl100k_base and o200k_base, so a gateway
 # that counts streamed text with a real tokenizer gets (almost) the sim's own count.
-_WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "that",
-    "it",
-    "for",
-    "on",
-    "with",
-    "as",
-    "was",
-    "at",
-    "by",
-    "this",
-    "from",
-    "are",
-    "be",
-    "or",
-    "an",
-    "have",
-    "not",
-    "but",
-    "they",
-    "which",
-    "one",
-    "you",
-    "all",
-    "were",
-    "we",
-    "when",
-    "there",
-    "can",
-    "has",
-    "more",
-    "if",
-    "will",
-    "their",
-    "what",
-    "so",
-    "about",
-    "would",
-    "out",
-    "up",
-    "into",
-    "them",
-    "some",
-    "time",
-    "could",
-    "other",
-    "than",
-    "then",
-    "now",
-    "only",
-    "its",
-    "also",
-    "two",
-    "may",
-    "like",
-    "over",
-    "such",
-    "these",
-    "new",
-    "most",
-    "after",
-    "first",
-    "any",
-    "where",
-    "many",
-    "used",
-    "well",
-    "because",
-    "very",
-    "just",
-    "those",
-    "system",
-    "work",
-    "part",
-    "data",
-    "model",
-    "token",
-    "each",
-    "number",
-    "way",
-    "even",
-    "back",
-    "much",
-    "good",
-    "through",
-    "long",
-    "still",
-    "make",
-    "small",
-    "high",
-    "large",
-    "world",
-    "same",
-    "both",
-    "point",
-    "under",
-    "state",
-    "since",
-    "need",
-    "great",
-    "last",
-    "light",
-    "own",
-    "value",
-    "water",
-    "form",
-    "place",
-    "case",
-    "order",
-    "line",
-    "power",
-    "process",
-    "between",
-    "result",
-    "level",
-    "group",
-    "set",
-]
+_VOCABULARY = """
+    the of and to in is that it for on with as was at by this from are be or an have not but
+    they which one you all were we when there can has more if will their what so about would
+    out up into them some time could other than then now only its also two may like over such
+    these new most after first any where many used well because very just those system work
+    part data model token each number way even back much good through long still make small
+    high large world same both point under state since need great last light own value water
+    form place case order line power process between result level group set
+"""
 
 
 def new_id(prefix: str) -> str:
@@ -218,9 +103,10 @@ class TextSource:
 
     def __init__(self, seed: int, length: int = 4096) -> None:
         rng = random.Random(seed)
+        words = _VOCABULARY.split()
         stream: list[str] = []
         while len(stream) < length:
-            stream.extend(" " + rng.choice(_WORDS) for _ in range(rng.randint(5, 14)))
+            stream.extend(" " + rng.choice(words) for _ in range(rng.randint(5, 14)))
             stream.append(".")
         self._stream = tuple(stream[:length])
         self._encoded = {w: orjson.dumps(w) for w in set(self._stream)}

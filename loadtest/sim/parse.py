@@ -12,7 +12,9 @@ Completion length: the model "wants" to say `natural_tokens` tokens (the backend
 `default_max_tokens`); it stops there with finish_reason "stop" unless `max_tokens`
 (or `max_completion_tokens`) is smaller, in which case it stops at the limit with "length".
 `ignore_eos: true` (vLLM's field) makes it run to max_tokens. `min_tokens` raises the natural
-length. Model ids containing "reasoning" spend the first half of every answer on reasoning.
+length. On chat, model ids containing "reasoning" spend the first half of every answer on
+reasoning (`reasoning_content`, counted in reasoning_tokens). A tool-call answer costs
+ceil(len(arguments) / 4) tokens. Several completions prompts are answered as one prompt.
 """
 
 from __future__ import annotations
@@ -325,7 +327,7 @@ def make_plan(
         count, finish = req.max_tokens, "length"
     else:
         count, finish = natural, "stop"
-    reasoning = count // 2 if "reasoning" in req.model.lower() else 0
+    reasoning = count // 2 if req.endpoint == "chat" and "reasoning" in req.model.lower() else 0
     pieces = tuple(tuple(text.pieces(key + c * 7919, count)) for c in range(req.n))
     return Plan(count, reasoning, finish, pieces, None, ())
 

@@ -258,23 +258,32 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _model_card(opts: ProviderOptions, model: str) -> dict[str, Any]:
+    return {
+        "id": model,
+        "object": "model",
+        "created": 1693721698,
+        "owned_by": "Meta",
+        "active": True,
+        "context_window": opts.context_window,
+        "public_apps": None,
+        "max_completion_tokens": opts.context_window,
+    }
+
+
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models in Groq's format."""
     opts = request.app[PROVIDER].opts
-    data = [
-        {
-            "id": m,
-            "object": "model",
-            "created": 1693721698,
-            "owned_by": "Meta",
-            "active": True,
-            "context_window": opts.context_window,
-            "public_apps": None,
-            "max_completion_tokens": opts.context_window,
-        }
-        for m in opts.model_ids
-    ]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [_model_card(opts, m) for m in opts.model_ids]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}."""
+    opts = request.app[PROVIDER].opts
+    name = request.match_info["model"]
+    return (
+        json_response(_model_card(opts, name)) if name in opts.model_ids else _model_missing(name)
+    )
 
 
 def _optional_int(body: dict[str, Any], key: str) -> int | None:
@@ -367,5 +376,6 @@ def create_provider_app(opts: ProviderOptions) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_route("*", "/sim/control", control)
     return app

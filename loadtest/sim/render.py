@@ -36,7 +36,7 @@ class Renderer(Protocol):
     def head(self) -> bytes: ...
     def tokens(self, start: int, end: int) -> bytes: ...
     def tail(self, usage: Mapping[str, Any], last_extra: Mapping[str, Any] | None) -> bytes: ...
-    def body(self, usage: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]: ...
+    def body(self, usage: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class _Base:
@@ -160,7 +160,7 @@ class ChatRenderer(_Base):
             "finish_reason": self.plan.finish_reason,
         }
 
-    def body(self, usage: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    def body(self, usage: Mapping[str, Any]) -> dict[str, Any]:
         """The non-streamed `chat.completion` object."""
         choices = []
         split = self.plan.reasoning_per_choice
@@ -184,8 +184,6 @@ class ChatRenderer(_Base):
             )
         out = self._envelope(self.object_name, choices=choices, usage=dict(usage))
         out.update(self.meta.extra)
-        if extra:
-            out.update(extra)
         return out
 
 
@@ -223,7 +221,7 @@ class CompletionRenderer(_Base):
             "finish_reason": self.plan.finish_reason,
         }
 
-    def body(self, usage: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    def body(self, usage: Mapping[str, Any]) -> dict[str, Any]:
         """The non-streamed `text_completion` object."""
         choices = [
             {
@@ -236,8 +234,6 @@ class CompletionRenderer(_Base):
         ]
         out = self._envelope(self.object_name, choices=choices, usage=dict(usage))
         out.update(self.meta.extra)
-        if extra:
-            out.update(extra)
         return out
 
 

@@ -23,6 +23,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from loadtest.sim.serve import GenerationAborted
+
 TICK_S = 0.001
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -156,7 +158,7 @@ class Job:
         """Wait for tokens beyond `sent` (per choice)."""
         while self.produced <= sent and self.state is not State.DONE:
             if self.state is State.CANCELLED:
-                raise RuntimeError("job was cancelled")
+                raise GenerationAborted("the worker dropped this request")
             self.event.clear()
             await self.event.wait()
         return self.produced
@@ -177,17 +179,15 @@ class Scheduler:
         kv_capacity_tokens: int,
         time_scale: float,
         prefix_cache: Callable[[str, int], int],
-        clock: Callable[[], float] | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.kv_capacity = kv_capacity_tokens
         self._steps = [s * time_scale for s in step_seconds(curve, max_batch)]
         self._prefill_s_per_token = time_scale / prefill_tokens_per_s
         self._prefix_cache = prefix_cache
-        # asyncio's default loop.time() is time.monotonic(); run() binds the running loop's
-        # clock (uvloop's differs) unless a clock is injected.
-        self._fixed_clock = clock is not None
-        self._clock: Callable[[], float] = clock or time.monotonic
+        # Timers (call_at) run on the loop's clock, so the engine uses it too; run() binds it
+        # (asyncio's default is time.monotonic, uvloop's is its own).
+        self._clock: Callable[[], float] = time.monotonic
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.slots = 0  # running sequences
@@ -222,11 +222,16 @@ class Scheduler:
         elif job.state is State.RUNNING:
             self.running.remove(job)
             self._release(job)
-            self.model_stats(job.model).finished["abort"] += 1
         else:
             return
+        self.model_stats(job.model).finished["abort"] += 1
         job.state = State.CANCELLED
         job.event.set()
+
+    def abort_all(self) -> None:
+        """Drop every job (shutdown): their handlers end at once instead of finishing."""
+        for job in [*self.waiting, *self.running]:
+            self.cancel(job)
 
     def _release(self, job: Job) -> None:
         self.slots -= job.n
@@ -267,8 +272,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """The engine loop; runs until cancelled."""
-        if not self._fixed_clock:
-            self._clock = asyncio.get_running_loop().time
+        self._clock = asyncio.get_running_loop().time
         while True:
             if not self.running and not self.waiting:
                 await self._pause(None)

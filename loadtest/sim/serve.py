@@ -10,12 +10,16 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from loadtest.sim.common import JSON_TYPE, error_payload, sse, sse_headers
+from loadtest.sim.common import JSON_TYPE, error_payload, error_response, sse, sse_headers
 from loadtest.sim.faults import MIDSTREAM_FAULTS, TOKENS_BEFORE_MIDSTREAM_FAULT, wait_for_shutdown
 from loadtest.sim.render import Renderer
 
 MALFORMED_EVENT = b'data: {"id": "chatcmpl-broken", "choices": [{"delta": \n\n'
 MALFORMED_BODY = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"mess'
+
+
+class GenerationAborted(Exception):
+    """The backend gave up on a request (shutting down); its connection is dropped."""
 
 
 class Generation(Protocol):
@@ -41,7 +45,6 @@ class Reply:
     delay_s: float
     usage: Callable[[], dict[str, Any]]
     last_chunk_extra: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None
-    body_extra: Mapping[str, Any] | None = None
 
 
 async def send(request: web.Request, reply: Reply, gen: Generation) -> web.StreamResponse:
@@ -59,11 +62,13 @@ async def _send_whole(request: web.Request, reply: Reply, gen: Generation) -> we
         sent = 0
         while sent < reply.total:
             sent = await gen.wait_past(sent)
+    except GenerationAborted:
+        return error_response(503, "The server is shutting down.", "server_error", "shutdown")
     finally:
         gen.close()
     if reply.fault == "malformed":
         return web.Response(body=MALFORMED_BODY, content_type=JSON_TYPE)
-    body = orjson.dumps(reply.renderer.body(reply.usage(), reply.body_extra))
+    body = orjson.dumps(reply.renderer.body(reply.usage()))
     if reply.fault not in ("cut", "stall"):
         return web.Response(body=body, content_type=JSON_TYPE)
     resp = web.StreamResponse(headers={"Content-Type": JSON_TYPE})
@@ -104,6 +109,9 @@ async def _send_stream(request: web.Request, reply: Reply, gen: Generation) -> w
             await resp.write(renderer.tail(usage, extra))
     except ConnectionResetError:
         return resp  # the client went away; nothing left to tell it
+    except GenerationAborted:
+        _abort(request)
+        return resp
     finally:
         gen.close()
     if reply.fault == "cut":

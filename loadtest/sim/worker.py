@@ -195,23 +195,31 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _model_card(opts: WorkerOptions, model: str) -> dict[str, Any]:
+    return {
+        "id": model,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": opts.flavor,
+        "root": model,
+        "parent": None,
+        "max_model_len": opts.max_model_len,
+    }
+
+
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models in vLLM's format."""
     opts = request.app[WORKER].opts
-    created = int(time.time())
-    data = [
-        {
-            "id": m,
-            "object": "model",
-            "created": created,
-            "owned_by": opts.flavor,
-            "root": m,
-            "parent": None,
-            "max_model_len": opts.max_model_len,
-        }
-        for m in opts.model_ids
-    ]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [_model_card(opts, m) for m in opts.model_ids]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}."""
+    opts = request.app[WORKER].opts
+    name = request.match_info["model"]
+    return (
+        json_response(_model_card(opts, name)) if name in opts.model_ids else _model_missing(name)
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -302,6 +310,10 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _abort_jobs(app: web.Application) -> None:
+    app[WORKER].scheduler.abort_all()
+
+
 def create_worker_app(opts: WorkerOptions) -> web.Application:
     """The simulated worker; its engine loop starts with the app and stops at cleanup."""
     app = base_app()
@@ -322,10 +334,12 @@ def create_worker_app(opts: WorkerOptions) -> web.Application:
     app[WORKER] = state
     faults.install(app, opts.fault, opts.time_scale, opts.seed)
     app.cleanup_ctx.append(_engine)
+    app.on_shutdown.append(_abort_jobs)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_route("*", "/sim/control", control)

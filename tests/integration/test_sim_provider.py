@@ -491,3 +491,15 @@ async def test_cli_builds_each_backend(serve: Serve, http: aiohttp.ClientSession
     assert args.func.__name__ == "run_sim"
     with pytest.raises(SystemExit):
         parser.parse_args(["sim", "worker", "--decode-profile", "fast"])
+
+
+async def test_cleanup_releases_hanging_requests(http: aiohttp.ClientSession) -> None:
+    runner, port = await start_site(create_provider_app(quick()))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    hanging = asyncio.create_task(post(http, url, chat_body(), headers={"x-sim-fault": "hang"}))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await runner.cleanup()
+    assert time.monotonic() - started < 1.0
+    status, _, raw = await hanging
+    assert status == 503 and orjson.loads(raw)["error"]["code"] == "shutdown"

@@ -570,3 +570,23 @@ async def test_worker_faults_and_control(worker: str, http: aiohttp.ClientSessio
     assert stats["by_status"] == {"503": 1, "200": 1, "500": 1}
     async with http.get(worker + "/sim/control") as resp:
         assert (await resp.json())["running"] == 0
+
+
+async def test_shutdown_ends_streams_in_flight(http: aiohttp.ClientSession) -> None:
+    runner, port = await start_site(create_worker_app(WorkerOptions(time_scale=1.0)))
+    base = f"http://127.0.0.1:{port}"
+    body = chat_body(max_tokens=5000, ignore_eos=True, stream=True)
+    async with http.post(base + "/v1/chat/completions", json=body) as resp:
+        await resp.content.readline()
+        started = time.monotonic()
+        await runner.cleanup()  # would take 5000 x 4.65 ms if the stream had to finish
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_model_retrieve(worker: str, http: aiohttp.ClientSession) -> None:
+    async with client(worker) as c:
+        assert (await c.models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(NotFoundError):
+            await c.models.retrieve("other")
