@@ -137,6 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument(
+        "--client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="load generator HTTP client (aiohttp to cross-check the raw one)",
+    )
+    p.add_argument(
         "--upstream-cmd",
         default=None,
         help="command for the upstream, {port} substituted (default: neogate sim static)",
@@ -243,6 +249,7 @@ def _load_cfg(
         timeout=args.timeout,
         prompt_tokens=parse_distribution(args.prompt_tokens),
         max_tokens=parse_distribution(args.max_tokens),
+        client=args.client,
         usage_key=t.usage_key,
     )
 
@@ -404,13 +411,14 @@ def write_markdown(
         else f"- upstream: `{args.upstream_cmd}`",
         "- neogate: `neogate serve --config neogate.yaml`, one process, one OpenAI-compatible "
         "backend, tenant-key auth, metering and the SQLite ledger on",
-        "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn), master-key auth, "
-        "no database (so no spend tracking), `openai/<model>` with `api_base`",
+        "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn with uvloop and "
+        "httptools), master-key auth, no database (so no spend tracking), `openai/<model>` "
+        "with `api_base`",
         f"- logging: both at {args.log_level.upper()} (LiteLLM's uvicorn access log off)",
         f"- load: closed loop, {args.duration:g} s per cell after {args.warmup:g} s warm-up per "
         f"target, levels {args.levels}, prompt {args.prompt_tokens} tokens, max_tokens "
-        f"{args.max_tokens}, medians of {args.repeats} repeat(s); load generator in its own "
-        "process on the same machine (raw HTTP/1.1 client)",
+        f"{args.max_tokens}, medians of {args.repeats} repeat(s); the load generator ("
+        f"{args.client} HTTP client) runs in this script's process, on the same machine",
         "- server CPU ms/req: CPU time of the target's process tree over the cell / OK requests",
         "",
         "## Results",
