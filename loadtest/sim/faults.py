@@ -107,6 +107,12 @@ def check_fault(name: str | None, where: str) -> str | None:
     return name
 
 
+def check_fault_option(name: str | None) -> None:
+    """Validate a configured default fault (ValueError, for options and the command line)."""
+    if name and name != "none" and name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; known: {sorted(FAULTS)}")
+
+
 def choose_fault(request: web.Request, model_fault: str | None) -> str | None:
     """The fault this request gets (header > model suffix > control > default)."""
     state = request.app[FAULT_STATE]

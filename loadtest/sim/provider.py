@@ -31,6 +31,7 @@ from loadtest.sim.common import (
     new_id,
     usage_object,
 )
+from loadtest.sim.faults import check_fault_option
 from loadtest.sim.parse import (
     GenRequest,
     PrefixCache,
@@ -66,6 +67,18 @@ class ProviderOptions:
     prompt_cache: bool = False  # prefix caching as on the worker (cached_tokens > 0 on repeats)
     context_window: int = 131072
     embedding_dims: int = 768
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_s", "prefill_tokens_per_s", "time_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.ttft_s_mean < 0 or self.ttft_s_jitter < 0:
+            raise ValueError("ttft_s_mean and ttft_s_jitter must be >= 0")
+        for name in ("rpm_limit", "tpm_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None")
+        check_fault_option(self.fault)
 
 
 @dataclass

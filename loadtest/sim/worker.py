@@ -34,6 +34,7 @@ from loadtest.sim.common import (
     new_id,
     usage_object,
 )
+from loadtest.sim.faults import check_fault_option
 from loadtest.sim.parse import (
     GenRequest,
     PrefixCache,
@@ -71,6 +72,18 @@ class WorkerOptions:
     max_model_len: int = 131072
     embedding_dims: int = 384
     fault: str | None = None
+
+    def __post_init__(self) -> None:
+        curve = self.decode_tokens_per_s
+        if not curve or any(c < 1 or t <= 0 for c, t in curve.items()):
+            raise ValueError("decode_tokens_per_s needs points with batch >= 1 and tokens/s > 0")
+        positive = ("prefill_tokens_per_s", "max_batch", "kv_capacity_tokens", "time_scale")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.flavor not in ("vllm", "sglang"):
+            raise ValueError(f"flavor must be 'vllm' or 'sglang', got {self.flavor!r}")
+        check_fault_option(self.fault)
 
 
 @dataclass

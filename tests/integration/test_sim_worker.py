@@ -590,3 +590,12 @@ async def test_model_retrieve(worker: str, http: aiohttp.ClientSession) -> None:
         assert (await c.models.retrieve(MODEL)).id == MODEL
         with pytest.raises(NotFoundError):
             await c.models.retrieve("other")
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="time_scale"):
+        WorkerOptions(time_scale=0)
+    with pytest.raises(ValueError, match="decode_tokens_per_s"):
+        WorkerOptions(decode_tokens_per_s={0: 100.0})
+    with pytest.raises(ValueError, match="unknown fault"):
+        WorkerOptions(fault="explode")
