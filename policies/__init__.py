@@ -1,56 +1,62 @@
 """neogate's pure routing core: frozen values in, a ranked `RouteDecision` out; no I/O, no clock.
 
-Public API (all values are frozen, slotted dataclasses unless noted):
+Public API (values are frozen, slotted dataclasses; times are absolute on the caller's
+clock, e.g. time.monotonic(); money in USD; latency in seconds):
 
 policies.types
     Slo(max_ttft_s=None, max_itl_s=None, max_total_s=None, max_queue_wait_s=0.0)
-        Slo.from_spec(SloClassSpec) -> Slo            # once, at config load
+        Slo.from_spec(SloClassSpec) -> Slo                    # once, at config load
     RouteRequest(model, prompt_tokens, max_output_tokens, expected_output_tokens, stream,
                  slo_class, slo: Slo, deadline: float | None = None, tenant: str = "")
     BackendSnapshot(name, backend_model, is_local=False, healthy=True,
                     price_in_per_token=0.0, price_out_per_token=0.0,
                     price_cached_in_per_token=None, price_version=0,
-                    ttft_s=0.5, ttft_spread_s=0.0, itl_s=0.02, itl_spread_s=0.0,
-                    headroom: Headroom = NO_HEADROOM,
+                    ttft_s=0.5, ttft_spread_s=0.0, ttft_per_prompt_token_s=0.0,
+                    itl_s=0.02, itl_spread_s=0.0, headroom: Headroom = NO_HEADROOM,
                     running=0, queued=0, kv_usage=None, metrics_fresh=False,
-                    inflight=0, pending_prefill_tokens=0, max_concurrency=None,
-                    gpu: GpuModel | None = None)
+                    inflight=0, pending_prefill_tokens=0, recent_prompt_tokens_per_s=0.0,
+                    max_concurrency=None, gpu: GpuModel | None = None)
     Candidate(backend, predicted_cost_usd, predicted_ttft_s, predicted_itl_s,
               predicted_total_s, meets_slo, reason="", predicted_batch=0)
     RouteDecision(candidates: tuple[Candidate, ...], reason: str, price_version: int,
                   policy: str, rejected: tuple[tuple[str, str], ...] = (),
-                  wait_for_local: float | None = None)       .chosen -> Candidate | None
+                  wait_for_local: float | None = None)      .chosen -> Candidate | None
 
 policies.select
+    compile_policy(spec: PolicySpec, slo_classes: Mapping[str, SloClassSpec | Slo] | None
+                   = None) -> Policy        # CostPolicy | LatencyPolicy | WeightedPolicy |
+                                            # PinnedPolicy; once per config, not per request
     select(request, snapshots, policy: PolicySpec | Policy, now, *, rng_value=0.5)
-        -> RouteDecision
-    compile_policy(PolicySpec) -> Policy   # CostPolicy | LatencyPolicy | WeightedPolicy
-                                           # | PinnedPolicy; do it once, pass it to select
+        -> RouteDecision                    # rng_value in [0, 1): the weighted pick
 policies.costmodel
     GpuModel.from_spec(GpuSpec) / GpuModel.from_profile(profile, price_per_hour, mode)
-    .throughput(batch) .itl_s(batch) .cost_per_output_token(batch) .prefill_time_s(tokens)
-    .prefill_cost(tokens) .amortized_cost(prompt, output, batch)
+    .throughput(batch) .itl_s(batch) .itl_under_load_s(batch, prompt_tokens_per_s)
+    .cost_per_output_token(batch) .prefill_time_s(tokens) .prefill_cost(tokens)
+    .amortized_cost(prompt, output, batch) .marginal_cost(prompt, output, batch_after)
     .predicted_ttft_s(prompt, *, load, queued_prefill_tokens, expected_output_tokens)
-    .marginal_cost(prompt, output, batch_after) .chargeback_cost(prompt, completion, batch_seen)
+    .chargeback_cost(prompt, completion, batch_seen) .knee .ramp(batch_after)
 policies.pricebook
     Price(input_per_token, output_per_token, cached_input_per_token=None, source="config",
           updated_at=0.0); Price.per_million(...); .cost(prompt, completion, cached=0)
-    PriceBook(version=0, prices={}) .get(backend, model=None) .with_price(backend, price,
-          model=None) .with_prices(mapping)      # keys: backend or (backend, model)
+    PriceBook(version=0, prices={}) .get(backend, model=None)
+          .with_price(backend, price, model=None) .with_prices(mapping)
+          # keys: backend, or (backend, model); every change bumps the version
     parse_openrouter_feed(obj, *, now=0.0) -> dict[str, Price]
-    parse_neogate_feed(obj, *, now=0.0) -> dict[PriceKey, Price]; FeedError
+    parse_neogate_feed(obj, *, now=0.0) -> dict[PriceKey, Price]; raise FeedError
 policies.latency
     Ewma(mean, var=0.0, count=0) .update(sample, alpha) .spread
-    LatencyEstimate(ttft: Ewma, itl: Ewma); LatencyEstimate.prior(ttft_s, itl_s)
-    LatencySample(ttft_s=None, itl_s=None)
+    TtftFit() .update(prompt_tokens, ttft_s, alpha) .intercept .slope .spread .at(prompt)
+    LatencyEstimate(ttft: Ewma, itl: Ewma, ttft_fit=TtftFit()); .prior(ttft_s, itl_s)
+    LatencySample(ttft_s=None, itl_s=None, prompt_tokens=None)
     update(est, sample, alpha=DEFAULT_ALPHA) -> LatencyEstimate
     sample_from_timings(ttft_s, total_s, completion_tokens) -> LatencySample
     sample_from_groq_usage(usage, completion_tokens=None) -> LatencySample | None
+    DecayingRate(tau_s=10.0) .add(amount, now) .value(now)   # prompt tokens/s per worker
 policies.headroom
     parse_reset(text) -> float; parse_retry_after(headers) -> float | None
     Headroom.from_headers(headers, now, previous=None) .cooling_down(now)
     mark_429(headroom, retry_after_s, now) -> Headroom
     near_limit(headroom, request_tokens, now, *, reserve_fraction=0.05) -> bool
 policies.queueing
-    wait_decision(request, snapshots, now, *, spread_sigmas=1.0) -> float | None
+    wait_decision(request, snapshots, now, *, spread_sigmas=2.0, guard=None) -> float | None
 """

@@ -23,6 +23,9 @@ GpuMode = Literal["reserved", "on_demand"]
 # A segment whose throughput gain per added request is below this fraction of the
 # batch-1 per-request throughput is past the knee.
 KNEE_SLOPE_FRACTION = 0.25
+# Above this share of GPU time spent prefilling, decoding is predicted as if at this share:
+# the worker is saturated and the prediction only needs to say "far too slow".
+MAX_PREFILL_LOAD = 0.95
 
 
 def derive_knee(points: tuple[tuple[int, float], ...], max_batch: int) -> int:
@@ -114,6 +117,21 @@ class GpuModel:
         """Inter-token latency seen by each request at this batch."""
         b = batch if batch >= 1 else 1
         return b / self.throughput(b)
+
+    def prefill_load(self, prompt_tokens_per_s: float) -> float:
+        """Share of GPU time prefill takes at this prompt arrival rate (capped at MAX_PREFILL_LOAD)."""
+        rho = prompt_tokens_per_s / self.prefill_tokens_per_s
+        return rho if rho < MAX_PREFILL_LOAD else MAX_PREFILL_LOAD
+
+    def itl_under_load_s(self, batch: float, prompt_tokens_per_s: float) -> float:
+        """Mean ITL at this batch while prompts arrive at this rate.
+
+        Prefill and decode share the GPU: decoding gets the time prefill leaves, so the
+        mean ITL is ITL(b) / (1 - prefill load).
+        """
+        if prompt_tokens_per_s <= 0:
+            return self.itl_s(batch)
+        return self.itl_s(batch) / (1.0 - self.prefill_load(prompt_tokens_per_s))
 
     def cost_per_output_token(self, batch: float) -> float:
         """Amortized USD per output token when the GPU runs this batch."""

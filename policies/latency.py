@@ -39,19 +39,84 @@ class Ewma:
 
 
 @dataclass(frozen=True, slots=True)
+class TtftFit:
+    """TTFT as `intercept + slope * prompt_tokens`, by exponentially weighted least squares.
+
+    A provider's TTFT grows with the prompt; one EWMA over mixed prompt sizes would mix
+    that growth into its spread. `spread` is the EW deviation of the fit's residuals.
+    """
+
+    mean_x: float = 0.0
+    mean_y: float = 0.0
+    cov_xx: float = 0.0
+    cov_xy: float = 0.0
+    resid_var: float = 0.0
+    count: int = 0
+
+    @property
+    def slope(self) -> float:
+        """Seconds per prompt token (never negative: a longer prompt is never faster)."""
+        if self.cov_xx <= 1e-9:
+            return 0.0
+        s = self.cov_xy / self.cov_xx
+        return s if s > 0 else 0.0
+
+    @property
+    def intercept(self) -> float:
+        """TTFT of an empty prompt."""
+        v = self.mean_y - self.slope * self.mean_x
+        return v if v > 0 else 0.0
+
+    @property
+    def spread(self) -> float:
+        """Deviation of samples around the fit."""
+        return math.sqrt(self.resid_var)
+
+    def at(self, prompt_tokens: float) -> float:
+        """Predicted TTFT for this prompt size."""
+        return self.intercept + self.slope * prompt_tokens
+
+    def update(self, prompt_tokens: float, ttft_s: float, alpha: float = DEFAULT_ALPHA) -> TtftFit:
+        """Fold one (prompt size, TTFT) sample in."""
+        if not math.isfinite(ttft_s) or ttft_s < 0 or prompt_tokens < 0:
+            return self
+        if self.count == 0:
+            return TtftFit(prompt_tokens, ttft_s, 0.0, 0.0, 0.0, 1)
+        resid = ttft_s - self.at(prompt_tokens)
+        dx = prompt_tokens - self.mean_x
+        dy = ttft_s - self.mean_y
+        keep = 1.0 - alpha
+        return TtftFit(
+            self.mean_x + alpha * dx,
+            self.mean_y + alpha * dy,
+            keep * (self.cov_xx + alpha * dx * dx),
+            keep * (self.cov_xy + alpha * dx * dy),
+            keep * (self.resid_var + alpha * resid * resid),
+            self.count + 1,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LatencySample:
     """One finished request's latencies; None where it could not be measured."""
 
     ttft_s: float | None = None
     itl_s: float | None = None
+    # Prompt size of the request, for the prompt-aware TTFT fit.
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyEstimate:
-    """TTFT and ITL estimates of one backend for one model."""
+    """TTFT and ITL estimates of one backend for one model.
+
+    `ttft_fit` learns from samples that carry their prompt size; once it has a few, use
+    `ttft_fit.intercept`, `.slope` and `.spread` for the snapshot instead of `ttft`.
+    """
 
     ttft: Ewma
     itl: Ewma
+    ttft_fit: TtftFit = TtftFit()
 
     @classmethod
     def prior(cls, ttft_s: float, itl_s: float) -> LatencyEstimate:
@@ -65,9 +130,12 @@ def update(
     """The estimate after one more sample."""
     ttft = est.ttft if sample.ttft_s is None else est.ttft.update(sample.ttft_s, alpha)
     itl = est.itl if sample.itl_s is None else est.itl.update(sample.itl_s, alpha)
-    if ttft is est.ttft and itl is est.itl:
+    fit = est.ttft_fit
+    if sample.ttft_s is not None and sample.prompt_tokens is not None:
+        fit = fit.update(sample.prompt_tokens, sample.ttft_s, alpha)
+    if ttft is est.ttft and itl is est.itl and fit is est.ttft_fit:
         return est
-    return LatencyEstimate(ttft, itl)
+    return LatencyEstimate(ttft, itl, fit)
 
 
 def sample_from_timings(
@@ -110,3 +178,26 @@ def sample_from_groq_usage(
     if ttft is None and itl is None:
         return None
     return LatencySample(ttft, itl)
+
+
+@dataclass(frozen=True, slots=True)
+class DecayingRate:
+    """A rate (units per second) that forgets exponentially with time constant `tau_s`.
+
+    Used for the prompt tokens per second the gateway sends a local worker: `add` on each
+    dispatch, `value` when building a snapshot.
+    """
+
+    tau_s: float = 10.0
+    level: float = 0.0
+    at: float = 0.0
+
+    def value(self, now: float) -> float:
+        """The rate as of `now`."""
+        if self.level == 0.0 or now <= self.at:
+            return self.level
+        return self.level * math.exp((self.at - now) / self.tau_s)
+
+    def add(self, amount: float, now: float) -> DecayingRate:
+        """The rate after `amount` units arrived at `now`."""
+        return DecayingRate(self.tau_s, self.value(now) + amount / self.tau_s, max(now, self.at))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.types import BackendSnapshot, Candidate, RouteRequest
+from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 
 # A worker whose KV cache is this full admits nothing new until requests finish.
 KV_FULL = 0.98
@@ -24,8 +24,18 @@ def local_load(s: BackendSnapshot) -> int:
     return load
 
 
-def predict(request: RouteRequest, s: BackendSnapshot, now: float, sigmas: float) -> Candidate:
-    """What sending `request` to `s` is predicted to cost and take, judged against its SLO."""
+def predict(
+    request: RouteRequest,
+    s: BackendSnapshot,
+    now: float,
+    sigmas: float,
+    guard: Slo | None = None,
+) -> Candidate:
+    """What sending `request` to `s` is predicted to cost and take, judged against its SLO.
+
+    With a `guard`, a local worker must also be within the guard's TTFT and ITL bounds:
+    delay-tolerant work keeps out of a worker that protected traffic needs.
+    """
     out = request.expected_output_tokens
     gpu = s.gpu
     batch = 0
@@ -42,10 +52,12 @@ def predict(request: RouteRequest, s: BackendSnapshot, now: float, sigmas: float
             expected_output_tokens=out,
         )
         batch = load + 1
-        itl = gpu.itl_s(batch if batch <= gpu.max_batch else gpu.max_batch)
+        itl = gpu.itl_under_load_s(
+            batch if batch <= gpu.max_batch else gpu.max_batch, s.recent_prompt_tokens_per_s
+        )
         cost = gpu.marginal_cost(request.prompt_tokens, out, batch)
     else:
-        ttft = s.ttft_s
+        ttft = s.ttft_s + s.ttft_per_prompt_token_s * request.prompt_tokens
         itl = s.itl_s
         cost = request.prompt_tokens * s.price_in_per_token + out * s.price_out_per_token
     decode = out - 1 if out > 1 else 0
@@ -53,10 +65,12 @@ def predict(request: RouteRequest, s: BackendSnapshot, now: float, sigmas: float
 
     slo = request.slo
     reason = ""
-    if slo.max_ttft_s is not None and ttft + sigmas * s.ttft_spread_s > slo.max_ttft_s:
-        reason = f"ttft {ttft:.2f}s > {slo.max_ttft_s:g}s"
-    elif slo.max_itl_s is not None and itl + sigmas * s.itl_spread_s > slo.max_itl_s:
-        reason = f"itl {itl * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
+    ttft_margin = sigmas * s.ttft_spread_s
+    itl_margin = sigmas * s.itl_spread_s
+    if slo.max_ttft_s is not None and ttft + ttft_margin > slo.max_ttft_s:
+        reason = f"ttft {ttft:.2f}+{ttft_margin:.2f}s > {slo.max_ttft_s:g}s"
+    elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s:
+        reason = f"itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
     elif (
         slo.max_total_s is not None
         and total + sigmas * (s.ttft_spread_s + decode * s.itl_spread_s) > slo.max_total_s
@@ -64,4 +78,12 @@ def predict(request: RouteRequest, s: BackendSnapshot, now: float, sigmas: float
         reason = f"total {total:.1f}s > {slo.max_total_s:g}s"
     elif request.deadline is not None and now + total > request.deadline:
         reason = f"misses deadline by {now + total - request.deadline:.1f}s"
+    elif guard is not None and gpu is not None:
+        if guard.max_ttft_s is not None and ttft + ttft_margin > guard.max_ttft_s:
+            reason = f"busy: ttft {ttft:.2f}+{ttft_margin:.2f}s > {guard.max_ttft_s:g}s (protected)"
+        elif guard.max_itl_s is not None and itl + itl_margin > guard.max_itl_s:
+            reason = (
+                f"busy: itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms"
+                f" > {guard.max_itl_s * 1000:g}ms (protected)"
+            )
     return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch)

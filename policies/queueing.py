@@ -12,9 +12,9 @@ import math
 from collections.abc import Sequence
 
 from policies.predict import local_load, predict
-from policies.types import BackendSnapshot, RouteRequest
+from policies.types import BackendSnapshot, RouteRequest, Slo
 
-DEFAULT_SPREAD_SIGMAS = 1.0
+DEFAULT_SPREAD_SIGMAS = 2.0
 
 
 def tolerates_delay(request: RouteRequest) -> bool:
@@ -34,18 +34,26 @@ def wait_budget(request: RouteRequest, now: float, service_s: float) -> float | 
     return budget
 
 
+def guard_for(request: RouteRequest, protect_class: str | None, protect: Slo | None) -> Slo | None:
+    """The protected class's SLO if it applies to this request (delay-tolerant, other class)."""
+    if protect is None or request.slo_class == protect_class or not tolerates_delay(request):
+        return None
+    return protect
+
+
 def wait_decision(
     request: RouteRequest,
     snapshots: Sequence[BackendSnapshot],
     now: float,
     *,
     spread_sigmas: float = DEFAULT_SPREAD_SIGMAS,
+    guard: Slo | None = None,
 ) -> float | None:
     """How long to wait for a local worker before spilling, or None to route now.
 
     None when the request does not tolerate delay, when a healthy local worker can take
-    it now within its SLO (route there), when there is no healthy local worker, or when
-    no worker is predicted to have room within the budget.
+    it now within its SLO (and the `guard`, see `predict`), when there is no healthy local
+    worker, or when no worker is predicted to have room within the budget.
     """
     if not tolerates_delay(request):
         return None
@@ -57,7 +65,7 @@ def wait_decision(
         if not s.is_local or gpu is None or not s.healthy:
             continue
         at_cap = s.max_concurrency is not None and s.inflight >= s.max_concurrency
-        c = predict(request, s, now, spread_sigmas)
+        c = predict(request, s, now, spread_sigmas, guard)
         if c.meets_slo and not at_cap:
             return None
         cap = gpu.max_batch
@@ -68,8 +76,11 @@ def wait_decision(
         # Room appears as requests ahead of us finish, at the full batch's completion rate.
         excess = max(local_load(s) + 1 - cap, 0)
         eta = excess * max(out, 1) / gpu.throughput(cap)
-        if request.slo.max_ttft_s is not None and c.predicted_ttft_s > request.slo.max_ttft_s:
-            eta = max(eta, c.predicted_ttft_s - request.slo.max_ttft_s)
+        # Queued prefill drains at the prefill speed; a slow ITL has no such estimate (it
+        # eases when traffic does), so it does not extend the wait.
+        for bound in (request.slo.max_ttft_s, None if guard is None else guard.max_ttft_s):
+            if bound is not None and c.predicted_ttft_s > bound:
+                eta = max(eta, c.predicted_ttft_s - bound)
         best_service = min(best_service, service)
         best_eta = min(best_eta, eta)
     if not math.isfinite(best_service):

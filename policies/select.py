@@ -14,24 +14,31 @@ from types import MappingProxyType
 
 from policies.headroom import near_limit
 from policies.predict import predict
-from policies.queueing import DEFAULT_SPREAD_SIGMAS, tolerates_delay, wait_decision
+from policies.queueing import DEFAULT_SPREAD_SIGMAS, guard_for, tolerates_delay, wait_decision
 from policies.spec import (
     CostPolicySpec,
     LatencyPolicySpec,
     PinnedPolicySpec,
     PolicySpec,
+    SloClassSpec,
     WeightedPolicySpec,
 )
-from policies.types import BackendSnapshot, Candidate, RouteDecision, RouteRequest
+from policies.types import BackendSnapshot, Candidate, RouteDecision, RouteRequest, Slo
 
 MAX_REASON = 199
 
 
 @dataclass(frozen=True, slots=True)
 class CostPolicy:
-    """Cheapest predicted cost among SLO-meeting candidates; fastest if none meets it."""
+    """Cheapest predicted cost among SLO-meeting candidates; fastest if none meets it.
+
+    `protect` is the SLO of `protect_class`: delay-tolerant requests of other classes use
+    a local worker only while it stays within it (see `policies.predict.predict`).
+    """
 
     spread_sigmas: float = DEFAULT_SPREAD_SIGMAS
+    protect_class: str | None = None
+    protect: Slo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +68,22 @@ Policy = CostPolicy | LatencyPolicy | WeightedPolicy | PinnedPolicy
 _COMPILED = (CostPolicy, LatencyPolicy, WeightedPolicy, PinnedPolicy)
 
 
-def compile_policy(spec: PolicySpec | Policy) -> Policy:
-    """The plain value for a policy spec; do this once at config load, not per request."""
+def compile_policy(
+    spec: PolicySpec | Policy, slo_classes: Mapping[str, SloClassSpec | Slo] | None = None
+) -> Policy:
+    """The plain value for a policy spec; do this once at config load, not per request.
+
+    `slo_classes` supplies the cost policy's protected class; without it (or if the class
+    is not defined) there is no guard.
+    """
     if isinstance(spec, _COMPILED):
         return spec
     if isinstance(spec, CostPolicySpec):
-        return CostPolicy(spec.spread_sigmas)
+        protect = None
+        if spec.protect_class is not None and slo_classes is not None:
+            found = slo_classes.get(spec.protect_class)
+            protect = Slo.from_spec(found) if isinstance(found, SloClassSpec) else found
+        return CostPolicy(spec.spread_sigmas, spec.protect_class if protect else None, protect)
     if isinstance(spec, LatencyPolicySpec):
         return LatencyPolicy()
     if isinstance(spec, WeightedPolicySpec):
@@ -143,7 +160,13 @@ def select(
     The decision's `candidates` hold every usable backend, best first: the fallback order.
     """
     pol = policy if isinstance(policy, _COMPILED) else compile_policy(policy)
-    sigmas = pol.spread_sigmas if isinstance(pol, CostPolicy) else DEFAULT_SPREAD_SIGMAS
+    guard = None
+    if isinstance(pol, CostPolicy):
+        sigmas = pol.spread_sigmas
+        if pol.protect is not None:
+            guard = guard_for(request, pol.protect_class, pol.protect)
+    else:
+        sigmas = DEFAULT_SPREAD_SIGMAS
     rank = pol.rank if isinstance(pol, PinnedPolicy) else None
     need_tokens = request.prompt_tokens + request.max_output_tokens
     rejected: list[tuple[str, str]] = []
@@ -164,7 +187,7 @@ def select(
             rejected.append((s.name, "not in pinned order"))
         else:
             by_name[s.name] = s
-            c = predict(request, s, now, sigmas)
+            c = predict(request, s, now, sigmas, guard)
             if (h.remaining_tokens is not None or h.remaining_requests is not None) and near_limit(
                 h, need_tokens, now
             ):
@@ -240,7 +263,7 @@ def select(
         and tolerates_delay(request)
         and (not ranked or not by_name[ranked[0].backend].is_local)
     ):
-        wait = wait_decision(request, snapshots, now, spread_sigmas=sigmas)
+        wait = wait_decision(request, snapshots, now, spread_sigmas=sigmas, guard=guard)
         if wait is not None:
             reason = f"wait up to {wait:.1f}s for local; then {reason}"
     return RouteDecision(

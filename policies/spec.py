@@ -81,8 +81,12 @@ class CostPolicySpec(Spec):
     """Cheapest predicted cost among candidates that meet the SLO."""
 
     kind: Literal["cost"] = "cost"
-    # A candidate meets the SLO when prediction + spread_sigmas * spread is within the bound.
-    spread_sigmas: float = Field(default=1.0, ge=0)
+    # A candidate meets the SLO when prediction + spread_sigmas * spread is within the bound;
+    # 2 sigma covers ~98% of a normal prediction error, in line with a 99% SLO target.
+    spread_sigmas: float = Field(default=2.0, ge=0)
+    # Delay-tolerant requests of other classes use a local worker only while it would still
+    # meet this class's SLO; otherwise they wait for headroom, then spill. None: no guard.
+    protect_class: str | None = "interactive"
 
 
 class LatencyPolicySpec(Spec):

@@ -67,9 +67,11 @@ class BackendSnapshot:
     price_out_per_token: float = 0.0
     price_cached_in_per_token: float | None = None
     price_version: int = 0
-    # Latency estimates (EWMA) and their spread (EW standard deviation), seconds.
+    # Latency estimates (EWMA) and their spread (EW standard deviation), seconds. The
+    # predicted TTFT is ttft_s + ttft_per_prompt_token_s * prompt tokens (0: prompt-blind).
     ttft_s: float = 0.5
     ttft_spread_s: float = 0.0
+    ttft_per_prompt_token_s: float = 0.0
     itl_s: float = 0.02
     itl_spread_s: float = 0.0
     # Rate-limit headroom and 429 cool-down from the provider's headers.
@@ -83,6 +85,9 @@ class BackendSnapshot:
     # the prompt tokens it sent there that have not produced a first token yet.
     inflight: int = 0
     pending_prefill_tokens: int = 0
+    # Prompt tokens per second the gateway sent this worker recently (a decaying average):
+    # prefill steals GPU time from decoding, so it raises everyone's ITL.
+    recent_prompt_tokens_per_s: float = 0.0
     # Gateway-side cap on in-flight requests; None: no cap.
     max_concurrency: int | None = None
     gpu: GpuModel | None = None

@@ -132,3 +132,12 @@ def test_invalid_models_are_rejected(kwargs: dict[str, object]) -> None:
 
 def test_profile_spec_default_is_the_nim_table() -> None:
     assert LLAMA_8B_H100.decode_tokens_per_s[50] == 8018
+
+
+def test_prefill_load_slows_decoding(h100: GpuModel) -> None:
+    # 10k prompt tokens/s on a 20k tokens/s prefill: half the GPU goes to prefill.
+    assert h100.prefill_load(10_000) == 0.5
+    assert h100.itl_under_load_s(20, 10_000) == pytest.approx(2 * h100.itl_s(20))
+    assert h100.itl_under_load_s(20, 0.0) == h100.itl_s(20)
+    # Saturated: capped, so the prediction is "far too slow", not infinite.
+    assert h100.itl_under_load_s(20, 1e9) == pytest.approx(h100.itl_s(20) / 0.05)

@@ -7,9 +7,11 @@ import math
 import pytest
 
 from policies.latency import (
+    DecayingRate,
     Ewma,
     LatencyEstimate,
     LatencySample,
+    TtftFit,
     sample_from_groq_usage,
     sample_from_timings,
     update,
@@ -77,3 +79,39 @@ def test_sample_from_groq_usage() -> None:
     only_completion = sample_from_groq_usage({"completion_time": 1.0}, completion_tokens=100)
     assert only_completion == LatencySample(None, 0.01)
     assert sample_from_groq_usage({"prompt_time": "fast", "completion_time": True}) is None
+
+
+def test_ttft_fit_learns_intercept_and_slope() -> None:
+    fit = TtftFit()
+    for i in range(300):
+        prompt = (i * 7919) % 20_000
+        fit = fit.update(prompt, 0.2 + prompt / 40_000, alpha=0.05)
+    assert fit.intercept == pytest.approx(0.2, abs=1e-3)
+    assert fit.slope == pytest.approx(1 / 40_000, rel=1e-3)
+    assert fit.spread == pytest.approx(0.0, abs=1e-3)
+    assert fit.at(10_000) == pytest.approx(0.45, abs=1e-3)
+    # A prompt-blind EWMA over the same samples would carry the prompt spread as jitter.
+    blind = Ewma(0.0)
+    for i in range(300):
+        blind = blind.update(0.2 + ((i * 7919) % 20_000) / 40_000, alpha=0.05)
+    assert blind.spread > 0.1
+
+
+def test_ttft_fit_is_fed_through_update_and_never_slopes_down() -> None:
+    est = LatencyEstimate.prior(0.3, 0.01)
+    est = update(est, LatencySample(0.5, 0.01, prompt_tokens=100))
+    est = update(est, LatencySample(0.3, 0.01, prompt_tokens=5000))
+    assert est.ttft_fit.count == 2 and est.ttft_fit.slope == 0.0
+    assert update(est, LatencySample(0.3, None)).ttft_fit is est.ttft_fit
+
+
+def test_decaying_rate() -> None:
+    r = DecayingRate(tau_s=10.0)
+    r = r.add(1000, now=0.0)
+    assert r.value(0.0) == pytest.approx(100.0)
+    assert r.value(10.0) == pytest.approx(100.0 / math.e)
+    # A steady 2000 tokens/s converges to 2000.
+    steady = DecayingRate(tau_s=5.0)
+    for i in range(1, 400):
+        steady = steady.add(200, now=i * 0.1)
+    assert steady.value(39.9) == pytest.approx(2000, rel=0.05)

@@ -257,3 +257,37 @@ def test_policy_specs_and_compiled_policies_rank_alike() -> None:
     )
     with pytest.raises(TypeError):
         compile_policy("cost")  # type: ignore[arg-type]
+
+
+def test_recent_prefill_load_raises_predicted_itl() -> None:
+    # 40 in flight and 19k prompt tokens/s: 95% of the GPU prefills, ITL x20 > 50 ms.
+    hot = local(inflight=40, recent_prompt_tokens_per_s=19_000)
+    d = select(request(), [hot, groq()], COST, NOW)
+    assert names(d) == ["groq", "gpu-a"]
+    assert d.candidates[1].predicted_itl_s == pytest.approx(H100.itl_s(41) / 0.05)
+
+
+def test_external_ttft_grows_with_the_prompt() -> None:
+    slope = groq(ttft_s=0.2, ttft_spread_s=0.02, ttft_per_prompt_token_s=1 / 20_000)
+    short = select(request(prompt=1000), [slope, together()], COST, NOW)
+    assert names(short)[0] == "groq" and short.candidates[0].predicted_ttft_s == pytest.approx(0.25)
+    long = select(request(prompt=18_000), [slope, together()], COST, NOW)
+    assert names(long)[0] == "together"
+
+
+GUARDED = compile_policy(CostPolicySpec(), default_slo_classes())
+
+
+def test_batch_work_keeps_out_of_a_busy_worker_and_waits() -> None:
+    # Local would meet the batch SLO (600 s) but not the interactive one it protects.
+    busy = local(inflight=20, pending_prefill_tokens=22_000)
+    d = select(request(BATCH, prompt=4000, out=400), [busy, groq()], GUARDED, NOW)
+    assert names(d) == ["groq", "gpu-a"]
+    assert d.candidates[1].reason.startswith("busy: ttft")
+    assert d.wait_for_local == pytest.approx(30.0)
+    # Without the guard (or when the worker is quiet) batch work goes local at once.
+    assert names(select(request(BATCH), [busy, groq()], COST, NOW))[0] == "gpu-a"
+    quiet = select(request(BATCH), [local(inflight=3), groq()], GUARDED, NOW)
+    assert names(quiet)[0] == "gpu-a" and quiet.wait_for_local is None
+    # The guard never applies to the protected class itself.
+    assert GUARDED.protect_class == "interactive"  # type: ignore[union-attr]

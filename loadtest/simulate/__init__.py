@@ -1,0 +1,1 @@
+"""Trace-driven policy simulator (`neogate simulate`)."""

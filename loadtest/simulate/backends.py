@@ -1,0 +1,237 @@
+"""Modelled backends in simulated time: a fluid model of a GPU worker and an external provider.
+
+The GPU worker follows the same throughput profile the router's cost model uses,
+but runs it as a queueing system: prompts are prefilled one after another (FIFO)
+at the prefill speed, with a per-request speed noise the router does not know;
+while a prefill runs, decoding gets only `1 - prefill_share` of the GPU; all
+running requests advance one token per step of ITL(batch). Between events all
+rates are constant, so the state jumps from event to event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from policies.costmodel import GpuModel
+from policies.headroom import Headroom
+from policies.types import NO_HEADROOM
+
+_EPS_TOKENS = 1e-6
+
+
+@dataclass(slots=True)
+class Job:
+    """One request inside a simulated worker."""
+
+    rid: int
+    prompt_tokens: int
+    output_tokens: int
+    # Effective prompt work (prompt tokens x speed noise).
+    prefill_work: float
+    remaining: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # The worker's batch-time integral when this job started decoding, for chargeback.
+    joined_batch_s: float = 0.0
+    joined_at: float = 0.0
+
+
+@dataclass(slots=True)
+class WorkerEvent:
+    """Something a worker reports to the engine."""
+
+    kind: str  # "first_token" | "done"
+    job: Job
+    at: float
+
+
+@dataclass
+class SimGpu:
+    """A local GPU worker (vLLM-like continuous batching) as a fluid queueing model."""
+
+    name: str
+    model: GpuModel
+    prefill_share: float = 0.9
+    max_waiting: int = 1024
+    t: float = 0.0
+    v: float = 0.0  # decode tokens each running request has produced since t=0
+    prefill: deque[Job] = field(default_factory=deque)
+    waiting: deque[Job] = field(default_factory=deque)
+    running: list[tuple[float, int, Job]] = field(default_factory=list)
+    busy_s: float = 0.0
+    batch_s: float = 0.0
+    tokens_out: int = 0
+    version: int = 0
+
+    def load(self) -> int:
+        """Requests on the worker: running, prefilling and waiting for a slot."""
+        return len(self.running) + len(self.prefill) + len(self.waiting)
+
+    def _rates(self) -> tuple[float, float]:
+        """(prefill tokens/s, decode tokens/s per running request) right now."""
+        b = len(self.running)
+        if self.prefill:
+            share = self.prefill_share if b else 1.0
+            decode = (1.0 - share) / self.model.itl_s(b) if b else 0.0
+            return self.model.prefill_tokens_per_s * share, decode
+        return 0.0, (1.0 / self.model.itl_s(b) if b else 0.0)
+
+    def advance(self, now: float) -> None:
+        """Move the fluid state to `now` (no event may lie in between)."""
+        dt = now - self.t
+        if dt <= 0:
+            return
+        pre, dec = self._rates()
+        if self.prefill:
+            self.prefill[0].remaining -= pre * dt
+        if self.running:
+            self.v += dec * dt
+            self.batch_s += len(self.running) * dt
+        if self.prefill or self.running:
+            self.busy_s += dt
+        self.t = now
+
+    def next_event(self) -> float | None:
+        """Time of the next prefill completion or decode completion."""
+        pre, dec = self._rates()
+        best = math.inf
+        if self.prefill and pre > 0:
+            best = self.t + max(self.prefill[0].remaining, 0.0) / pre
+        if self.running and dec > 0:
+            best = min(best, self.t + max(self.running[0][0] - self.v, 0.0) / dec)
+        return None if math.isinf(best) else best
+
+    def submit(self, job: Job, now: float) -> bool:
+        """Accept a request; False when the worker's queue is full (it answers 503)."""
+        self.advance(now)
+        job.remaining = job.prefill_work
+        if len(self.running) + len(self.prefill) < self.model.max_batch:
+            self.prefill.append(job)
+        elif len(self.waiting) < self.max_waiting:
+            self.waiting.append(job)
+        else:
+            return False
+        self.version += 1
+        return True
+
+    def batch_seen(self, job: Job) -> float:
+        """Mean batch size over a finished job's decode time (1 if it never decoded)."""
+        if job.finished_at is None or job.finished_at <= job.joined_at:
+            return 1.0
+        return (self.batch_s - job.joined_batch_s) / (job.finished_at - job.joined_at)
+
+    def fire(self, now: float) -> list[WorkerEvent]:
+        """Handle whatever completes at `now`; the engine calls this at `next_event()`."""
+        self.advance(now)
+        out: list[WorkerEvent] = []
+        if self.prefill and self.prefill[0].remaining <= _EPS_TOKENS:
+            job = self.prefill.popleft()
+            job.first_token_at = now
+            out.append(WorkerEvent("first_token", job, now))
+            if job.output_tokens <= 1:
+                job.finished_at = now
+                out.append(WorkerEvent("done", job, now))
+            else:
+                job.joined_batch_s = self.batch_s
+                job.joined_at = now
+                heapq.heappush(self.running, (self.v + job.output_tokens - 1, job.rid, job))
+        # Decode completions may land together (same finishing step); tolerate float drift.
+        while self.running and self.running[0][0] <= self.v + 1e-9 * max(1.0, self.v):
+            _, _, job = heapq.heappop(self.running)
+            job.finished_at = now
+            out.append(WorkerEvent("done", job, now))
+        for ev in out:
+            if ev.kind == "done":
+                self.tokens_out += ev.job.output_tokens
+        while self.waiting and len(self.running) + len(self.prefill) < self.model.max_batch:
+            self.prefill.append(self.waiting.popleft())
+        self.version += 1
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """An external provider's prices and latency (lognormal around the medians)."""
+
+    name: str
+    model: str
+    input_per_million: float
+    output_per_million: float
+    ttft_median_s: float
+    ttft_sigma: float
+    prefill_tokens_per_s: float
+    itl_median_s: float
+    itl_sigma: float
+    # Tokens per minute before it answers 429 (None: unlimited); counted as prompt + max_tokens.
+    tpm_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    """What one attempt at a provider produced."""
+
+    ok: bool
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    headroom: Headroom = NO_HEADROOM
+    retry_after_s: float | None = None
+
+
+@dataclass
+class SimProvider:
+    """An external provider with lognormal latency and an optional token bucket (TPM limit).
+
+    The bucket holds `tpm_limit` tokens and refills at `tpm_limit / 60` per second; a
+    request takes prompt + max_tokens from it. Headers report the level and the time
+    until the bucket is full again, as OpenAI-style `x-ratelimit-*` headers do.
+    """
+
+    spec: ProviderSpec
+    _level: float | None = None
+    _at: float = 0.0
+
+    def attempt(
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        output_tokens: int,
+        z: tuple[float, float],
+        now: float,
+    ) -> ProviderAnswer:
+        """Serve (or refuse with 429) a request; `z` are standard-normal draws for its latency."""
+        s = self.spec
+        headroom = NO_HEADROOM
+        limit = s.tpm_limit
+        if limit is not None:
+            rate = limit / 60.0
+            level = limit if self._level is None else self._level
+            level = min(float(limit), level + rate * (now - self._at))
+            self._at = now
+            need = prompt_tokens + max_tokens
+            if level < need:
+                self._level = level
+                return ProviderAnswer(
+                    False,
+                    headroom=self._headroom(level, now),
+                    retry_after_s=(need - level) / rate,
+                )
+            self._level = level - need
+            headroom = self._headroom(self._level, now)
+        ttft = (s.ttft_median_s + prompt_tokens / s.prefill_tokens_per_s) * math.exp(
+            s.ttft_sigma * z[0]
+        )
+        itl = s.itl_median_s * math.exp(s.itl_sigma * z[1])
+        return ProviderAnswer(True, ttft, ttft + max(output_tokens - 1, 0) * itl, headroom)
+
+    def _headroom(self, level: float, now: float) -> Headroom:
+        limit = self.spec.tpm_limit
+        assert limit is not None
+        return Headroom(
+            limit_tokens=limit,
+            remaining_tokens=int(level),
+            reset_tokens_at=now + (limit - level) / (limit / 60.0),
+            observed_at=now,
+        )

@@ -1,0 +1,104 @@
+"""`neogate simulate`: run the routing policies over a trace in simulated time and report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.simulate.engine import simulate
+from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
+from loadtest.simulate.routers import default_policies
+from loadtest.simulate.scenario import default_scenario
+from loadtest.simulate.traces import BUILTIN, Trace, dump_trace, load_trace
+
+
+def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `simulate` sub-command to an argparse sub-parsers object; sets func=run_simulate."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate",
+        help="trace-driven policy simulator (simulated time, deterministic per seed)",
+        description="Run neogate's cost policy and baselines over a trace against modelled "
+        "local GPUs and providers; report cost per million tokens and SLO attainment.",
+    )
+    p.add_argument(
+        "--trace",
+        default="bursty",
+        help=f"built-in trace ({', '.join(BUILTIN)}) or a JSON-lines trace file",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the trace and all noise")
+    p.add_argument("--json", type=Path, help="write per-policy results as JSON here")
+    p.add_argument("--report", type=Path, help="write report.md and simulate.png into this dir")
+    p.add_argument(
+        "--policies",
+        help="comma-separated subset (cost,round-robin,always-local-until-error,"
+        "cheapest-external,fastest)",
+    )
+    p.add_argument("--gpu-price", type=float, default=2.95, help="USD per GPU-hour (reserved)")
+    p.add_argument("--save-trace", type=Path, help="also write the trace used as JSON lines")
+    p.set_defaults(func=run_simulate)
+    return p
+
+
+def _trace(arg: str, seed: int) -> Trace:
+    gen = BUILTIN.get(arg)
+    if gen is not None:
+        return gen(seed)
+    return load_trace(Path(arg))
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run the simulation the parsed arguments describe; 0 on success, 2 on bad input."""
+    try:
+        trace = _trace(args.trace, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"neogate simulate: cannot read trace {args.trace!r}: {e}", file=sys.stderr)
+        return 2
+    scenario = default_scenario(args.gpu_price)
+    policies = default_policies(args.seed, scenario.slo_classes)
+    if args.policies:
+        wanted = [w.strip() for w in args.policies.split(",") if w.strip()]
+        known = {p.name for p in policies}
+        unknown = [w for w in wanted if w not in known]
+        if unknown or "cost" not in wanted:
+            print(
+                f"neogate simulate: --policies must include cost; known: {', '.join(known)}"
+                + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+                file=sys.stderr,
+            )
+            return 2
+        policies = [p for p in policies if p.name in wanted]
+    results = simulate(trace, policies, args.seed, scenario)
+    print(
+        f"trace {trace.name}: {len(trace.requests)} requests over {trace.duration_s:.0f} s, "
+        f"seed {args.seed}"
+    )
+    print(table(results))
+    print(goal_check(results).sentence())
+    print(f"simulated in {sum(r.wall_s for r in results):.1f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results_json(results), indent=2) + "\n", encoding="utf-8")
+    if args.save_trace is not None:
+        args.save_trace.write_text("\n".join(dump_trace(trace)) + "\n", encoding="utf-8")
+    if args.report is not None:
+        args.report.mkdir(parents=True, exist_ok=True)
+        png = "simulate.png"
+        plot(trace, results, args.report / png)
+        (args.report / "report.md").write_text(
+            markdown(trace, scenario, results, args.seed, png), encoding="utf-8"
+        )
+        print(f"report: {args.report / 'report.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m loadtest.simulate ...` without the neogate CLI."""
+    parser = argparse.ArgumentParser(prog="neogate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_simulate_parser(sub)
+    args = parser.parse_args(["simulate", *(argv if argv is not None else sys.argv[1:])])
+    return run_simulate(args)

@@ -1,0 +1,275 @@
+"""Discrete-event simulation of the gateway routing a trace over modelled backends.
+
+Simulated time only: events (arrivals, worker prefill/decode completions, provider
+answers, queue expiries, failover retries) are taken from a heap in time order.
+The simulated gateway keeps what the real one keeps — in-flight counts, prompt
+tokens awaiting a first token, EWMA latency per provider, rate-limit headroom, the
+local TTFT prediction error — builds `BackendSnapshot`s from it and asks the policy.
+Deterministic for a (trace, seed): all noise is drawn up front per request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from typing import Any
+
+from loadtest.simulate.backends import Job, SimGpu, SimProvider
+from loadtest.simulate.results import PolicyResult, SimRequest, summarize
+from loadtest.simulate.routers import SimPolicy
+from loadtest.simulate.scenario import Scenario, default_scenario
+from loadtest.simulate.traces import Trace, TraceRequest
+from policies.headroom import Headroom, mark_429
+from policies.latency import DecayingRate, Ewma, LatencyEstimate, LatencySample, update
+from policies.pricebook import Price
+from policies.types import NO_HEADROOM, BackendSnapshot, RouteRequest
+
+MIN_FIT_SAMPLES = 20
+
+
+class Engine:
+    """One run of one policy over one trace."""
+
+    def __init__(self, scenario: Scenario, trace: Trace, policy: SimPolicy, seed: int) -> None:
+        self.sc = scenario
+        self.trace = trace
+        self.policy = policy
+        self.gpus = {
+            g.name: SimGpu(g.name, g.model, prefill_share=scenario.prefill_share)
+            for g in scenario.locals
+        }
+        self.local_specs = {g.name: g for g in scenario.locals}
+        self.providers = {p.name: SimProvider(p) for p in scenario.providers}
+        self.prices = {
+            p.name: Price.per_million(p.input_per_million, p.output_per_million)
+            for p in scenario.providers
+        }
+        self.latency = {
+            p.name: LatencyEstimate.prior(p.ttft_median_s, p.itl_median_s)
+            for p in scenario.providers
+        }
+        self.headroom: dict[str, Headroom] = {p.name: NO_HEADROOM for p in scenario.providers}
+        self.inflight = dict.fromkeys([*self.gpus, *self.providers], 0)
+        self.pending_prefill = dict.fromkeys(self.gpus, 0)
+        self.ttft_error = {n: Ewma(0.0) for n in self.gpus}
+        self.itl_error = {n: Ewma(0.0) for n in self.gpus}
+        self.prompt_rate = {n: DecayingRate() for n in self.gpus}
+        self.queue: list[SimRequest] = []
+        self.queued_total = 0
+        self.refusals = 0
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        rng = random.Random(seed * 1_000_003 + 17)
+        sigma = scenario.prefill_noise_sigma
+        self.reqs = [
+            self._make_req(i, tr, (rng.gauss(0, 1), rng.gauss(0, 1)), rng.gauss(0, 1), sigma)
+            for i, tr in enumerate(trace.requests)
+        ]
+
+    def _make_req(
+        self, i: int, tr: TraceRequest, z: tuple[float, float], zp: float, sigma: float
+    ) -> SimRequest:
+        slo = self.sc.slo_classes[tr.slo_class]
+        # The gateway does not know the real output length: it expects the class's typical.
+        expected = min(tr.max_tokens, 200 if tr.slo_class == "interactive" else 400)
+        rr = RouteRequest(
+            "llama-3.1-8b", tr.prompt_tokens, tr.max_tokens, expected, True, tr.slo_class, slo
+        )
+        return SimRequest(i, tr, rr, z, math.exp(sigma * zp))
+
+    # -- event plumbing -------------------------------------------------------------
+
+    def _push(self, t: float, kind: str, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def _schedule_gpu(self, name: str) -> None:
+        gpu = self.gpus[name]
+        t = gpu.next_event()
+        if t is not None:
+            self._push(t, "gpu", (name, gpu.version))
+
+    # -- what the gateway knows -----------------------------------------------------
+
+    def snapshots(self, now: float) -> list[BackendSnapshot]:
+        """The routing inputs right now."""
+        out: list[BackendSnapshot] = []
+        for name, spec in self.local_specs.items():
+            # Spread of the cost model's prediction error, biased up if it under-predicts.
+            te, ie = self.ttft_error[name], self.itl_error[name]
+            out.append(
+                BackendSnapshot(
+                    name,
+                    spec.backend_model,
+                    is_local=True,
+                    ttft_spread_s=max(te.mean, 0.0) + te.spread,
+                    itl_spread_s=max(ie.mean, 0.0) + ie.spread,
+                    inflight=self.inflight[name],
+                    pending_prefill_tokens=self.pending_prefill[name],
+                    recent_prompt_tokens_per_s=self.prompt_rate[name].value(now),
+                    gpu=spec.model,
+                )
+            )
+        for p in self.sc.providers:
+            est = self.latency[p.name]
+            price = self.prices[p.name]
+            fit = est.ttft_fit
+            # The prompt-aware fit once it has seen enough answers; the plain EWMA before.
+            use_fit = fit.count >= MIN_FIT_SAMPLES
+            out.append(
+                BackendSnapshot(
+                    p.name,
+                    p.model,
+                    price_in_per_token=price.input_per_token,
+                    price_out_per_token=price.output_per_token,
+                    ttft_s=fit.intercept if use_fit else est.ttft.mean,
+                    ttft_spread_s=fit.spread if use_fit else est.ttft.spread,
+                    ttft_per_prompt_token_s=fit.slope if use_fit else 0.0,
+                    itl_s=est.itl.mean,
+                    itl_spread_s=est.itl.spread,
+                    headroom=self.headroom[p.name],
+                    inflight=self.inflight[p.name],
+                )
+            )
+        return out
+
+    # -- the request path -----------------------------------------------------------
+
+    def _route(self, r: SimRequest, now: float, *, may_wait: bool) -> None:
+        choice = self.policy.choose(r.rr, self.snapshots(now), now)
+        top_local = bool(choice.order) and choice.order[0] in self.gpus
+        if may_wait and choice.wait_for_local is not None and not top_local:
+            if r.queued_until is None:
+                r.queued_until = now + choice.wait_for_local
+                self.queued_total += 1
+                self._push(r.queued_until, "expire", r)
+            self.queue.append(r)
+            return
+        r.order = choice.order
+        r.predicted_ttft_s, r.predicted_itl_s = choice.predicted_ttft_s, choice.predicted_itl_s
+        self._attempt(r, 0, now)
+
+    def _attempt(self, r: SimRequest, k: int, now: float) -> None:
+        tr = r.tr
+        while k < len(r.order):
+            name = r.order[k]
+            gpu = self.gpus.get(name)
+            if gpu is not None:
+                job = Job(
+                    r.i, tr.prompt_tokens, tr.output_tokens, tr.prompt_tokens * r.prefill_noise
+                )
+                if gpu.submit(job, now):
+                    r.backend, r.dispatched_at = name, now
+                    if k:
+                        r.predicted_ttft_s = r.predicted_itl_s = None
+                    self.inflight[name] += 1
+                    self.pending_prefill[name] += tr.prompt_tokens
+                    self.prompt_rate[name] = self.prompt_rate[name].add(tr.prompt_tokens, now)
+                    self._schedule_gpu(name)
+                    return
+            else:
+                prov = self.providers[name]
+                ans = prov.attempt(tr.prompt_tokens, tr.max_tokens, tr.output_tokens, r.z, now)
+                if ans.ok:
+                    if ans.headroom is not NO_HEADROOM and ans.headroom.observed_at is not None:
+                        self.headroom[name] = ans.headroom
+                    r.backend, r.dispatched_at = name, now
+                    r.first_token_at = now + ans.ttft_s
+                    r.done_at = now + ans.total_s
+                    r.cost_usd = self.prices[name].cost(tr.prompt_tokens, tr.output_tokens)
+                    self.inflight[name] += 1
+                    self._push(r.done_at, "ext_done", r)
+                    return
+                self.headroom[name] = mark_429(ans.headroom, ans.retry_after_s, now)
+            # Refused (worker queue full / 429): the next backend, after a short delay.
+            self.refusals += 1
+            self._push(now + self.sc.failover_delay_s, "retry", (r, k + 1))
+            return
+        r.failed = True
+
+    def _drain_queue(self, now: float) -> None:
+        """Local capacity freed: let queued requests that can now go local go (FIFO)."""
+        while self.queue:
+            r = self.queue[0]
+            choice = self.policy.choose(r.rr, self.snapshots(now), now)
+            if not choice.order or choice.order[0] not in self.gpus:
+                return
+            self.queue.pop(0)
+            r.order = choice.order
+            r.predicted_ttft_s, r.predicted_itl_s = choice.predicted_ttft_s, choice.predicted_itl_s
+            self._attempt(r, 0, now)
+
+    def _on_gpu(self, name: str, now: float) -> None:
+        gpu = self.gpus[name]
+        freed = False
+        for ev in gpu.fire(now):
+            r = self.reqs[ev.job.rid]
+            if ev.kind == "first_token":
+                r.first_token_at = now
+                self.pending_prefill[name] -= r.tr.prompt_tokens
+                if r.predicted_ttft_s is not None:
+                    err = (now - r.dispatched_at) - r.predicted_ttft_s
+                    self.ttft_error[name] = self.ttft_error[name].update(err, self.sc.ewma_alpha)
+            else:
+                r.done_at = now
+                self.inflight[name] -= 1
+                n = r.tr.output_tokens
+                if r.predicted_itl_s is not None and n > 1 and r.first_token_at is not None:
+                    err = (now - r.first_token_at) / (n - 1) - r.predicted_itl_s
+                    self.itl_error[name] = self.itl_error[name].update(err, self.sc.ewma_alpha)
+                r.chargeback_usd = gpu.model.chargeback_cost(
+                    r.tr.prompt_tokens, r.tr.output_tokens, gpu.batch_seen(ev.job)
+                )
+                freed = True
+        self._schedule_gpu(name)
+        if freed and self.queue:
+            self._drain_queue(now)
+
+    def _on_ext_done(self, r: SimRequest) -> None:
+        assert r.backend is not None and r.first_token_at is not None and r.done_at is not None
+        self.inflight[r.backend] -= 1
+        ttft = r.first_token_at - r.dispatched_at
+        n = r.tr.output_tokens
+        itl = (r.done_at - r.first_token_at) / (n - 1) if n > 1 else None
+        self.latency[r.backend] = update(
+            self.latency[r.backend],
+            LatencySample(ttft, itl, r.tr.prompt_tokens),
+            self.sc.ewma_alpha,
+        )
+
+    def run(self) -> PolicyResult:
+        """Simulate the whole trace and summarize."""
+        started = time.perf_counter()
+        for r in self.reqs:
+            self._push(r.tr.t, "arrive", r)
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self._route(payload, now, may_wait=True)
+            elif kind == "gpu":
+                name, version = payload
+                if self.gpus[name].version == version:
+                    self._on_gpu(name, now)
+            elif kind == "ext_done":
+                self._on_ext_done(payload)
+            elif kind == "retry":
+                r, k = payload
+                self._attempt(r, k, now)
+            elif kind == "expire":
+                r = payload
+                if r in self.queue:
+                    self.queue.remove(r)
+                    self._route(r, now, may_wait=False)
+        result = summarize(self)
+        result.wall_s = time.perf_counter() - started
+        return result
+
+
+def simulate(
+    trace: Trace, policies: list[SimPolicy], seed: int, scenario: Scenario | None = None
+) -> list[PolicyResult]:
+    """Run every policy over the same trace and noise."""
+    sc = scenario if scenario is not None else default_scenario()
+    return [Engine(sc, trace, p, seed).run() for p in policies]

@@ -1,0 +1,127 @@
+"""Routing policies as the simulator drives them: neogate's own (through `select`) and baselines.
+
+Every policy returns a `Choice`: the fallback order of backend names, and for
+neogate's cost policy how long a delay-tolerant request may wait for local headroom.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from policies.select import Policy, compile_policy, select
+from policies.spec import CostPolicySpec, LatencyPolicySpec
+from policies.types import BackendSnapshot, RouteRequest, Slo
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A policy's answer: try `order` in turn; maybe wait for a local worker first."""
+
+    order: tuple[str, ...]
+    wait_for_local: float | None = None
+    # Predicted TTFT of the first choice, when the policy predicts (for error tracking).
+    predicted_ttft_s: float | None = None
+    predicted_itl_s: float | None = None
+
+
+class SimPolicy(Protocol):
+    """What the engine asks a policy per request."""
+
+    name: str
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice: ...
+
+
+@dataclass
+class SelectPolicy:
+    """neogate's router: the same `select()` the gateway calls."""
+
+    name: str
+    policy: Policy
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        d = select(request, snapshots, self.policy, now, rng_value=self.rng.random())
+        top = d.chosen
+        return Choice(
+            tuple(c.backend for c in d.candidates),
+            d.wait_for_local,
+            None if top is None else top.predicted_ttft_s,
+            None if top is None else top.predicted_itl_s,
+        )
+
+
+@dataclass
+class RoundRobin:
+    """Every healthy backend in turn, regardless of price or load."""
+
+    name: str = "round-robin"
+    _next: int = 0
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        names = [s.name for s in snapshots if s.healthy]
+        if not names:
+            return Choice(())
+        k = self._next % len(names)
+        self._next += 1
+        return Choice(tuple(names[k:] + names[:k]))
+
+
+@dataclass
+class AlwaysLocalUntilError:
+    """The least-loaded local worker; external providers only after a local error."""
+
+    name: str = "always-local-until-error"
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        local = sorted((s for s in snapshots if s.is_local), key=lambda s: s.inflight)
+        remote = sorted((s for s in snapshots if not s.is_local), key=_list_price)
+        return Choice(tuple(s.name for s in (*local, *remote)))
+
+
+@dataclass
+class CheapestExternal:
+    """The cheapest provider by list price; local workers only as a last resort."""
+
+    name: str = "cheapest-external"
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        remote = sorted(
+            (s for s in snapshots if not s.is_local),
+            key=lambda s: (
+                request.prompt_tokens * s.price_in_per_token
+                + request.expected_output_tokens * s.price_out_per_token
+            ),
+        )
+        local = [s for s in snapshots if s.is_local]
+        return Choice(tuple(s.name for s in (*remote, *local)))
+
+
+def _list_price(s: BackendSnapshot) -> float:
+    return s.price_in_per_token + s.price_out_per_token
+
+
+def default_policies(
+    seed: int = 0, slo_classes: Mapping[str, Slo] | None = None
+) -> list[SimPolicy]:
+    """neogate `cost`, the baselines, and `fastest` (neogate's latency policy)."""
+    return [
+        SelectPolicy("cost", compile_policy(CostPolicySpec(), slo_classes), random.Random(seed)),
+        RoundRobin(),
+        AlwaysLocalUntilError(),
+        CheapestExternal(),
+        SelectPolicy("fastest", compile_policy(LatencyPolicySpec()), random.Random(seed)),
+    ]
