@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from gateway.auth import Tenant
-from gateway.config import ModelSpec, TenantSpec
+from gateway.config import ConfigError, ModelSpec, TenantSpec
 from gateway.errors import (
     InvalidJSON,
     InvalidRequest,
@@ -24,6 +24,7 @@ from gateway.inbound import InboundRequest
 from gateway.ledger.reports import GROUP_KEYS, pricing_sheet, usage_report
 from gateway.routing import Router
 from gateway.runtime import RUNTIME, Runtime
+from gateway.wiring import reload_from_file
 from policies.pricebook import Price
 
 
@@ -36,6 +37,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/keys", create_key)
     app.router.add_delete("/admin/keys/{key_id}", revoke_key)
     app.router.add_get("/admin/ledger", ledger_stats)
+    app.router.add_post("/admin/reload", reload_config)
 
 
 def add_usage_routes(app: web.Application) -> None:
@@ -50,7 +52,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def require_admin(request: web.Request) -> Runtime:
     """The runtime, once the caller proved the admin key; tenant keys get 403."""
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     if rt.auth.is_admin(request):
         return rt
     if request.headers.get("Authorization") or request.headers.get("api-key"):
@@ -263,7 +265,7 @@ async def ledger_stats(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """Aggregated usage from the ledger: `?by=day,model,backend,tenant&since=&until=&report=pricing`."""
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     if rt.auth.is_admin(request):
         tenant: str | None = request.query.get("tenant")
     else:
@@ -294,3 +296,25 @@ def _opt_float(request: web.Request, key: str) -> float | None:
         return float(value)
     except ValueError as exc:
         raise InvalidRequest(f"{key} must be a unix timestamp", param=key) from exc
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    """Apply the policy file again, atomically; an invalid file is refused with the reasons."""
+    require_admin(request)
+    ref = request.app[RUNTIME]
+    try:
+        new = await reload_from_file(ref)
+    except ConfigError as exc:
+        return _json(
+            {
+                "error": {
+                    "message": exc.render(),
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_config",
+                },
+                "issues": [str(i) for i in exc.issues],
+            },
+            status=400,
+        )
+    return _json({"reloaded": True, "backends": list(new.specs), "models": list(new.models)})

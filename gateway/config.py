@@ -159,6 +159,7 @@ class ListenSpec(Model):
 class AdminSpec(Model):
     api_key: str | None = "env:NEOGATE_ADMIN_KEY"
     port: int | None = Field(default=None, ge=0, le=65535)  # separate admin listener
+    host: str = "127.0.0.1"  # the separate admin listener's address
 
 
 class AuthSpec(Model):

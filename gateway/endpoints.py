@@ -25,7 +25,7 @@ def _model_object(name: str, created: int) -> dict[str, object]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     tenant = rt.auth.tenant_for(request)
     created = int(time.time())
     data = [
@@ -39,7 +39,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     tenant = rt.auth.tenant_for(request)
     name = request.match_info["model"]
     if name not in rt.models or (
@@ -58,9 +58,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the runtime is built and every model has a backend in service."""
-    rt = request.app.get(RUNTIME)
-    if rt is None:
+    ref = request.app.get(RUNTIME)
+    if ref is None:
         return web.json_response({"status": "starting"}, status=503)
+    rt = ref.current
     unserved = [m for m in rt.models.values() if not rt.router.any_healthy(m.backends)]
     if unserved:
         return web.json_response(
@@ -71,7 +72,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     body = generate_latest(rt.metrics.registry)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST

@@ -8,7 +8,7 @@ seconds (`time.time()`), so state can be shared between replicas.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from adapters.worker_metrics import WorkerMetrics
 from gateway.breaker import BreakerConfig, CircuitBreaker
@@ -90,17 +90,29 @@ class LiveState:
         *,
         alpha: float = 0.2,
         breaker: BreakerConfig | None = None,
+        previous: LiveState | None = None,
     ) -> None:
         self.alpha = alpha
         self.prices = PriceBoard(specs, now)
-        self.backends: dict[str, BackendLive] = {
-            name: BackendLive(
+        if previous is not None:
+            # Reload: the config's prices apply, under a version past every one already used.
+            self.prices.book = replace(self.prices.book, version=previous.prices.book.version + 1)
+        self.backends: dict[str, BackendLive] = {}
+        for name, spec in specs.items():
+            live = BackendLive(
                 spec=spec,
                 gpu=GpuModel.from_spec(spec.gpu) if spec.gpu is not None else None,
                 breaker=CircuitBreaker(breaker),
             )
-            for name, spec in specs.items()
-        }
+            old = previous.backends.get(name) if previous is not None else None
+            if old is not None and old.spec.base_url == spec.base_url:
+                # Same upstream: what we learned about it still holds.
+                live.breaker = old.breaker
+                live.headroom = old.headroom
+                live.worker = old.worker
+                live.latency = dict(old.latency)
+                live.inflight = old.inflight
+            self.backends[name] = live
 
     def observe_latency(self, backend: str, model: str, sample: LatencySample) -> None:
         live = self.backends[backend]

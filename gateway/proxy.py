@@ -13,6 +13,7 @@ from gateway.forward import Attempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
 from gateway.relay import DONE, EventFilter
+from gateway.reliability import bound_write_buffer, write_or_cut
 from gateway.runtime import REQUEST_ID, RUNTIME, Runtime, Tenant
 
 _SSE_HEADERS = {
@@ -41,7 +42,7 @@ def handler(endpoint: Endpoint) -> Any:
     """The aiohttp handler of one inference endpoint."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        rt = request.app[RUNTIME]
+        rt = request.app[RUNTIME].current
         tenant = rt.auth.tenant_for(request)
         raw = await read_body(request, tenant.limits.max_body_bytes)
         inbound = parse_request(raw, endpoint, tenant.limits)
@@ -71,6 +72,7 @@ async def serve(
     estimate = rt.estimator.estimate(inbound, model)
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
+    rel = rt.router.reliability
     try:
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)
         completion.decision = decision
@@ -80,8 +82,9 @@ async def serve(
             headers=rt.forward_headers(request, rid),
             stream=inbound.stream,
             deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, request),
-            on_failure=rt.router.on_failure,
-            may_retry=rt.router.may_retry,
+            hooks=rt.router,
+            gate=rel.gate,
+            options=rel.forward_options,
         )
     except BaseException:
         await rt.meter.abandon(completion)
@@ -94,6 +97,7 @@ async def serve(
             return await _relay_stream(rt, request, completion, attempt)
         return await _relay_whole(rt, completion, attempt)
     finally:
+        attempt.release()
         rt.router.on_end(
             attempt.backend,
             inbound.model,
@@ -131,6 +135,9 @@ async def _relay_stream(
     outcome = "ok"
     try:
         await resp.prepare(request)
+        bound_write_buffer(request, rt.router.reliability.settings.write_buffer_bytes)
+        # A client that reads nothing for as long as an upstream may stay silent is cut.
+        write_timeout_s = attempt.timeouts.idle_s if attempt.timeouts else 60.0
         completion.first_byte_at = time.monotonic()
         block: bytes | None = attempt.first_event
         events = attempt.events
@@ -138,7 +145,7 @@ async def _relay_stream(
             meter.feed(block)
             out = flt.filter(block)
             if out is not None:
-                await resp.write(out + b"\n\n")
+                await write_or_cut(request, resp, out + b"\n\n", write_timeout_s)
             if flt.done:
                 break
             block = await anext(events, None)
@@ -147,11 +154,13 @@ async def _relay_stream(
     except GatewayError as exc:
         outcome = "upstream_cut"
         await _send_stream_error(resp, exc)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
         outcome = "client_disconnect"
         attempt.response.close()
         await asyncio.shield(rt.meter.finish(completion, outcome=outcome, meter=meter))
-        raise
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return resp  # the client is gone (or was cut); aiohttp tolerates the closed transport
     attempt.response.close()
     await rt.meter.finish(completion, outcome=outcome, meter=meter)
     if outcome == "ok":

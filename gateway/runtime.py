@@ -6,9 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+import aiohttp
 from aiohttp import web
 
 from adapters.base import Backend
+from gateway.admission import LimitStore
 from gateway.auth import Authenticator, Tenant
 from gateway.config import BackendSpec, GatewayConfig, ModelSpec
 from gateway.forward import Attempt
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from gateway.metering import Completion, Meter
     from gateway.routing import Router
 
-__all__ = ["REQUEST_ID", "RUNTIME", "Runtime", "Tenant"]
+__all__ = ["REQUEST_ID", "RUNTIME", "AppOptions", "Runtime", "RuntimeRef", "Tenant"]
 
 # Client headers that may reach an upstream; everything else (Authorization,
 # cookies, hop-by-hop headers) stays at the gateway.
@@ -87,5 +89,30 @@ class Runtime:
         return out
 
 
-RUNTIME: Final = web.AppKey("runtime", Runtime)
+@dataclass(frozen=True)
+class AppOptions:
+    """How this app is run, beyond the policy file."""
+
+    anonymous_allowed: bool = False
+    admin_key: str | None = None
+    server_secret: str | None = None
+    ledger: bool = True  # off only for the metering-off comparison benchmark
+    limit_store: LimitStore | None = None  # shared (Redis) limits; None: in-process
+    config_path: str | None = None  # the file SIGHUP and POST /admin/reload read again
+
+
+class RuntimeRef:
+    """The runtime in force; a reload replaces `current` in one step."""
+
+    __slots__ = ("current", "options", "session")
+
+    def __init__(
+        self, current: Runtime, options: AppOptions, session: aiohttp.ClientSession
+    ) -> None:
+        self.current = current
+        self.options = options
+        self.session = session
+
+
+RUNTIME: Final = web.AppKey("runtime", RuntimeRef)
 REQUEST_ID: Final = web.RequestKey("request_id", str)

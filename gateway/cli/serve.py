@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any
 
 from aiohttp import web
 
 from gateway import secretfile
-from gateway.app import AppOptions, create_app
+from gateway.app import AppOptions, create_admin_app, create_app
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -20,6 +22,8 @@ from gateway.config import (
     parse_config,
     resolve_secret,
 )
+from gateway.runtime import RUNTIME
+from gateway.wiring import reload_from_file
 
 log = logging.getLogger("neogate")
 
@@ -60,19 +64,28 @@ async def _serve(opts: ServeOptions) -> int:
         host = opts.host or config.listen.host
         port = opts.port if opts.port is not None else config.listen.port
         app_opts = _app_options(config, host, embedded=not opts.config_path)
-        app = create_app(config, app_opts)
+        app_opts = replace(app_opts, config_path=opts.config_path)
+        separate_admin = config.admin.port is not None
+        app = create_app(config, app_opts, admin_routes=not separate_admin)
+        drain_s = config.reliability.drain_timeout_s
         runner = web.AppRunner(
-            app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=opts.drain_timeout_s,
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=opts.workers > 1)
         await site.start()
         log.info("neogate listening on http://%s:%d/v1", host, port)
-        await _wait_for_signal()
-        log.info("neogate draining in-flight requests (up to %.0fs)", opts.drain_timeout_s)
+        admin_runner = None
+        if separate_admin:
+            admin_runner = web.AppRunner(create_admin_app(app[RUNTIME]), access_log=None)
+            await admin_runner.setup()
+            admin_port = config.admin.port or 0
+            await web.TCPSite(admin_runner, config.admin.host, admin_port).start()
+            log.info("admin API on http://%s:%d/admin", config.admin.host, admin_port)
+        await _wait_for_signal(on_hangup=lambda: _reload(app))
+        log.info("neogate draining in-flight requests (up to %.0fs)", drain_s)
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
         log.info("neogate stopped")
         return 0
@@ -127,13 +140,33 @@ async def start_embedded_default() -> tuple[GatewayConfig, list[web.AppRunner]]:
     return parse_config(text, source="<embedded default>"), runners
 
 
-async def _wait_for_signal() -> None:
+async def _reload(app: web.Application) -> None:
+    """SIGHUP: apply the policy file again; an invalid one is logged and the running one kept."""
+    try:
+        await reload_from_file(app[RUNTIME])
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running config:\n%s", exc.render())
+
+
+async def _wait_for_signal(
+    on_hangup: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> None:
+    """Return on SIGINT/SIGTERM; run `on_hangup` on each SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:
+        if on_hangup is not None:
+            task = loop.create_task(on_hangup())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

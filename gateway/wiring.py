@@ -1,0 +1,188 @@
+"""Building a `Runtime` from a config, and swapping in a new one on reload without dropping anything.
+
+A reload builds the new runtime beside the old one, carrying over what must
+survive (metrics, ledger writer, key store, budget counters, backend live
+state of backends that remain) and swaps it in with one assignment; requests
+already running keep the runtime they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import aiohttp
+
+from adapters.base import Backend
+from adapters.openai_compat import OpenAICompatBackend
+from gateway.admission import Admission, TenantLimits
+from gateway.auth import Authenticator
+from gateway.background import Background
+from gateway.config import (
+    BackendSpec,
+    ConfigError,
+    ConfigIssue,
+    GatewayConfig,
+    load_config,
+    resolve_secret,
+)
+from gateway.estimate import Estimator
+from gateway.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
+from gateway.ledger import build_writer
+from gateway.live import LiveState
+from gateway.metering import Meter
+from gateway.metrics import GatewayMetrics
+from gateway.routing import Router
+from gateway.runtime import AppOptions, Runtime, RuntimeRef
+from gateway.tokenizer import Tokenizer
+
+log = logging.getLogger("neogate")
+
+
+def build_runtime(
+    config: GatewayConfig,
+    opts: AppOptions,
+    session: aiohttp.ClientSession,
+    previous: Runtime | None = None,
+) -> Runtime:
+    """Wire every part of the request path for one app (reusing `previous`'s long-lived parts)."""
+    metrics = previous.metrics if previous else GatewayMetrics()
+    specs = {b.name: b for b in config.backends}
+    backends: dict[str, Backend] = {b.name: make_backend(b, session) for b in config.backends}
+    if previous and previous.config.tokenizer == config.tokenizer:
+        tokenizer = previous.estimator.tokenizer
+    else:
+        tokenizer = Tokenizer.from_source(
+            config.tokenizer.source, config.tokenizer.encoding, config.tokenizer.path
+        )
+    if previous:
+        keys = previous.keys
+    else:
+        secret = opts.server_secret or resolve_secret(config.auth.server_secret) or ""
+        keys = KeyStore(_key_backend(config), secret.encode() or os.urandom(32))
+    keys.set_static_keys(
+        {t.name: [k for k in (resolve_secret(r) for r in t.api_keys) if k] for t in config.tenants}
+    )
+    auth = Authenticator(
+        config,
+        keys,
+        anonymous_allowed=opts.anonymous_allowed,
+        admin_key=opts.admin_key or resolve_secret(config.admin.api_key),
+    )
+    live = LiveState(
+        specs,
+        time.time(),
+        alpha=config.routing.ewma_alpha,
+        previous=previous.router.live if previous else None,
+    )
+    limits = {t.name: TenantLimits.from_specs(t.budgets, t.rate_limits) for t in config.tenants}
+    if previous:
+        admission = previous.meter.admission
+        admission.update_limits(limits)
+        ledger = previous.meter.ledger
+    else:
+        admission = Admission(limits, opts.limit_store)
+        ledger = None
+        if opts.ledger:
+            ledger = build_writer(
+                config.ledger.kind,
+                path=config.ledger.path,
+                dsn=resolve_secret(config.ledger.dsn),
+                spool_path=config.ledger.spool_path,
+                registry=metrics.registry,
+                schema=config.ledger.schema_name,
+            )
+    return Runtime(
+        config=config,
+        backends=backends,
+        specs=specs,
+        models={m.name: m for m in config.models},
+        metrics=metrics,
+        auth=auth,
+        estimator=Estimator(tokenizer),
+        router=Router(config, backends, live, metrics),
+        meter=Meter(
+            tokenizer,
+            metrics,
+            ledger,
+            admission,
+            live,
+            divergence_threshold=config.ledger.divergence_threshold,
+        ),
+        keys=keys,
+    )
+
+
+def reload_blockers(old: GatewayConfig, new: GatewayConfig) -> list[ConfigIssue]:
+    """Changes a running process cannot apply; they need a restart."""
+    out = []
+    if old.listen != new.listen:
+        out.append(ConfigIssue("listen", None, "the listen address changes only on restart"))
+    if old.ledger.model_copy(update={"divergence_threshold": 0}) != new.ledger.model_copy(
+        update={"divergence_threshold": 0}
+    ):
+        out.append(ConfigIssue("ledger", None, "the ledger location changes only on restart"))
+    if old.admin != new.admin or old.auth != new.auth:
+        out.append(ConfigIssue("admin", None, "admin and auth settings change only on restart"))
+    if old.redis != new.redis:
+        out.append(ConfigIssue("redis", None, "the redis settings change only on restart"))
+    return out
+
+
+async def reload_runtime(ref: RuntimeRef, config: GatewayConfig, source: str) -> Runtime:
+    """Apply `config` atomically; raise ConfigError (keeping the running config) if it cannot be."""
+    old = ref.current
+    blockers = reload_blockers(old.config, config)
+    if blockers:
+        raise ConfigError(source, blockers)
+    new = build_runtime(config, ref.options, ref.session, previous=old)
+    new.background = Background(new, ref.session)
+    if old.background is not None:
+        await old.background.stop()
+    new.background.start()
+    ref.current = new
+    log.info(
+        "reloaded %s: %d backends, %d models, %d tenants",
+        source,
+        len(config.backends),
+        len(config.models),
+        len(config.tenants),
+    )
+    return new
+
+
+def make_backend(spec: BackendSpec, session: aiohttp.ClientSession) -> Backend:
+    """The adapter for one configured backend; every kind speaks the OpenAI protocol."""
+    metrics_url = spec.metrics_url
+    if metrics_url is None and spec.is_local:
+        base = spec.base_url.removesuffix("/v1")
+        metrics_url = f"{base}/metrics"
+    return OpenAICompatBackend(
+        name=spec.name,
+        base_url=spec.base_url,
+        api_key=resolve_secret(spec.api_key),
+        session=session,
+        is_local=spec.is_local,
+        metrics_url=metrics_url,
+    )
+
+
+def _key_backend(config: GatewayConfig) -> KeyBackend:
+    """API keys live beside the ledger: the same SQLite file or PostgreSQL database."""
+    if config.ledger.kind == "postgres":
+        dsn = resolve_secret(config.ledger.dsn)
+        if not dsn:
+            raise ValueError("ledger.dsn is not set")
+        return PostgresKeyBackend(dsn, schema=config.ledger.schema_name)
+    return SqliteKeyBackend(config.ledger.path)
+
+
+async def reload_from_file(ref: RuntimeRef) -> Runtime:
+    """Read the policy file again and apply it; the running config stays if it is invalid."""
+    path = ref.options.config_path
+    if path is None:
+        raise ConfigError("<embedded default>", [ConfigIssue("", None, "no policy file to reload")])
+    config = await asyncio.to_thread(load_config, path)
+    return await reload_runtime(ref, config, path)
