@@ -195,66 +195,19 @@ def select(
             else:
                 usable.append(c)
 
-    reason: str
     if isinstance(pol, CostPolicy):
-        ok = [c for c in usable if c.meets_slo]
-        bad = [c for c in usable if not c.meets_slo]
-        ok.sort(key=_cost_key)
-        bad.sort(key=_total_key)
-        near.sort(key=_cost_key)
-        ranked = ok + bad + near
-        if ok:
-            c = ok[0]
-            reason = (
-                f"cost: {c.backend} ${c.predicted_cost_usd:.7f} "
-                f"({_detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
-            )
-        elif ranked:
-            c = ranked[0]
-            reason = (
-                f"cost: none meets slo {request.slo_class}; fastest {c.backend} "
-                f"({c.reason or _detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
-            )
-        else:
-            reason = ""
+        ranked, reason = _rank_cost(request, usable, near, by_name)
     elif isinstance(pol, LatencyPolicy):
-        usable.sort(key=_total_key)
-        near.sort(key=_total_key)
-        ranked = usable + near
-        reason = ""
-        if ranked:
-            c = ranked[0]
-            reason = (
-                f"latency: {c.backend} total {c.predicted_total_s:.2f}s "
-                f"({_detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
-            )
+        ranked, reason = _rank_latency(request, usable, near, by_name)
     elif isinstance(pol, WeightedPolicy):
-        ranked = _weighted(usable, pol.weights, rng_value) + _weighted(near, pol.weights, rng_value)
-        reason = ""
-        if ranked:
-            w = pol.weights
-            total = sum(w.get(c.backend, 0.0) for c in ranked)
-            c = ranked[0]
-            reason = (
-                f"weighted: {c.backend} weight {w.get(c.backend, 0.0):g} of {total:g}"
-                f"{_others(len(ranked) - 1)}"
-            )
+        ranked, reason = _rank_weighted(pol, usable, near, rng_value)
     else:
-        assert rank is not None
-        usable.sort(key=lambda c: rank[c.backend])
-        near.sort(key=lambda c: rank[c.backend])
-        ranked = usable + near
-        reason = ""
-        if ranked:
-            c = ranked[0]
-            reason = (
-                f"pinned: {c.backend} (#{rank[c.backend] + 1} in order){_others(len(ranked) - 1)}"
-            )
+        ranked, reason = _rank_pinned(pol, usable, near)
 
     if not ranked:
         why = ", ".join(f"{n} {r}" for n, r in rejected) or "no backends"
         reason = f"no usable backend: {why}"
-    elif near and ranked[0] is near[0]:
+    elif not usable:
         reason += "; all others unusable, using one near its rate limit"
 
     wait = None
@@ -271,6 +224,83 @@ def select(
     )
 
 
+Ranked = tuple[list[Candidate], str]
+
+
+def _rank_cost(
+    request: RouteRequest,
+    usable: list[Candidate],
+    near: list[Candidate],
+    by_name: Mapping[str, BackendSnapshot],
+) -> Ranked:
+    """SLO-meeting by cost, then the rest by speed, then those near a rate limit."""
+    ok = sorted((c for c in usable if c.meets_slo), key=_cost_key)
+    bad = sorted((c for c in usable if not c.meets_slo), key=_total_key)
+    ranked = ok + bad + sorted(near, key=_cost_key)
+    if not ranked:
+        return ranked, ""
+    c = ranked[0]
+    others = _others(len(ranked) - 1)
+    if ok:
+        price = f"${c.predicted_cost_usd:.7f}" if c.predicted_cost_usd > 0 else "$0"
+        return (
+            ranked,
+            f"cost: {c.backend} {price} ({_detail(c, by_name[c.backend], request)}){others}",
+        )
+    why = c.reason or _detail(c, by_name[c.backend], request)
+    return ranked, f"cost: none meets slo {request.slo_class}; fastest {c.backend} ({why}){others}"
+
+
+def _rank_latency(
+    request: RouteRequest,
+    usable: list[Candidate],
+    near: list[Candidate],
+    by_name: Mapping[str, BackendSnapshot],
+) -> Ranked:
+    """Fastest predicted total first; those near a rate limit last."""
+    ranked = sorted(usable, key=_total_key) + sorted(near, key=_total_key)
+    if not ranked:
+        return ranked, ""
+    c = ranked[0]
+    return ranked, (
+        f"latency: {c.backend} total {c.predicted_total_s:.2f}s "
+        f"({_detail(c, by_name[c.backend], request)}){_others(len(ranked) - 1)}"
+    )
+
+
+def _rank_weighted(
+    pol: WeightedPolicy, usable: list[Candidate], near: list[Candidate], u: float
+) -> Ranked:
+    """A weighted pick first; those near a rate limit last."""
+    w = pol.weights
+    ranked = _weighted(usable, w, u) + _weighted(near, w, u)
+    if not ranked:
+        return ranked, ""
+    c = ranked[0]
+    total = sum(w.get(x.backend, 0.0) for x in ranked)
+    return ranked, (
+        f"weighted: {c.backend} weight {w.get(c.backend, 0.0):g} of {total:g}"
+        f"{_others(len(ranked) - 1)}"
+    )
+
+
+def _rank_pinned(pol: PinnedPolicy, usable: list[Candidate], near: list[Candidate]) -> Ranked:
+    """The configured order; those near a rate limit last."""
+    rank = pol.rank
+
+    def key(c: Candidate) -> int:
+        return rank[c.backend]
+
+    ranked = sorted(usable, key=key) + sorted(near, key=key)
+    if not ranked:
+        return ranked, ""
+    c = ranked[0]
+    return (
+        ranked,
+        f"pinned: {c.backend} (#{rank[c.backend] + 1} in order){_others(len(ranked) - 1)}",
+    )
+
+
 def _weighted(cands: list[Candidate], weights: Mapping[str, float], u: float) -> list[Candidate]:
     """First pick by weight using `u`; the rest by descending weight (unweighted last)."""
     if len(cands) <= 1:
@@ -283,7 +313,6 @@ def _weighted(cands: list[Candidate], weights: Mapping[str, float], u: float) ->
         return rest
     target = min(max(u, 0.0), 1.0) * total
     acc = 0.0
-    first = rest[-1]
     for c in cands:
         w = weights.get(c.backend, 0.0)
         acc += w

@@ -35,7 +35,7 @@ class Scenario:
     prefill_share: float = 0.9
     # Delay before trying the next backend after a 429 or a refused request.
     failover_delay_s: float = 0.05
-    # Latency the gateway assumes for a provider before its first answer.
+    # Weight of each new sample in the gateway's EWMAs (provider latency, model error).
     ewma_alpha: float = 0.1
 
     def gpu_cost_per_hour(self) -> float:
