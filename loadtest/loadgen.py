@@ -330,13 +330,16 @@ class _Run:
         await bursts
 
 
-async def fetch_usage(origin: str, key: str | None, limit_s: float = 5.0) -> dict[str, Any]:
-    """GET {origin}/v1/usage; tolerant: returns status and JSON (or an error note), never raises."""
+async def fetch_usage(
+    origin: str, key: str | None, query: str = "by=backend", limit_s: float = 5.0
+) -> dict[str, Any]:
+    """GET {origin}/v1/usage?{query}; tolerant: returns status and JSON (or an error note)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = origin + "/v1/usage" + (f"?{query}" if query else "")
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as s,
-            s.get(origin + "/v1/usage", headers=headers) as resp,
+            s.get(url, headers=headers) as resp,
         ):
             raw = await resp.read()
             try:
@@ -397,6 +400,15 @@ async def run_load(
     wall = _perf() - run.t0
     cpu = time.process_time() - cpu0
     usage_after = await fetch_usage(target.origin, usage_key) if usage else None
+    extra: dict[str, Any] = {}
+    if usage_after is not None and usage_after.get("status") == 200:
+        # neogate filters its ledger by time: this run's usage and its measured pricing
+        # sheet (per backend and batch size) without other runs mixed in.
+        since = f"since={started_at.timestamp():.3f}"
+        extra["usage_run"] = await fetch_usage(target.origin, usage_key, f"by=backend&{since}")
+        extra["pricing_measured"] = await fetch_usage(
+            target.origin, usage_key, f"report=pricing&{since}"
+        )
     meta: dict[str, Any] = {
         "tool": "neogate-loadtest",
         "format": 1,
@@ -421,5 +433,6 @@ async def run_load(
     if usage:
         meta["usage_before"] = usage_before
         meta["usage_after"] = usage_after
+        meta.update(extra)
     run.records.sort(key=lambda r: r.start)
     return RunOutput(meta, run.records)

@@ -228,7 +228,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         pricing = None
         if args.pricing:
-            from loadtest.report import pricing_sheet_from_config
+            from loadtest.report_cost import pricing_sheet_from_config
 
             pricing = pricing_sheet_from_config(Path(args.pricing))
         out = run_async(run_with_progress(cfg, not args.no_progress, usage=not args.no_usage))

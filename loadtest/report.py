@@ -9,57 +9,15 @@ matplotlib is imported only when plotting, with the Agg backend and no pyplot gl
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.report_cost import cost_section
 from loadtest.results import Dist, RequestRecord, Results, load_results, summarize
 from loadtest.usage_api import describe_usage
-
-_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def pricing_sheet_from_config(path: Path) -> dict[str, Any]:
-    """Prices of every backend in a gateway policy YAML, as plain JSON-able data."""
-    from gateway.config import load_config
-
-    cfg = load_config(path)
-    backends = []
-    for b in cfg.backends:
-        entry: dict[str, Any] = {"name": b.name, "kind": b.kind, "local": b.is_local}
-        if b.price is not None:
-            entry["price"] = b.price.model_dump(mode="json")
-        if b.model_prices:
-            entry["model_prices"] = {
-                m: p.model_dump(mode="json") for m, p in b.model_prices.items()
-            }
-        if b.gpu is not None:
-            entry["gpu"] = b.gpu.model_dump(mode="json")
-        backends.append(entry)
-    return {"source": str(path), "backends": backends}
-
-
-def cost_curves(pricing: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """Backend -> [(batch, USD per million output tokens)] from a pricing sheet."""
-    from policies.costmodel import GpuModel
-    from policies.spec import GpuSpec
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for b in pricing.get("backends", []):
-        name = str(b.get("name", "?"))
-        if isinstance(b.get("gpu"), dict):
-            model = GpuModel.from_spec(GpuSpec.model_validate(b["gpu"]))
-            top = model.max_batch
-            batches = sorted({*(x for x in _BATCHES if x <= top), top})
-            out[name] = [(x, model.cost_per_output_token(x) * 1e6) for x in batches]
-        elif isinstance(b.get("price"), dict) and "output_per_million" in b["price"]:
-            # An external provider charges the same per token at any batch.
-            p = float(b["price"]["output_per_million"])
-            out[name] = [(x, p) for x in _BATCHES]
-    return out
 
 
 def _label(res: Results, path: Path) -> str:
@@ -132,17 +90,25 @@ def plot_throughput(runs: list[tuple[str, Results]], path: Path) -> None:
             else:
                 bad[b] += 1
         n = max([*ok, *bad, 0]) + 1
-        xs = [i * w for i in range(n)]
-        ax1.plot(xs, [ok[i] / w for i in range(n)], label=f"{label} ok", drawstyle="steps-post")
+        # One extra point repeats the last bin so steps-post draws it to its end.
+        xs = [i * w for i in range(n + 1)]
+        ax1.plot(
+            xs,
+            [ok[min(i, n - 1)] / w for i in range(n + 1)],
+            label=f"{label} ok",
+            drawstyle="steps-post",
+        )
         if bad:
             ax1.plot(
                 xs,
-                [bad[i] / w for i in range(n)],
+                [bad[min(i, n - 1)] / w for i in range(n + 1)],
                 label=f"{label} errors",
                 drawstyle="steps-post",
                 linestyle="--",
             )
-        ax2.plot(xs, [tok[i] / w for i in range(n)], label=label, drawstyle="steps-post")
+        ax2.plot(
+            xs, [tok[min(i, n - 1)] / w for i in range(n + 1)], label=label, drawstyle="steps-post"
+        )
     ax1.set_ylabel("requests/s")
     ax1.legend(fontsize=8)
     ax1.grid(True, alpha=0.3)
@@ -171,9 +137,10 @@ def plot_backend_share(runs: list[tuple[str, Results]], path: Path) -> bool:
                 counts[r.backend or "(none)"][b] += 1
                 totals[b] += 1
         n = max(totals, default=0) + 1
-        xs = [i * w for i in range(n)]
+        xs = [i * w for i in range(n + 1)]
         names = sorted(counts)
-        ys = [[counts[k][i] / totals[i] if totals[i] else 0.0 for i in range(n)] for k in names]
+        last = [min(i, n - 1) for i in range(n + 1)]
+        ys = [[counts[k][i] / totals[i] if totals[i] else 0.0 for i in last] for k in names]
         ax.stackplot(xs, ys, labels=names, step="post")
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of requests")
@@ -182,23 +149,6 @@ def plot_backend_share(runs: list[tuple[str, Results]], path: Path) -> bool:
     axes[-1].set_xlabel("seconds since start")
     fig.savefig(path, dpi=110)
     return True
-
-
-def plot_cost_vs_batch(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """USD per million output tokens against batch size, per backend."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
-    for name, pts in sorted(curves.items()):
-        ax.plot([b for b, _ in pts], [c for _, c in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (concurrent requests on the worker)")
-    ax.set_ylabel("USD per million output tokens")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
 
 
 def _ms(d: Dist | None, attr: str) -> str:
@@ -292,39 +242,7 @@ def write_report(paths: Sequence[Path], out_dir: Path, title: str | None = None)
     for label, res in runs:
         if "usage_after" in res.meta:
             md += [f"{label}:", "", "```", describe_usage(res.meta), "```", ""]
-    pricing = next(
-        (r.meta["pricing"] for _, r in runs if isinstance(r.meta.get("pricing"), dict)), None
-    )
-    curves = cost_curves(pricing) if pricing else {}
-    if curves:
-        plot_cost_vs_batch(curves, out_dir / "cost_vs_batch.png")
-        md += [
-            "Cost per million output tokens by batch size, from the gateway's pricing sheet "
-            f"(`{pricing.get('source', '?') if pricing else '?'}`): local GPUs at their "
-            "hourly price over the decode throughput at that batch, external providers at "
-            "their list price.",
-            "",
-            "![cost vs batch](cost_vs_batch.png)",
-            "",
-            "| backend | " + " | ".join(f"b={b}" for b in _BATCHES) + " |",
-            "|---|" + "---:|" * len(_BATCHES),
-        ]
-        for name, pts in sorted(curves.items()):
-            by = dict(pts)
-            md.append(
-                f"| {name} | "
-                + " | ".join(
-                    f"{by[b]:.3f}" if b in by and math.isfinite(by[b]) else "-" for b in _BATCHES
-                )
-                + " |"
-            )
-        md.append("")
-    else:
-        md += [
-            "No pricing sheet in the results metadata (run `neogate loadtest --pricing "
-            "POLICY.yaml`), so the cost-per-batch plot is omitted.",
-            "",
-        ]
+    md += cost_section(runs, out_dir)
     report = out_dir / "report.md"
     report.write_text("\n".join(md), encoding="utf-8")
     return report

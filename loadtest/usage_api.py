@@ -134,7 +134,11 @@ def describe_usage(meta: dict[str, Any]) -> str:
         status = after.get("status") if isinstance(after, dict) else None
         why = after.get("error") if isinstance(after, dict) and after.get("error") else status
         return f"cost: no usage API at this URL (GET /v1/usage -> {why})"
-    delta = usage_delta(meta.get("usage_before"), after)
+    run = meta.get("usage_run")
+    if isinstance(run, dict) and run.get("status") == 200 and parse_usage(run.get("body")):
+        delta = parse_usage(run.get("body"))
+    else:
+        delta = usage_delta(meta.get("usage_before"), after)
     total = delta.get("*")
     if total is None:
         return "cost: GET /v1/usage answered, but in a shape without cost or token totals"

@@ -99,6 +99,30 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 async def _usage(request: web.Request) -> web.Response:
     s = request.app[SERVED]
+    if request.query.get("report") == "pricing":
+        sheet = [
+            {
+                "backend": "gpu-a",
+                "batch": "5-8",
+                "requests": 3,
+                "prompt_tokens": 60,
+                "completion_tokens": 15,
+                "effective_usd_per_m": 0.6,
+                "charged_out_usd_per_m": 0.5,
+                "list_out_usd_per_m": None,
+            },
+            {
+                "backend": "sim-groq",
+                "batch": "-",
+                "requests": 2,
+                "prompt_tokens": 40,
+                "completion_tokens": 10,
+                "effective_usd_per_m": 0.06,
+                "charged_out_usd_per_m": 0.08,
+                "list_out_usd_per_m": 0.08,
+            },
+        ]
+        return web.json_response({"object": "pricing_sheet", "data": sheet})
     rows = [
         {"backend": "all", "cost_usd": s.cost, "prompt_tokens": s.tokens, "completion_tokens": 0}
     ]
@@ -411,7 +435,8 @@ models:
 
 
 async def test_report_writes_markdown_and_pngs(server: Server, tmp_path: Path) -> None:
-    from loadtest.report import add_report_parser, cost_curves, pricing_sheet_from_config
+    from loadtest.report import add_report_parser
+    from loadtest.report_cost import cost_curves, pricing_sheet_from_config
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
@@ -443,6 +468,7 @@ async def test_report_writes_markdown_and_pngs(server: Server, tmp_path: Path) -
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in md
     assert "| gpu-a | 3.811 |" in md
+    assert "| gpu-a | 5-8 | 3 | 60 | 15 | 0.6000 | 0.5000 | - |" in md
     assert "| a | 40 | 40 |" in md and "| b | 10 | 10 |" in md
 
     # Without pricing and without backend headers the report says what it left out.
