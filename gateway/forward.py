@@ -1,13 +1,32 @@
-"""One request's attempts over the ranked backends: failover only before the first byte reaches the client."""
+"""One request's attempts over the ranked backends: failover and hedging only before the first byte reaches the client.
+
+    pick the next ranked backend whose breaker admits it and whose gate has a slot
+      (the first attempt may wait in the gate's bounded queue; a full queue is a 429)
+    open it: non-streamed answers are read whole, streams up to their first event,
+      so a failure anywhere before the client saw a byte still fails over
+    retryable failure (unreachable, reset, 5xx, 429, 401/403, timeout, broken body)
+      -> jittered backoff, one unit of the retry budget, the next backend
+    pass-through failure (400, 404, 409, 413, 422) -> raised at once, never retried
+    spent (attempts, budget, candidates or deadline) -> the last failure with
+      `x-should-retry: false`, or 503 when no backend could be tried at all
+
+With hedging on (streams only), a second attempt starts when the first has sent
+no event after the hedge delay; the first to answer wins, the other is cancelled
+and its backend named in `Attempt.hedged` (the operator's cost, not the tenant's).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
 
 from adapters.base import AttemptTimeouts, Backend, UpstreamResponse
+from gateway.backpressure import Gate, GateToken
 from gateway.errors import (
     GatewayError,
     NoBackendAvailable,
@@ -16,6 +35,56 @@ from gateway.errors import (
     UpstreamStatus,
     UpstreamTimeout,
 )
+from gateway.hedging import HedgeConfig, hedge_delay, hedge_first_byte
+
+# Upstream statuses that are the gateway's own credentials failing on that backend: another
+# backend may well succeed, and the breaker should see the backend as broken.
+_CREDENTIAL_STATUSES = frozenset({401, 403})
+
+
+class AttemptHooks(Protocol):
+    """What the forwarder reports to, and asks of, the live routing state (the Router)."""
+
+    def admit(self, backend: str) -> bool:
+        """The breaker's leave for one attempt (consumes the half-open probe)."""
+        ...
+
+    def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None: ...
+
+    def on_abandon(self, backend: str) -> None:
+        """An admitted attempt ended without a verdict (cancelled, lost a hedge)."""
+        ...
+
+    def may_retry(self) -> bool:
+        """Spend one unit of the retry budget."""
+        ...
+
+    def on_retry(self, backend: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOptions:
+    """How hard one request tries."""
+
+    max_attempts: int = 3
+    queue_wait_s: float = 0.0  # the first attempt's wait for a gate slot
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptPlan:
+    """One ranked candidate turned into what the forwarder needs."""
+
+    backend: Backend
+    backend_model: str
+    body: bytes
+    timeouts: AttemptTimeouts
+    ttft_s: float | None = None  # predicted, for the hedge delay
+    ttft_spread_s: float | None = None
+
+
+def _no_release() -> None:
+    return None
 
 
 @dataclass(slots=True)
@@ -27,24 +96,68 @@ class Attempt:
     number: int
     response: UpstreamResponse
     first_event: bytes | None  # streams: the first event, read before committing to the client
-    events: AsyncIterator[bytes] | None  # streams: the same iterator, to read the rest from
+    events: AsyncIterator[bytes] | None  # streams: the rest, bounded by the attempt's deadline
     started: float  # loop time the attempt began
+    timeouts: AttemptTimeouts | None = None  # as applied (already cut to the request's deadline)
+    hedged: tuple[str, ...] = ()  # backends of cancelled hedges: the operator's cost
+    _release: _Release | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Give back the gate slot this attempt holds; safe to call more than once."""
+        if self._release is not None:
+            self._release()
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptPlan:
-    """One ranked candidate turned into what the forwarder needs."""
+class _Release:
+    """Gives one gate slot back exactly once."""
 
-    backend: Backend
-    backend_model: str
-    body: bytes
-    timeouts: AttemptTimeouts
+    __slots__ = ("_gate", "_token")
+
+    def __init__(self, gate: Gate | None, token: GateToken | None) -> None:
+        self._gate = gate
+        self._token = token
+
+    def __call__(self) -> None:
+        token, self._token = self._token, None
+        if token is not None and self._gate is not None:
+            self._gate.release(token)
+
+
+class _Buffered:
+    """A non-streamed answer already read whole inside its attempt."""
+
+    __slots__ = ("_body", "_inner")
+
+    def __init__(self, inner: UpstreamResponse, body: bytes) -> None:
+        self._inner = inner
+        self._body = body
+
+    @property
+    def status(self) -> int:
+        return self._inner.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._inner.headers
+
+    async def read(self) -> bytes:
+        return self._body
+
+    def events(self) -> AsyncIterator[bytes]:
+        raise TypeError("a buffered answer has no events")
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _NoCandidate(Exception):
+    """Inside a hedge race: nothing left to start."""
 
 
 def is_retryable(exc: GatewayError) -> bool:
     """Whether another backend might succeed where this attempt failed."""
     if isinstance(exc, UpstreamStatus):
-        return exc.retryable
+        return exc.retryable or exc.upstream_status in _CREDENTIAL_STATUSES
     return isinstance(exc, UpstreamError)
 
 
@@ -55,75 +168,286 @@ async def first_attempt_that_answers(
     headers: Mapping[str, str],
     stream: bool,
     deadline: float,
-    on_failure: Callable[[str, GatewayError, float], None],
-    may_retry: Callable[[], bool],
-    max_attempts: int = 3,
+    hooks: AttemptHooks,
+    gate: Gate | None = None,
+    options: ForwardOptions | None = None,
 ) -> Attempt:
-    """Try the plans in order until one answers; raise the last error once they are spent.
+    """Try the plans in rank order until one answers; raise the final error once spent.
 
-    A stream counts as answered once its first event arrived, so a stream that
-    breaks before its first event still fails over.
+    `deadline` is in event-loop time. The returned attempt holds a gate slot:
+    the caller must `release()` it when the answer has been relayed.
     """
-    loop = asyncio.get_running_loop()
-    last: GatewayError | None = None
-    for number, plan in enumerate(plans[:max_attempts]):
-        if number > 0:
-            if not may_retry():
+    fwd = _Forwarder(plans, path, headers, stream, deadline, hooks, gate, options)
+    opts = fwd.options
+    if stream and plans:
+        delay = hedge_delay(
+            opts.hedge,
+            candidates=len(plans),
+            ttft_mean_s=plans[0].ttft_s,
+            ttft_spread_s=plans[0].ttft_spread_s,
+        )
+        if delay is not None:
+            return await fwd.hedged(delay)
+    return await fwd.sequential()
+
+
+class _Forwarder:
+    """The state of one request's attempts."""
+
+    def __init__(
+        self,
+        plans: Sequence[AttemptPlan],
+        path: str,
+        headers: Mapping[str, str],
+        stream: bool,
+        deadline: float,
+        hooks: AttemptHooks,
+        gate: Gate | None,
+        options: ForwardOptions | None,
+    ) -> None:
+        self.pending = list(plans)
+        self.path = path
+        self.headers = headers
+        self.stream = stream
+        self.deadline = deadline
+        self.hooks = hooks
+        self.gate = gate
+        self.options = options or ForwardOptions()
+        self.loop = asyncio.get_running_loop()
+        self.failures: list[GatewayError] = []
+        self.attempts = 0
+
+    def remaining(self) -> float:
+        return self.deadline - self.loop.time()
+
+    async def sequential(self) -> Attempt:
+        while self.attempts < self.options.max_attempts:
+            if self.attempts > 0:
+                if not self.pending or self.remaining() <= 0:
+                    break
+                await asyncio.sleep(min(_backoff(self.attempts), max(0.0, self.remaining())))
+            picked = await self.pick(may_wait=self.attempts == 0)
+            if picked is None:
                 break
-            if last is not None and last.retry_after_s is not None and len(plans) == 1:
+            plan, release = picked
+            if self.attempts > 0 and not self.hooks.may_retry():
+                self._unpick(plan, release)
                 break
-            await asyncio.sleep(_backoff(number))
-        started = loop.time()
-        remaining = deadline - started
-        if remaining <= 0:
-            last = last or UpstreamTimeout("the request's deadline passed before an answer")
-            break
-        timeouts = _within(plan.timeouts, remaining)
-        try:
-            response = await plan.backend.open(path, plan.body, headers, timeouts)
-            if not stream:
-                return Attempt(
-                    plan.backend.name, plan.backend_model, number, response, None, None, started
-                )
-            events = response.events()
-            first = await _first_event(response, events, plan.backend.name, timeouts.first_byte_s)
-            return Attempt(
-                plan.backend.name, plan.backend_model, number, response, first, events, started
-            )
-        except GatewayError as exc:
-            on_failure(plan.backend.name, exc, loop.time() - started)
-            if not is_retryable(exc):
+            if self.remaining() <= 0:
+                self._unpick(plan, release)
+                break
+            if self.attempts > 0:
+                self.hooks.on_retry(plan.backend.name)
+            try:
+                return await self.open(plan, release, self.attempts)
+            except GatewayError as exc:
+                if not is_retryable(exc):
+                    raise
+                self.failures.append(exc)
+        raise self.final_error()
+
+    async def hedged(self, delay_s: float) -> Attempt:
+        first = await self.pick(may_wait=True)
+        if first is None:
+            raise self.final_error()
+        ready: dict[int, tuple[AttemptPlan, _Release]] = {0: first}
+        names: dict[int, str] = {}
+
+        async def start(k: int) -> Attempt | GatewayError:
+            picked = ready.pop(k, None) or await self.pick(may_wait=False)
+            if picked is None:
+                raise _NoCandidate
+            plan, release = picked
+            names[k] = plan.backend.name
+            if k > 0:
+                self.hooks.on_retry(plan.backend.name)
+            try:
+                return await self.open(plan, release, k)
+            except GatewayError as exc:
+                if not is_retryable(exc):
+                    return exc  # wins the race: the client's error ends it
+                self.failures.append(exc)
                 raise
-            last = exc
-    if last is None:
-        raise NoBackendAvailable("no backend can serve this model right now", should_retry=False)
-    last.should_retry = False
-    raise last
+
+        def may_start(k: int) -> bool:
+            del k
+            return bool(self.pending) and self.remaining() > 0 and self.hooks.may_retry()
+
+        def discard(value: Attempt | GatewayError) -> None:
+            if isinstance(value, Attempt):
+                value.response.close()
+                value.release()
+                self.hooks.on_abandon(value.backend)
+
+        try:
+            race = await hedge_first_byte(
+                start,
+                delay_s,
+                self.options.max_attempts,
+                may_start=may_start,
+                discard=discard,
+            )
+        except (GatewayError, _NoCandidate):
+            raise self.final_error() from None
+        if isinstance(race.value, GatewayError):
+            raise race.value
+        race.value.hedged = tuple(names[i] for i in race.losers if i in names)
+        return race.value
+
+    async def pick(self, *, may_wait: bool) -> tuple[AttemptPlan, _Release] | None:
+        """The best-ranked pending plan that the breaker admits and the gate has room for.
+
+        A backend at capacity stays pending (a later pick may find room); one the
+        breaker refuses is dropped for this request. Only the first attempt queues,
+        for the best-ranked backend, and a full or slow queue raises `GateRejected`.
+        """
+        while self.pending:
+            for i, plan in enumerate(self.pending):
+                name = plan.backend.name
+                token = self.gate.try_acquire(name) if self.gate is not None else None
+                if self.gate is not None and token is None:
+                    continue
+                del self.pending[i]
+                release = _Release(self.gate, token)
+                if self.hooks.admit(name):
+                    return plan, release
+                release()
+                break
+            else:
+                if not may_wait or self.gate is None:
+                    return None
+                wait = min(self.options.queue_wait_s, max(0.0, self.remaining()))
+                plan = self.pending[0]
+                token = await self.gate.acquire(plan.backend.name, wait)
+                self.pending.pop(0)
+                release = _Release(self.gate, token)
+                if self.hooks.admit(plan.backend.name):
+                    return plan, release
+                release()
+        return None
+
+    def _unpick(self, plan: AttemptPlan, release: _Release) -> None:
+        release()
+        self.hooks.on_abandon(plan.backend.name)
+
+    async def open(self, plan: AttemptPlan, release: _Release, number: int) -> Attempt:
+        """Run one attempt up to the point where the client may see its first byte."""
+        name = plan.backend.name
+        started = self.loop.time()
+        timeouts = _within(plan.timeouts, self.deadline - started)
+        self.attempts += 1
+        try:
+            response = await plan.backend.open(self.path, plan.body, self.headers, timeouts)
+            try:
+                if self.stream:
+                    events = response.events()
+                    first_at = started + timeouts.first_byte_s
+                    first = await _first_event(events, name, first_at)
+                    bounded = _until(response, events, name, started + timeouts.total_s)
+                    return Attempt(
+                        name,
+                        plan.backend_model,
+                        number,
+                        response,
+                        first,
+                        bounded,
+                        started,
+                        timeouts,
+                        _release=release,
+                    )
+                body = await _whole_body(response, name, started + timeouts.total_s)
+            except BaseException:
+                response.close()
+                raise
+        except GatewayError as exc:
+            release()
+            self.hooks.on_failure(name, exc, self.loop.time() - started)
+            raise
+        except BaseException:
+            release()
+            self.hooks.on_abandon(name)
+            raise
+        buffered = _Buffered(response, body)
+        return Attempt(
+            name,
+            plan.backend_model,
+            number,
+            buffered,
+            None,
+            None,
+            started,
+            timeouts,
+            _release=release,
+        )
+
+    def final_error(self) -> GatewayError:
+        """What the client gets once the gateway's own tries are spent."""
+        if self.failures:
+            last = self.failures[-1]
+        elif self.remaining() <= 0:
+            last = UpstreamTimeout("the request's deadline passed before any backend answered")
+        else:
+            last = NoBackendAvailable(
+                "no backend can serve this model right now", retry_after_s=1.0
+            )
+        last.should_retry = False
+        return last
 
 
-async def _first_event(
-    response: UpstreamResponse, events: AsyncIterator[bytes], backend: str, first_byte_s: float
-) -> bytes:
+async def _first_event(events: AsyncIterator[bytes], backend: str, until: float) -> bytes:
     try:
-        async with asyncio.timeout(first_byte_s):
+        async with asyncio.timeout_at(until):
             return await anext(events)
     except StopAsyncIteration:
         pass
     except TimeoutError as exc:
-        response.close()
         raise UpstreamTimeout(f"backend {backend} sent no stream event in time") from exc
-    except GatewayError:
-        response.close()
-        raise
-    response.close()
     raise UpstreamProtocolError(f"backend {backend} closed the stream before any event")
 
 
+async def _until(
+    response: UpstreamResponse, events: AsyncIterator[bytes], backend: str, end: float
+) -> AsyncIterator[bytes]:
+    """The rest of a stream, cut with an `UpstreamTimeout` when the attempt's total time is up.
+
+    The gap between events is bounded by the adapter's idle (socket read) timeout.
+    """
+    while True:
+        try:
+            async with asyncio.timeout_at(end):
+                block = await anext(events)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            response.close()
+            raise UpstreamTimeout(
+                f"backend {backend} did not finish within the request's time limit"
+            ) from exc
+        yield block
+
+
+async def _whole_body(response: UpstreamResponse, backend: str, end: float) -> bytes:
+    """Read a non-streamed answer whole; a cut or unparseable body is a retryable failure."""
+    try:
+        async with asyncio.timeout_at(end):
+            body = await response.read()
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"backend {backend} did not answer within the time limit") from exc
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UpstreamProtocolError(f"backend {backend} sent a body that is not a JSON object")
+    return body
+
+
 def _within(t: AttemptTimeouts, remaining: float) -> AttemptTimeouts:
+    remaining = max(remaining, 0.001)
     return AttemptTimeouts(
         connect_s=min(t.connect_s, remaining),
         first_byte_s=min(t.first_byte_s, remaining),
-        idle_s=t.idle_s,
+        idle_s=min(t.idle_s, remaining),
         total_s=min(t.total_s, remaining),
     )
 
