@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.auth import Tenant
+from gateway.breaker import CircuitBreaker
 from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import GatewayError, NoBackendAvailable, UpstreamStatus
 from gateway.estimate import Estimate
@@ -21,7 +22,7 @@ from gateway.forward import AttemptPlan, is_retryable
 from gateway.inbound import InboundRequest, upstream_body
 from gateway.live import LiveState
 from gateway.metrics import GatewayMetrics
-from gateway.retry_budget import RetryBudget
+from gateway.reliability import Reliability
 from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import Policy, compile_policy, select
 from policies.types import RouteDecision, RouteRequest, Slo
@@ -41,6 +42,7 @@ class Router:
         metrics: GatewayMetrics,
         *,
         clock: Callable[[], float] = time.time,
+        reliability: Reliability | None = None,
     ) -> None:
         self._backends = backends
         self._specs = {b.name: b for b in config.backends}
@@ -58,7 +60,11 @@ class Router:
         self._queue_max = config.routing.queue_max
         self._waiting = 0
         self._freed = asyncio.Event()
-        self._retry_budget = RetryBudget()
+        self.reliability = reliability or Reliability.from_config(config)
+        breaker_config = self.reliability.settings.breaker
+        for live_backend in live.backends.values():
+            if live_backend.breaker.config != breaker_config:
+                live_backend.breaker = CircuitBreaker(breaker_config)
         self._timeouts = {
             name: AttemptTimeouts(
                 connect_s=s.timeouts.connect_s,
@@ -114,7 +120,7 @@ class Router:
         headers: Mapping[str, str],
     ) -> tuple[list[AttemptPlan], RouteDecision]:
         """Decide, wait for local headroom where the request tolerates it, and build the attempts."""
-        self._retry_budget.on_request(self._clock())
+        self.reliability.on_request()
         req = self.route_request(inbound, tenant, estimate, headers)
         decision = self.decide(req, model, tenant)
         if decision.wait_for_local and self._waiting < self._queue_max:
@@ -124,20 +130,37 @@ class Router:
             raise NoBackendAvailable(
                 f"no backend can serve {model.name} now ({reasons})",
                 should_retry=False,
-                retry_after_s=1.0,
+                retry_after_s=self._back_in_s(model.backends),
             )
         plans = []
         for cand in decision.candidates:
             backend_model = self._specs[cand.backend].models[model.name]
+            est = self.live.backends[cand.backend].estimate(model.name)
             plans.append(
                 AttemptPlan(
                     self._backends[cand.backend],
                     backend_model,
                     upstream_body(inbound, backend_model),
                     self._timeouts[cand.backend],
+                    ttft_s=cand.predicted_ttft_s,
+                    ttft_spread_s=est.ttft.spread,
                 )
             )
         return plans, decision
+
+    def _back_in_s(self, names: list[str]) -> float:
+        """Seconds until the first of `names` leaves its 429 cool-down or ejection (1 s if unknown)."""
+        now = self._clock()
+        waits = []
+        for name in names:
+            live = self.live.backends[name]
+            cooldown = live.headroom.cooldown_until
+            if cooldown is not None and cooldown > now:
+                waits.append(cooldown - now)
+            ejected = live.breaker.snapshot(now).open_until
+            if ejected is not None:
+                waits.append(ejected - now)
+        return max(0.1, min(waits)) if waits else 1.0
 
     async def _wait_for_local(
         self, req: RouteRequest, model: ModelSpec, tenant: Tenant, decision: RouteDecision
@@ -185,7 +208,21 @@ class Router:
         self._metrics.backend_healthy.labels(backend).set(1 if breaker.available(now) else 0)
 
     def may_retry(self) -> bool:
-        return self._retry_budget.try_spend(self._clock())
+        return self.reliability.try_retry()
+
+    def admit(self, backend: str) -> bool:
+        """The breaker's leave for one attempt (in half_open: the one probe)."""
+        allowed = self.live.backends[backend].breaker.allow(self._clock())
+        if not allowed:
+            self._metrics.backend_healthy.labels(backend).set(0)
+        return allowed
+
+    def on_abandon(self, backend: str) -> None:
+        """An admitted attempt ended without a verdict: free a half-open probe slot."""
+        self.live.backends[backend].breaker.on_release(self._clock())
+
+    def on_retry(self, backend: str) -> None:
+        self._metrics.retries.labels(backend).inc()
 
     def on_start(self, backend: str, headers: Mapping[str, str], prompt_tokens: int) -> None:
         """The attempt answered (first byte): count it in flight and read the provider's headroom."""
@@ -193,6 +230,7 @@ class Router:
         live = self.live.backends[backend]
         live.inflight += 1
         live.breaker.on_success(now)
+        self._metrics.backend_healthy.labels(backend).set(1)
         self.live.observe_headers(backend, headers, now)
         self._metrics.inflight.labels(backend).set(live.inflight)
         del prompt_tokens
