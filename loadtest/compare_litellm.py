@@ -385,6 +385,28 @@ def goals(cells: dict[tuple[str, int, str], Cell], levels: list[int]) -> list[st
     return out or ["- (needs neogate and LiteLLM in the run)"]
 
 
+def plots(out: Path, names: list[str], modes: list[str], level: int) -> list[str]:
+    """A `neogate report` per mode over the targets at the top level (first repeat)."""
+    from loadtest.report import write_report
+
+    md = ["## Plots", ""]
+    for mode in modes:
+        files = [out / "runs" / f"{n}-{mode}-c{level}-r0.jsonl" for n in names]
+        files = [f for f in files if f.exists()]
+        if not files:
+            continue
+        try:
+            rep = write_report(
+                files, out / f"report-{mode}-c{level}", f"{mode}, concurrency {level}"
+            )
+        except ImportError:
+            return ["(plots need matplotlib)"]
+        md.append(
+            f"- {mode}, concurrency {level}: [{rep.relative_to(out)}]({rep.relative_to(out)})"
+        )
+    return [*md, ""]
+
+
 def write_markdown(
     path: Path,
     args: argparse.Namespace,
@@ -459,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.proc.stop()
     body = render_tables(cells, names, modes, levels)
     body += ["## Goals (issue 6)", "", *goals(cells, levels), ""]
+    body += plots(out, names, modes, max(levels))
     report = out / "compare.md"
     write_markdown(report, args, targets, body, argv)
     print("\n".join(body))

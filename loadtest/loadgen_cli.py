@@ -164,7 +164,7 @@ async def _progress_loop(p: Progress, out: TextIO, tty: bool) -> None:
         rate = (p.done - last_done) / period
         last_done = p.done
         line = (
-            f"{elapsed:6.1f}/{p.total:.0f}s  sent {p.started}  done {p.done}  errors {p.errors}"
+            f"{elapsed:6.1f}/{p.total:g}s  sent {p.started}  done {p.done}  errors {p.errors}"
             f"  in flight {p.inflight}  {rate:8.0f} req/s"
         )
         out.write(("\r" + line + "   ") if tty else (line + "\n"))

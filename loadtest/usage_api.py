@@ -148,8 +148,8 @@ def describe_usage(meta: dict[str, Any]) -> str:
     ]
     per_m, per_out = total.usd_per_million_tokens, total.usd_per_million_output
     if per_m is not None:
-        out = f", ${per_out:.4f}/M output tokens" if per_out is not None else ""
-        lines.append(f"              ${per_m:.4f} per million tokens{out}")
+        out = f"; ${per_out:.4f} of cost per million output tokens" if per_out is not None else ""
+        lines.append(f"              ${per_m:.4f} per million tokens (in + out){out}")
     for name, t in sorted(delta.items()):
         if name == "*" or t.tokens <= 0:
             continue
