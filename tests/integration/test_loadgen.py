@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,7 @@ async def test_closed_loop_holds_concurrency_and_records_everything(
         assert r.events == 7  # role chunk, 5 content chunks, finish chunk; not the usage one
         assert r.completion_tokens == 5 and r.prompt_tokens == 20
         assert r.ttft is not None and 0.015 < r.ttft < r.latency
-        assert r.itl is not None and 0.0015 < r.itl < 0.05
+        assert r.itl is not None and 0.0015 < r.itl < 0.2
     for r in plain:
         assert r.completion_tokens == 5 and r.ttft is None and r.latency >= 0.02
     assert {r.backend for r in recs} == {"gpu-a", "sim-groq"}
@@ -217,6 +218,7 @@ async def test_request_count_bound_and_body_mix(server: Server) -> None:
     cfg = _cfg(
         server.url,
         max_requests=37,
+        schedule=constant_schedule(4, 20.0),
         stream_ratio=0.3,
         prompt_tokens=parse_distribution("uniform:5-50"),
         max_tokens=parse_distribution("uniform:1-4"),
@@ -225,7 +227,7 @@ async def test_request_count_bound_and_body_mix(server: Server) -> None:
     )
     t0 = time.perf_counter()
     out = await run_load(cfg, usage=False)
-    assert time.perf_counter() - t0 < 1.0  # the count bound stopped the 1 s run early
+    assert time.perf_counter() - t0 < 10.0  # the count bound stopped the 20 s run early
     assert len(out.records) == 37 == len(server.served.bodies)
     sizes = {len(b["messages"][0]["content"].split()) for b in server.served.bodies}  # type: ignore[index]
     assert len(sizes) > 10 and min(sizes) >= 5 and max(sizes) <= 50
@@ -282,17 +284,20 @@ async def test_errors_are_typed(server: Server) -> None:
 
 
 async def test_schedule_steps_change_concurrency(server: Server) -> None:
-    cfg = _cfg(server.url, schedule=parse_schedule("1:0.3s,6:0.3s,burst:5,1:0.3s"))
+    cfg = _cfg(server.url, schedule=parse_schedule("1:0.25s,6:0.25s,burst:8,1:0.25s"))
     out = await run_load(cfg, usage=False)
 
     # Requests in flight at each moment, measured from the records themselves.
     def inflight(t: float) -> int:
         return sum(1 for r in out.records if r.start <= t < r.end)
 
-    assert max(inflight(t / 100) for t in range(5, 28)) == 1
-    assert max(inflight(t / 100) for t in range(35, 58)) == 6
-    assert max(inflight(t / 1000) for t in range(600, 615)) >= 10  # six plus the burst of five
-    assert server.served.max_inflight >= 10
+    assert max(inflight(t / 100) for t in range(5, 23)) == 1
+    assert max(inflight(t / 100) for t in range(30, 48)) == 6
+    # The burst: eight requests sent at the same instant, around the half-second mark.
+    starts = Counter(r.start for r in out.records)
+    (burst_at, n), *_ = starts.most_common(1)
+    assert n == 8 and 0.5 <= burst_at < 0.6
+    assert server.served.max_inflight >= 9  # the burst on top of the one remaining worker
 
 
 def test_only_loopback_unless_allowed() -> None:
