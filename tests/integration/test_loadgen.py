@@ -502,9 +502,8 @@ async def _dribble_server(payloads: list[bytes]) -> tuple[asyncio.Server, int]:
                     writer.write(data[i : i + 5])
                     await writer.drain()
                     await asyncio.sleep(0)
-                if b"Connection: close" in data or (
-                    b"Content-Length" not in data and (b"chunked" not in data)
-                ):
+                closing = b"Connection: close" in data or b"X-Then-Close" in data
+                if closing or (b"Content-Length" not in data and b"chunked" not in data):
                     writer.close()
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -540,12 +539,16 @@ async def test_raw_client_frames_responses_split_into_small_pieces() -> None:
         b"Transfer-Encoding: chunked\r\n\r\n"
         + _chunked(b'{"error":{"message":"x","type":"overloaded","code":null}}'),
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + usage,
+        # Closed by the server after the response without saying so: the next request must
+        # not fail on the dead keep-alive connection.
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Then-Close: 1\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(usage), usage),
     ]
     srv, port = await _dribble_server(payloads)
     try:
         cfg = _cfg(
             f"http://127.0.0.1:{port}",
-            max_requests=8,
+            max_requests=10,
             schedule=constant_schedule(1, 5),
             client="raw",
         )
@@ -554,13 +557,14 @@ async def test_raw_client_frames_responses_split_into_small_pieces() -> None:
         srv.close()
         await srv.wait_closed()
     recs = out.records
-    assert len(recs) == 8
-    for i in (0, 4):
+    assert len(recs) == 10
+    assert recs[4].ok and recs[9].ok and recs[5].ok
+    for i in (0, 5):
         assert recs[i].ok and recs[i].completion_tokens == 2 and recs[i].backend == "b1"
-    for i in (1, 5):
+    for i in (1, 6):
         assert recs[i].ok and recs[i].events == 2 and recs[i].completion_tokens == 2
         assert recs[i].ttft is not None
-    for i in (2, 6):
+    for i in (2, 7):
         assert recs[i].error == "http_503:overloaded" and recs[i].status == 503
-    for i in (3, 7):
+    for i in (3, 8):
         assert recs[i].ok and recs[i].completion_tokens == 2 and recs[i].backend is None
