@@ -16,24 +16,31 @@ import argparse
 import asyncio
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from loadtest.compare_procs import Proc, ensure_litellm, free_port, git_commit, wait_ready
-from loadtest.loadgen import LoadConfig, machine_info, run_load
+from loadtest.compare_procs import Proc, ensure_litellm, free_port, wait_ready
+from loadtest.compare_render import (
+    MODES,
+    Cell,
+    fmt_ms,
+    goals,
+    plots,
+    render_tables,
+    write_markdown,
+)
+from loadtest.loadgen import LoadConfig, run_load
 from loadtest.results import save_results, summarize
 from loadtest.schedule import constant_schedule
 
 TARGETS = ("direct", "neogate", "litellm")
-MODES = ("buffered", "streamed")
 
 # The neogate policy for the benchmark: one OpenAI-compatible backend (the upstream), one
 # tenant, the SQLite ledger on. Format: gateway/config.py and README.
@@ -91,23 +98,6 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
             for n in ("uvicorn", "uvicorn.error", "uvicorn.access", "LiteLLM", "LiteLLM Proxy")
         },
     }
-
-
-@dataclass
-class Cell:
-    """Results of one (mode, level, target) over the repeats."""
-
-    req_per_s: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
-    ttft_p50: list[float] = field(default_factory=list)
-    errors: int = 0
-    requests: int = 0
-    cpu_ms_per_req: list[float] = field(default_factory=list)
-
-    def med(self, name: str) -> float | None:
-        vals: list[float] = getattr(self, name)
-        return statistics.median(vals) if vals else None
 
 
 @dataclass
@@ -292,162 +282,12 @@ async def measure(
                     c.requests += s.requests
                     print(
                         f"  r{rep} {mode:8} c={level:<4} {name:8} {s.req_per_s:9.1f} req/s"
-                        f"  p50 {_ms(s.e2e.p50 if s.e2e else None)}"
-                        f"  p99 {_ms(s.e2e.p99 if s.e2e else None)} ms"
+                        f"  p50 {fmt_ms(s.e2e.p50 if s.e2e else None)}"
+                        f"  p99 {fmt_ms(s.e2e.p99 if s.e2e else None)} ms"
                         f"  errors {s.requests - s.ok}",
                         flush=True,
                     )
     return cells
-
-
-def _ms(v: float | None) -> str:
-    return f"{v * 1e3:8.2f}" if v is not None else "       -"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.1f}x" if a and b else "-"
-
-
-def render_tables(
-    cells: dict[tuple[str, int, str], Cell], names: list[str], modes: list[str], levels: list[int]
-) -> list[str]:
-    """Markdown tables: per mode, per level, per target, with ratios to LiteLLM."""
-    md: list[str] = []
-    for mode in modes:
-        md += [
-            f"### {mode}",
-            "",
-            "| conc | target | req/s | p50 ms | p99 ms | TTFT p50 ms | server CPU ms/req "
-            "| errors | req/s vs LiteLLM | p99 vs LiteLLM |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for level in levels:
-            ref = cells.get((mode, level, "litellm"))
-            for name in names:
-                c = cells.get((mode, level, name))
-                if c is None:
-                    continue
-                rps, p99 = c.med("req_per_s"), c.med("p99")
-                ttft = c.med("ttft_p50")
-                cpu = c.med("cpu_ms_per_req")
-                ratio_rps = _ratio(rps, ref.med("req_per_s")) if ref and name != "litellm" else ""
-                ratio_p99 = _ratio(p99, ref.med("p99")) if ref and name != "litellm" else ""
-                md.append(
-                    f"| {level} | {name} | {rps or 0:.1f} | {_ms(c.med('p50')).strip()} "
-                    f"| {_ms(p99).strip()} | {_ms(ttft).strip() if mode == 'streamed' else '-'} "
-                    f"| {f'{cpu:.3f}' if cpu is not None else '-'} | {c.errors}/{c.requests} "
-                    f"| {ratio_rps} | {ratio_p99} |"
-                )
-        md.append("")
-    return md
-
-
-def goals(cells: dict[tuple[str, int, str], Cell], levels: list[int]) -> list[str]:
-    """The issue's three goals, checked against this run."""
-
-    def med(mode: str, level: int, name: str, attr: str) -> float | None:
-        c = cells.get((mode, level, name))
-        return c.med(attr) if c else None
-
-    out: list[str] = []
-    ng = [v for lv in levels if (v := med("buffered", lv, "neogate", "req_per_s"))]
-    ll = [v for lv in levels if (v := med("buffered", lv, "litellm", "req_per_s"))]
-    if ng and ll:
-        r = max(ng) / max(ll)
-        out.append(
-            f"- max buffered throughput: neogate {max(ng):.0f} req/s, LiteLLM "
-            f"{max(ll):.0f} req/s: {r:.1f}x (goal >= 30x: {'met' if r >= 30 else 'NOT met'})"
-        )
-    ok_levels = [
-        lv
-        for lv in levels
-        for m in MODES
-        if (c := cells.get((m, lv, "litellm"))) and c.errors == 0 and c.requests
-    ]
-    worse = [
-        (m, lv)
-        for m in MODES
-        for lv in sorted(set(ok_levels))
-        if (a := med(m, lv, "neogate", "p99")) and (b := med(m, lv, "litellm", "p99")) and a >= b
-    ]
-    if ok_levels and any(("buffered", lv, "neogate") in cells for lv in levels):
-        out.append(
-            "- p99 below LiteLLM's at every level LiteLLM sustains without errors: "
-            + ("met" if not worse else f"NOT met at {worse}")
-        )
-    d, n = med("streamed", 1, "direct", "ttft_p50"), med("streamed", 1, "neogate", "ttft_p50")
-    if d is not None and n is not None:
-        added = (n - d) * 1e3
-        out.append(
-            f"- streaming TTFT p50 added by neogate at concurrency 1: {added:.3f} ms "
-            f"(goal < 1 ms: {'met' if added < 1 else 'NOT met'})"
-        )
-    return out or ["- (needs neogate and LiteLLM in the run)"]
-
-
-def plots(out: Path, names: list[str], modes: list[str], level: int) -> list[str]:
-    """A `neogate report` per mode over the targets at the top level (first repeat)."""
-    from loadtest.report import write_report
-
-    md = ["## Plots", ""]
-    for mode in modes:
-        files = [out / "runs" / f"{n}-{mode}-c{level}-r0.jsonl" for n in names]
-        files = [f for f in files if f.exists()]
-        if not files:
-            continue
-        try:
-            rep = write_report(
-                files, out / f"report-{mode}-c{level}", f"{mode}, concurrency {level}"
-            )
-        except ImportError:
-            return ["(plots need matplotlib)"]
-        md.append(
-            f"- {mode}, concurrency {level}: [{rep.relative_to(out)}]({rep.relative_to(out)})"
-        )
-    return [*md, ""]
-
-
-def write_markdown(
-    path: Path,
-    args: argparse.Namespace,
-    targets: dict[str, Target],
-    body: list[str],
-    argv: list[str],
-) -> None:
-    m = machine_info()
-    version = targets["litellm"].version if "litellm" in targets else None
-    md = [
-        "# neogate vs LiteLLM proxy vs direct",
-        "",
-        f"Date: {datetime.now(UTC).isoformat(timespec='seconds')}; machine: {m['cpus']} CPUs, "
-        f"{m['processor']}, {m['platform']}, Python {m['python']}; neogate commit "
-        f"{git_commit()}; LiteLLM {version or '-'}.",
-        "",
-        f"Command: `python -m loadtest.compare_litellm {' '.join(argv)}`",
-        "",
-        "## Settings",
-        "",
-        f"- upstream: `neogate sim static` (fixed answers, {args.completion_tokens} completion "
-        "tokens), one process"
-        if not args.upstream_cmd
-        else f"- upstream: `{args.upstream_cmd}`",
-        "- neogate: `neogate serve --config neogate.yaml`, one process, one OpenAI-compatible "
-        "backend, tenant-key auth, metering and the SQLite ledger on",
-        "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn with uvloop and "
-        "httptools), master-key auth, no database (so no spend tracking), `openai/<model>` "
-        "with `api_base`",
-        f"- logging: both at {args.log_level.upper()} (LiteLLM's uvicorn access log off)",
-        f"- load: closed loop, {args.duration:g} s per cell after {args.warmup:g} s warm-up per "
-        f"target, levels {args.levels}, prompt {args.prompt_tokens} tokens, max_tokens "
-        f"{args.max_tokens}, medians of {args.repeats} repeat(s); the load generator ("
-        f"{args.client} HTTP client) runs in this script's process, on the same machine",
-        "- server CPU ms/req: CPU time of the target's process tree over the cell / OK requests",
-        "",
-        "## Results",
-        "",
-        *body,
-    ]
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     body += ["## Goals (issue 6)", "", *goals(cells, levels), ""]
     body += plots(out, names, modes, max(levels))
     report = out / "compare.md"
-    write_markdown(report, args, targets, body, argv)
+    litellm = targets.get("litellm")
+    write_markdown(report, args, litellm.version if litellm else None, body, argv)
     print("\n".join(body))
     print(f"report: {report}")
     return 0
