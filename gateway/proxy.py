@@ -133,6 +133,7 @@ async def _relay_stream(
     resp = web.StreamResponse(status=200, headers=rt.answer_headers(completion, attempt, None))
     resp.headers.update(_SSE_HEADERS)
     outcome = "ok"
+    failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
     try:
         await resp.prepare(request)
         bound_write_buffer(request, rt.router.reliability.settings.write_buffer_bytes)
@@ -153,7 +154,7 @@ async def _relay_stream(
             outcome = "upstream_error" if flt.error_seen else "upstream_cut"
     except GatewayError as exc:
         outcome = "upstream_cut"
-        await _send_stream_error(resp, exc)
+        failure = exc
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         outcome = "client_disconnect"
         attempt.response.close()
@@ -172,7 +173,8 @@ async def _relay_stream(
     elif outcome == "upstream_cut" and not flt.error_seen:
         await _send_stream_error(
             resp,
-            GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
+            failure
+            or GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
         )
     return resp
 
