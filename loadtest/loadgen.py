@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from loadtest.rawhttp import RawClient, request_head
@@ -33,6 +32,7 @@ from loadtest.schedule import (
     concurrency_changes,
     poisson_arrivals,
 )
+from loadtest.usage_api import fetch_usage
 from loadtest.wire import AiohttpClient, Client, ResponseReader, Target
 
 _perf = time.perf_counter
@@ -328,27 +328,6 @@ class _Run:
         await self.sleep_until(bound)
         self.stop.set()
         await bursts
-
-
-async def fetch_usage(
-    origin: str, key: str | None, query: str = "by=backend", limit_s: float = 5.0
-) -> dict[str, Any]:
-    """GET {origin}/v1/usage?{query}; tolerant: returns status and JSON (or an error note)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = origin + "/v1/usage" + (f"?{query}" if query else "")
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as s,
-            s.get(url, headers=headers) as resp,
-        ):
-            raw = await resp.read()
-            try:
-                body: Any = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                body = raw[:200].decode("utf-8", "replace")
-            return {"status": resp.status, "body": body}
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return {"status": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def machine_info() -> dict[str, Any]:

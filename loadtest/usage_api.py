@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import orjson
+
 _COST = ("cost_usd", "total_cost_usd", "cost", "spend_usd", "spend", "usd")
 _PROMPT = ("prompt_tokens", "input_tokens")
 _COMPLETION = ("completion_tokens", "output_tokens")
@@ -159,3 +162,24 @@ def describe_usage(meta: dict[str, Any]) -> str:
             + (f"  ${pm:.4f}/M" if pm is not None else "")
         )
     return "\n".join(lines)
+
+
+async def fetch_usage(
+    origin: str, key: str | None, query: str = "by=backend", limit_s: float = 5.0
+) -> dict[str, Any]:
+    """GET {origin}/v1/usage?{query}; tolerant: returns status and JSON (or an error note)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = origin + "/v1/usage" + (f"?{query}" if query else "")
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as s,
+            s.get(url, headers=headers) as resp,
+        ):
+            raw = await resp.read()
+            try:
+                body: Any = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = raw[:200].decode("utf-8", "replace")
+            return {"status": resp.status, "body": body}
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return {"status": 0, "error": f"{type(exc).__name__}: {exc}"}
