@@ -134,6 +134,7 @@ async def _relay_stream(
     resp.headers.update(_SSE_HEADERS)
     outcome = "ok"
     failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
+    held: bytes | None = None  # the upstream's own error event, also sent after the row
     try:
         await resp.prepare(request)
         bound_write_buffer(request, rt.router.reliability.settings.write_buffer_bytes)
@@ -145,6 +146,9 @@ async def _relay_stream(
         while block is not None:
             meter.feed(block)
             out = flt.filter(block)
+            if flt.error_seen:
+                held = out
+                break
             if out is not None:
                 await write_or_cut(request, resp, out + b"\n\n", write_timeout_s)
             if flt.done:
@@ -170,6 +174,8 @@ async def _relay_stream(
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the row is written; the client left before [DONE]
+    elif held is not None:
+        await _send_last(resp, held)
     elif outcome == "upstream_cut" and not flt.error_seen:
         await _send_stream_error(
             resp,
@@ -181,8 +187,12 @@ async def _relay_stream(
 
 async def _send_stream_error(resp: web.StreamResponse, exc: GatewayError) -> None:
     """A mid-stream failure: `data: {"error": ...}` and the stream closes without [DONE]."""
+    await _send_last(resp, b"data: " + exc.body())
+
+
+async def _send_last(resp: web.StreamResponse, event: bytes) -> None:
     try:
-        await resp.write(b"data: " + exc.body() + b"\n\n")
+        await resp.write(event + b"\n\n")
         await resp.write_eof()
     except ConnectionResetError:
         return
