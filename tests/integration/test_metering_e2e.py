@@ -220,7 +220,9 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
     }
 
 
-async def start_sims() -> tuple[dict[str, str], list[web.AppRunner]]:
+async def start_sims(
+    provider_time_scale: float = 0.01,
+) -> tuple[dict[str, str], list[web.AppRunner]]:
     """A fast worker (with a reasoning model), a slow worker and a Groq-like provider."""
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
@@ -231,7 +233,7 @@ async def start_sims() -> tuple[dict[str, str], list[web.AppRunner]]:
         # ~9 ms per token at batch 1: a 1,000-token answer takes ~9 s unless it is cancelled.
         "slow": create_worker_app(WorkerOptions(seed=2, time_scale=2.0)),
         "provider": create_provider_app(
-            ProviderOptions(time_scale=0.01, ttft_s_mean=0.2, prompt_cache=True)
+            ProviderOptions(time_scale=provider_time_scale, ttft_s_mean=0.2, prompt_cache=True)
         ),
     }
     for name, app in specs.items():
