@@ -35,6 +35,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 # one fits in this budget, two do not.
 CAPPED_USD = 0.00012
 SEEDED_TOKENS = 150
+# slow-8b reserves ~50 tokens x 3.82 $/M (a GPU at batch 1) = ~1.9e-4 USD: one fits, two do not.
+LEAVING_USD = 0.0003
 
 
 def budget_policy(urls: dict[str, str], data: Path) -> dict[str, Any]:
@@ -43,6 +45,7 @@ def budget_policy(urls: dict[str, str], data: Path) -> dict[str, Any]:
         {"name": "capped", "budgets": {"usd_total": CAPPED_USD}},
         {"name": "limited", "rate_limits": {"requests_per_minute": 2}},
         {"name": "seeded", "budgets": {"tokens_total": SEEDED_TOKENS}},
+        {"name": "leaving", "budgets": {"usd_total": LEAVING_USD}},
     ]
     return policy
 
@@ -80,7 +83,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     policy = budget_policy(urls, data)
     runner, url = await start_gateway(policy, anonymous=False)
     try:
-        keys = {t: await create_key(url, t) for t in ("capped", "limited", "seeded")}
+        keys = {t: await create_key(url, t) for t in ("capped", "limited", "seeded", "leaving")}
         yield Env(url, data / "ledger.db", policy, keys)
     finally:
         await runner.cleanup()
@@ -172,3 +175,23 @@ async def test_token_budget_survives_restart(env: Env) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_that_leaves_gives_its_reservation_back(env: Env, stream: bool) -> None:
+    """A client that hangs up must not keep budget reserved: the next request is admitted."""
+    async with env.client("leaving", max_retries=0, timeout=0.15) as oai:
+        for _ in range(3):
+            # ~50 tokens at ~9 ms each: the client leaves long before the answer is done.
+            if stream:
+                chunks = await oai.chat.completions.create(
+                    model="slow-8b", messages=MSG, max_tokens=50, stream=True
+                )
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        break
+                await chunks.close()
+            else:
+                with pytest.raises(openai.APITimeoutError):
+                    await oai.chat.completions.create(model="slow-8b", messages=MSG, max_tokens=50)
+            await asyncio.sleep(0.05)  # the gateway notices the hang-up
