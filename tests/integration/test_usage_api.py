@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
+import yaml
 from openai import AsyncOpenAI
 
 from policies.costmodel import GpuModel
@@ -27,7 +29,9 @@ from tests.integration.test_metering_e2e import (
     ADMIN_KEY,
     GPU,
     MSG,
+    PG_DSN,
     SECRET,
+    drop_schema,
     e2e_policy,
     new_rid,
     sqlite_rows,
@@ -200,18 +204,12 @@ async def test_pricing_sheet(env: Env) -> None:
 
 async def test_usage_cli_reads_the_gateway_ledger(env: Env) -> None:
     ledger = str(env.ledger)
-    (
-        (rc_j, out_j, err_j),
-        (rc_c, out_c, _),
-        (rc_t, out_t, _),
-        (rc_p, out_p, _),
-    ) = await asyncio.gather(
+    (rc_j, out_j, err_j), (rc_c, out_c, _), (rc_t, out_t, _) = await asyncio.gather(
         neogate("usage", "--ledger", ledger, "--by", "tenant", "--format", "json"),
         neogate("usage", "--ledger", ledger, "--by", "tenant", "--format", "csv"),
         neogate("usage", "--ledger", ledger, "--by", "tenant,model", "--format", "table"),
-        neogate("usage", "--ledger", ledger, "--pricing", "--format", "json"),
     )
-    assert (rc_j, rc_c, rc_t, rc_p) == (0, 0, 0, 0), err_j
+    assert (rc_j, rc_c, rc_t) == (0, 0, 0), err_j
     status, body = await http("GET", env.url + "/v1/usage?by=tenant", key=ADMIN_KEY)
     assert status == 200
     assert json.loads(out_j) == body["data"]
@@ -222,8 +220,6 @@ async def test_usage_cli_reads_the_gateway_ledger(env: Env) -> None:
     assert lines[0].split()[:3] == ["tenant", "model", "requests"]
     total = next(line for line in lines if line.startswith("TOTAL"))
     assert int(total.split()[2]) == sum(d["requests"] for d in body["data"])
-    status, sheet = await http("GET", env.url + "/v1/usage?report=pricing", key=ADMIN_KEY)
-    assert json.loads(out_p) == sheet["data"]
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -290,3 +286,60 @@ async def test_cli_created_key_works_and_cli_revocation_is_seen(env: Env) -> Non
     rc, out, err = await neogate("keys", "revoke", key_id, "--db", str(env.ledger))
     assert rc == 0, err
     assert await poll_status(env, key, 401) == 401
+
+
+# --- the command line on a PostgreSQL ledger ---------------------------------------------------
+
+PG_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="gateway/metering_cli.py drops ledger.schema_name: `--config` reads and writes the "
+    "default `neogate` schema, not the one the gateway uses",
+)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def pg_gateway(tmp_path: Path) -> AsyncIterator[tuple[Env, Path]]:
+    urls, sims = await start_sims()
+    schema = f"e2e_cli_{uuid.uuid4().hex[:10]}"
+    policy = e2e_policy(urls, tmp_path)
+    policy["ledger"] = {
+        "kind": "postgres",
+        "dsn": PG_DSN,
+        "schema_name": schema,
+        "spool_path": str(tmp_path / "ledger.spool"),
+    }
+    config = tmp_path / "policy.yaml"
+    config.write_text(yaml.safe_dump(policy))
+    runner, url = await start_gateway(policy, anonymous=False)
+    try:
+        status, body = await http(
+            "POST", url + "/admin/keys", key=ADMIN_KEY, json_body={"tenant": "pg-tenant"}
+        )
+        assert status == 201
+        yield Env(url, tmp_path / "unused.db", {"pg-tenant": body["key"]}), config
+    finally:
+        await runner.cleanup()
+        for r in sims:
+            await r.cleanup()
+        await drop_schema(schema)
+
+
+@PG_XFAIL
+async def test_usage_cli_with_a_postgres_config(pg_gateway: tuple[Env, Path]) -> None:
+    env, config = pg_gateway
+    async with env.client(env.keys["pg-tenant"]) as oai:
+        await oai.chat.completions.create(model="groq-8b", messages=MSG, max_tokens=4)
+    rc, out, err = await neogate(
+        "usage", "--config", str(config), "--by", "tenant", "--format", "json"
+    )
+    assert rc == 0, err
+    assert [(d["tenant"], d["requests"]) for d in json.loads(out)] == [("pg-tenant", 1)]
+
+
+@PG_XFAIL
+async def test_keys_cli_with_a_postgres_config(pg_gateway: tuple[Env, Path]) -> None:
+    env, config = pg_gateway
+    rc, out, err = await neogate("keys", "create", "--tenant", "pg-cli", "--config", str(config))
+    assert rc == 0, err
+    key = dict(re.findall(r"^(key_id|key):\s+(\S+)$", out, flags=re.M))["key"]
+    assert await poll_status(env, key, 200) == 200
