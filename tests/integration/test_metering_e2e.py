@@ -167,6 +167,7 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
                 "kind": "vllm",
                 "base_url": urls["gpu"],
                 "models": {
+                    "failover-8b": LLAMA,
                     "local-8b": LLAMA,
                     "local-reasoner": REASONER,
                     "local-cut": LLAMA + "@cut",
@@ -199,8 +200,20 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
                 },
                 "price": GROQ_PRICE,
             },
+            {
+                "name": "sim-groq-bad",
+                "kind": "groq",
+                "base_url": urls["provider"],
+                "models": {"failover-8b": "llama-3.1-8b-instant@error500"},
+                "price": GROQ_PRICE,
+            },
         ],
         "models": [
+            {
+                "name": "failover-8b",
+                "backends": ["sim-groq-bad", "gpu-a"],
+                "policy": {"kind": "pinned", "order": ["sim-groq-bad", "gpu-a"]},
+            },
             {"name": "local-8b", "backends": ["gpu-a"]},
             {"name": "local-reasoner", "backends": ["gpu-a"]},
             {"name": "local-cut", "backends": ["gpu-a"]},
@@ -539,6 +552,28 @@ async def test_tool_call_arguments_counted_when_the_stream_breaks(env: Env) -> N
     row = only_row(await rows_for(env.ledger, rid))
     assert row["outcome"] == "upstream_cut" and row["token_source"] == "counted"
     assert row["completion_tokens"] == env.tokenizer.count_text(name + args) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failover_before_first_byte_meters_the_attempt_that_answered(
+    env: Env, oai: AsyncOpenAI, stream: bool
+) -> None:
+    rid = new_rid("failover")
+    raw = await oai.chat.completions.with_raw_response.create(
+        model="failover-8b",
+        messages=MSG,
+        max_tokens=5,
+        stream=stream,
+        extra_headers={"x-request-id": rid},
+    )
+    if stream:
+        _ = [c async for c in raw.parse()]
+    assert raw.headers["x-neogate-backend"] == "gpu-a"
+    assert raw.headers["x-neogate-attempts"] == "2"
+    # The refused attempt consumed nothing: one row, for the attempt that answered.
+    row = only_row(await rows_for(env.ledger, rid))
+    assert (row["attempt"], row["backend"], row["outcome"]) == (1, "gpu-a", "ok")
+    assert row["completion_tokens"] == 5 and row["cost_nusd"] == expected_cost_nusd(row) > 0
 
 
 # --- n, cached, reasoning ----------------------------------------------------------------
