@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,7 +16,15 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.ledger.reports import spend_by_tenant
 from gateway.proxy import handler
-from gateway.runtime import REQUEST_ID, RUNTIME, AppOptions, Runtime, RuntimeRef
+from gateway.runtime import (
+    REQUEST_ID,
+    REQUEST_IDS,
+    RUNTIME,
+    AppOptions,
+    RequestIds,
+    Runtime,
+    RuntimeRef,
+)
 from gateway.wiring import build_runtime
 
 __all__ = ["AppOptions", "create_app"]
@@ -38,6 +45,7 @@ def create_app(
         client_max_size=max(cap, 4 * 1024 * 1024) + 1,
         handler_args={"max_field_size": 16384},
     )
+    app[REQUEST_IDS] = RequestIds()
     app.cleanup_ctx.append(_runtime_ctx(config, opts))
     app.router.add_post("/v1/chat/completions", handler("chat"))
     app.router.add_post("/v1/completions", handler("completions"))
@@ -53,6 +61,7 @@ def create_admin_app(ref: RuntimeRef) -> web.Application:
     """The admin API alone, for a separate admin port, sharing the gateway's runtime."""
     app = web.Application(middlewares=[_errors_middleware])
     app[RUNTIME] = ref
+    app[REQUEST_IDS] = RequestIds()
     add_admin_routes(app)
     return app
 
@@ -107,9 +116,9 @@ async def _close_runtime(rt: Runtime) -> None:
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id and render every error once, as OpenAI JSON."""
-    rid = request.headers.get("x-request-id") or secrets.token_hex(12)
-    if len(rid) > 128 or not rid.isprintable():
-        rid = secrets.token_hex(12)
+    # Always our own id: it keys the ledger, so a client must not be able to choose it
+    # (a repeated client id would otherwise make two requests share one row).
+    rid = request.app[REQUEST_IDS].next()
     request[REQUEST_ID] = rid
     try:
         resp = await handler(request)

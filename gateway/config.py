@@ -170,7 +170,8 @@ class AuthSpec(Model):
 
 
 class LedgerSpec(Model):
-    kind: Literal["sqlite", "postgres"] = "sqlite"
+    # "none" exists for the metering-off benchmark comparison; never run production without a ledger.
+    kind: Literal["sqlite", "postgres", "none"] = "sqlite"
     path: str = "neogate-data/ledger.db"
     dsn: str | None = None  # env:NAME or a postgres:// URL without a password
     spool_path: str = "neogate-data/ledger.spool"

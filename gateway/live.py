@@ -119,6 +119,10 @@ class LiveState:
         live.latency[model] = update(live.estimate(model), sample, self.alpha)
 
     def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
+        if "x-ratelimit-remaining-requests" not in headers and (
+            "x-ratelimit-remaining-tokens" not in headers
+        ):
+            return  # local workers and most answers carry none: skip the parse
         live = self.backends[backend]
         live.headroom = Headroom.from_headers(headers, now, live.headroom)
 

@@ -52,6 +52,7 @@ class Completion:
     prices: UnitPrices | None = None  # captured when the attempt started: the price in force
     first_byte_at: float | None = None
     usage: Usage | None = None
+    client_request_id: str | None = None
     _meter: StreamMeter | None = field(default=None)
 
     def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
@@ -105,6 +106,7 @@ class Meter:
         self.admission = admission
         self._live = live
         self._threshold = divergence_threshold
+        self._price_cache: dict[tuple[str, str, int, int], UnitPrices] = {}
 
     # --- before forwarding ----------------------------------------------------------
 
@@ -126,6 +128,17 @@ class Meter:
 
     def unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
         """Prices in force now: the price book for providers, the cost model at `batch` for GPUs."""
+        book = self._live.prices.book
+        live = self._live.backends[backend]
+        key = (backend, model, batch if live.gpu is not None else 0, book.version)
+        cached = self._price_cache.get(key)
+        if cached is None:
+            if len(self._price_cache) > 4096:
+                self._price_cache.clear()  # versions move on; old entries are dead weight
+            cached = self._price_cache[key] = self._unit_prices(backend, model, batch)
+        return cached
+
+    def _unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
         live = self._live.backends[backend]
         book = self._live.prices.book
         version = str(book.version)
@@ -220,6 +233,7 @@ class Meter:
             divergent=divergent,
             batch_size=completion.batch_seen if live.gpu is not None else None,
             is_local=live.spec.is_local,
+            client_request_id=completion.client_request_id,
         )
 
     def _observe(
@@ -228,24 +242,25 @@ class Meter:
         backend = completion.backend or "none"
         model = completion.inbound.model
         m = self._metrics
-        m.requests.labels(backend, model, outcome).inc()
+        m.outcome(backend, model, outcome).inc()
+        route = m.route(backend, model)
         total = time.monotonic() - completion.arrived
-        m.duration.labels(backend, model).observe(total)
+        route.duration.observe(total)
         ttft = completion.ttft_s
         if ttft is not None:
-            m.ttft.labels(backend, model).observe(ttft)
+            route.ttft.observe(ttft)
         if usage is None:
             return
-        m.tokens.labels(backend, model, "prompt").inc(usage.prompt_tokens)
-        m.tokens.labels(backend, model, "completion").inc(usage.completion_tokens)
+        route.prompt.inc(usage.prompt_tokens)
+        route.completion.inc(usage.completion_tokens)
         if usage.cached_tokens:
-            m.tokens.labels(backend, model, "cached").inc(usage.cached_tokens)
+            route.cached.inc(usage.cached_tokens)
         if usage.reasoning_tokens:
-            m.tokens.labels(backend, model, "reasoning").inc(usage.reasoning_tokens)
+            route.reasoning.inc(usage.reasoning_tokens)
         if cost:
-            m.cost.labels(backend, model).inc(float(cost))
+            route.cost.inc(float(cost))
         if completion.inbound.stream and ttft is not None and usage.completion_tokens > 1:
-            m.itl.labels(backend, model).observe((total - ttft) / (usage.completion_tokens - 1))
+            route.itl.observe((total - ttft) / (usage.completion_tokens - 1))
 
 
 def _limit_error(exc: AdmissionRejected) -> LimitExceeded:

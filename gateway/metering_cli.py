@@ -40,6 +40,7 @@ class LedgerLocation:
     path: Path
     dsn: str | None
     configured_secret: str | None
+    schema: str = "neogate"  # PostgreSQL schema (ledger.schema_name)
 
     @property
     def secret_file(self) -> Path:
@@ -62,7 +63,7 @@ def locate_ledger(config_path: str | None, sqlite_path: str | None) -> LedgerLoc
     dsn = resolve_secret(ledger.dsn) if ledger.kind == "postgres" else None
     if ledger.kind == "postgres" and not dsn:
         raise CliError(f"{config_path}: ledger.dsn is not set (or its env variable is unset)")
-    return LedgerLocation(ledger.kind, Path(ledger.path), dsn, secret)
+    return LedgerLocation(ledger.kind, Path(ledger.path), dsn, secret, ledger.schema_name)
 
 
 def _require_sqlite_file(loc: LedgerLocation) -> None:
@@ -164,7 +165,9 @@ async def _usage(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> 
     now = time.time()
     since = parse_since(args.since, now) if args.since else None
     until = parse_until(args.until, now) if args.until else None
-    store = make_store(loc.kind, path=loc.path, dsn=loc.dsn, create=loc.kind != "sqlite")
+    store = make_store(
+        loc.kind, path=loc.path, dsn=loc.dsn, schema=loc.schema, create=loc.kind != "sqlite"
+    )
     try:
         if args.pricing:
             sheet = [
@@ -248,7 +251,7 @@ async def _keys(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> i
     backend: SqliteKeyBackend | PostgresKeyBackend
     if loc.kind == "postgres":
         assert loc.dsn is not None
-        backend = PostgresKeyBackend(loc.dsn)
+        backend = PostgresKeyBackend(loc.dsn, schema=loc.schema)
     else:
         backend = SqliteKeyBackend(loc.path)
     store = KeyStore(backend, secret)

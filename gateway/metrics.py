@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -24,12 +27,38 @@ _LATENCY_BUCKETS = (
 _ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
 
+@dataclass(frozen=True, slots=True)
+class RouteChildren:
+    """The labelled children of one (backend, model) pair, looked up once instead of per request."""
+
+    ttft: Any
+    itl: Any
+    duration: Any
+    prompt: Any
+    completion: Any
+    cached: Any
+    reasoning: Any
+    cost: Any
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChildren:
+    """The labelled children of the per-backend gauges."""
+
+    healthy: Any
+    inflight: Any
+
+
 class GatewayMetrics:
     """Every metric the gateway exports; labels are bounded (backend, model, outcome, kind)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        # Label sets are bounded by the config (backends x models x outcomes), so these stay small.
+        self._routes: dict[tuple[str, str], RouteChildren] = {}
+        self._outcomes: dict[tuple[str, str, str], Any] = {}
+        self._backends: dict[str, BackendChildren] = {}
         self.requests = Counter(
             "neogate_requests_total",
             "Client requests by serving backend, public model and outcome.",
@@ -113,3 +142,39 @@ class GatewayMetrics:
             ["backend"],
             registry=r,
         )
+
+    def route(self, backend: str, model: str) -> RouteChildren:
+        """Children of every per-(backend, model) metric."""
+        key = (backend, model)
+        found = self._routes.get(key)
+        if found is None:
+            found = RouteChildren(
+                ttft=self.ttft.labels(backend, model),
+                itl=self.itl.labels(backend, model),
+                duration=self.duration.labels(backend, model),
+                prompt=self.tokens.labels(backend, model, "prompt"),
+                completion=self.tokens.labels(backend, model, "completion"),
+                cached=self.tokens.labels(backend, model, "cached"),
+                reasoning=self.tokens.labels(backend, model, "reasoning"),
+                cost=self.cost.labels(backend, model),
+            )
+            self._routes[key] = found
+        return found
+
+    def outcome(self, backend: str, model: str, outcome: str) -> Any:
+        """The requests counter child for one outcome."""
+        key = (backend, model, outcome)
+        found = self._outcomes.get(key)
+        if found is None:
+            found = self._outcomes[key] = self.requests.labels(backend, model, outcome)
+        return found
+
+    def backend(self, backend: str) -> BackendChildren:
+        """Children of the per-backend gauges."""
+        found = self._backends.get(backend)
+        if found is None:
+            found = self._backends[backend] = BackendChildren(
+                healthy=self.backend_healthy.labels(backend),
+                inflight=self.inflight.labels(backend),
+            )
+        return found

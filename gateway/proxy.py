@@ -38,6 +38,14 @@ async def read_body(request: web.Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+def client_request_id(request: web.Request) -> str | None:
+    """The client's own id for this request (kept beside ours in the ledger; never the key)."""
+    value = request.headers.get("x-client-request-id") or request.headers.get("x-request-id")
+    if value is None or len(value) > 128 or not value.isprintable():
+        return None
+    return value
+
+
 def handler(endpoint: Endpoint) -> Any:
     """The aiohttp handler of one inference endpoint."""
 
@@ -72,6 +80,7 @@ async def serve(
     estimate = rt.estimator.estimate(inbound, model)
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
+    completion.client_request_id = client_request_id(request)
     rel = rt.router.reliability
     try:
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)

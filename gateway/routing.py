@@ -205,7 +205,7 @@ class Router:
             breaker.on_failure(now)
         else:
             breaker.on_success(now)  # it answered: a client mistake is not ill health
-        self._metrics.backend_healthy.labels(backend).set(1 if breaker.available(now) else 0)
+        self._metrics.backend(backend).healthy.set(1 if breaker.available(now) else 0)
 
     def may_retry(self) -> bool:
         return self.reliability.try_retry()
@@ -214,7 +214,7 @@ class Router:
         """The breaker's leave for one attempt (in half_open: the one probe)."""
         allowed = self.live.backends[backend].breaker.allow(self._clock())
         if not allowed:
-            self._metrics.backend_healthy.labels(backend).set(0)
+            self._metrics.backend(backend).healthy.set(0)
         return allowed
 
     def on_abandon(self, backend: str) -> None:
@@ -230,9 +230,9 @@ class Router:
         live = self.live.backends[backend]
         live.inflight += 1
         live.breaker.on_success(now)
-        self._metrics.backend_healthy.labels(backend).set(1)
+        self._metrics.backend(backend).healthy.set(1)
         self.live.observe_headers(backend, headers, now)
-        self._metrics.inflight.labels(backend).set(live.inflight)
+        self._metrics.backend(backend).inflight.set(live.inflight)
         del prompt_tokens
 
     def on_end(
@@ -246,7 +246,7 @@ class Router:
     ) -> None:
         live = self.live.backends[backend]
         live.inflight -= 1
-        self._metrics.inflight.labels(backend).set(live.inflight)
+        self._metrics.backend(backend).inflight.set(live.inflight)
         sample: LatencySample | None = None
         if groq_usage is not None:
             sample = sample_from_groq_usage(groq_usage, completion_tokens)

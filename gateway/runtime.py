@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -23,7 +25,16 @@ if TYPE_CHECKING:
     from gateway.metering import Completion, Meter
     from gateway.routing import Router
 
-__all__ = ["REQUEST_ID", "RUNTIME", "AppOptions", "Runtime", "RuntimeRef", "Tenant"]
+__all__ = [
+    "REQUEST_ID",
+    "REQUEST_IDS",
+    "RUNTIME",
+    "AppOptions",
+    "RequestIds",
+    "Runtime",
+    "RuntimeRef",
+    "Tenant",
+]
 
 # Client headers that may reach an upstream; everything else (Authorization,
 # cookies, hop-by-hop headers) stays at the gateway.
@@ -75,6 +86,8 @@ class Runtime:
     ) -> dict[str, str]:
         """Headers that explain the decision: which backend, why, and at what predicted cost."""
         out = {"x-request-id": completion.rid, "x-neogate-backend": attempt.backend}
+        if completion.client_request_id is not None:
+            out["x-client-request-id"] = completion.client_request_id
         decision = completion.decision
         if decision is not None:
             out["x-neogate-route-reason"] = decision.reason
@@ -116,3 +129,19 @@ class RuntimeRef:
 
 RUNTIME: Final = web.AppKey("runtime", RuntimeRef)
 REQUEST_ID: Final = web.RequestKey("request_id", str)
+
+
+class RequestIds:
+    """Unique request ids without a syscall per request: a random per-process prefix and a counter."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"req_{self._prefix}{next(self._counter):010x}"
+
+
+REQUEST_IDS: Final = web.AppKey("request_ids", RequestIds)

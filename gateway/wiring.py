@@ -85,7 +85,7 @@ def build_runtime(
     else:
         admission = Admission(limits, opts.limit_store)
         ledger = None
-        if opts.ledger:
+        if opts.ledger and config.ledger.kind != "none":
             ledger = build_writer(
                 config.ledger.kind,
                 path=config.ledger.path,

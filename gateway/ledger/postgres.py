@@ -34,6 +34,7 @@ _NULLABLE = {
     "price_cached_nusd_per_m",
     "ttft_s",
     "batch_size",
+    "client_request_id",
 }
 
 
@@ -118,6 +119,9 @@ class PostgresLedger:
             + ", PRIMARY KEY (request_id, attempt))",
             f"CREATE INDEX IF NOT EXISTS ledger_ts ON {s}.ledger (ts)",
             f"CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON {s}.ledger (tenant, ts)",
+            # Ledgers created before the column existed gain it in place.
+            f"ALTER TABLE {s}.ledger ADD COLUMN IF NOT EXISTS client_request_id TEXT",
+            f"CREATE INDEX IF NOT EXISTS ledger_client_request_id ON {s}.ledger (client_request_id)",
         ]
 
     async def open(self) -> None:

@@ -71,6 +71,9 @@ class LedgerRow:
     outcome: str
     batch_size: int | None = None  # requests sharing the local worker's batch
     is_local: bool = False
+    # The id the client sent (x-client-request-id / x-request-id), for its own reconciliation;
+    # never the key: clients may repeat it.
+    client_request_id: str | None = None
 
     @property
     def cost_usd(self) -> Decimal:
@@ -100,6 +103,7 @@ class LedgerRow:
         divergent: bool = False,
         batch_size: int | None = None,
         is_local: bool = False,
+        client_request_id: str | None = None,
     ) -> LedgerRow:
         """Build a row from metered usage and the unit prices in force for the attempt."""
         cached = prices.cached_input_per_m
@@ -130,6 +134,7 @@ class LedgerRow:
             outcome=outcome,
             batch_size=batch_size,
             is_local=is_local,
+            client_request_id=client_request_id,
         )
 
     def as_tuple(self) -> tuple[Any, ...]:
@@ -162,6 +167,7 @@ class LedgerRow:
             self.outcome,
             self.batch_size,
             self.is_local,
+            self.client_request_id,
         )
 
     def to_json(self) -> bytes:

@@ -45,6 +45,7 @@ _NULLABLE = {
     "price_cached_nusd_per_m",
     "ttft_s",
     "batch_size",
+    "client_request_id",
 }
 
 
@@ -59,7 +60,20 @@ SCHEMA = (
     + ", PRIMARY KEY (request_id, attempt))",
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
     "CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts)",
+    "CREATE INDEX IF NOT EXISTS ledger_client_request_id ON ledger (client_request_id)",
 )
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Ledgers created before a nullable column existed gain it in place."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    if not have:
+        return  # a new file: CREATE TABLE makes every column
+    for name in COLUMNS:
+        if name not in have and name in _NULLABLE:
+            conn.execute(f"ALTER TABLE ledger ADD COLUMN {_column_sql(name)}")
+
+
 INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
     "ON CONFLICT (request_id, attempt) DO NOTHING"
@@ -110,6 +124,7 @@ class SqliteLedger:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
                 if self._create:
+                    _add_missing_columns(conn)
                     for stmt in SCHEMA:
                         conn.execute(stmt)
             except sqlite3.Error:

@@ -118,7 +118,7 @@ async def test_two_concurrent_requests_race_one_budget(env: Env) -> None:
     )
     assert rejected == 1, "the SDK did not retry the refused request"
     # Only the admitted request has a row; its real cost settled the reservation.
-    winner = ok[0].headers["x-request-id"]
+    winner = ok[0].headers["x-client-request-id"]
     loser = next(r for r in rids if r != winner)
     row = only_row(await rows_for(env.ledger, winner))
     assert row["tenant"] == "capped" and 0 < row["cost_nusd"] < CAPPED_USD * 1e9

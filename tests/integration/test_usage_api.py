@@ -237,7 +237,9 @@ async def test_admin_keys_api_and_revocation(env: Env) -> None:
             model="groq-8b", messages=MSG, max_tokens=3, extra_headers={"x-request-id": rid}
         )
         assert reply.choices
-    assert [r["tenant"] for r in sqlite_rows(env.ledger, "request_id = ?", [rid])] == ["gamma"]
+    assert [r["tenant"] for r in sqlite_rows(env.ledger, "client_request_id = ?", [rid])] == [
+        "gamma"
+    ]
     status, listing = await http("GET", env.url + "/admin/keys?tenant=gamma", key=ADMIN_KEY)
     assert status == 200
     assert [k["key_id"] for k in listing["keys"]] == [key_id]
@@ -290,12 +292,6 @@ async def test_cli_created_key_works_and_cli_revocation_is_seen(env: Env) -> Non
 
 # --- the command line on a PostgreSQL ledger ---------------------------------------------------
 
-PG_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="gateway/metering_cli.py drops ledger.schema_name: `--config` reads and writes the "
-    "default `neogate` schema, not the one the gateway uses",
-)
-
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def pg_gateway(tmp_path: Path) -> AsyncIterator[tuple[Env, Path]]:
@@ -324,7 +320,6 @@ async def pg_gateway(tmp_path: Path) -> AsyncIterator[tuple[Env, Path]]:
         await drop_schema(schema)
 
 
-@PG_XFAIL
 async def test_usage_cli_with_a_postgres_config(pg_gateway: tuple[Env, Path]) -> None:
     env, config = pg_gateway
     async with env.client(env.keys["pg-tenant"]) as oai:
@@ -336,7 +331,6 @@ async def test_usage_cli_with_a_postgres_config(pg_gateway: tuple[Env, Path]) ->
     assert [(d["tenant"], d["requests"]) for d in json.loads(out)] == [("pg-tenant", 1)]
 
 
-@PG_XFAIL
 async def test_keys_cli_with_a_postgres_config(pg_gateway: tuple[Env, Path]) -> None:
     env, config = pg_gateway
     rc, out, err = await neogate("keys", "create", "--tenant", "pg-cli", "--config", str(config))

@@ -1,0 +1,248 @@
+"""Gateway core benchmark: added latency at concurrency 1, max non-streaming throughput at concurrency 32.
+
+    python -m loadtest.bench_core [--rounds 3] [--duration 8] [--variants full,no-ledger,pinned]
+
+Starts a fast static upstream (`neogate sim static`) and one gateway process per
+variant (`neogate serve --config ...`, auth with a tenant key, metrics on), then,
+in the same run and interleaved round by round, measures each variant and the
+upstream called directly:
+
+- added latency: wrk at concurrency 1 (p50, p99) through the gateway minus direct;
+- throughput: wrk at concurrency 32, requests/s, and the ratio to direct;
+- streaming: time to first byte at concurrency 1, through the gateway and direct.
+
+Medians over rounds are printed. Needs `wrk` (Debian package `wrk`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TENANT_KEY = "ng-bench-tenant-key-0001"
+BODY = (
+    '{"model":"m","messages":[{"role":"user","content":"Hello there, how are you today?"}],'
+    '"max_tokens":16}'
+)
+STREAM_BODY = BODY[:-1] + ',"stream":true}'
+
+VARIANTS = {
+    # name: (policy kind, ledger kind)
+    "full": ("cost", "sqlite"),
+    "no-ledger": ("cost", "none"),
+    "pinned": ("pinned", "sqlite"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def policy_yaml(upstream: int, port: int, data: Path, policy: str, ledger: str) -> str:
+    pol = "{kind: cost}" if policy == "cost" else "{kind: pinned, order: [static]}"
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+backends:
+  - name: static
+    kind: openai_compatible
+    base_url: http://127.0.0.1:{upstream}/v1
+    models: {{m: static-model}}
+    price: {{input_per_million: 0.1, output_per_million: 0.2}}
+    max_concurrency: 4096
+models:
+  - name: m
+    backends: [static]
+    policy: {pol}
+tenants:
+  - name: bench
+    api_keys: [env:NEOGATE_BENCH_KEY]
+ledger: {{kind: {ledger}, path: {data}/ledger.db, spool_path: {data}/ledger.spool}}
+tokenizer: {{source: bpe-openai}}
+"""
+
+
+@dataclass
+class Proc:
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes]
+
+
+@dataclass
+class Samples:
+    rps: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    ttfb_ms: list[float] = field(default_factory=list)
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start(cmd: list[str], port: int, name: str, env: dict[str, str]) -> Proc:
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_port(port)
+    return Proc(name, port, p)
+
+
+_LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+
+
+def wrk(port: int, conns: int, seconds: float, script: Path, key: bool) -> tuple[float, dict[str, float]]:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    env = dict(os.environ, BENCH_KEY=TENANT_KEY if key else "")
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    bad = _NON2XX.search(out)
+    if bad and int(bad.group(1)):
+        raise RuntimeError(f"wrk saw {bad.group(1)} error responses from port {port}:\n{out}")
+    rps = float(_RPS.search(out).group(1))  # type: ignore[union-attr]
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    lat = {m.group(1): float(m.group(2)) * scale[m.group(3)] for m in _LAT.finditer(out)}
+    return rps, lat
+
+
+async def ttfb_ms(port: int, key: bool, n: int = 200) -> float:
+    """Median time to the first streamed event at concurrency 1 (one keep-alive connection)."""
+    body = STREAM_BODY.encode()
+    auth = f"Authorization: Bearer {TENANT_KEY}\r\n" if key else ""
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            writer.write(head + body)
+            buf = b""
+            while b"data:" not in buf:
+                buf += await reader.read(65536)
+            out.append((time.perf_counter() - t0) * 1000)
+            while b"data: [DONE]" not in buf:
+                buf += await reader.read(65536)
+            if b"Transfer-Encoding: chunked" in buf:
+                while not buf.endswith(b"0\r\n\r\n"):  # the chunked terminator
+                    buf += await reader.read(65536)
+    finally:
+        writer.close()
+    return statistics.median(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    ap.add_argument("--variants", default="full,no-ledger,pinned")
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    names = [v for v in args.variants.split(",") if v]
+    neogate = [sys.executable, "-m", "gateway.cli"]
+    env = dict(os.environ, NEOGATE_BENCH_KEY=TENANT_KEY, NEOGATE_SECRET="bench-secret")
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = '{BODY}'\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            'local key = os.getenv("BENCH_KEY")\n'
+            'if key ~= nil and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end\n'
+        )
+        try:
+            up = free_port()
+            procs.append(start([*neogate, "sim", "static", "--port", str(up)], up, "direct", env))
+            for name in names:
+                policy, ledger = VARIANTS[name]
+                data = Path(tmp) / name
+                data.mkdir()
+                port = free_port()
+                cfg = Path(tmp) / f"{name}.yaml"
+                cfg.write_text(policy_yaml(up, port, data, policy, ledger))
+                procs.append(
+                    start([*neogate, "--log-level", "WARNING", "serve", "--config", str(cfg)], port, name, env)
+                )
+            results = {p.name: Samples() for p in procs}
+            for p in procs:  # warm-up
+                wrk(p.port, 8, 1.0, script, key=p.name != "direct")
+            for r in range(args.rounds):
+                for p in procs:
+                    key = p.name != "direct"
+                    rps, _ = wrk(p.port, 32, args.duration, script, key)
+                    _, lat = wrk(p.port, 1, args.duration / 2, script, key)
+                    s = results[p.name]
+                    s.rps.append(rps)
+                    s.p50_ms.append(lat.get("50", float("nan")))
+                    s.p99_ms.append(lat.get("99", float("nan")))
+                    s.ttfb_ms.append(asyncio.run(ttfb_ms(p.port, key)))
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        finally:
+            for p in procs:
+                p.popen.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.popen.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
+    med = statistics.median
+    d = results["direct"]
+    print(f"\nneogate core benchmark: {args.rounds} rounds, medians; wrk -t1, {args.duration}s runs")
+    print(f"machine: {os.cpu_count()} cores; gateway, upstream and wrk share them\n")
+    print("| path | req/s @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, s in results.items():
+        add50 = med(s.p50_ms) - med(d.p50_ms)
+        add99 = med(s.p99_ms) - med(d.p99_ms)
+        addt = med(s.ttfb_ms) - med(d.ttfb_ms)
+        print(
+            f"| {name} | {med(s.rps):,.0f} | {med(s.rps) / med(d.rps):.2f} | {med(s.p50_ms):.3f} | "
+            f"{med(s.p99_ms):.3f} | {add50:.3f} | {add99:.3f} | {med(s.ttfb_ms):.3f} | {addt:.3f} |"
+        )
+    if "full" in results and "no-ledger" in results:
+        f, n = med(results["full"].rps), med(results["no-ledger"].rps)
+        print(f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)")
+    if "full" in results and "pinned" in results:
+        f, p = med(results["full"].rps), med(results["pinned"].rps)
+        print(f"cost routing vs pinned: {f:,.0f} vs {p:,.0f} req/s ({(1 - f / p) * 100:.1f}% lower)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
