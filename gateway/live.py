@@ -15,13 +15,15 @@ from gateway.breaker import BreakerConfig, CircuitBreaker
 from gateway.config import BackendSpec, PriceSpec
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom, mark_429
-from policies.latency import LatencyEstimate, LatencySample, update
+from policies.latency import DecayingRate, LatencyEstimate, LatencySample, update
 from policies.pricebook import Price, PriceBook
 from policies.types import BackendSnapshot
 
 # Priors until traffic is measured: a local worker is judged by its cost model,
 # an external provider by a typical hosted-API first token.
 _REMOTE_PRIOR = LatencyEstimate.prior(ttft_s=0.35, itl_s=0.004)
+# Samples before a provider's prompt-aware TTFT fit is trusted over its plain mean.
+_FIT_MIN_SAMPLES = 20
 
 
 @dataclass
@@ -36,6 +38,8 @@ class BackendLive:
     headroom: Headroom = field(default_factory=Headroom)
     worker: WorkerMetrics | None = None
     latency: dict[str, LatencyEstimate] = field(default_factory=dict)
+    # Prompt tokens per second the gateway sends this worker (prefill load on its decode).
+    prompt_rate: DecayingRate = field(default_factory=DecayingRate)
 
     def estimate(self, model: str) -> LatencyEstimate:
         est = self.latency.get(model)
@@ -112,6 +116,7 @@ class LiveState:
                 live.worker = old.worker
                 live.latency = dict(old.latency)
                 live.inflight = old.inflight
+                live.prompt_rate = old.prompt_rate
             self.backends[name] = live
 
     def observe_latency(self, backend: str, model: str, sample: LatencySample) -> None:
@@ -141,6 +146,11 @@ class LiveState:
         price = book.get(backend, model)
         worker = live.worker
         fresh = worker is not None and worker.is_fresh(now, metrics_max_age_s)
+        ttft, ttft_slope, ttft_spread = est.ttft.mean, 0.0, est.ttft.spread
+        fit = est.ttft_fit
+        if live.gpu is None and fit.count >= _FIT_MIN_SAMPLES:
+            # A provider's TTFT grows with the prompt: use the fitted line, not one mean.
+            ttft, ttft_slope, ttft_spread = fit.intercept, fit.slope, fit.spread
         return BackendSnapshot(
             name=backend,
             backend_model=spec.models[model],
@@ -150,8 +160,9 @@ class LiveState:
             price_out_per_token=price.output_per_token if price else 0.0,
             price_cached_in_per_token=price.cached_input_per_token if price else None,
             price_version=book.version,
-            ttft_s=est.ttft.mean,
-            ttft_spread_s=est.ttft.spread,
+            ttft_s=ttft,
+            ttft_spread_s=ttft_spread,
+            ttft_per_prompt_token_s=ttft_slope,
             itl_s=est.itl.mean,
             itl_spread_s=est.itl.spread,
             headroom=live.headroom,
@@ -163,4 +174,5 @@ class LiveState:
             pending_prefill_tokens=live.pending_prefill,
             max_concurrency=spec.max_concurrency,
             gpu=live.gpu,
+            recent_prompt_tokens_per_s=live.prompt_rate.value(now) if live.gpu else 0.0,
         )

@@ -114,6 +114,7 @@ async def serve(
             time.monotonic() - arrived,
             completion.completion_tokens,
             completion.groq_usage,
+            estimate.prompt_tokens,
         )
 
 

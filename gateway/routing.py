@@ -51,10 +51,12 @@ class Router:
         self._clock = clock
         self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
         self._policies: dict[str, Policy] = {
-            m.name: compile_policy(m.policy) for m in config.models
+            m.name: compile_policy(m.policy, config.slo_classes) for m in config.models
         }
         self._tenant_policies: dict[str, Policy] = {
-            t.name: compile_policy(t.policy) for t in config.tenants if t.policy is not None
+            t.name: compile_policy(t.policy, config.slo_classes)
+            for t in config.tenants
+            if t.policy is not None
         }
         self._stale_after = config.routing.metrics_stale_after_s
         self._queue_max = config.routing.queue_max
@@ -229,11 +231,12 @@ class Router:
         now = self._clock()
         live = self.live.backends[backend]
         live.inflight += 1
+        if live.gpu is not None:
+            live.prompt_rate = live.prompt_rate.add(prompt_tokens, now)
         live.breaker.on_success(now)
         self._metrics.backend(backend).healthy.set(1)
         self.live.observe_headers(backend, headers, now)
         self._metrics.backend(backend).inflight.set(live.inflight)
-        del prompt_tokens
 
     def on_end(
         self,
@@ -243,6 +246,7 @@ class Router:
         total_s: float,
         completion_tokens: int,
         groq_usage: Mapping[str, object] | None,
+        prompt_tokens: int | None = None,
     ) -> None:
         live = self.live.backends[backend]
         live.inflight -= 1
@@ -252,7 +256,9 @@ class Router:
             sample = sample_from_groq_usage(groq_usage, completion_tokens)
         if sample is None and ttft_s is not None:
             itl = (total_s - ttft_s) / (completion_tokens - 1) if completion_tokens > 1 else None
-            sample = LatencySample(ttft_s=ttft_s, itl_s=itl)
+            sample = LatencySample(ttft_s=ttft_s, itl_s=itl, prompt_tokens=prompt_tokens)
+        elif sample is not None and prompt_tokens is not None:
+            sample = replace(sample, prompt_tokens=prompt_tokens)
         if sample is not None:
             self.live.observe_latency(backend, model, sample)
         if live.spec.is_local:
