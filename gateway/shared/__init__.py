@@ -2,9 +2,9 @@
 
 Two entry points; everything else is in the submodules:
 
-- `attach_shared_state(spec, admission=..., live=..., keys=..., ...)`: called once per
-  app after its runtime is built; swaps the admission's store for the Redis-backed
-  one and starts sharing backend state. Returns a `SharedHandle` to close.
+- `attach_shared_state(spec, runtime_ref)`: called once per app after its runtime is
+  built; swaps the admission's store for the Redis-backed one and starts sharing
+  backend state. Returns a `SharedHandle` to close.
 - `make_limit_store(spec)`: only the Redis-backed `LimitStore` (start/close it yourself).
 """
 
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway.admission import Admission, LimitStore
 from gateway.config import RedisSpec
-from gateway.keys import KeyStore
 from gateway.ledger.reports import spend_by_tenant
 from gateway.ledger.rows import LedgerStore
-from gateway.live import LiveState
 from gateway.shared.outage import (
     FailoverLimitStore,
     Reseed,
@@ -30,6 +29,9 @@ from gateway.shared.outage import (
 )
 from gateway.shared.redis_limits import RedisLimitStore, connect
 from gateway.shared.redis_state import SNAPSHOT_TTL_MS, SharedState
+
+if TYPE_CHECKING:
+    from gateway.runtime import RuntimeRef
 
 __all__ = [
     "FailoverLimitStore",
@@ -87,25 +89,28 @@ def make_limit_store(
     )
 
 
-async def attach_shared_state(
-    spec: RedisSpec,
-    *,
-    admission: Admission,
-    live: LiveState,
-    keys: KeyStore | None,
-    registry: CollectorRegistry | None = None,
-    ledger: LedgerStore | None = None,
-) -> SharedHandle:
-    """Put `admission` on Redis-shared counters and start sharing `live` and `keys` state.
+async def attach_shared_state(spec: RedisSpec, ref: RuntimeRef) -> SharedHandle:
+    """Put the app's admission on Redis-shared counters and share its backend and key state.
 
-    Call after the ledger is started (a Redis without counters is rebuilt from it).
-    Never fails because Redis is down: the outage policy applies until it answers.
+    Call once per app after the ledger is started (a Redis without counters is
+    rebuilt from it). Never fails because Redis is down: the outage policy applies
+    until it answers. Follows reloads: state is read through `ref.current`.
     """
-    reseed = ledger_reseed(admission, ledger) if ledger is not None else None
+    rt = ref.current
+    admission = rt.meter.admission
+    ledger = rt.meter.ledger
+    reseed = ledger_reseed(admission, ledger.store) if ledger is not None else None
+    registry = rt.metrics.registry
     limits = make_limit_store(spec, registry=registry, reseed=reseed)
     await limits.start()
-    admission.store = limits
-    state = SharedState(limits.redis.client, spec.key_prefix, live, keys, registry=registry)
+    admission.store = limits  # reloads keep this Admission object, so this holds for good
+    state = SharedState(
+        limits.redis.client,
+        spec.key_prefix,
+        lambda: ref.current.router.live,
+        lambda: ref.current.keys,
+        registry=registry,
+    )
     await state.start()
     return SharedHandle(limits, state)
 

@@ -39,7 +39,6 @@ Reconciliation, when a background probe reaches Redis again:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -174,8 +173,8 @@ class FailoverLimitStore:
         task, self._recovering = self._recovering, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a cancellation landing inside a redis-py read can be swallowed.
+            await asyncio.wait({task}, timeout=2.0)
 
     # --- LimitStore ----------------------------------------------------------------
 

@@ -107,8 +107,8 @@ class SharedState:
         self,
         client: aioredis.Redis,
         key_prefix: str,
-        live: LiveState,
-        keys: KeyStore | None = None,
+        live: LiveState | Callable[[], LiveState],
+        keys: KeyStore | Callable[[], KeyStore | None] | None = None,
         *,
         tick_s: float = TICK_S,
         snapshot_every_s: float = SNAPSHOT_EVERY_S,
@@ -118,19 +118,22 @@ class SharedState:
         self.client = client
         self.channel = f"{key_prefix}:state"
         self.snap_key = f"{key_prefix}:state:snap"
-        self.live = live
-        self.keys = keys
+        # Callables follow a reload that replaces the LiveState (see gateway.wiring).
+        self._live_of: Callable[[], LiveState] = live if callable(live) else lambda: live
+        self._keys_of: Callable[[], KeyStore | None] = keys if callable(keys) else lambda: keys
         self.origin = uuid.uuid4().hex
         self.metrics = StateMetrics(registry)
         self._tick_s = tick_s
         self._snapshot_every = snapshot_every_s
         self._clock = clock
-        self._base = _Baseline(book=live.prices.book)
+        self._live = self._live_of()
+        self._base = _Baseline(book=self._live.prices.book)
         self._outbox: dict[str, Update] = {}  # latest unpublished update per snapshot field
         self._inbox: list[Update] = []
         self._applied: dict[str, float] = {}  # snapshot field -> timestamp applied
         self._tasks: list[asyncio.Task[Any]] = []
         self._key_refresh: asyncio.Task[bool] | None = None
+        self._stopping = asyncio.Event()
         self._scan(self._clock(), publish=False)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -150,14 +153,19 @@ class SharedState:
         ]
 
     async def close(self) -> None:
+        """Stop the loops (they notice within a tick), then publish what is left."""
+        self._stopping.set()
         tasks, self._tasks = self._tasks, []
         if self._key_refresh is not None:
             tasks.append(self._key_refresh)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            # The loops stop by themselves: redis-py can swallow a cancellation that lands
+            # inside a read with a timeout, so cancelling is only the fallback.
+            _, late = await asyncio.wait(tasks, timeout=2.0)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2.0)
         with contextlib.suppress(*REDIS_DOWN):
             await self.flush()
 
@@ -168,9 +176,20 @@ class SharedState:
 
     # --- the tick: scan, apply, publish --------------------------------------------
 
+    @property
+    def live(self) -> LiveState:
+        return self._live
+
     def tick(self) -> None:
         """Scan local changes into the outbox, then apply what other replicas sent."""
         now = self._clock()
+        live = self._live_of()
+        if live is not self._live:
+            # A reload built a new LiveState from this replica's own config: adopt it
+            # as the baseline instead of publishing its config prices to everyone.
+            self._live = live
+            self._base = _Baseline(book=live.prices.book)
+            self._scan(now, publish=False)
         self._scan(now, publish=True)
         inbox, self._inbox = self._inbox, []
         for u in inbox:
@@ -199,10 +218,15 @@ class SharedState:
         for u in updates:
             self.metrics.updates.labels("out", u["k"]).inc()
 
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep unless closing; True when it is time to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
     async def _ticker(self) -> None:
         last_snapshot = self._clock()
-        while True:
-            await asyncio.sleep(self._tick_s)
+        while not await self._pause(self._tick_s):
             try:
                 self.tick()
                 await self.flush()
@@ -217,14 +241,14 @@ class SharedState:
 
     async def _subscriber(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping.is_set():
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 await self.load_snapshot()  # whatever was missed while unsubscribed
                 backoff = 0.1
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
+                while not self._stopping.is_set():
+                    msg = await pubsub.get_message(timeout=0.2)
                     if msg is not None and msg.get("type") == "message":
                         self.receive(bytes(msg["data"]))
             except REDIS_DOWN as exc:
@@ -233,7 +257,8 @@ class SharedState:
             finally:
                 with contextlib.suppress(*REDIS_DOWN):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff)
+            if await self._pause(backoff):
+                return
             backoff = min(2.0, backoff * 2)
 
     def receive(self, raw: bytes) -> None:
@@ -264,7 +289,7 @@ class SharedState:
 
     def _scan(self, now: float, *, publish: bool) -> None:
         base = self._base
-        for name, b in self.live.backends.items():
+        for name, b in self._live.backends.items():
             snap = b.breaker.snapshot(now)
             if snap.ejections_total != base.ejections.get(name, 0) and snap.open_until:
                 self._emit(publish, {"k": "eject", "b": name, "until": snap.open_until, "t": now})
@@ -281,7 +306,7 @@ class SharedState:
                 if base.latency.get((name, model)) is not est:
                     self._emit(publish, _latency_update(name, model, est, now))
                     base.latency[(name, model)] = est
-        book = self.live.prices.book
+        book = self._live.prices.book
         if book is not base.book:
             for key, price in book.prices.items():
                 old = base.book.prices.get(key)
@@ -311,7 +336,7 @@ class SharedState:
                 self._refresh_keys()
             elif kind == "price":
                 self._apply_price(u)
-            elif u.get("b") in self.live.backends:
+            elif u.get("b") in self._live.backends:
                 self._apply_backend(kind, u, now)
             else:
                 return  # a backend this replica's config does not have
@@ -323,7 +348,7 @@ class SharedState:
 
     def _apply_backend(self, kind: str, u: Update, now: float) -> None:
         name = str(u["b"])
-        b = self.live.backends[name]
+        b = self._live.backends[name]
         if kind == "eject":
             until = float(u["until"])
             if until > now:
@@ -332,17 +357,17 @@ class SharedState:
         elif kind == "cool":
             until = float(u["until"])
             if until > now:
-                self.live.observe_429(name, until - now, now)
+                self._live.observe_429(name, until - now, now)
             self._base.cooldown[name] = b.headroom.cooldown_until
         elif kind == "room":
             observed = float(u["observed_at"])
             if b.headroom.observed_at is None or observed > b.headroom.observed_at:
-                self.live.observe_headers(name, _room_headers(u, observed), observed)
+                self._live.observe_headers(name, _room_headers(u, observed), observed)
         elif kind == "lat":
             model = str(u["m"])
             if model in b.spec.models:
                 ttft, itl = u.get("ttft"), u.get("itl")
-                self.live.observe_latency(
+                self._live.observe_latency(
                     name,
                     model,
                     LatencySample(
@@ -360,7 +385,7 @@ class SharedState:
         raw = u["key"]
         key: PriceKey = raw if isinstance(raw, str) else (str(raw[0]), str(raw[1]))
         backend = key if isinstance(key, str) else key[0]
-        if backend not in self.live.backends:
+        if backend not in self._live.backends:
             return
         cached = u.get("cached")
         price = Price(
@@ -370,15 +395,16 @@ class SharedState:
             source=str(u.get("source", "replica")),
             updated_at=float(u["updated_at"] if u.get("updated_at") is not None else u["t"]),
         )
-        self.live.prices.set_many({key: price})
-        self._base.book = self.live.prices.book
+        self._live.prices.set_many({key: price})
+        self._base.book = self._live.prices.book
 
     def _refresh_keys(self) -> None:
-        if self.keys is None:
+        keys = self._keys_of()
+        if keys is None:
             return
         if self._key_refresh is not None and not self._key_refresh.done():
             return  # a refresh is running; it reads the newest version
-        self._key_refresh = asyncio.get_running_loop().create_task(self.keys.refresh())
+        self._key_refresh = asyncio.get_running_loop().create_task(keys.refresh())
         self._key_refresh.add_done_callback(_log_refresh_failure)
 
 
