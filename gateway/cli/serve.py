@@ -39,6 +39,15 @@ class ServeOptions:
 
 def serve_forever(opts: ServeOptions) -> int:
     """Run the gateway until SIGINT/SIGTERM; return the exit status."""
+    if opts.workers > 1:
+        from gateway.cli.workers import serve_workers
+
+        return serve_workers(opts, _serve_one_process)
+    return _serve_one_process(opts)
+
+
+def _serve_one_process(opts: ServeOptions) -> int:
+    """One gateway process (with `workers > 1`, one of the supervisor's workers)."""
     from gateway.cli import run_async
 
     status = 0
