@@ -403,7 +403,10 @@ class Soak:
     def report_ledger(self, ok: int) -> None:
         path = self.out / "ledger.db"
         with sqlite3.connect(path) as db:
-            rows = db.execute("SELECT request_id, attempt, outcome FROM ledger").fetchall()
+            # The row's key is the gateway's own request id; ours is kept beside it.
+            rows = db.execute(
+                "SELECT coalesce(client_request_id, request_id), attempt, outcome FROM ledger"
+            ).fetchall()
         by_rid = Counter(r[0] for r in rows)
         outcomes = Counter(r[2] for r in rows)
         soak_rows = {r[0] for r in rows if r[0].startswith("soak-") and r[2] == "ok"}
