@@ -10,8 +10,10 @@ from collections.abc import Mapping
 
 import aiohttp
 
+from adapters import fasthttp
 from gateway.errors import (
     GatewayError,
+    InvalidRequest,
     UpstreamProtocolError,
     UpstreamStatus,
     UpstreamTimeout,
@@ -35,6 +37,19 @@ def map_client_error(exc: BaseException, backend: str, phase: str) -> GatewayErr
     if isinstance(exc, aiohttp.ClientError | ConnectionError | OSError):
         return UpstreamUnavailable(f"backend {backend} connection failed ({phase})")
     return UpstreamProtocolError(f"backend {backend} failed ({phase}): {type(exc).__name__}")
+
+
+def map_http_error(exc: BaseException, backend: str, phase: str) -> GatewayError:
+    """Translate a failure of the hot-path client (`adapters.fasthttp`) as `map_client_error` would."""
+    if isinstance(exc, fasthttp.ResponseTimeout):
+        return UpstreamTimeout(f"backend {backend} timed out ({phase})")
+    if isinstance(exc, fasthttp.ConnectError | fasthttp.ConnectionClosed):
+        return UpstreamUnavailable(f"backend {backend} is unreachable ({phase})")
+    if isinstance(exc, fasthttp.IncompleteBody | fasthttp.BadResponse):
+        return UpstreamProtocolError(f"backend {backend} sent a broken response ({phase})")
+    if isinstance(exc, fasthttp.BadRequestHeader):
+        return InvalidRequest("a forwarded header cannot be sent over HTTP/1.1")
+    return map_client_error(exc, backend, phase)
 
 
 def status_error(
