@@ -27,19 +27,27 @@ Reconciliation, when a background probe reaches Redis again:
    switch back to Redis (a synchronous step: nothing can slip in between).
    Because reservations and their settlements each land in exactly one place,
    Redis ends with exactly the sum it would have had without the outage.
-2. If the epoch is missing, Redis lost its data: counters are rebuilt from the
-   ledger through the `reseed` hook (the ledger holds every completed request,
-   including those admitted locally), then a new epoch is written, and the
-   pending deltas are dropped, since the ledger already counts them. Requests
-   still in flight at that moment are the only ones missing: the error is bounded
-   by one in-flight reservation per request per replica.
-3. If the epoch changed, another replica already did step 2: drop the deltas.
+2. If the epoch is missing, Redis lost its data: it is rebuilt from the ledger
+   through the `reseed` hook (the ledger holds every completed request, those
+   admitted locally included). The wall-clock time just before the ledger is read
+   goes into the new epoch (``<id>@<time>``) and is written last. Local deltas are
+   kept in 10 ms slots of the time they happened: slots before that cut-off are
+   dropped (the ledger counts those requests), later ones are carried over as in 1.
+3. If the epoch changed, another replica already did step 2: same cut-off rule,
+   with the time read from its epoch.
+
+What is lost in 2 and 3 is the reservation of a request that was in flight at
+the cut-off (its settlement lands later, its reservation did not): an error of
+one reservation per request in flight at that moment, which is the bound the
+shared limits promise anyway. Replicas on different hosts compare their clocks
+against the cut-off: keep them NTP-synchronised.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -133,6 +141,7 @@ class FailoverLimitStore:
         reseed: Reseed | None = None,
         metrics: SharedMetrics | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.on_outage = on_outage
@@ -142,8 +151,9 @@ class FailoverLimitStore:
         self._degraded = False
         self._epoch: str | None = None
         self._local = MemoryLimitStore()
-        self._pending: dict[str, CounterDelta] = {}
-        self._unsent: list[tuple[str, dict[str, CounterDelta]]] = []  # (transfer id, deltas)
+        self._clock = clock
+        self._pending = OutageDeltas()
+        self._unsent: list[tuple[str, OutageDeltas]] = []  # cut batches: (transfer id, deltas)
         self._seen: dict[str, tuple[int, float | None, float]] = {}  # key -> value, ttl, at
         self._recovering: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -201,7 +211,7 @@ class FailoverLimitStore:
         self.metrics.local.labels("reserve").inc()
         refusal = await self._local.reserve(counters, rates, now)
         if refusal is None:
-            self._add_pending(counters)
+            self._pending.add(counters, now)
         return refusal
 
     async def adjust(
@@ -215,7 +225,7 @@ class FailoverLimitStore:
                 await self._enter_outage(exc)
         self.metrics.local.labels("adjust").inc()
         await self._local.adjust(counters, rates, now)
-        self._add_pending(counters)
+        self._pending.add(counters, now)
 
     async def seed(self, counters: Sequence[CounterCheck], now: float) -> None:
         if not self._degraded:
@@ -260,8 +270,12 @@ class FailoverLimitStore:
             self._epoch = await self._reseed()
 
     async def _reseed(self) -> str:
-        """Rebuild the counters in Redis (never the local store), then write the epoch last."""
+        """Rebuild the counters in Redis (never the local store), then write the epoch last.
+
+        The epoch carries the time the ledger was read: deltas from before it are in it.
+        """
         self.metrics.reseeds.inc()
+        cutoff = self._clock()
         if self._reseed_hook is None:
             log.warning("no reseed hook: budgets restart from zero in this Redis")
         else:
@@ -272,7 +286,7 @@ class FailoverLimitStore:
             except Exception as exc:
                 log.exception("rebuilding redis counters from the ledger failed")
                 raise RebuildFailed(str(exc)) from exc
-        return await self.redis.ensure_epoch()
+        return await self.redis.ensure_epoch(make_epoch(cutoff))
 
     # --- outage and recovery -------------------------------------------------------
 
@@ -291,7 +305,8 @@ class FailoverLimitStore:
         log.warning("redis unreachable (%s: %s): %s", type(exc).__name__, exc, mode)
         self._local = MemoryLimitStore()
         # MemoryLimitStore never suspends, so no other task runs before it is seeded.
-        await self._local.seed(self._last_seen(time.time()), time.time())
+        now = self._clock()
+        await self._local.seed(self._last_seen(now), now)
         self._recovering = asyncio.get_running_loop().create_task(
             self._probe(), name="neogate-redis-recovery"
         )
@@ -324,41 +339,37 @@ class FailoverLimitStore:
             if epoch is None:
                 log.warning("redis is back without its counters: rebuilding from the ledger")
                 epoch = await self._reseed()
-                self._drop_pending("redis lost its data; the ledger already counts them")
-            elif epoch != self._epoch and self._epoch is not None:
-                self._drop_pending("redis was rebuilt by another replica meanwhile")
+                self._cut_at(epoch, "redis lost its data; the ledger counts them")
+            elif self._epoch is not None and epoch != self._epoch:
+                self._cut_at(epoch, "redis was rebuilt by another replica meanwhile")
             self._epoch = epoch
             while self._unsent or self._pending:
                 if not self._unsent:
-                    batch, self._pending = self._pending, {}
+                    batch, self._pending = self._pending, OutageDeltas()
                     self._unsent.append((uuid.uuid4().hex, batch))
                 transfer_id, batch = self._unsent[0]
-                result = await self.redis.transfer(batch, epoch, transfer_id)
-                self._unsent.pop(0)
+                result = await self.redis.transfer(batch.merged(), epoch, transfer_id)
                 label = {1: "applied", 0: "duplicate", -1: "no_epoch", -2: "other_epoch"}
                 self.metrics.transfers.labels(label.get(result, "unknown")).inc()
                 if result < 0:
-                    self._drop_pending("redis epoch changed during the transfer")
-                    return  # the next probe reseeds
+                    return  # rebuilt meanwhile: the next probe applies the new cut-off
+                self._unsent.pop(0)
             # Nothing is pending and nothing awaited since the check: switch back now.
             self._degraded = False
             self.metrics.up.set(1)
             log.warning("redis is back: shared limits are exact again")
 
-    def _drop_pending(self, why: str) -> None:
-        n = len(self._pending) + sum(len(b) for _, b in self._unsent)
-        if n:
-            log.warning("dropping %d outage-time counter deltas: %s", n, why)
-        self._pending.clear()
+    def _cut_at(self, epoch: str, why: str) -> None:
+        """Drop the deltas from before `epoch`'s ledger read; keep (unbatch) the later ones."""
+        cutoff = epoch_cutoff(epoch)
+        for _, batch in self._unsent:
+            self._pending.absorb(batch)
         self._unsent.clear()
+        dropped = self._pending.drop_before(cutoff)
+        if dropped:
+            log.warning("dropping %d outage-time counter deltas: %s", dropped, why)
 
     # --- bookkeeping ---------------------------------------------------------------
-
-    def _add_pending(self, counters: Sequence[CounterCheck]) -> None:
-        for c in counters:
-            old = self._pending.get(c.key)
-            amount = c.amount + (old.amount if old is not None else 0)
-            self._pending[c.key] = CounterDelta(amount, c.ttl_s)
 
     def _remember(self, counters: Sequence[CounterCheck], applied: Applied, now: float) -> None:
         if len(self._seen) >= _MAX_SEEN:
@@ -372,8 +383,64 @@ class FailoverLimitStore:
 
     def pending_deltas(self) -> dict[str, int]:
         """Net outage-time changes not yet in Redis (for tests and the admin view)."""
-        out = {k: d.amount for k, d in self._pending.items()}
+        total = OutageDeltas()
+        total.absorb(self._pending)
         for _, batch in self._unsent:
-            for k, d in batch.items():
-                out[k] = out.get(k, 0) + d.amount
+            total.absorb(batch)
+        return {k: d.amount for k, d in total.merged().items() if d.amount}
+
+
+def make_epoch(cutoff: float) -> str:
+    """An epoch id that also says when the ledger was read to build it."""
+    return f"{uuid.uuid4().hex}@{cutoff!r}"
+
+
+def epoch_cutoff(epoch: str) -> float:
+    """The ledger-read time in an epoch; +inf (drop every delta) when it has none."""
+    _, _, raw = epoch.partition("@")
+    try:
+        return float(raw)
+    except ValueError:
+        return math.inf
+
+
+class OutageDeltas:
+    """Net counter changes made locally, in 10 ms slots of the (wall) time they were made."""
+
+    SLOTS_PER_S: Final = 100
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[str, CounterDelta]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._slots)
+
+    def add(self, counters: Sequence[CounterCheck], now: float) -> None:
+        slot = self._slots.setdefault(math.floor(now * self.SLOTS_PER_S), {})
+        for c in counters:
+            old = slot.get(c.key)
+            slot[c.key] = CounterDelta(c.amount + (old.amount if old else 0), c.ttl_s)
+
+    def absorb(self, other: OutageDeltas) -> None:
+        for index, deltas in other._slots.items():
+            slot = self._slots.setdefault(index, {})
+            for key, d in deltas.items():
+                old = slot.get(key)
+                slot[key] = CounterDelta(d.amount + (old.amount if old else 0), d.ttl_s)
+
+    def drop_before(self, cutoff: float) -> int:
+        """Forget slots that started before `cutoff`; returns how many deltas went."""
+        first = math.ceil(cutoff * self.SLOTS_PER_S) if math.isfinite(cutoff) else None
+        gone = [i for i in self._slots if first is None or i < first]
+        count = sum(len(self._slots[i]) for i in gone)
+        for i in gone:
+            del self._slots[i]
+        return count
+
+    def merged(self) -> dict[str, CounterDelta]:
+        out: dict[str, CounterDelta] = {}
+        for deltas in self._slots.values():
+            for key, d in deltas.items():
+                old = out.get(key)
+                out[key] = CounterDelta(d.amount + (old.amount if old else 0), d.ttl_s)
         return out

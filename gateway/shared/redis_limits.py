@@ -300,12 +300,13 @@ class RedisLimitStore:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    async def ensure_epoch(self) -> str:
-        """Write a new epoch unless one exists; returns the one in force."""
-        await self.client.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+    async def ensure_epoch(self, candidate: str | None = None) -> str:
+        """Write `candidate` (or a random id) as the epoch unless one exists; the one in force."""
+        candidate = candidate or uuid.uuid4().hex
+        await self.client.set(self.epoch_key, candidate, nx=True)
         value = await self.epoch()
         if value is None:  # deleted between the two commands: try once more
-            await self.client.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+            await self.client.set(self.epoch_key, candidate, nx=True)
             value = await self.epoch()
         if value is None:
             raise EpochMissing("could not establish an epoch")

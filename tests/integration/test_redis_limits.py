@@ -29,7 +29,14 @@ from gateway.admission import (
     TenantSpend,
 )
 from gateway.config import RedisSpec
-from gateway.shared.outage import FailoverLimitStore, SharedMetrics, SharedStateUnavailable
+from gateway.shared.outage import (
+    FailoverLimitStore,
+    OutageDeltas,
+    SharedMetrics,
+    SharedStateUnavailable,
+    epoch_cutoff,
+    make_epoch,
+)
 from gateway.shared.redis_limits import (
     Applied,
     CounterDelta,
@@ -548,3 +555,57 @@ async def test_start_with_redis_down_is_degraded_not_fatal() -> None:
     finally:
         await fo.close()
         await fo.redis.client.aclose()
+
+
+async def test_deltas_after_another_replicas_rebuild_are_carried_over_once(
+    proxy: TcpProxy, store: RedisLimitStore
+) -> None:
+    """Replica B rebuilt Redis from the ledger at t=1002 while A was cut off.
+
+    A's change from before the rebuild is in the ledger (dropped); its later one is not
+    (carried over, once).
+    """
+    clock = [1000.0]
+    limits = {"acme": TenantLimits.of(usd_total=10)}
+    spec = RedisSpec(url=proxy.url, key_prefix=store.prefix)
+    fo = FailoverLimitStore(
+        RedisLimitStore(connect(spec), store.prefix),
+        "open",
+        probe_interval_s=0.05,
+        clock=lambda: clock[0],
+    )
+    await fo.start()
+    adm = Admission(limits, fo, clock=lambda: clock[0])
+    try:
+        first = await adm.reserve("acme", 1, 1.0)  # in Redis
+        await proxy.down()
+        clock[0] = 1001.0
+        second = await adm.reserve("acme", 1, 2.0)  # local, before the rebuild
+        await adm.settle(second, 1, 1.5)
+        # B: Redis came back empty, B rebuilt it from the ledger (which holds `second`).
+        await delete_prefix(store.client, store.prefix)
+        await store.seed([CounterCheck("acme:usd:t", 2_500_000_000, None, None)], 1002.0)
+        await store.ensure_epoch(make_epoch(1002.0))
+        clock[0] = 1003.0
+        await adm.settle(first, 1, 0.5)  # local, after the rebuild: -0.5 still to apply
+        assert fo.pending_deltas() == {"acme:usd:t": 1_000_000_000}
+        await proxy.up()
+        await wait_until(lambda: not fo.degraded)
+        assert await store.value("acme:usd:t") == 2_000_000_000  # 2.5 - 0.5
+        assert fo.pending_deltas() == {}
+    finally:
+        await fo.close()
+        await fo.redis.client.aclose()
+
+
+def test_outage_deltas_are_cut_by_time() -> None:
+    d = OutageDeltas()
+    d.add([CounterCheck("k", 5, None, None)], 10.004)
+    d.add([CounterCheck("k", 7, None, None), CounterCheck("j", 1, None, 60.0)], 10.02)
+    assert {k: v.amount for k, v in d.merged().items()} == {"k": 12, "j": 1}
+    assert d.drop_before(10.01) == 1
+    assert {k: v.amount for k, v in d.merged().items()} == {"k": 7, "j": 1}
+    assert epoch_cutoff(make_epoch(12.5)) == 12.5
+    assert epoch_cutoff("legacy-epoch") == float("inf")
+    assert d.drop_before(epoch_cutoff("legacy-epoch")) == 2
+    assert not d
