@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -612,3 +613,149 @@ async def test_a_redis_restart_mid_load_fails_open_and_reconciles_from_the_ledge
     finally:
         await cluster.stop()
         redis.kill()
+
+
+# --- `neogate serve --workers N` -------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+async def slow_upstream(delay_s: float) -> tuple[Any, int]:
+    """An OpenAI-compatible upstream that answers every chat request after `delay_s`."""
+    from aiohttp import web
+
+    from loadtest.sim.common import start_site
+
+    async def chat_completion(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(delay_s)
+        return web.json_response(
+            {
+                "id": "chatcmpl-slow",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "slow",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completion)
+    runner, port = await start_site(app)
+    return runner, port
+
+
+@pytest.mark.slow
+async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    runner, up_port = await slow_upstream(0.8)
+    port = free_port()
+    cfg = tmp_path / "workers.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "admin": {"api_key": None},
+                "auth": {"allow_anonymous_on_loopback": True, "server_secret": None},
+                "backends": [
+                    {
+                        "name": "slow",
+                        "base_url": f"http://127.0.0.1:{up_port}/v1",
+                        "models": {"m": "slow"},
+                        "price": {"input_per_million": 1, "output_per_million": 1},
+                    }
+                ],
+                "models": [{"name": "m", "backends": ["slow"]}],
+                "ledger": {
+                    "path": str(tmp_path / "ledger.db"),
+                    "spool_path": str(tmp_path / "spool"),
+                },
+                "tokenizer": {"source": "bpe-openai"},
+            }
+        )
+    )
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--workers", "2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while len(children(proc.pid)) < 2 or not await _answers(http, url):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            first = children(proc.pid)
+            assert len(first) == 2
+            # Both workers listen on the port (SO_REUSEPORT), the supervisor does not.
+            listening = await _listeners(port)
+            assert listening == set(first), (listening, first)
+
+            os.kill(first[0], signal.SIGKILL)  # a crash
+            deadline = time.monotonic() + 15
+            while len(set(children(proc.pid)) - {first[0]}) < 2:
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            assert first[1] in children(proc.pid)
+            while not await _answers(http, url):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+
+            # SIGTERM while requests are in flight: every one is answered, then all exit.
+            workers = children(proc.pid)
+            inflight = [asyncio.create_task(chat(http, url, "none")) for _ in range(6)]
+            await asyncio.sleep(0.3)
+            os.kill(proc.pid, signal.SIGTERM)
+            results = await asyncio.gather(*inflight)
+            assert [r[0] for r in results] == [200] * 6
+            code = await asyncio.to_thread(proc.wait, 30)
+            assert code == 0, log.read_text()
+            for pid in workers:
+                assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        await runner.cleanup()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def _answers(http: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with http.get(url + "/healthz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def _listeners(port: int) -> set[int]:
+    """PIDs holding a listening socket on `port` (from `ss`)."""
+    out = await asyncio.to_thread(
+        subprocess.run, ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True
+    )
+    return {int(p) for p in re.findall(r"pid=(\d+)", out.stdout)}
