@@ -223,7 +223,7 @@ class Response:
     def shorten(self, seconds: float) -> None:
         """Bound the rest of this exchange to `seconds` from now."""
         at = self._loop.time() + seconds
-        if at < self._total_at:
+        if at < self._total_at and self._state < _DONE:
             self._total_at = at
             self._rearm(at)
 
@@ -382,6 +382,10 @@ class Response:
         self._cancel_timer()
         conn, self._conn = self._conn, None
         if conn is not None:
+            if self._paused and conn.transport is not None:
+                # Paused by the byte that ended the body: the next exchange must hear its answer.
+                self._paused = False
+                conn.transport.resume_reading()
             self._pool.release(conn, self._keep_alive)
         self._wake()
 

@@ -466,6 +466,74 @@ async def test_total_deadline_cuts_a_trickling_body(raw_server, make) -> None:
     assert 0.3 < time.monotonic() - t0 < 2.0
 
 
+async def test_a_slow_consumer_pauses_reading_without_tripping_the_idle_timeout(
+    raw_server, make
+) -> None:
+    event = b"data: " + b"x" * 1000 + b"\n\n"
+    count = 4000  # about 4 MB: well past the client's high-water mark
+
+    async def script(reader, writer, raw: Raw) -> None:
+        await read_request(reader, raw)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(event) * count)
+        await send(writer, head, event * count)
+        await until_eof(reader, raw)
+
+    raw = await raw_server(script)
+    resp = await make(raw.port).open(
+        "/chat/completions", BODY, {}, AttemptTimeouts(2.0, 5.0, 0.3, 10.0)
+    )
+    inner = resp._resp  # type: ignore[attr-defined]
+    for _ in range(200):
+        if inner._paused:
+            break
+        await asyncio.sleep(0.01)
+    assert inner._paused
+    await asyncio.sleep(0.6)  # twice the idle timeout, while reading is paused on our side
+    n = 0
+    async for block in resp.events():
+        assert block == event[:-2]
+        n += 1
+    assert n == count
+
+
+@pytest.mark.parametrize("extra", [1, 1000, 100_000])
+async def test_a_connection_paused_at_its_last_byte_is_reused_reading(
+    raw_server, make, extra: int
+) -> None:
+    size = 1024 * 1024 + extra  # crosses the high-water mark near the end of the body
+
+    async def script(reader, writer, raw: Raw) -> None:
+        while await read_request(reader, raw) is not None:
+            await send(writer, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size, b"a" * size)
+
+    raw = await raw_server(script)
+    b = make(raw.port)
+    for _ in range(3):
+        resp = await b.open("/chat/completions", BODY, {}, AttemptTimeouts(2.0, 1.0, 1.0, 5.0))
+        inner = resp._resp  # type: ignore[attr-defined]
+        for _ in range(200):  # let the body arrive before anything is consumed
+            if inner.complete or inner._paused:
+                break
+            await asyncio.sleep(0.01)
+        assert sum([len(block) async for block in resp.events()]) == size
+    assert raw.connections == 1
+
+
+async def test_a_large_whole_body_is_read_without_pausing(site, make) -> None:
+    big = b"{" + b" " * (5 * 1024 * 1024) + b"}"
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=big)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    b = make(await site(app))
+    resp = await b.open("/chat/completions", BODY, {}, T)
+    assert await resp.read() == big
+    assert b.pool is not None and b.pool.idle == 1
+
+
 # -- the pool ----------------------------------------------------------------------------
 
 
