@@ -93,6 +93,7 @@ class _Conn(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.on_eof()
+        self.alive = False
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -101,6 +102,9 @@ class _Conn(asyncio.Protocol):
         if ex is not None:
             ex.on_eof()
         self.pool.forget(self)
+
+    def usable(self) -> bool:
+        return self.alive and self.transport is not None and not self.transport.is_closing()
 
     def shut(self) -> None:
         self.alive = False
@@ -620,8 +624,9 @@ class ConnectionPool:
             idle = self._idle
             while idle and not fresh:
                 conn = idle.pop()
-                if conn.alive and conn.transport is not None and not conn.transport.is_closing():
+                if conn.usable():
                     return conn
+                conn.shut()
                 self._drop(conn)
             if self._count < self.limit:
                 return await self._connect(loop, min(connect_s, until - loop.time()))
@@ -629,8 +634,11 @@ class ConnectionPool:
                 self._discard_idle(idle[0])  # make room for the retry's fresh connection
                 continue
             got = await self._wait_slot(loop, until)
-            if got is not None:
+            if got is not None and got.usable():
                 return got  # just released after a whole answer: as good as fresh
+            if got is not None:  # it died on the way
+                got.shut()
+                self._drop(got)
 
     async def _wait_slot(self, loop: asyncio.AbstractEventLoop, until: float) -> _Conn | None:
         fut: asyncio.Future[_Conn | None] = loop.create_future()
