@@ -216,6 +216,19 @@ def print_table(summary: dict[str, object], args: argparse.Namespace) -> None:
     )
 
 
+def drop_prefix(url: str, prefix: str) -> None:
+    """Remove the keys this run left in Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
@@ -259,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(m)
         finally:
             upstream.stop()
+            if args.redis:
+                drop_prefix(args.redis, f"bench-{os.getpid()}")
     summary = summarize(results)
     print_table(summary, args)
     if args.json is not None:
