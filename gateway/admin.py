@@ -100,7 +100,13 @@ async def backends(request: web.Request) -> web.Response:
                 "price_version": live.prices.book.version,
                 "models": models,
                 "inflight": b.inflight,
+                "starting": b.starting,
                 "max_concurrency": b.spec.max_concurrency,
+                # False for a local worker whose metrics are missing or stale: it is then
+                # judged on the gateway's own in-flight count alone.
+                "metrics_fresh": None
+                if b.gpu is None
+                else w is not None and w.is_fresh(now, rt.config.routing.metrics_stale_after_s),
                 "worker": None
                 if w is None
                 else {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -67,6 +67,10 @@ class Background:
             try:
                 text = await rt.backends[name].fetch_metrics()
                 if text is None:
+                    # Local workers always have a metrics URL, so None is a non-200 answer:
+                    # a failure like any other (the worker goes stale on the same clock).
+                    rt.metrics.scrape_failures.labels(name).inc()
+                    log.debug("scrape of %s failed: the endpoint answered an error status", name)
                     return
                 metrics = parse_worker_metrics(text, time.time())
             except (GatewayError, MetricsParseError) as exc:
@@ -113,7 +117,14 @@ class Background:
             unknown = known - set(rt.backends)
             if unknown:
                 raise FeedError(f"feed prices unknown backends {sorted(unknown)}")
-            return dict(parsed)
+            out_ng: dict[str | tuple[str, str], Price] = {}
+            for key, found in parsed.items():
+                if isinstance(key, str):
+                    out_ng[key] = found
+                    continue
+                for public in _public_models(rt.specs[key[0]].models, key[1]):
+                    out_ng[(key[0], public)] = found
+            return out_ng
         by_id = parse_openrouter_feed(obj, now=now)
         out: dict[str | tuple[str, str], Price] = {}
         for feed_id, target in feed.map.items():
@@ -126,3 +137,17 @@ class Background:
 
     async def _refresh_keys(self) -> None:
         await self._rt.keys.refresh()
+
+
+def _public_models(models: Mapping[str, str], name: str) -> list[str]:
+    """The public models a feed's model name prices on one backend.
+
+    Prices are looked up by public model; a feed may name either that or the backend's
+    own model id (as the feed format documents), which can serve several public names.
+    """
+    if name in models:
+        return [name]
+    found = [public for public, backend_model in models.items() if backend_model == name]
+    if not found:
+        raise FeedError(f"feed prices model {name!r}, which this backend does not serve")
+    return found

@@ -34,6 +34,9 @@ class BackendLive:
     gpu: GpuModel | None
     breaker: CircuitBreaker
     inflight: int = 0
+    # Attempts admitted but not answered yet: counted from the moment they are sent, so a
+    # burst that is routed before any of it answers still sees itself (the "instant" count).
+    starting: int = 0
     pending_prefill: int = 0
     headroom: Headroom = field(default_factory=Headroom)
     worker: WorkerMetrics | None = None
@@ -116,6 +119,7 @@ class LiveState:
                 live.worker = old.worker
                 live.latency = dict(old.latency)
                 live.inflight = old.inflight
+                live.starting = old.starting
                 live.prompt_rate = old.prompt_rate
             self.backends[name] = live
 
@@ -170,9 +174,12 @@ class LiveState:
             queued=worker.waiting if fresh and worker else 0,
             kv_usage=worker.kv_usage if fresh and worker else None,
             metrics_fresh=fresh,
-            inflight=live.inflight,
+            inflight=live.inflight + live.starting,
             pending_prefill_tokens=live.pending_prefill,
-            max_concurrency=spec.max_concurrency,
+            # The cap check in `select` keeps counting answered requests only: the gate counts
+            # from admission and enforces the cap with its bounded queue, so an attempt still
+            # waiting for its first byte must not make the backend look rejected outright.
+            max_concurrency=spec.max_concurrency + live.starting,
             gpu=live.gpu,
             recent_prompt_tokens_per_s=live.prompt_rate.value(now) if live.gpu else 0.0,
         )

@@ -7,6 +7,7 @@ rate-limit headroom and the circuit breaker that the next decision reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -24,11 +25,39 @@ from gateway.live import LiveState
 from gateway.metrics import GatewayMetrics
 from gateway.reliability import Reliability
 from policies.latency import LatencySample, sample_from_groq_usage
-from policies.select import Policy, compile_policy, select
-from policies.types import RouteDecision, RouteRequest, Slo
+from policies.select import MAX_REASON, Policy, compile_policy, select
+from policies.types import BackendSnapshot, RouteDecision, RouteRequest, Slo
 
 SLO_HEADER = "x-neogate-slo-class"
 DEADLINE_HEADER = "x-neogate-deadline-s"
+
+
+def _explain_spill(decision: RouteDecision, snaps: list[BackendSnapshot]) -> RouteDecision:
+    """Say why local workers were passed over when an external backend was chosen.
+
+    The policy's reason names the winner; a spill is only explained by what the local
+    workers lacked (predicted ITL or TTFT past the SLO, ill health, a cap), so that goes
+    into the reason the response header carries.
+    """
+    chosen = decision.chosen
+    if chosen is None or not decision.candidates:
+        return decision
+    locals_ = {s.name for s in snaps if s.is_local}
+    if not locals_ or chosen.backend in locals_:
+        return decision
+    why = [
+        f"{c.backend} {c.reason}" for c in decision.candidates if c.backend in locals_ and c.reason
+    ]
+    why += [f"{name} {r}" for name, r in decision.rejected if name in locals_]
+    if not why:
+        return decision
+    return replace(
+        decision, reason=_clip(f"{decision.reason}; local passed over: {', '.join(why)}")
+    )
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 class Router:
@@ -60,6 +89,7 @@ class Router:
         }
         self._stale_after = config.routing.metrics_stale_after_s
         self._queue_max = config.routing.queue_max
+        self._recheck_s = config.routing.scrape_interval_s
         self._waiting = 0
         self._freed = asyncio.Event()
         self.reliability = reliability or Reliability.from_config(config)
@@ -111,7 +141,7 @@ class Router:
         now = self._clock()
         snaps = [self.live.snapshot(b, model.name, now, self._stale_after) for b in model.backends]
         policy = (tenant and self._tenant_policies.get(tenant.name)) or self._policies[model.name]
-        return select(req, snaps, policy, now, rng_value=random.random())
+        return _explain_spill(select(req, snaps, policy, now, rng_value=random.random()), snaps)
 
     async def plan(
         self,
@@ -170,20 +200,28 @@ class Router:
         """Queue for local GPU headroom instead of paying an external price, up to the wait budget."""
         assert decision.wait_for_local is not None
         loop = asyncio.get_running_loop()
-        until = loop.time() + decision.wait_for_local
+        start = loop.time()
+        until = start + decision.wait_for_local
         self._waiting += 1
         try:
             while True:
                 remaining = until - loop.time()
                 if remaining <= 0:
                     return self._spill(req, model, tenant)
-                try:
-                    await asyncio.wait_for(self._freed.wait(), remaining)
-                except TimeoutError:
-                    return self._spill(req, model, tenant)
+                # Also look again every scrape: a slot freed by a request of our own may
+                # still show as running in the last scrape when the wake-up comes, and
+                # room made by other clients of the worker shows only in its metrics.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), min(remaining, self._recheck_s))
                 fresh = self.decide(req, model, tenant)
                 if fresh.wait_for_local is None:
-                    return fresh
+                    waited = loop.time() - start
+                    chosen = fresh.chosen
+                    if chosen is not None and self._specs[chosen.backend].is_local:
+                        why = f"waited {waited:.1f}s for local headroom; "
+                    else:  # no room in time for the budget or deadline left
+                        why = f"spilled after queue wait {waited:.1f}s; "
+                    return replace(fresh, reason=_clip(why + fresh.reason))
         finally:
             self._waiting -= 1
 
@@ -191,13 +229,14 @@ class Router:
         """The wait budget is spent: route now, without waiting again."""
         no_wait = replace(req, deadline=None, slo=replace(req.slo, max_queue_wait_s=0.0))
         decision = self.decide(no_wait, model, tenant)
-        return replace(decision, reason="spilled after queue wait; " + decision.reason)
+        return replace(decision, reason=_clip("spilled after queue wait; " + decision.reason))
 
     # --- feedback from attempts -------------------------------------------------------
 
     def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None:
         now = self._clock()
         self._metrics.upstream_errors.labels(backend, exc.code).inc()
+        self._started(backend)
         breaker = self.live.backends[backend].breaker
         if isinstance(exc, UpstreamStatus) and exc.upstream_status == 429:
             # A 429 is the provider's limit, not ill health: cool down, don't eject.
@@ -214,13 +253,23 @@ class Router:
 
     def admit(self, backend: str) -> bool:
         """The breaker's leave for one attempt (in half_open: the one probe)."""
-        allowed = self.live.backends[backend].breaker.allow(self._clock())
+        live = self.live.backends[backend]
+        allowed = live.breaker.allow(self._clock())
         if not allowed:
             self._metrics.backend(backend).healthy.set(0)
+        else:
+            live.starting += 1  # on its way: the next decision must see it (see _started)
         return allowed
+
+    def _started(self, backend: str) -> None:
+        """An admitted attempt answered, failed or was dropped: it is no longer starting."""
+        live = self.live.backends[backend]
+        if live.starting > 0:
+            live.starting -= 1
 
     def on_abandon(self, backend: str) -> None:
         """An admitted attempt ended without a verdict: free a half-open probe slot."""
+        self._started(backend)
         self.live.backends[backend].breaker.on_release(self._clock())
 
     def on_retry(self, backend: str) -> None:
@@ -229,6 +278,7 @@ class Router:
     def on_start(self, backend: str, headers: Mapping[str, str], prompt_tokens: int) -> None:
         """The attempt answered (first byte): count it in flight and read the provider's headroom."""
         now = self._clock()
+        self._started(backend)
         live = self.live.backends[backend]
         live.inflight += 1
         if live.gpu is not None:
