@@ -27,7 +27,7 @@ from gateway.shared.outage import (
     SharedMetrics,
     SharedStateUnavailable,
 )
-from gateway.shared.redis_limits import RedisLimitStore, connect
+from gateway.shared.redis_limits import RedisLimitStore, connect, connect_fast
 from gateway.shared.redis_state import SNAPSHOT_TTL_MS, SharedState
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class SharedHandle:
     async def close(self) -> None:
         await self.state.close()
         await self.limits.close()
-        await self.limits.redis.client.aclose()
+        await self.limits.redis.aclose()
 
 
 def ledger_reseed(admission: Admission, ledger: LedgerStore) -> Reseed:
@@ -79,10 +79,13 @@ def make_limit_store(
     registry: CollectorRegistry | None = None,
     reseed: Reseed | None = None,
 ) -> FailoverLimitStore:
-    """The Redis-backed LimitStore with the configured outage policy (not yet started)."""
+    """The Redis-backed LimitStore with the configured outage policy (not yet started).
+
+    Close it with `await store.close()` and then `await store.redis.aclose()`.
+    """
     client = connect(spec)
     return FailoverLimitStore(
-        RedisLimitStore(client, spec.key_prefix),
+        RedisLimitStore(client, spec.key_prefix, connect_fast(spec)),
         spec.on_outage,
         reseed=reseed,
         metrics=SharedMetrics(registry),

@@ -43,7 +43,9 @@ from gateway.shared.redis_limits import (
     EpochMissing,
     RedisLimitStore,
     connect,
+    connect_fast,
 )
+from gateway.shared.resp import RespClient, encode, read_reply
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,13 +69,15 @@ async def prefix() -> AsyncIterator[str]:
         await client.aclose()
 
 
-@pytest.fixture
-async def store(prefix: str) -> AsyncIterator[RedisLimitStore]:
-    client = connect(RedisSpec(url=REDIS_URL))
-    s = RedisLimitStore(client, prefix)
+@pytest.fixture(params=["pipelined", "redis-py"])
+async def store(prefix: str, request: pytest.FixtureRequest) -> AsyncIterator[RedisLimitStore]:
+    """The store with its scripts over the pipelined client, and over redis-py."""
+    spec = RedisSpec(url=REDIS_URL)
+    fast = connect_fast(spec) if request.param == "pipelined" else None
+    s = RedisLimitStore(connect(spec), prefix, fast)
     await s.ensure_epoch()
     yield s
-    await client.aclose()
+    await s.aclose()
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -333,7 +337,7 @@ async def proxy() -> AsyncIterator[TcpProxy]:
 def failover(url: str, prefix: str, mode: str, **kw: object) -> FailoverLimitStore:
     spec = RedisSpec(url=url, key_prefix=prefix, on_outage=mode)  # type: ignore[arg-type]
     return FailoverLimitStore(
-        RedisLimitStore(connect(spec), prefix),
+        RedisLimitStore(connect(spec), prefix, connect_fast(spec)),
         spec.on_outage,
         probe_interval_s=0.05,
         **kw,  # type: ignore[arg-type]
@@ -382,7 +386,7 @@ async def test_fail_open_decides_locally_then_reconciles_exactly_once(
             await other.reserve("acme", 10, 0.25)
     finally:
         await fo.close()
-        await fo.redis.client.aclose()
+        await fo.redis.aclose()
 
 
 async def test_fail_closed_refuses_with_a_clear_503_but_keeps_settlements(
@@ -411,7 +415,7 @@ async def test_fail_closed_refuses_with_a_clear_503_but_keeps_settlements(
         await adm.reserve("acme", 10, 0.10)
     finally:
         await fo.close()
-        await fo.redis.client.aclose()
+        await fo.redis.aclose()
 
 
 class PrivateRedis:
@@ -520,7 +524,7 @@ async def test_redis_restart_loses_counters_which_are_rebuilt_from_the_ledger(
             await adm.reserve("acme", 10, 0.31)
     finally:
         await fo.close()
-        await fo.redis.client.aclose()
+        await fo.redis.aclose()
 
 
 async def test_a_flushed_redis_is_rebuilt_on_the_next_reservation(store: RedisLimitStore) -> None:
@@ -554,7 +558,7 @@ async def test_start_with_redis_down_is_degraded_not_fatal() -> None:
             await adm.reserve("acme", 1, 0)
     finally:
         await fo.close()
-        await fo.redis.client.aclose()
+        await fo.redis.aclose()
 
 
 async def test_deltas_after_another_replicas_rebuild_are_carried_over_once(
@@ -569,7 +573,7 @@ async def test_deltas_after_another_replicas_rebuild_are_carried_over_once(
     limits = {"acme": TenantLimits.of(usd_total=10)}
     spec = RedisSpec(url=proxy.url, key_prefix=store.prefix)
     fo = FailoverLimitStore(
-        RedisLimitStore(connect(spec), store.prefix),
+        RedisLimitStore(connect(spec), store.prefix, connect_fast(spec)),
         "open",
         probe_interval_s=0.05,
         clock=lambda: clock[0],
@@ -595,7 +599,7 @@ async def test_deltas_after_another_replicas_rebuild_are_carried_over_once(
         assert fo.pending_deltas() == {}
     finally:
         await fo.close()
-        await fo.redis.client.aclose()
+        await fo.redis.aclose()
 
 
 def test_outage_deltas_are_cut_by_time() -> None:
@@ -609,3 +613,57 @@ def test_outage_deltas_are_cut_by_time() -> None:
     assert epoch_cutoff("legacy-epoch") == float("inf")
     assert d.drop_before(epoch_cutoff("legacy-epoch")) == 2
     assert not d
+
+
+# --- the pipelined client --------------------------------------------------------------
+
+
+async def test_resp_encoding_and_replies() -> None:
+    assert encode((b"GET", "k", 5)) == b"*3\r\n$3\r\nGET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"*4\r\n:1\r\n$3\r\nabc\r\n$-1\r\n*1\r\n+OK\r\n-ERR bad thing\r\n")
+    assert await read_reply(reader) == [1, b"abc", None, ["OK"]]
+    err = await read_reply(reader)
+    assert isinstance(err, aioredis.ResponseError) and str(err) == "ERR bad thing"
+
+
+async def test_pipelined_client_reloads_flushed_scripts_and_keeps_order(prefix: str) -> None:
+    spec = RedisSpec(url=REDIS_URL)
+    store = RedisLimitStore(connect(spec), prefix, connect_fast(spec))
+    try:
+        await store.ensure_epoch()
+        await store.client.script_flush()  # as after a Redis restart
+        now = time.time()
+        results = await asyncio.gather(
+            *(store.reserve([CounterCheck("o:usd:t", 1, 50, None)], [], now) for _ in range(80))
+        )
+        assert results.count(None) == 50
+        assert [r.key for r in results if r is not None] == ["o:usd:t"] * 30
+        assert await store.value("o:usd:t") == 50
+    finally:
+        await store.aclose()
+
+
+async def test_pipelined_client_times_out_on_a_silent_server() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", None, timeout_s=0.1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(aioredis.TimeoutError):
+            await client.evalsha("0" * 40, "return 1", [], [])
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(aioredis.TimeoutError):
+            await client.call((b"PING",))
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    refused = RespClient(f"redis://127.0.0.1:{port}/0", None, timeout_s=0.1)
+    with pytest.raises(aioredis.ConnectionError):
+        await refused.call((b"PING",))
+    await refused.aclose()
