@@ -11,11 +11,11 @@ stops answering:
   `neogate_redis_up` gauge is 0, `neogate_limits_decided_locally_total` counts
   the local decisions, and a warning is logged once per outage.
 - **fail closed** (`on_outage: closed`): `reserve` raises `SharedStateUnavailable`
-  (503, `x-should-retry: false` is not set: the client may retry later).
+  (503 `shared_state_unavailable` with `retry-after: 1`: the client may retry).
 
 In both modes settlements (`adjust`) of requests already admitted cannot be
-refused; they are applied locally. Every local change is also added to a
-*pending* map of net deltas per counter.
+refused; they are applied locally. Every local change is also recorded as a
+*pending* net delta per counter (in 10 ms slots of the time it was made).
 
 Reconciliation, when a background probe reaches Redis again:
 
