@@ -252,6 +252,7 @@ async def create_key(request: web.Request) -> web.Response:
     if not isinstance(label, str):
         raise InvalidRequest("label must be a string", param="label")
     key_id, key = await rt.keys.create(tenant, label)
+    request.app[RUNTIME].keys_changed()
     return _json({"key_id": key_id, "tenant": tenant, "key": key}, status=201)
 
 
@@ -260,6 +261,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     key_id = request.match_info["key_id"]
     if not await rt.keys.revoke(key_id):
         raise NotFound(f"no active key {key_id!r}", code="key_not_found")
+    request.app[RUNTIME].keys_changed()
     return _json({"key_id": key_id, "revoked": True})
 
 

@@ -25,6 +25,7 @@ from gateway.runtime import (
     Runtime,
     RuntimeRef,
 )
+from gateway.shared import SharedHandle, attach_shared_state
 from gateway.wiring import build_runtime
 
 __all__ = ["AppOptions", "create_app"]
@@ -82,6 +83,7 @@ def _runtime_ctx(
             skip_auto_headers=("User-Agent",),
         )
         rt: Runtime | None = None
+        shared: SharedHandle | None = None
         try:
             rt = build_runtime(config, opts, session)
             await rt.keys.open()
@@ -93,10 +95,15 @@ def _runtime_ctx(
             rt.background = Background(rt, session)
             rt.background.start()
             ref = RuntimeRef(rt, opts, session)
+            if config.redis is not None:
+                shared = await attach_shared_state(config.redis, ref)
+                ref.keys_changed = shared.keys_changed
             app[RUNTIME] = ref
             yield
             rt = ref.current
         finally:
+            if shared is not None:
+                await shared.close()
             if rt is not None:
                 await _close_runtime(rt)
             await session.close()

@@ -19,10 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gateway.ledger import DEFAULT_LEDGER_PATH, make_store
 from gateway.ledger.reports import GROUP_KEYS, pricing_sheet, usage_report
+
+if TYPE_CHECKING:
+    from gateway.config import RedisSpec
 
 # The lead's gateway.secretfile keeps the server secret beside the ledger under this name.
 SECRET_FILE_NAME = "server.secret"
@@ -41,6 +44,7 @@ class LedgerLocation:
     dsn: str | None
     configured_secret: str | None
     schema: str = "neogate"  # PostgreSQL schema (ledger.schema_name)
+    redis: RedisSpec | None = None  # replicas to tell about key changes at once
 
     @property
     def secret_file(self) -> Path:
@@ -63,7 +67,9 @@ def locate_ledger(config_path: str | None, sqlite_path: str | None) -> LedgerLoc
     dsn = resolve_secret(ledger.dsn) if ledger.kind == "postgres" else None
     if ledger.kind == "postgres" and not dsn:
         raise CliError(f"{config_path}: ledger.dsn is not set (or its env variable is unset)")
-    return LedgerLocation(ledger.kind, Path(ledger.path), dsn, secret, ledger.schema_name)
+    return LedgerLocation(
+        ledger.kind, Path(ledger.path), dsn, secret, ledger.schema_name, config.redis
+    )
 
 
 def _require_sqlite_file(loc: LedgerLocation) -> None:
@@ -259,12 +265,14 @@ async def _keys(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> i
     try:
         if args.keys_command == "create":
             key_id, key = await store.create(args.tenant, args.label)
+            await _tell_replicas(loc)
             out.write(f"key_id: {key_id}\ntenant: {args.tenant}\nkey:    {key}\n")
             out.write("Store the key now: it is not kept and cannot be shown again.\n")
             return 0
         if args.keys_command == "revoke":
             if not await store.revoke(args.key_id):
                 raise CliError(f"no active key {args.key_id!r}")
+            await _tell_replicas(loc)
             out.write(f"revoked {args.key_id}\n")
             return 0
         records = await store.list(args.tenant)
@@ -282,6 +290,22 @@ async def _keys(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> i
         return 0
     finally:
         await store.close()
+
+
+async def _tell_replicas(loc: LedgerLocation) -> None:
+    """With Redis configured, running replicas refresh their keys now instead of at their next poll."""
+    if loc.redis is None:
+        return
+    from gateway.shared import publish_keys_changed
+
+    try:
+        await publish_keys_changed(loc.redis)
+    except Exception as exc:  # the key change itself is stored; only the nudge failed
+        print(
+            f"neogate keys: could not notify replicas through Redis ({type(exc).__name__}); "
+            "they pick the change up at their next key refresh",
+            file=sys.stderr,
+        )
 
 
 def _iso(ts: float) -> str:

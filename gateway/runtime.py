@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -117,7 +117,7 @@ class AppOptions:
 class RuntimeRef:
     """The runtime in force; a reload replaces `current` in one step."""
 
-    __slots__ = ("current", "options", "session")
+    __slots__ = ("current", "keys_changed", "options", "session")
 
     def __init__(
         self, current: Runtime, options: AppOptions, session: aiohttp.ClientSession
@@ -125,6 +125,13 @@ class RuntimeRef:
         self.current = current
         self.options = options
         self.session = session
+        # Called after this process creates or revokes a key; shared state (Redis)
+        # sets it so other replicas refresh at once instead of at their next poll.
+        self.keys_changed: Callable[[], None] = _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 RUNTIME: Final = web.AppKey("runtime", RuntimeRef)

@@ -113,11 +113,22 @@ _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 
 
-def wrk(port: int, conns: int, seconds: float, script: Path, key: bool) -> tuple[float, dict[str, float]]:
+def wrk(
+    port: int, conns: int, seconds: float, script: Path, key: bool
+) -> tuple[float, dict[str, float]]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     env = dict(os.environ, BENCH_KEY=TENANT_KEY if key else "")
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -161,7 +172,9 @@ async def ttfb_ms(port: int, key: bool, n: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     ap.add_argument("--variants", default="full,no-ledger,pinned")
@@ -193,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = Path(tmp) / f"{name}.yaml"
                 cfg.write_text(policy_yaml(up, port, data, policy, ledger))
                 procs.append(
-                    start([*neogate, "--log-level", "WARNING", "serve", "--config", str(cfg)], port, name, env)
+                    start(
+                        [*neogate, "--log-level", "WARNING", "serve", "--config", str(cfg)],
+                        port,
+                        name,
+                        env,
+                    )
                 )
             results = {p.name: Samples() for p in procs}
             for p in procs:  # warm-up
@@ -224,9 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
     med = statistics.median
     d = results["direct"]
-    print(f"\nneogate core benchmark: {args.rounds} rounds, medians; wrk -t1, {args.duration}s runs")
+    print(
+        f"\nneogate core benchmark: {args.rounds} rounds, medians; wrk -t1, {args.duration}s runs"
+    )
     print(f"machine: {os.cpu_count()} cores; gateway, upstream and wrk share them\n")
-    print("| path | req/s @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |")
+    print(
+        "| path | req/s @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, s in results.items():
         add50 = med(s.p50_ms) - med(d.p50_ms)
@@ -238,10 +260,14 @@ def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
         )
     if "full" in results and "no-ledger" in results:
         f, n = med(results["full"].rps), med(results["no-ledger"].rps)
-        print(f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)")
+        print(
+            f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)"
+        )
     if "full" in results and "pinned" in results:
         f, p = med(results["full"].rps), med(results["pinned"].rps)
-        print(f"cost routing vs pinned: {f:,.0f} vs {p:,.0f} req/s ({(1 - f / p) * 100:.1f}% lower)")
+        print(
+            f"cost routing vs pinned: {f:,.0f} vs {p:,.0f} req/s ({(1 - f / p) * 100:.1f}% lower)"
+        )
 
 
 if __name__ == "__main__":

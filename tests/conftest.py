@@ -110,8 +110,6 @@ async def gateway_factory() -> AsyncIterator[GatewayFactory]:
 
 
 @pytest.fixture
-async def gateway(
-    upstreams: Upstreams, gateway_factory: GatewayFactory, tmp_path: Path
-) -> Gateway:
+async def gateway(upstreams: Upstreams, gateway_factory: GatewayFactory, tmp_path: Path) -> Gateway:
     """The default-shaped gateway over the simulated upstreams, keyless on loopback."""
     return await gateway_factory(base_policy(upstreams, tmp_path))

@@ -16,7 +16,9 @@ from tests.conftest import Gateway, GatewayFactory, Upstreams, base_policy
 async def post(gw: Gateway, path: str, data: bytes | str, **headers: str) -> tuple[int, Any, Any]:
     async with (
         aiohttp.ClientSession() as s,
-        s.post(gw.v1 + path, data=data, headers={"Content-Type": "application/json", **headers}) as r,
+        s.post(
+            gw.v1 + path, data=data, headers={"Content-Type": "application/json", **headers}
+        ) as r,
     ):
         return r.status, await r.json(), r.headers
 
@@ -40,12 +42,20 @@ def assert_openai_error(body: Any, param: str | None = None) -> None:
         (b'{"model": "llama-3.1-8b", "messages": "hello"}', "messages"),
         (b'{"model": "llama-3.1-8b", "messages": [5]}', "messages[0]"),
         (b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
-        (b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "max_tokens": -3}', "max_tokens"),
+        (
+            b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "max_tokens": -3}',
+            "max_tokens",
+        ),
         (b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "n": 1.5}', "n"),
-        (b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "stream_options": 3}', "stream_options"),
+        (
+            b'{"model": "llama-3.1-8b", "messages": [{"role": "user"}], "stream_options": 3}',
+            "stream_options",
+        ),
     ],
 )
-async def test_invalid_requests_are_400(gateway: Gateway, payload: bytes, param: str | None) -> None:
+async def test_invalid_requests_are_400(
+    gateway: Gateway, payload: bytes, param: str | None
+) -> None:
     status, body, headers = await post(gateway, "/chat/completions", payload)
     assert status == 400
     assert_openai_error(body, param)
@@ -55,7 +65,9 @@ async def test_invalid_requests_are_400(gateway: Gateway, payload: bytes, param:
 async def test_unknown_model_is_404(gateway: Gateway) -> None:
     async with AsyncOpenAI(base_url=gateway.v1, api_key="x", max_retries=0) as c:
         with pytest.raises(openai.NotFoundError) as info:
-            await c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+            await c.chat.completions.create(
+                model="gpt-9", messages=[{"role": "user", "content": "x"}]
+            )
     assert info.value.code == "model_not_found"
 
 
@@ -76,7 +88,11 @@ async def test_body_over_cap_is_413_before_read(
     policy = base_policy(upstreams, tmp_path)
     policy["tenants"] = [{"name": "anonymous", "limits": {"max_body_bytes": 2048}}]
     gw = await gateway_factory(policy)
-    big = b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "' + b"x" * 10_000 + b'"}]}'
+    big = (
+        b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "'
+        + b"x" * 10_000
+        + b'"}]}'
+    )
     status, body, _ = await post(gw, "/chat/completions", big)
     assert status == 413
     assert_openai_error(body)
@@ -86,25 +102,37 @@ async def test_body_over_cap_is_413_before_read(
         for _ in range(100):
             yield b"x" * 1024
 
-    async with aiohttp.ClientSession() as s, s.post(gw.v1 + "/chat/completions", data=chunks()) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.v1 + "/chat/completions", data=chunks()) as r,
+    ):
         assert r.status == 413
 
 
 async def test_missing_and_invalid_key_are_401(
-    upstreams: Upstreams, gateway_factory: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TENANT_ACME_KEY", "ng-acme-secret-key-1")
     policy = base_policy(upstreams, tmp_path)
     policy["tenants"] = [{"name": "acme", "api_keys": ["env:TENANT_ACME_KEY"]}]
     gw = await gateway_factory(policy, anonymous=False)
     messages = [{"role": "user", "content": "x"}]
-    async with aiohttp.ClientSession() as s:
-        async with s.post(gw.v1 + "/chat/completions", json={"model": "llama-3.1-8b", "messages": messages}) as r:
-            assert r.status == 401
-            assert_openai_error(await r.json())
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            gw.v1 + "/chat/completions", json={"model": "llama-3.1-8b", "messages": messages}
+        ) as r,
+    ):
+        assert r.status == 401
+        assert_openai_error(await r.json())
     async with AsyncOpenAI(base_url=gw.v1, api_key="ng-wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             await bad.chat.completions.create(model="llama-3.1-8b", messages=messages)  # type: ignore[arg-type]
     async with AsyncOpenAI(base_url=gw.v1, api_key="ng-acme-secret-key-1", max_retries=0) as good:
-        reply = await good.chat.completions.create(model="llama-3.1-8b", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+        reply = await good.chat.completions.create(
+            model="llama-3.1-8b", messages=messages, max_tokens=2
+        )  # type: ignore[arg-type]
     assert reply.choices

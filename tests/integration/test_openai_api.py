@@ -48,7 +48,9 @@ async def test_chat_non_stream_sync_client(gateway: Gateway, oai: AsyncOpenAI) -
     assert await asyncio.to_thread(call)
 
 
-async def test_stream_without_include_usage_has_no_usage(gateway: Gateway, oai: AsyncOpenAI) -> None:
+async def test_stream_without_include_usage_has_no_usage(
+    gateway: Gateway, oai: AsyncOpenAI
+) -> None:
     stream = await oai.chat.completions.create(
         model="llama-3.1-8b", messages=MESSAGES, max_tokens=8, stream=True
     )
@@ -62,7 +64,10 @@ async def test_stream_without_include_usage_has_no_usage(gateway: Gateway, oai: 
 
 async def test_stream_raw_framing_without_usage(gateway: Gateway, oai: AsyncOpenAI) -> None:
     body = {"model": "llama-3.1-8b", "messages": MESSAGES, "max_tokens": 4, "stream": True}
-    async with aiohttp.ClientSession() as s, s.post(gateway.v1 + "/chat/completions", json=body) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.v1 + "/chat/completions", json=body) as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         assert r.headers["x-request-id"]
@@ -144,7 +149,10 @@ async def test_tool_call_fields_pass_through(gateway: Gateway, oai: AsyncOpenAI)
 
 async def test_unknown_response_fields_pass_through(gateway: Gateway, oai: AsyncOpenAI) -> None:
     body = {"model": "llama-3.1-8b", "messages": MESSAGES, "max_tokens": 3, "logprobs": True}
-    async with aiohttp.ClientSession() as s, s.post(gateway.v1 + "/chat/completions", json=body) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.v1 + "/chat/completions", json=body) as r,
+    ):
         data = await r.json()
     assert "system_fingerprint" in data and "x_sim" in data
 

@@ -707,8 +707,11 @@ async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
             first = children(proc.pid)
             assert len(first) == 2
             # Both workers listen on the port (SO_REUSEPORT), the supervisor does not.
-            listening = await _listeners(port)
-            assert listening == set(first), (listening, first)
+            # One answering does not mean the other has finished starting: wait for both.
+            while (listening := await _listeners(port)) != set(first):
+                assert listening <= set(first), (listening, first)
+                assert time.monotonic() < deadline, (listening, first, log.read_text())
+                await asyncio.sleep(0.1)
 
             os.kill(first[0], signal.SIGKILL)  # a crash
             deadline = time.monotonic() + 15

@@ -44,7 +44,9 @@ def test_good_file_loads_with_defaults() -> None:
 
 
 def test_unknown_field_names_path_and_line() -> None:
-    text = GOOD.replace("    gpu: {price_per_hour: 2.95}", "    gpu: {price_per_hour: 2.95}\n    colour: red")
+    text = GOOD.replace(
+        "    gpu: {price_per_hour: 2.95}", "    gpu: {price_per_hour: 2.95}\n    colour: red"
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     [issue] = info.value.issues
@@ -77,7 +79,9 @@ def test_plaintext_secret_is_refused() -> None:
 
 
 def test_policy_kind_is_a_discriminated_union() -> None:
-    text = GOOD.replace("    backends: [gpu-a, groq]", "    backends: [gpu-a, groq]\n    policy: {kind: cheapest}")
+    text = GOOD.replace(
+        "    backends: [gpu-a, groq]", "    backends: [gpu-a, groq]\n    policy: {kind: cheapest}"
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert info.value.issues[0].path.startswith("models.0.policy")
@@ -100,12 +104,16 @@ def test_loopback_detection() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "policies" / "examples").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (ROOT / "policies" / "examples").glob("*.yaml"))
+)
 def test_shipped_examples_are_valid(name: str, tmp_path: Path) -> None:
     text = (ROOT / "policies" / "examples" / name).read_text()
-    text = text.replace("{sim:gpu-a}", "http://127.0.0.1:1/v1").replace(
-        "{sim:gpu-b}", "http://127.0.0.1:2/v1"
-    ).replace("{sim:provider}", "http://127.0.0.1:3/v1")
+    text = (
+        text.replace("{sim:gpu-a}", "http://127.0.0.1:1/v1")
+        .replace("{sim:gpu-b}", "http://127.0.0.1:2/v1")
+        .replace("{sim:provider}", "http://127.0.0.1:3/v1")
+    )
     path = tmp_path / name
     path.write_text(text)
     proc = subprocess.run(

@@ -24,7 +24,7 @@ def _modules(package: str) -> list[Path]:
 
 
 def _top(name: str) -> str:
-    return name.split(".")[0]
+    return name.split(".", maxsplit=1)[0]
 
 
 def test_policies_import_neither_adapters_nor_gateway() -> None:

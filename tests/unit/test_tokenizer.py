@@ -116,7 +116,11 @@ def test_count_messages_name_parts_and_tool_calls(cl100k: Tokenizer) -> None:
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": args}}
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": args},
+                    }
                 ],
             }
         ]
