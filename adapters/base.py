@@ -45,6 +45,10 @@ class Backend(Protocol):
     name: str
     is_local: bool
 
+    def close(self) -> None:
+        """Release pooled connections when the gateway stops or a reload retires this backend."""
+        ...
+
     async def open(
         self,
         path: str,

@@ -53,13 +53,25 @@ def map_http_error(exc: BaseException, backend: str, phase: str) -> GatewayError
 
 
 def status_error(
-    backend: str, status: int, body: bytes, headers: Mapping[str, str]
+    backend: str,
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    secret: bytes | None = None,
 ) -> UpstreamStatus:
-    """An error status from the upstream, with its retry-after where given."""
+    """An error status from the upstream, with its retry-after where given.
+
+    `secret` is the backend's API key: some providers echo the key they were sent in
+    their error text, and an upstream 4xx body reaches the client as it is, so every
+    copy of the key is masked first.
+    """
+    body = body[:65536]
+    if secret and secret in body:
+        body = body.replace(secret, b"***")
     return UpstreamStatus(
         f"backend {backend} answered {status}",
         upstream_status=status,
-        upstream_body=body[:65536],
+        upstream_body=body,
         retry_after_s=parse_retry_after(headers),
     )
 

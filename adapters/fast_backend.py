@@ -110,6 +110,7 @@ class FastBackend:
     ) -> None:
         self.name = name
         self.is_local = is_local
+        self._secret = api_key.encode() if api_key else None  # masked in error bodies
         self._fallback = OpenAICompatBackend(
             name=name,
             base_url=base_url,
@@ -175,7 +176,7 @@ class FastBackend:
                 err_body = b""
             finally:
                 resp.close()
-            raise status_error(self.name, resp.status, err_body, resp.headers)
+            raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
         return FastResponse(self.name, resp)
 
     def _serialize(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:

@@ -99,7 +99,11 @@ class OpenAICompatBackend:
         self._base = base_url.rstrip("/")
         self._session = session
         self._auth = f"Bearer {api_key}" if api_key else None
+        self._secret = api_key.encode() if api_key else None  # masked in error bodies
         self._metrics_url = metrics_url
+
+    def close(self) -> None:
+        """Nothing of its own to release: the shared session belongs to the app."""
 
     async def open(
         self,
@@ -130,7 +134,7 @@ class OpenAICompatBackend:
                 err_body = b""
             finally:
                 resp.release()
-            raise status_error(self.name, resp.status, err_body, resp.headers)
+            raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
         return OpenAIResponse(self.name, resp)
 
     async def fetch_metrics(self) -> str | None:

@@ -118,6 +118,8 @@ async def _close_runtime(rt: Runtime) -> None:
     if rt.meter.ledger is not None:
         await rt.meter.ledger.close()
     await rt.keys.close()
+    for backend in [*rt.backends.values(), *rt.retired]:
+        backend.close()
 
 
 @web.middleware

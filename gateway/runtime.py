@@ -58,6 +58,7 @@ class Runtime:
     meter: Meter
     keys: KeyStore
     background: Background | None = None
+    retired: list[Backend] = field(default_factory=list)  # adapters a reload replaced
     extra_forward_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def forward_headers(self, request: web.Request, rid: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,14 @@ async def test_token_budget_survives_restart(env: Env) -> None:
             await runner.cleanup()
 
 
+async def settled(url: str, within_s: float = 10.0) -> None:
+    """Wait until no request is in flight at any backend (polled, not slept: CI is noisy)."""
+    deadline = time.monotonic() + within_s
+    while metric(await scrape(url), "neogate_backend_inflight_requests") > 0:
+        assert time.monotonic() < deadline, "a request that the client left is still in flight"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_client_that_leaves_gives_its_reservation_back(env: Env, stream: bool) -> None:
     """A client that hangs up must not keep budget reserved: the next request is admitted."""
@@ -194,4 +203,4 @@ async def test_client_that_leaves_gives_its_reservation_back(env: Env, stream: b
             else:
                 with pytest.raises(openai.APITimeoutError):
                     await oai.chat.completions.create(model="slow-8b", messages=MSG, max_tokens=50)
-            await asyncio.sleep(0.05)  # the gateway notices the hang-up
+            await settled(env.url)  # the gateway noticed the hang-up and settled

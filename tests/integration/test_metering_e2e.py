@@ -452,10 +452,18 @@ async def worker_drains(worker: str, since: float, within_s: float = 2.0) -> Non
 
 
 async def test_client_disconnect_non_stream_cancels_upstream(env: Env) -> None:
+    rid = new_rid("leave-whole")
     async with AsyncOpenAI(base_url=env.v1, api_key="unused", max_retries=0, timeout=0.3) as oai:
         with pytest.raises(openai.APITimeoutError):
-            await oai.chat.completions.create(model="slow-8b", messages=MSG, max_tokens=1000)
+            await oai.chat.completions.create(
+                model="slow-8b",
+                messages=MSG,
+                max_tokens=1000,
+                extra_headers={"x-request-id": rid},
+            )
     await worker_drains(env.slow_worker, time.monotonic())
+    # Nothing was delivered and the worker stopped: no row (see README, "Metering").
+    assert await rows_for(env.ledger, rid, wait_s=0.3) == []
 
 
 @pytest.mark.parametrize("model", ["groq-cut", "local-cut"])

@@ -414,11 +414,6 @@ def _ledger_rows(path: Path) -> int:
         return sum(db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upstream 4xx body passes through byte for byte, so a provider that echoes the "
-    "key in it leaks it; needs redaction of the configured key in adapters/openai_compat.py",
-)
 async def test_passed_through_upstream_error_body_never_carries_the_key(
     gateway_factory: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
