@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import asdict
 from typing import Any
@@ -312,6 +314,9 @@ async def reload_config(request: web.Request) -> web.Response:
     ref = request.app[RUNTIME]
     try:
         new = await reload_from_file(ref)
+        if ref.options.worker_index is not None:
+            # One of `--workers N`: the supervisor passes SIGHUP to every worker.
+            os.kill(os.getppid(), signal.SIGHUP)
     except ConfigError as exc:
         return _json(
             {

@@ -106,21 +106,21 @@ class LiveState:
             self.prices.book = replace(self.prices.book, version=previous.prices.book.version + 1)
         self.backends: dict[str, BackendLive] = {}
         for name, spec in specs.items():
-            live = BackendLive(
-                spec=spec,
-                gpu=GpuModel.from_spec(spec.gpu) if spec.gpu is not None else None,
-                breaker=CircuitBreaker(breaker),
-            )
             old = previous.backends.get(name) if previous is not None else None
             if old is not None and old.spec.base_url == spec.base_url:
-                # Same upstream: what we learned about it still holds.
-                live.breaker = old.breaker
-                live.headroom = old.headroom
-                live.worker = old.worker
-                live.latency = dict(old.latency)
-                live.inflight = old.inflight
-                live.starting = old.starting
-                live.prompt_rate = old.prompt_rate
+                # Same upstream: what we learned about it still holds, and its counters
+                # are the same objects, so requests that started before the reload still
+                # count down what they counted up.
+                live = old
+                if old.spec.gpu != spec.gpu:
+                    live.gpu = GpuModel.from_spec(spec.gpu) if spec.gpu is not None else None
+                live.spec = spec
+            else:
+                live = BackendLive(
+                    spec=spec,
+                    gpu=GpuModel.from_spec(spec.gpu) if spec.gpu is not None else None,
+                    breaker=CircuitBreaker(breaker),
+                )
             self.backends[name] = live
 
     def observe_latency(self, backend: str, model: str, sample: LatencySample) -> None:

@@ -113,6 +113,9 @@ class AppOptions:
     ledger: bool = True  # off only for the metering-off comparison benchmark
     limit_store: LimitStore | None = None  # shared (Redis) limits; None: in-process
     config_path: str | None = None  # the file SIGHUP and POST /admin/reload read again
+    # Which worker of `serve --workers N` this is (None: a single process). Worker i > 0
+    # spools to its own file; an admin reload in one worker reloads them all.
+    worker_index: int | None = None
 
 
 class RuntimeRef:

@@ -90,10 +90,14 @@ def build_runtime(
                 config.ledger.kind,
                 path=config.ledger.path,
                 dsn=resolve_secret(config.ledger.dsn),
-                spool_path=config.ledger.spool_path,
+                spool_path=spool_path(config.ledger.spool_path, opts.worker_index),
                 registry=metrics.registry,
                 schema=config.ledger.schema_name,
             )
+    # The gate and retry budget carry over: slots held by running requests stay counted.
+    reliability = previous.router.reliability if previous else None
+    if reliability is not None:
+        reliability.reconfigure(config)
     return Runtime(
         config=config,
         backends=backends,
@@ -102,7 +106,7 @@ def build_runtime(
         metrics=metrics,
         auth=auth,
         estimator=Estimator(tokenizer),
-        router=Router(config, backends, live, metrics),
+        router=Router(config, backends, live, metrics, reliability=reliability),
         meter=Meter(
             tokenizer,
             metrics,
@@ -113,6 +117,14 @@ def build_runtime(
         ),
         keys=keys,
     )
+
+
+def spool_path(configured: str, worker_index: int | None) -> str:
+    """Each worker of `--workers N` needs a spool of its own (two appenders would interleave).
+
+    Worker 0 keeps the configured path, so a spool left by a single process is replayed.
+    """
+    return configured if not worker_index else f"{configured}.w{worker_index}"
 
 
 def reload_blockers(old: GatewayConfig, new: GatewayConfig) -> list[ConfigIssue]:

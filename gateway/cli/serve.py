@@ -35,6 +35,7 @@ class ServeOptions:
     port: int | None = None
     workers: int = 1
     drain_timeout_s: float = 30.0
+    worker_index: int | None = None  # set in each worker of `--workers N`
 
 
 def serve_forever(opts: ServeOptions) -> int:
@@ -73,7 +74,7 @@ async def _serve(opts: ServeOptions) -> int:
         host = opts.host or config.listen.host
         port = opts.port if opts.port is not None else config.listen.port
         app_opts = _app_options(config, host, embedded=not opts.config_path)
-        app_opts = replace(app_opts, config_path=opts.config_path)
+        app_opts = replace(app_opts, config_path=opts.config_path, worker_index=opts.worker_index)
         separate_admin = config.admin.port is not None
         app = create_app(config, app_opts, admin_routes=not separate_admin)
         drain_s = config.reliability.drain_timeout_s
@@ -89,7 +90,9 @@ async def _serve(opts: ServeOptions) -> int:
             admin_runner = web.AppRunner(create_admin_app(app[RUNTIME]), access_log=None)
             await admin_runner.setup()
             admin_port = config.admin.port or 0
-            await web.TCPSite(admin_runner, config.admin.host, admin_port).start()
+            await web.TCPSite(
+                admin_runner, config.admin.host, admin_port, reuse_port=opts.workers > 1
+            ).start()
             log.info("admin API on http://%s:%d/admin", config.admin.host, admin_port)
         await _wait_for_signal(on_hangup=lambda: _reload(app))
         log.info("neogate draining in-flight requests (up to %.0fs)", drain_s)

@@ -90,7 +90,13 @@ def serve_workers(
         child_opts = replace(opts, host=host, port=port)
         drain_s = config.reliability.drain_timeout_s
         log.info("neogate supervisor: %d workers on http://%s:%d/v1", opts.workers, host, port)
-        sup = _Supervisor(opts.workers, lambda: run_one(child_opts), holder, policy, drain_s)
+        sup = _Supervisor(
+            opts.workers,
+            lambda i: run_one(replace(child_opts, worker_index=i)),
+            holder,
+            policy,
+            drain_s,
+        )
         return sup.run()
     finally:
         holder.close()
@@ -136,7 +142,7 @@ class _Supervisor:
     def __init__(
         self,
         n: int,
-        child_main: Callable[[], int],
+        child_main: Callable[[int], int],
         holder: socket.socket,
         policy: RestartPolicy | None,
         drain_s: float,
@@ -243,7 +249,7 @@ class _Supervisor:
             os.setpgid(0, 0)
             self.holder.close()
             _die_with_parent(self.pid)
-            code = self.child_main()
+            code = self.child_main(index)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
