@@ -216,7 +216,9 @@ class ReliabilitySpec(Model):
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
     retry_budget_min: int = Field(default=10, ge=0)
     breaker_consecutive_failures: int = Field(default=5, ge=1)
-    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    # Not above retry_budget_ratio: a backend failing more often than retries can cover
+    # would otherwise turn its failures into client errors without ever being ejected.
+    breaker_failure_rate: float = Field(default=0.2, gt=0, le=1)
     breaker_base_ejection_s: float = Field(default=5.0, gt=0)
     breaker_max_ejection_s: float = Field(default=300.0, gt=0)
     max_queue: int = Field(default=512, ge=0)
