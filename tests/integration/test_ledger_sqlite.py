@@ -104,6 +104,43 @@ async def test_wal_mode_and_synchronous_normal(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_quick_commits_run_on_the_loop_and_checkpoint_on_the_thread(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    store = SqliteLedger(db)
+    writer = LedgerWriter(store, Spool(tmp_path / "spool"))
+    await writer.start()
+    for i in range(1000):  # one row per commit: the most WAL per row
+        await writer.record(make_row(i))
+    # A few commits met a running checkpoint and waited for it on the thread.
+    assert store.inline_commits + store.thread_commits == 1000
+    assert store.inline_commits > 900
+    # Checkpoints keep the WAL from growing with every commit (~20 MB without them):
+    # after one, the next commit starts the WAL over.
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size < 8 * 1024 * 1024, wal.stat().st_size
+    await writer.close()
+    assert count_rows(db) == 1000
+
+
+async def test_a_file_locked_by_another_process_waits_on_the_thread(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    store = SqliteLedger(db, busy_timeout_s=5.0)
+    writer = LedgerWriter(store, Spool(tmp_path / "spool"))
+    await writer.start()
+    await writer.record(make_row(0))
+    other = sqlite3.connect(db, isolation_level=None)  # another writer, e.g. a second worker
+    other.execute("BEGIN IMMEDIATE")
+    pending = asyncio.create_task(writer.record(make_row(1)))
+    await asyncio.sleep(0.2)
+    assert not pending.done()  # waiting for the lock, without blocking the loop
+    other.execute("ROLLBACK")
+    other.close()
+    await asyncio.wait_for(pending, 5.0)
+    assert store.thread_commits == 1 and writer.stats().spool_rows == 0
+    await writer.close()
+    assert count_rows(db) == 2
+
+
 async def test_cancelled_caller_still_gets_its_row_written(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     writer = LedgerWriter(SqliteLedger(db))
