@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -85,7 +86,7 @@ class Gate:
         self, config: GateConfig | None = None, clock: Callable[[], float] | None = None
     ) -> None:
         self._config = config or GateConfig()
-        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        self._clock = clock or time.monotonic  # only compared with its own readings
         self._inflight: dict[str, int] = {}
         self._total = 0
         self._live: set[GateToken] = set()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import hashlib
 import hmac
 import secrets
 import sqlite3
@@ -33,7 +32,7 @@ def generate_key() -> str:
 
 def hash_key(secret: bytes, key: str) -> str:
     """The stored form of a key: hex HMAC-SHA256 under the server secret."""
-    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret, key.encode(), "sha256").hex()  # one-shot C HMAC, ~5x faster
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,6 +160,10 @@ class PostgresLedger:
             raise LedgerUnavailable(f"postgres ledger: {type(exc).__name__}: {exc}") from exc
         self._pool = pool
 
+    def write_now(self, rows: Sequence[LedgerRow]) -> bool:
+        """A PostgreSQL commit is a network round trip: never done without awaiting it."""
+        return False
+
     async def write(self, rows: Sequence[LedgerRow]) -> None:
         """Insert `rows` in one transaction; duplicates of (request_id, attempt) are skipped."""
         await self.open()
