@@ -410,20 +410,35 @@ async def _until(
 ) -> AsyncIterator[bytes]:
     """The rest of a stream, cut with an `UpstreamTimeout` when the attempt's total time is up.
 
-    The gap between events is bounded by the adapter's idle (socket read) timeout.
+    The gap between events is bounded by the adapter's idle (socket read) timeout. The
+    total is one timer for the whole stream (not a timeout scope per event): when it
+    fires it closes the response, which ends the pending read with an error.
     """
-    while True:
-        try:
-            async with asyncio.timeout_at(end):
-                block = await anext(events)
-        except StopAsyncIteration:
-            return
-        except TimeoutError as exc:
-            response.close()
-            raise UpstreamTimeout(
-                f"backend {backend} did not finish within the request's time limit"
-            ) from exc
-        yield block
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        response.close()
+
+    timer = asyncio.get_running_loop().call_at(end, expire)
+    try:
+        async for block in events:
+            if expired:
+                break
+            yield block
+    except GatewayError as exc:
+        if not expired:
+            raise
+        raise _total_timeout(backend) from exc
+    finally:
+        timer.cancel()
+    if expired:
+        raise _total_timeout(backend)
+
+
+def _total_timeout(backend: str) -> UpstreamTimeout:
+    return UpstreamTimeout(f"backend {backend} did not finish within the request's time limit")
 
 
 async def _whole_body(response: UpstreamResponse, backend: str, end: float) -> bytes:

@@ -13,8 +13,9 @@ from gateway.forward import Attempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
 from gateway.relay import DONE, EventFilter
-from gateway.reliability import bound_write_buffer, write_or_cut
+from gateway.reliability import StallGuard, bound_write_buffer
 from gateway.runtime import REQUEST_ID, RUNTIME, Runtime, Tenant
+from gateway.usage import StreamMeter
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -136,20 +137,36 @@ async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) ->
 async def _relay_stream(
     rt: Runtime, request: web.Request, completion: Completion, attempt: Attempt
 ) -> web.StreamResponse:
-    assert attempt.first_event is not None and attempt.events is not None
     inbound = completion.inbound
     flt = EventFilter(strip_usage=not inbound.include_usage)
     meter = completion.stream_meter()
     resp = web.StreamResponse(status=200, headers=rt.answer_headers(completion, attempt, None))
     resp.headers.update(_SSE_HEADERS)
+    # A client that reads nothing for as long as an upstream may stay silent is cut.
+    guard = StallGuard(request, attempt.timeouts.idle_s if attempt.timeouts else 60.0)
+    try:
+        return await _relay_events(rt, request, completion, attempt, resp, guard, flt, meter)
+    finally:
+        guard.close()
+
+
+async def _relay_events(
+    rt: Runtime,
+    request: web.Request,
+    completion: Completion,
+    attempt: Attempt,
+    resp: web.StreamResponse,
+    guard: StallGuard,
+    flt: EventFilter,
+    meter: StreamMeter,
+) -> web.StreamResponse:
+    assert attempt.first_event is not None and attempt.events is not None
     outcome = "ok"
     failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
     held: bytes | None = None  # the upstream's own error event, also sent after the row
     try:
         await resp.prepare(request)
         bound_write_buffer(request, rt.router.reliability.settings.write_buffer_bytes)
-        # A client that reads nothing for as long as an upstream may stay silent is cut.
-        write_timeout_s = attempt.timeouts.idle_s if attempt.timeouts else 60.0
         completion.first_byte_at = time.monotonic()
         block: bytes | None = attempt.first_event
         events = attempt.events
@@ -160,7 +177,7 @@ async def _relay_stream(
                 held = out
                 break
             if out is not None:
-                await write_or_cut(request, resp, out + b"\n\n", write_timeout_s)
+                await guard.write(resp, out + b"\n\n")
             if flt.done:
                 break
             block = await anext(events, None)
@@ -180,7 +197,7 @@ async def _relay_stream(
     await rt.meter.finish(completion, outcome=outcome, meter=meter)
     if outcome == "ok":
         try:
-            await resp.write(DONE + b"\n\n")
+            await guard.write(resp, DONE + b"\n\n")
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the row is written; the client left before [DONE]

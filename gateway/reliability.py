@@ -4,7 +4,7 @@
 `max_concurrency` and the gateway's `max_inflight` become the frozen configs of
 the building blocks (`gateway.breaker`, `retry_budget`, `backpressure`,
 `hedging`). `Reliability` holds the live retry budget and gate of one app and
-applies a reloaded config without dropping held slots. `write_or_cut` is the
+applies a reloaded config without dropping held slots. `StallGuard` is the
 client side of back-pressure: a client that stops reading is cut, not buffered for.
 """
 
@@ -135,21 +135,54 @@ def bound_write_buffer(request: web.Request, high_bytes: int) -> None:
         transport.set_write_buffer_limits(high=high_bytes)
 
 
-async def write_or_cut(
-    request: web.Request, resp: web.StreamResponse, data: bytes, timeout_s: float
-) -> None:
-    """Write to a client, waiting while its buffer is full; cut a client that reads nothing for `timeout_s`.
+class StallGuard:
+    """Cut a client that reads nothing for `timeout_s` while a stream is written to it.
 
     aiohttp's write drains once the transport is over its high-water mark, so a
     slow reader slows the relay (and the upstream read) instead of growing memory;
     a reader that stopped altogether would pin the stream forever without this bound.
-    Raises `ConnectionResetError` after aborting the connection.
+    One timer per stream, re-armed at most once per `timeout_s`, instead of a
+    timeout scope around every event: a write that does not wait costs two
+    attribute stores. A cut aborts the connection, so the waiting write raises
+    `ConnectionResetError`.
     """
-    try:
-        async with asyncio.timeout(timeout_s):
+
+    __slots__ = ("_handle", "_loop", "_since", "_timeout_s", "_transport", "cut")
+
+    def __init__(self, request: web.Request, timeout_s: float) -> None:
+        self._transport = request.transport
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the write in progress began
+        self._handle: asyncio.TimerHandle | None = None
+        self.cut = False
+
+    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
+        loop = self._loop
+        self._since = now = loop.time()
+        if self._handle is None:
+            self._handle = loop.call_at(now + self._timeout_s, self._check)
+        try:
             await resp.write(data)
-    except TimeoutError:
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-        raise ConnectionResetError("the client stopped reading the stream") from None
+        finally:
+            self._since = None
+        if self.cut:
+            raise ConnectionResetError("the client stopped reading the stream")
+
+    def _check(self) -> None:
+        self._handle = None
+        since = self._since
+        if since is None:
+            return  # not writing: the next write arms the timer again
+        due = since + self._timeout_s
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.cut = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
