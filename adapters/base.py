@@ -58,7 +58,10 @@ class Backend(Protocol):
     ) -> UpstreamResponse:
         """Send a request and return once the response headers arrived (the first byte).
 
-        Raises a `GatewayError` for any failure, including an error status.
+        Raises a `GatewayError` for any failure, including an error status. The adapter
+        bounds the whole exchange, `read()` and `events()` included, by
+        `timeouts.total_s`, and each wait for more of the body by `timeouts.idle_s`,
+        raising `UpstreamTimeout`: callers set no timers of their own around reads.
         """
         ...
 

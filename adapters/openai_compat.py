@@ -71,8 +71,10 @@ class OpenAIResponse:
                     if block:
                         yield block
         except GatewayError:
+            self._resp.close()
             raise
         except Exception as exc:
+            self._resp.close()  # a broken or timed-out stream does not go back to the pool
             raise map_client_error(exc, self._backend, "streaming") from exc
         if buf.strip():
             yield buf
@@ -116,8 +118,9 @@ class OpenAICompatBackend:
         out["Content-Type"] = "application/json"
         if self._auth is not None:
             out["Authorization"] = self._auth
+        # `total` covers the body too, streamed or not: the Backend contract.
         client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
+            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s
         )
         try:
             async with asyncio.timeout(timeouts.first_byte_s):

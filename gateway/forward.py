@@ -343,19 +343,20 @@ class _Forwarder:
                     events = response.events()
                     first_at = started + timeouts.first_byte_s
                     first = await _first_event(events, name, first_at)
-                    bounded = _until(response, events, name, started + timeouts.total_s)
+                    # The adapter bounds the rest of the stream by the attempt's total
+                    # and idle limits (the Backend contract): no timer per event here.
                     return Attempt(
                         name,
                         plan.backend_model,
                         number,
                         response,
                         first,
-                        bounded,
+                        events,
                         started,
                         timeouts,
                         _release=release,
                     )
-                body = await _whole_body(response, name, started + timeouts.total_s)
+                body = await _whole_body(response, name)
             except BaseException:
                 response.close()
                 raise
@@ -405,49 +406,12 @@ async def _first_event(events: AsyncIterator[bytes], backend: str, until: float)
     raise UpstreamProtocolError(f"backend {backend} closed the stream before any event")
 
 
-async def _until(
-    response: UpstreamResponse, events: AsyncIterator[bytes], backend: str, end: float
-) -> AsyncIterator[bytes]:
-    """The rest of a stream, cut with an `UpstreamTimeout` when the attempt's total time is up.
+async def _whole_body(response: UpstreamResponse, backend: str) -> bytes:
+    """Read a non-streamed answer whole; a cut or unparseable body is a retryable failure.
 
-    The gap between events is bounded by the adapter's idle (socket read) timeout. The
-    total is one timer for the whole stream (not a timeout scope per event): when it
-    fires it closes the response, which ends the pending read with an error.
+    The adapter bounds the read by the attempt's total limit (the Backend contract).
     """
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        response.close()
-
-    timer = asyncio.get_running_loop().call_at(end, expire)
-    try:
-        async for block in events:
-            if expired:
-                break
-            yield block
-    except GatewayError as exc:
-        if not expired:
-            raise
-        raise _total_timeout(backend) from exc
-    finally:
-        timer.cancel()
-    if expired:
-        raise _total_timeout(backend)
-
-
-def _total_timeout(backend: str) -> UpstreamTimeout:
-    return UpstreamTimeout(f"backend {backend} did not finish within the request's time limit")
-
-
-async def _whole_body(response: UpstreamResponse, backend: str, end: float) -> bytes:
-    """Read a non-streamed answer whole; a cut or unparseable body is a retryable failure."""
-    try:
-        async with asyncio.timeout_at(end):
-            body = await response.read()
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"backend {backend} did not answer within the time limit") from exc
+    body = await response.read()
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
