@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import shutil
 import signal
 import socket
 import statistics
@@ -30,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loadtest.wrk import WrkResult, have_wrk, post_script, run_wrk
 
 TENANT_KEY = "ng-bench-tenant-key-0001"
 BODY = (
@@ -108,39 +108,11 @@ def start(cmd: list[str], port: int, name: str, env: dict[str, str]) -> Proc:
     return Proc(name, port, p)
 
 
-_LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
-
-
-def wrk(
-    port: int, conns: int, seconds: float, script: Path, key: bool
-) -> tuple[float, dict[str, float]]:
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    env = dict(os.environ, BENCH_KEY=TENANT_KEY if key else "")
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout
-    bad = _NON2XX.search(out)
-    if bad and int(bad.group(1)):
-        raise RuntimeError(f"wrk saw {bad.group(1)} error responses from port {port}:\n{out}")
-    rps = float(_RPS.search(out).group(1))  # type: ignore[union-attr]
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    lat = {m.group(1): float(m.group(2)) * scale[m.group(3)] for m in _LAT.finditer(out)}
-    return rps, lat
+def wrk(port: int, conns: int, seconds: float, script: Path) -> WrkResult:
+    res = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script, conns, seconds)
+    if res.errors:
+        raise RuntimeError(f"wrk saw {res.errors} errors from port {port}")
+    return res
 
 
 async def ttfb_ms(port: int, key: bool, n: int = 200) -> float:
@@ -179,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     ap.add_argument("--variants", default="full,no-ledger,pinned")
     args = ap.parse_args(argv)
-    if shutil.which("wrk") is None:
+    if not have_wrk():
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
     names = [v for v in args.variants.split(",") if v]
@@ -187,14 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, NEOGATE_BENCH_KEY=TENANT_KEY, NEOGATE_SECRET="bench-secret")
     procs: list[Proc] = []
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f"wrk.body = '{BODY}'\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            'local key = os.getenv("BENCH_KEY")\n'
-            'if key ~= nil and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end\n'
+        keyed = post_script(
+            Path(tmp) / "keyed.lua", BODY, {"Authorization": f"Bearer {TENANT_KEY}"}
         )
+        plain = post_script(Path(tmp) / "plain.lua", BODY, {})
         try:
             up = free_port()
             procs.append(start([*neogate, "sim", "static", "--port", str(up)], up, "direct", env))
@@ -215,16 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             results = {p.name: Samples() for p in procs}
             for p in procs:  # warm-up
-                wrk(p.port, 8, 1.0, script, key=p.name != "direct")
+                wrk(p.port, 8, 1.0, plain if p.name == "direct" else keyed)
             for r in range(args.rounds):
                 for p in procs:
                     key = p.name != "direct"
-                    rps, _ = wrk(p.port, 32, args.duration, script, key)
-                    _, lat = wrk(p.port, 1, args.duration / 2, script, key)
+                    script = keyed if key else plain
+                    rps = wrk(p.port, 32, args.duration, script).rps
+                    lat = wrk(p.port, 1, args.duration / 2, script)
                     s = results[p.name]
                     s.rps.append(rps)
-                    s.p50_ms.append(lat.get("50", float("nan")))
-                    s.p99_ms.append(lat.get("99", float("nan")))
+                    s.p50_ms.append(lat.p50_ms if lat.p50_ms is not None else float("nan"))
+                    s.p99_ms.append(lat.p99_ms if lat.p99_ms is not None else float("nan"))
                     s.ttfb_ms.append(asyncio.run(ttfb_ms(p.port, key)))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         finally:

@@ -21,10 +21,7 @@ import argparse
 import json
 import os
 import re
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loadtest.compare_procs import Proc, free_port, wait_ready
+from loadtest.wrk import have_wrk, post_script, run_wrk
+
+PATH = "/v1/chat/completions"
 
 TENANT_KEY = "ng-bench-workers-key-0001"
 BODY = (
@@ -80,14 +80,7 @@ class Measurement:
 
 
 def wrk_script(path: Path) -> Path:
-    lua = path / "post.lua"
-    lua.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{BODY}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {TENANT_KEY}"\n'
-    )
-    return lua
+    return post_script(path / "post.lua", BODY, {"Authorization": f"Bearer {TENANT_KEY}"})
 
 
 def machine_busy_s() -> float:
@@ -96,39 +89,6 @@ def machine_busy_s() -> float:
     ticks = [int(x) for x in fields]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def run_wrk(url: str, lua: Path, connections: int, seconds: float) -> tuple[float, int, float]:
-    """(requests/s, non-2xx + socket errors, wrk's CPU seconds)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds:g}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(lua),
-            url + "/v1/chat/completions",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 60,
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-    if m is None:
-        raise RuntimeError(f"wrk printed no rate:\n{out.stdout}\n{out.stderr}")
-    errors = 0
-    for pattern in (r"Non-2xx or 3xx responses:\s+(\d+)", r"Socket errors:.*?(\d+) timeout"):
-        e = re.search(pattern, out.stdout)
-        if e:
-            errors += int(e.group(1))
-    return float(m.group(1)), errors, cpu
 
 
 def measure(
@@ -152,10 +112,11 @@ def measure(
     try:
         wait_ready(gw, url, TENANT_KEY, "m", 60)
         # Every worker gets connections: warm each one's tokenizer and upstream pool.
-        run_wrk(url, lua, args.connections, args.warmup)
+        run_wrk(url + PATH, lua, args.connections, args.warmup, timeout_s=10)
         gw0, up0, all0 = gw.cpu_seconds(), upstream.cpu_seconds(), machine_busy_s()
         t0 = time.monotonic()
-        rps, errors, wrk_cpu = run_wrk(url, lua, args.connections, args.duration)
+        res = run_wrk(url + PATH, lua, args.connections, args.duration, timeout_s=10)
+        rps, errors, wrk_cpu = res.rps, res.errors, res.cpu_s
         seconds = time.monotonic() - t0
         gw_cpu, up_cpu = gw.cpu_seconds() - gw0, upstream.cpu_seconds() - up0
         machine = machine_busy_s() - all0
@@ -239,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", default=None, help="shared limits in this Redis (loopback)")
     p.add_argument("--json", type=Path, default=None, help="write raw results and summary here")
     args = p.parse_args(argv)
-    if shutil.which("wrk") is None:
+    if not have_wrk():
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
     if args.redis and not re.match(r"redis://(127\.\d+\.\d+\.\d+|localhost)[:/]", args.redis):

@@ -7,7 +7,9 @@ neogate; default /tmp/neogate-litellm-venv), starts one process each of: the sta
 upstream (`neogate sim static`), neogate (`neogate serve --config <generated>`) and the LiteLLM
 proxy (one worker), all logging at the same level, then runs closed-loop load at every
 concurrency level, buffered and streamed, through neogate, through LiteLLM and straight to the
-upstream. Prints throughput and latency with ratios and writes a Markdown report.
+upstream. Maximum throughput is also measured with wrk (a C client: the Python load
+generator would saturate this 2-core machine before neogate does) at `--wrk-levels`.
+Prints throughput and latency with ratios and writes a Markdown report.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -29,6 +32,7 @@ import orjson
 from loadtest.compare_procs import Proc, ensure_litellm, free_port, wait_ready
 from loadtest.compare_render import (
     MODES,
+    WRK_MODE,
     Cell,
     fmt_ms,
     goals,
@@ -39,6 +43,7 @@ from loadtest.compare_render import (
 from loadtest.loadgen import LoadConfig, run_load
 from loadtest.results import save_results, summarize
 from loadtest.schedule import constant_schedule
+from loadtest.wrk import have_wrk, post_script, run_wrk
 
 TARGETS = ("direct", "neogate", "litellm")
 
@@ -117,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
     p.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,neogate,litellm")
     p.add_argument("--modes", default=",".join(MODES), help="buffered,streamed")
+    p.add_argument(
+        "--wrk-levels",
+        default="32,128",
+        help="concurrency levels of the maximum-throughput runs with wrk ('' to skip them)",
+    )
     p.add_argument("--model", default="bench-model")
     p.add_argument("--prompt-tokens", default="const:64")
     p.add_argument("--max-tokens", default="const:16")
@@ -256,7 +266,11 @@ async def measure(
     for name in names:
         t = targets[name]
         await run_load(_load_cfg(args, t, "buffered", 8, args.warmup, 99), usage=False)
+    scripts = _wrk_scripts(args, targets, out, names)
     for rep in range(args.repeats):
+        for level in [int(x) for x in args.wrk_levels.split(",") if x] if scripts else []:
+            for name in names:
+                _measure_wrk(args, targets[name], scripts[name], level, rep, cells)
         for mode in modes:
             for level in levels:
                 # Targets take turns inside each cell so slow drift on the machine hits all alike.
@@ -290,6 +304,67 @@ async def measure(
     return cells
 
 
+def _wrk_scripts(
+    args: argparse.Namespace, targets: dict[str, Target], out: Path, names: list[str]
+) -> dict[str, Path]:
+    """One wrk script per target: the loadgen's buffered request, with the target's key."""
+    if not have_wrk():
+        print("wrk not found (apt-get install wrk): no maximum-throughput runs", flush=True)
+        return {}
+    from loadtest.loadgen import make_prompt
+    from loadtest.schedule import parse_distribution
+
+    rng = random.Random(7)
+    body = orjson.dumps(
+        {
+            "model": args.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": make_prompt(parse_distribution(args.prompt_tokens).sample(rng), rng),
+                }
+            ],
+            "max_tokens": parse_distribution(args.max_tokens).sample(rng),
+        }
+    ).decode()
+    return {
+        n: post_script(out / f"wrk-{n}.lua", body, {"Authorization": f"Bearer {targets[n].key}"})
+        for n in names
+    }
+
+
+def _measure_wrk(
+    args: argparse.Namespace,
+    t: Target,
+    script: Path,
+    level: int,
+    rep: int,
+    cells: dict[tuple[str, int, str], Cell],
+) -> None:
+    """Maximum throughput with wrk (a C client): a Python client would saturate first."""
+    cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
+    res = run_wrk(
+        t.url + "/v1/chat/completions", script, level, args.duration, timeout_s=args.timeout
+    )
+    cpu = (t.proc.cpu_seconds() if t.proc else 0.0) - cpu0
+    c = cells.setdefault((WRK_MODE, level, t.name), Cell())
+    c.req_per_s.append(res.rps)
+    if res.p50_ms is not None and res.p99_ms is not None:
+        c.p50.append(res.p50_ms / 1e3)
+        c.p99.append(res.p99_ms / 1e3)
+    ok = res.requests - res.non2xx
+    if ok > 0:
+        c.cpu_ms_per_req.append(cpu / ok * 1e3)
+    c.errors += res.errors
+    c.requests += res.requests
+    print(
+        f"  r{rep} {WRK_MODE} c={level:<4} {t.name:8} {res.rps:9.1f} req/s"
+        f"  p50 {res.p50_ms or 0:8.2f}  p99 {res.p99_ms or 0:8.2f} ms  errors {res.errors}"
+        f"  (wrk CPU {res.cpu_s:.1f}s)",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -319,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets.values():
             if t.proc is not None:
                 t.proc.stop()
+    wrk_levels = sorted({lv for (m, lv, _) in cells if m == WRK_MODE})
     body = render_tables(cells, names, modes, levels)
+    if wrk_levels:
+        body += render_tables(cells, names, [WRK_MODE], wrk_levels)
     body += ["## Goals (issue 6)", "", *goals(cells, levels), ""]
     body += plots(out, names, modes, max(levels))
     report = out / "compare.md"
