@@ -214,7 +214,10 @@ class ReliabilitySpec(Model):
 
     max_attempts: int = Field(default=3, ge=1, le=10)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
-    retry_budget_min: int = Field(default=10, ge=0)
+    # Retries per 10-s window allowed whatever the traffic (Finagle's floor: 10 per second).
+    # With 10 per window, a backend hanging on 30% of its requests at a few dozen req/s
+    # ran the budget dry and its timeouts reached clients (the soak's "hang" phase).
+    retry_budget_min: int = Field(default=100, ge=0)
     breaker_consecutive_failures: int = Field(default=5, ge=1)
     # Not above retry_budget_ratio: a backend failing more often than retries can cover
     # would otherwise turn its failures into client errors without ever being ejected.

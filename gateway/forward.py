@@ -63,6 +63,15 @@ class AttemptHooks(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeLoser:
+    """A hedged attempt that lost the race and was cancelled: it had the prompt."""
+
+    backend: str
+    backend_model: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardOptions:
     """How hard one request tries."""
 
@@ -99,7 +108,7 @@ class Attempt:
     events: AsyncIterator[bytes] | None  # streams: the rest, bounded by the attempt's deadline
     started: float  # loop time the attempt began
     timeouts: AttemptTimeouts | None = None  # as applied (already cut to the request's deadline)
-    hedged: tuple[str, ...] = ()  # backends of cancelled hedges: the operator's cost
+    hedged: tuple[HedgeLoser, ...] = ()  # cancelled hedges: the operator's cost
     _release: _Release | None = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -251,14 +260,14 @@ class _Forwarder:
         if first is None:
             raise self.final_error()
         ready: dict[int, tuple[AttemptPlan, _Release]] = {0: first}
-        names: dict[int, str] = {}
+        names: dict[int, AttemptPlan] = {}
 
         async def start(k: int) -> Attempt | GatewayError:
             picked = ready.pop(k, None) or await self.pick(may_wait=False)
             if picked is None:
                 raise _NoCandidate
             plan, release = picked
-            names[k] = plan.backend.name
+            names[k] = plan
             if k > 0:
                 self.hooks.on_retry(plan.backend.name)
             try:
@@ -291,7 +300,11 @@ class _Forwarder:
             raise self.final_error() from None
         if isinstance(race.value, GatewayError):
             raise race.value
-        race.value.hedged = tuple(names[i] for i in race.losers if i in names)
+        race.value.hedged = tuple(
+            HedgeLoser(names[i].backend.name, names[i].backend_model, i)
+            for i in race.losers
+            if i in names
+        )
         return race.value
 
     async def pick(self, *, may_wait: bool) -> tuple[AttemptPlan, _Release] | None:

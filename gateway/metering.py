@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -27,11 +28,16 @@ from gateway.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_
 
 if TYPE_CHECKING:
     from gateway.auth import Tenant
-    from gateway.forward import Attempt
+    from gateway.forward import Attempt, HedgeLoser
     from policies.types import RouteDecision
 
 log = logging.getLogger("neogate.metering")
 _MILLION = 1_000_000
+
+
+# The tenant of rows the operator pays for (cancelled hedges). Not a valid tenant name,
+# so it never meets a configured tenant, its budgets or its usage.
+OPERATOR_TENANT: Final = "(operator)"
 
 
 @dataclass(slots=True)
@@ -53,6 +59,8 @@ class Completion:
     first_byte_at: float | None = None
     usage: Usage | None = None
     client_request_id: str | None = None
+    # Hedged attempts that lost the race, with the prices and batch in force for each.
+    hedge_losers: tuple[tuple[HedgeLoser, UnitPrices, int], ...] = ()
     _meter: StreamMeter | None = field(default=None)
 
     def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
@@ -188,6 +196,9 @@ class Meter:
                 self._metrics.divergence.labels(completion.backend).inc()
             if self.ledger is not None:
                 await self.ledger.record(row)
+        for loser, prices, batch in completion.hedge_losers:
+            if self.ledger is not None:
+                await self.ledger.record(self._loser_row(completion, loser, prices, batch))
         if completion.reservation is not None:
             tokens = usage.total_tokens if usage is not None else 0
             await self.admission.settle(completion.reservation, tokens, cost)
@@ -210,6 +221,42 @@ class Meter:
             # Not JSON we can read: the backend still did the prompt's work.
             return Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt)
         return usage_from_response(parsed, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
+
+    def hedge_prices(
+        self, losers: tuple[HedgeLoser, ...], model: str, batch_seen: Callable[[str], int]
+    ) -> tuple[tuple[HedgeLoser, UnitPrices, int], ...]:
+        """The price in force for each cancelled hedge, captured when the race ended."""
+        out = []
+        for loser in losers:
+            batch = batch_seen(loser.backend)
+            out.append((loser, self.unit_prices(loser.backend, model, batch), batch))
+        return tuple(out)
+
+    def _loser_row(
+        self, completion: Completion, loser: HedgeLoser, prices: UnitPrices, batch: int
+    ) -> LedgerRow:
+        """A cancelled hedge had the prompt: its cost is the operator's, never the tenant's."""
+        prompt = completion.estimate.prompt_tokens
+        live = self._live.backends[loser.backend]
+        return LedgerRow.from_usage(
+            request_id=completion.rid,
+            attempt=loser.number,
+            ts=time.time(),
+            tenant=OPERATOR_TENANT,
+            model=completion.inbound.model,
+            backend=loser.backend,
+            backend_model=loser.backend_model,
+            usage=Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt),
+            prices=prices,
+            ttft_s=None,
+            total_s=time.monotonic() - completion.arrived,
+            stream=completion.inbound.stream,
+            outcome="hedge_cancelled",
+            divergent=False,
+            batch_size=batch if live.gpu is not None else None,
+            is_local=live.spec.is_local,
+            client_request_id=completion.client_request_id,
+        )
 
     def _row(
         self, completion: Completion, usage: Usage, outcome: str, divergent: bool

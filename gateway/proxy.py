@@ -101,6 +101,10 @@ async def serve(
         raise
     batch = rt.router.batch_seen(attempt.backend)
     completion.attach(attempt, batch, rt.meter.unit_prices(attempt.backend, inbound.model, batch))
+    if attempt.hedged:
+        completion.hedge_losers = rt.meter.hedge_prices(
+            attempt.hedged, inbound.model, rt.router.batch_seen
+        )
     rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
     try:
         if inbound.stream:

@@ -19,7 +19,7 @@ class RetryBudgetConfig:
     """How many retries the recent traffic pays for."""
 
     ratio: float = 0.2  # retries per client request
-    min_retries: int = 10  # per window, whatever the traffic
+    min_retries: int = 100  # per window (10 per second), whatever the traffic
     window_s: float = 10.0
     buckets: int = 10
 

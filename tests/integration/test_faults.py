@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -605,6 +606,19 @@ async def test_hedging_of_the_first_byte(
         assert r.headers["x-neogate-backend"] == "fast" and elapsed < 0.5
         assert await fast.total() == 1
         await _until_idle(slow)  # the loser was cancelled, not left running
+        # The winner is the tenant's row; the loser had the prompt and is the operator's.
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            rows = db.execute(
+                "SELECT tenant, backend, outcome, attempt, prompt_tokens, completion_tokens,"
+                " cost_nusd FROM ledger WHERE request_id = ? ORDER BY attempt",
+                [r.headers["x-request-id"]],
+            ).fetchall()
+        assert [row[:4] for row in rows] == [
+            ("(operator)", "slow", "hedge_cancelled", 0),
+            ("anonymous", "fast", "ok", 1),
+        ]
+        loser = rows[0]
+        assert loser[4] > 0 and loser[5] == 0 and loser[6] > 0  # the prompt, at its price
     else:
         assert r.headers["x-neogate-backend"] == "slow" and elapsed >= 0.6
         assert await fast.total() == 0, "hedging is off by default"
