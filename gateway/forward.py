@@ -63,8 +63,9 @@ class AttemptHooks(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class HedgeLoser:
-    """A hedged attempt that lost the race and was cancelled: it had the prompt."""
+class SentAttempt:
+    """An attempt whose request went out: a cancelled one (a lost hedge, or a client that
+    left before any answer) still had the prompt, so it is metered."""
 
     backend: str
     backend_model: str
@@ -108,7 +109,7 @@ class Attempt:
     events: AsyncIterator[bytes] | None  # streams: the rest, bounded by the attempt's deadline
     started: float  # loop time the attempt began
     timeouts: AttemptTimeouts | None = None  # as applied (already cut to the request's deadline)
-    hedged: tuple[HedgeLoser, ...] = ()  # cancelled hedges: the operator's cost
+    hedged: tuple[SentAttempt, ...] = ()  # cancelled hedges: the operator's cost
     _release: _Release | None = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -180,13 +181,17 @@ async def first_attempt_that_answers(
     hooks: AttemptHooks,
     gate: Gate | None = None,
     options: ForwardOptions | None = None,
+    sent: list[SentAttempt] | None = None,
 ) -> Attempt:
     """Try the plans in rank order until one answers; raise the final error once spent.
 
     `deadline` is in event-loop time. The returned attempt holds a gate slot:
-    the caller must `release()` it when the answer has been relayed.
+    the caller must `release()` it when the answer has been relayed. When the caller
+    is cancelled (the client left), `sent` holds the attempts whose request was out.
     """
     fwd = _Forwarder(plans, path, headers, stream, deadline, hooks, gate, options)
+    if sent is not None:
+        fwd.sent = sent
     opts = fwd.options
     if stream and plans:
         delay = hedge_delay(
@@ -225,6 +230,7 @@ class _Forwarder:
         self.loop = asyncio.get_running_loop()
         self.failures: list[GatewayError] = []
         self.attempts = 0
+        self.sent: list[SentAttempt] = []  # attempts out right now
 
     def remaining(self) -> float:
         return self.deadline - self.loop.time()
@@ -301,10 +307,11 @@ class _Forwarder:
         if isinstance(race.value, GatewayError):
             raise race.value
         race.value.hedged = tuple(
-            HedgeLoser(names[i].backend.name, names[i].backend_model, i)
+            SentAttempt(names[i].backend.name, names[i].backend_model, i)
             for i in race.losers
             if i in names
         )
+        self.sent.clear()  # the losers are metered through `hedged`
         return race.value
 
     async def pick(self, *, may_wait: bool) -> tuple[AttemptPlan, _Release] | None:
@@ -345,6 +352,19 @@ class _Forwarder:
 
     async def open(self, plan: AttemptPlan, release: _Release, number: int) -> Attempt:
         """Run one attempt up to the point where the client may see its first byte."""
+        out = SentAttempt(plan.backend.name, plan.backend_model, number)
+        self.sent.append(out)
+        try:
+            attempt = await self._open(plan, release, number)
+        except asyncio.CancelledError:
+            raise  # stays listed: it had the request when the caller was cancelled
+        except BaseException:
+            self.sent.remove(out)
+            raise
+        self.sent.remove(out)
+        return attempt
+
+    async def _open(self, plan: AttemptPlan, release: _Release, number: int) -> Attempt:
         name = plan.backend.name
         started = self.loop.time()
         timeouts = _within(plan.timeouts, self.deadline - started)

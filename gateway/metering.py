@@ -28,7 +28,7 @@ from gateway.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_
 
 if TYPE_CHECKING:
     from gateway.auth import Tenant
-    from gateway.forward import Attempt, HedgeLoser
+    from gateway.forward import Attempt, SentAttempt
     from policies.types import RouteDecision
 
 log = logging.getLogger("neogate.metering")
@@ -60,7 +60,7 @@ class Completion:
     usage: Usage | None = None
     client_request_id: str | None = None
     # Hedged attempts that lost the race, with the prices and batch in force for each.
-    hedge_losers: tuple[tuple[HedgeLoser, UnitPrices, int], ...] = ()
+    hedge_losers: tuple[tuple[SentAttempt, UnitPrices, int], ...] = ()
     _meter: StreamMeter | None = field(default=None)
 
     def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
@@ -222,9 +222,33 @@ class Meter:
             return Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt)
         return usage_from_response(parsed, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
 
+    async def left_before_answer(
+        self,
+        completion: Completion,
+        sent: list[SentAttempt],
+        batch_seen: Callable[[str], int],
+    ) -> None:
+        """The client left while attempts were out: each had the prompt and gets a row.
+
+        The first is the tenant's (what it asked for); a hedge beside it is the operator's.
+        Nothing was delivered, so no completion tokens are charged.
+        """
+        tokens, cost = 0, Decimal(0)
+        for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
+            batch = batch_seen(out.backend)
+            prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+            tenant = completion.tenant if i == 0 else OPERATOR_TENANT
+            row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
+            if tenant == completion.tenant:
+                tokens, cost = row.prompt_tokens, row.cost_usd
+            if self.ledger is not None:
+                await self.ledger.record(row)
+        if completion.reservation is not None:
+            await self.admission.settle(completion.reservation, tokens, cost)
+
     def hedge_prices(
-        self, losers: tuple[HedgeLoser, ...], model: str, batch_seen: Callable[[str], int]
-    ) -> tuple[tuple[HedgeLoser, UnitPrices, int], ...]:
+        self, losers: tuple[SentAttempt, ...], model: str, batch_seen: Callable[[str], int]
+    ) -> tuple[tuple[SentAttempt, UnitPrices, int], ...]:
         """The price in force for each cancelled hedge, captured when the race ended."""
         out = []
         for loser in losers:
@@ -233,16 +257,28 @@ class Meter:
         return tuple(out)
 
     def _loser_row(
-        self, completion: Completion, loser: HedgeLoser, prices: UnitPrices, batch: int
+        self, completion: Completion, loser: SentAttempt, prices: UnitPrices, batch: int
     ) -> LedgerRow:
         """A cancelled hedge had the prompt: its cost is the operator's, never the tenant's."""
+        return self._sent_row(completion, loser, prices, batch, OPERATOR_TENANT, "hedge_cancelled")
+
+    def _sent_row(
+        self,
+        completion: Completion,
+        loser: SentAttempt,
+        prices: UnitPrices,
+        batch: int,
+        tenant: str,
+        outcome: str,
+    ) -> LedgerRow:
+        """A row for an attempt cancelled before it answered: the prompt, nothing delivered."""
         prompt = completion.estimate.prompt_tokens
         live = self._live.backends[loser.backend]
         return LedgerRow.from_usage(
             request_id=completion.rid,
             attempt=loser.number,
             ts=time.time(),
-            tenant=OPERATOR_TENANT,
+            tenant=tenant,
             model=completion.inbound.model,
             backend=loser.backend,
             backend_model=loser.backend_model,
@@ -251,7 +287,7 @@ class Meter:
             ttft_s=None,
             total_s=time.monotonic() - completion.arrived,
             stream=completion.inbound.stream,
-            outcome="hedge_cancelled",
+            outcome=outcome,
             divergent=False,
             batch_size=batch if live.gpu is not None else None,
             is_local=live.spec.is_local,

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, ModelNotFound, PayloadTooLarge, PermissionDenied
-from gateway.forward import Attempt, first_attempt_that_answers
+from gateway.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
 from gateway.relay import DONE, EventFilter
@@ -83,6 +83,7 @@ async def serve(
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     completion.client_request_id = client_request_id(request)
     rel = rt.router.reliability
+    sent: list[SentAttempt] = []
     try:
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)
         completion.decision = decision
@@ -95,7 +96,13 @@ async def serve(
             hooks=rt.router,
             gate=rel.gate,
             options=rel.forward_options,
+            sent=sent,
         )
+    except asyncio.CancelledError:
+        # The client left before any answer. An attempt that was out had the prompt
+        # (a non-streamed answer is only sent whole): it gets its row.
+        await asyncio.shield(rt.meter.left_before_answer(completion, sent, rt.router.batch_seen))
+        raise
     except BaseException:
         await rt.meter.abandon(completion)
         raise

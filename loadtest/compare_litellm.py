@@ -69,7 +69,7 @@ tenants:
   - name: bench
     api_keys: [env:NEOGATE_BENCH_KEY]
 ledger:
-  kind: sqlite
+  kind: {ledger}
   path: {data}/ledger.db
   spool_path: {data}/ledger.spool
 """
@@ -128,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="concurrency levels of the maximum-throughput runs with wrk ('' to skip them)",
     )
     p.add_argument("--model", default="bench-model")
+    p.add_argument(
+        "--neogate-ledger",
+        choices=("sqlite", "none"),
+        default="sqlite",
+        help="neogate's ledger: none matches LiteLLM run without a database (no spend rows)",
+    )
     p.add_argument("--prompt-tokens", default="const:64")
     p.add_argument("--max-tokens", default="const:16")
     p.add_argument("--completion-tokens", type=int, default=16, help="upstream answer length")
@@ -180,7 +186,13 @@ def start_all(args: argparse.Namespace, out: Path, names: list[str]) -> dict[str
         data.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "neogate.yaml"
         cfg_path.write_text(
-            NEOGATE_CONFIG.format(port=port, upstream_port=up_port, model=args.model, data=data)
+            NEOGATE_CONFIG.format(
+                port=port,
+                upstream_port=up_port,
+                model=args.model,
+                data=data,
+                ledger=args.neogate_ledger,
+            )
         )
         key, admin = "sk-bench-" + secrets.token_hex(8), "sk-admin-" + secrets.token_hex(8)
         env = {

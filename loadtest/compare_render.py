@@ -184,7 +184,12 @@ def write_markdown(
         if not args.upstream_cmd
         else f"- upstream: `{args.upstream_cmd}`",
         "- neogate: `neogate serve --config neogate.yaml`, one process, one OpenAI-compatible "
-        "backend, tenant-key auth, metering and the SQLite ledger on",
+        "backend, tenant-key auth, metering on, "
+        + (
+            "the SQLite ledger on"
+            if args.neogate_ledger == "sqlite"
+            else "no ledger (`ledger.kind: none`, like LiteLLM without a database)"
+        ),
         "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn with uvloop and "
         "httptools), master-key auth, no database (so no spend tracking), `openai/<model>` "
         "with `api_base`",

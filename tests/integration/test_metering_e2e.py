@@ -462,8 +462,14 @@ async def test_client_disconnect_non_stream_cancels_upstream(env: Env) -> None:
                 extra_headers={"x-request-id": rid},
             )
     await worker_drains(env.slow_worker, time.monotonic())
-    # Nothing was delivered and the worker stopped: no row (see README, "Metering").
-    assert await rows_for(env.ledger, rid, wait_s=0.3) == []
+    # Nothing was delivered, but the worker had the prompt (prefill): that is the row,
+    # the tenant's, at the price in force; no completion tokens.
+    row = only_row(await rows_for(env.ledger, rid, wait_s=5.0))
+    assert row["outcome"] == "client_disconnect" and row["stream"] == 0
+    assert row["tenant"] == "anonymous" and row["backend"] == "gpu-slow"
+    assert row["completion_tokens"] == 0 and row["prompt_tokens"] > 0
+    assert row["token_source"] == "estimated"
+    assert row["cost_nusd"] == expected_cost_nusd(row) > 0
 
 
 @pytest.mark.parametrize("model", ["groq-cut", "local-cut"])

@@ -609,9 +609,13 @@ def test_outage_deltas_are_cut_by_time() -> None:
     assert {k: v.amount for k, v in d.merged().items()} == {"k": 12, "j": 1}
     assert d.drop_before(10.01) == 1
     assert {k: v.amount for k, v in d.merged().items()} == {"k": 7, "j": 1}
+    # Slots are 1 ms: a delta made 1.5 ms after the cut-off is kept, not lost with it.
+    d.add([CounterCheck("k", 3, None, None)], 10.012)
+    assert d.drop_before(10.0105) == 0
+    assert {k: v.amount for k, v in d.merged().items()} == {"k": 10, "j": 1}
     assert epoch_cutoff(make_epoch(12.5)) == 12.5
     assert epoch_cutoff("legacy-epoch") == float("inf")
-    assert d.drop_before(epoch_cutoff("legacy-epoch")) == 2
+    assert d.drop_before(epoch_cutoff("legacy-epoch")) == 3
     assert not d
 
 
