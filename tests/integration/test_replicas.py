@@ -704,14 +704,14 @@ async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 await asyncio.sleep(0.1)
-            first = children(proc.pid)
-            assert len(first) == 2
             # Both workers listen on the port (SO_REUSEPORT), the supervisor does not.
             # One answering does not mean the other has finished starting: wait for both.
-            while (listening := await _listeners(port)) != set(first):
-                assert listening <= set(first), (listening, first)
+            while (listening := await _listeners(port)) != set(first := children(proc.pid)):
                 assert time.monotonic() < deadline, (listening, first, log.read_text())
                 await asyncio.sleep(0.1)
+            assert len(first) == 2
+            # A worker may have been restarted on a busy machine, but none crashed.
+            assert "Traceback" not in log.read_text(), log.read_text()
 
             os.kill(first[0], signal.SIGKILL)  # a crash
             deadline = time.monotonic() + 15
