@@ -233,6 +233,9 @@ class Meter:
         The first is the tenant's (what it asked for); a hedge beside it is the operator's.
         Nothing was delivered, so no completion tokens are charged.
         """
+        if not sent:
+            await self.abandon(completion)  # it never reached a backend
+            return
         tokens, cost = 0, Decimal(0)
         for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
             batch = batch_seen(out.backend)

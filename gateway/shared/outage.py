@@ -408,8 +408,9 @@ class OutageDeltas:
     """Net counter changes made locally, in 1 ms slots of the (wall) time they were made.
 
     The slot that holds the cut-off is dropped whole, so deltas made up to one slot
-    after it are lost with it: with 10 ms slots that was ~10 requests' reservations at
-    1,000 req/s (seen in the Redis-restart test); 1 ms keeps it to about one.
+    after it go with it: with 10 ms slots that could be ~10 requests' reservations at
+    1,000 req/s (the likely cause of one failure of the Redis-restart test, which
+    allows 8); 1 ms keeps it to about one.
     """
 
     SLOTS_PER_S: Final = 1000
