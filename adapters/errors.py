@@ -65,9 +65,9 @@ def status_error(
     their error text, and an upstream 4xx body reaches the client as it is, so every
     copy of the key is masked first.
     """
-    body = body[:65536]
     if secret and secret in body:
-        body = body.replace(secret, b"***")
+        body = body.replace(secret, b"***")  # before the cut: no half key at the edge
+    body = body[:65536]
     return UpstreamStatus(
         f"backend {backend} answered {status}",
         upstream_status=status,
