@@ -762,3 +762,79 @@ async def _listeners(port: int) -> set[int]:
         subprocess.run, ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True
     )
     return {int(p) for p in re.findall(r"pid=(\d+)", out.stdout)}
+
+
+@pytest.mark.slow
+async def test_an_admin_reload_in_one_worker_reloads_every_worker(tmp_path: Path) -> None:
+    runner, up_port = await slow_upstream(0.0)
+    port = free_port()
+    cfg = tmp_path / "workers.yaml"
+
+    def write(model: str) -> None:
+        doc = {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "admin": {"api_key": "env:RELOAD_TEST_ADMIN_KEY"},
+            "auth": {"allow_anonymous_on_loopback": True, "server_secret": None},
+            "backends": [
+                {
+                    "name": "static",
+                    "base_url": f"http://127.0.0.1:{up_port}/v1",
+                    "models": {model: "slow"},
+                    "price": {"input_per_million": 1, "output_per_million": 1},
+                }
+            ],
+            "models": [{"name": model, "backends": ["static"]}],
+            "ledger": {"path": str(tmp_path / "ledger.db"), "spool_path": str(tmp_path / "spool")},
+            "tokenizer": {"source": "bpe-openai"},
+        }
+        tmp = cfg.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc))
+        tmp.replace(cfg)
+
+    write("before")
+    log = tmp_path / "workers.log"
+    env = {**os.environ, "RELOAD_TEST_ADMIN_KEY": "reload-admin-key"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--workers", "2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    async def models_seen(n: int) -> set[str]:
+        """Model lists from `n` fresh connections: SO_REUSEPORT spreads them over workers."""
+        seen: set[str] = set()
+        for _ in range(n):
+            async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:
+                seen |= {m["id"] for m in (await r.json())["data"]}
+        return seen
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while len(children(proc.pid)) < 2 or await _listeners(port) != set(children(proc.pid)):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            assert await models_seen(20) == {"before"}
+            write("after")
+            async with http.post(
+                url + "/admin/reload", headers={"Authorization": "Bearer reload-admin-key"}
+            ) as r:
+                assert r.status == 200, await r.text()
+            # The worker that took the call reloaded; the supervisor's SIGHUP reloads the other.
+            deadline = time.monotonic() + 10
+            while (seen := await models_seen(20)) != {"after"}:
+                assert time.monotonic() < deadline, (seen, log.read_text())
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        await runner.cleanup()
