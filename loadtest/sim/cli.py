@@ -16,6 +16,7 @@ from loadtest.sim.common import start_site
 from loadtest.sim.faults import FAULTS
 from loadtest.sim.provider import ProviderOptions, create_provider_app
 from loadtest.sim.static import create_static_app
+from loadtest.sim.static_raw import StaticAnswers, start_static_raw
 from loadtest.sim.worker import WorkerOptions, create_worker_app
 
 
@@ -87,6 +88,11 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     static.add_argument("--model", default="static-model")
     static.add_argument("--completion-tokens", type=int, default=16)
     static.add_argument("--prompt-tokens", type=int, default=10)
+    static.add_argument(
+        "--aiohttp",
+        action="store_true",
+        help="serve through aiohttp instead of the bare protocol server (more CPU per request)",
+    )
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
@@ -153,6 +159,10 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 def run_sim(args: argparse.Namespace) -> int:
     """Run the simulated backend described by `args` until SIGINT/SIGTERM; 0 on a clean stop."""
+    if args.sim_kind == "static" and not args.aiohttp:
+        answers = StaticAnswers(args.model, args.completion_tokens, args.prompt_tokens)
+        _run(_serve_raw(answers, args.host, args.port))
+        return 0
     try:
         app = build_app(args)
     except (ValueError, TypeError) as exc:
@@ -160,3 +170,18 @@ def run_sim(args: argparse.Namespace) -> int:
         return 2
     _run(_serve(app, args.host, args.port, args.sim_kind))
     return 0
+
+
+async def _serve_raw(answers: StaticAnswers, host: str, port: int) -> None:
+    server, bound = await start_static_raw(host, port, answers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"neogate sim static listening on http://{host}:{bound}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()

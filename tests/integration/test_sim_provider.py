@@ -503,3 +503,57 @@ async def test_cleanup_releases_hanging_requests(http: aiohttp.ClientSession) ->
     assert time.monotonic() - started < 1.0
     status, _, raw = await hanging
     assert status == 503 and orjson.loads(raw)["error"]["code"] == "shutdown"
+
+
+async def test_bare_static_upstream_answers_like_the_aiohttp_one(
+    http: aiohttp.ClientSession,
+) -> None:
+    from loadtest.sim.static_raw import StaticAnswers, start_static_raw
+
+    server, port = await start_static_raw(
+        "127.0.0.1", 0, StaticAnswers(model="m", completion_tokens=5, prompt_tokens=7)
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with client(base) as c:
+            r = await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}]
+            )
+            assert r.usage and (r.usage.prompt_tokens, r.usage.completion_tokens) == (7, 5)
+            text, usage = "", None
+            stream = await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], stream=True,
+                stream_options={"include_usage": True},
+            )  # fmt: skip
+            async for chunk in stream:
+                text += "".join(ch.delta.content or "" for ch in chunk.choices)
+                usage = chunk.usage or usage
+            assert text == r.choices[0].message.content and usage and usage.total_tokens == 12
+            assert (await c.completions.create(model="m", prompt="x")).choices[0].text == text
+            assert [m.id async for m in c.models.list()] == ["m"]
+        async with http.get(base + "/nope") as resp:
+            assert resp.status == 404
+        # Two requests in one write (pipelined) get two answers, in order.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"model": "m", "stream": true}'
+        req = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        writer.write(req + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while raw.count(b"HTTP/1.1 200 OK") < 2:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            assert chunk, raw
+            raw += chunk
+        assert raw.index(b"text/event-stream") < raw.rindex(b"HTTP/1.1 200 OK")
+        # A request it cannot frame: 400, and the connection closes.
+        writer.write(b"NONSENSE\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert rest.startswith(b"HTTP/1.1 400")
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
