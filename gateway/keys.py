@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.ledger.sqlite import ensure_wal
+
 KEY_PREFIX = "ng-"
 _SECRET_BYTES = 32
 
@@ -201,7 +203,11 @@ class SqliteKeyBackend:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
+        try:
+            ensure_wal(conn, self._timeout)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,13 +173,13 @@ class SqliteLedger:
                 conn.isolation_level = None
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-                conn.execute("PRAGMA journal_mode = WAL")
+                ensure_wal(conn, self._busy_ms / 1000)
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
                 if self._create:
                     _add_missing_columns(conn)
                     for stmt in SCHEMA:
                         conn.execute(stmt)
-            except sqlite3.Error:
+            except BaseException:
                 conn.close()
                 raise
         except (sqlite3.Error, OSError) as exc:
@@ -311,3 +312,29 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     if code is not None:
         return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def ensure_wal(conn: sqlite3.Connection, wait_s: float) -> None:
+    """Put the file in WAL mode (it stays so); blocking, so call it off the event loop.
+
+    Switching the journal mode needs the file to itself, and SQLite reports "database is
+    locked" for that at once rather than through the busy handler: two processes opening
+    a new file together (`serve --workers N`: one worker's ledger, the other's key store)
+    would fail. The mode is read first (already WAL: nothing to do), then the switch is
+    retried until `wait_s` has passed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            if time.monotonic() >= deadline:  # the switch was refused without an error
+                raise LedgerUnavailable(f"could not put the file in WAL mode (still {mode})")
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)

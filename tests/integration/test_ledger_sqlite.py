@@ -418,3 +418,26 @@ def test_usage_cli_without_a_ledger_says_so(
     assert not (tmp_path / "neogate-data").exists()  # reading never creates a ledger
     code, _ = usage_cli("--ledger", str(tmp_path / "x.db"), "--since", "yesterday")
     assert code == 1
+
+
+def test_switching_a_new_file_to_wal_waits_for_another_connection(tmp_path: Path) -> None:
+    """Two processes opening a new file together: the switch to WAL is retried, not fatal."""
+    import threading
+
+    from gateway.ledger.sqlite import ensure_wal
+
+    db = tmp_path / "new.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN")
+    other.execute("SELECT * FROM t").fetchall()  # holds a shared lock: no mode switch now
+    conn = sqlite3.connect(db, timeout=0.0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        conn.execute("PRAGMA journal_mode = WAL")
+    releaser = threading.Timer(0.2, lambda: other.execute("COMMIT"))
+    releaser.start()
+    ensure_wal(conn, 5.0)
+    releaser.join()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    other.close()
