@@ -97,13 +97,11 @@ async def test_admin_reload_keeps_open_streams_and_refuses_a_bad_file(
             # The stream that started before the reload finishes whole, on `a`.
             async for chunk in stream:
                 pieces.append(chunk)
-            assert (
-                pieces[-1].choices[0].finish_reason in ("length", "stop") or not pieces[-1].choices
-            )
-            text = "".join(
-                c.choices[0].delta.content or "" for c in pieces if c.choices and c.choices[0].delta
-            )
-            assert text
+            # (An error event mid-stream would have raised in the SDK's iteration.)
+            with_choices = [c for c in pieces if c.choices]
+            assert with_choices[-1].choices[0].finish_reason == "length"
+            tokens = [c for c in with_choices if c.choices[0].delta.content]
+            assert len(tokens) >= 30, "all 40 tokens (give or take the role chunk) arrived"
 
             # What the old runtime counted up, the shared counters count down again.
             status, backends = await _admin(s, gw.url, "GET", "/admin/backends")
