@@ -31,11 +31,14 @@ _OWN_HEADERS: Final = frozenset(
 class FastResponse:
     """An upstream answer whose head has arrived, read from the hot-path client."""
 
-    __slots__ = ("_backend", "_resp")
+    __slots__ = ("_backend", "_resp", "_secret")
 
-    def __init__(self, backend: str, resp: Response) -> None:
+    def __init__(self, backend: str, resp: Response, secret: bytes | None = None) -> None:
         self._backend = backend
         self._resp = resp
+        # The backend's API key: an upstream that echoes it (in an error event) must not
+        # hand it to the client.
+        self._secret = secret
 
     @property
     def status(self) -> int:
@@ -75,9 +78,13 @@ class FastResponse:
                         )
                     continue
                 *complete, buf = buf.split(b"\n\n")
+                secret = self._secret
                 for block in complete:
                     if block:
-                        yield block
+                        if secret is not None and secret in block:
+                            yield block.replace(secret, b"***")
+                        else:
+                            yield block
         except HttpClientError as exc:
             resp.close()
             raise map_http_error(exc, self._backend, "streaming") from exc
@@ -87,6 +94,8 @@ class FastResponse:
         if buf.endswith(b"\r"):
             buf = buf[:-1]
         if buf.strip():
+            if self._secret is not None and self._secret in buf:
+                buf = buf.replace(self._secret, b"***")
             yield buf
 
     def close(self) -> None:
@@ -177,7 +186,7 @@ class FastBackend:
             finally:
                 resp.close()
             raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
-        return FastResponse(self.name, resp)
+        return FastResponse(self.name, resp, self._secret)
 
     def _serialize(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
         extra = [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() not in _OWN_HEADERS]

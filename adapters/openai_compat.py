@@ -24,11 +24,16 @@ _MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 class OpenAIResponse:
     """An upstream answer whose headers have arrived."""
 
-    __slots__ = ("_backend", "_resp")
+    __slots__ = ("_backend", "_resp", "_secret")
 
-    def __init__(self, backend: str, resp: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self, backend: str, resp: aiohttp.ClientResponse, secret: bytes | None = None
+    ) -> None:
         self._backend = backend
         self._resp = resp
+        # The backend's API key: an upstream that echoes it (in an error event) must not
+        # hand it to the client.
+        self._secret = secret
 
     @property
     def status(self) -> int:
@@ -67,9 +72,13 @@ class OpenAIResponse:
                         )
                     continue
                 *complete, buf = buf.split(b"\n\n")
+                secret = self._secret
                 for block in complete:
                     if block:
-                        yield block
+                        if secret is not None and secret in block:
+                            yield block.replace(secret, b"***")
+                        else:
+                            yield block
         except GatewayError:
             self._resp.close()
             raise
@@ -77,6 +86,8 @@ class OpenAIResponse:
             self._resp.close()  # a broken or timed-out stream does not go back to the pool
             raise map_client_error(exc, self._backend, "streaming") from exc
         if buf.strip():
+            if self._secret is not None and self._secret in buf:
+                buf = buf.replace(self._secret, b"***")
             yield buf
 
     def close(self) -> None:
@@ -138,7 +149,7 @@ class OpenAICompatBackend:
             finally:
                 resp.release()
             raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
-        return OpenAIResponse(self.name, resp)
+        return OpenAIResponse(self.name, resp, self._secret)
 
     async def fetch_metrics(self) -> str | None:
         if self._metrics_url is None:

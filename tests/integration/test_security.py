@@ -436,6 +436,57 @@ async def test_passed_through_upstream_error_body_never_carries_the_key(
         await runner.cleanup()
 
 
+async def _echo_stream_upstream() -> tuple[web.AppRunner, str]:
+    """A careless provider, streaming: one token, then an error event repeating the key."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        auth = request.headers.get("Authorization", "")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "echo",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
+        }
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        error = {"error": {"message": f"key {auth} was revoked", "type": "auth", "code": "k"}}
+        await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner, port = await start_site(app)
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+async def test_a_streamed_upstream_error_event_never_carries_the_key(
+    gateway_factory: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    canary = "sk-canary-" + secrets.token_hex(16)
+    monkeypatch.setenv("NEOGATE_CANARY_KEY", canary)
+    runner, url = await _echo_stream_upstream()
+    try:
+        gw = await gateway_factory(
+            policy(tmp_path, [Upstream("echo", url, api_key="env:NEOGATE_CANARY_KEY")])
+        )
+        body = {"model": "m", "messages": MESSAGES, "stream": True}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(gw.v1 + "/chat/completions", json=body) as r,
+        ):
+            raw = await r.read()
+        assert r.status == 200
+        assert b"was revoked" in raw, "the upstream's error event reached the client"
+        assert canary.encode() not in raw
+        assert b"Bearer ***" in raw
+    finally:
+        await runner.cleanup()
+
+
 # --- tenant limits and admin access ---------------------------------------------------------
 
 
