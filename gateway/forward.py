@@ -21,7 +21,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -110,6 +110,7 @@ class Attempt:
     started: float  # loop time the attempt began
     timeouts: AttemptTimeouts | None = None  # as applied (already cut to the request's deadline)
     hedged: tuple[SentAttempt, ...] = ()  # cancelled hedges: the operator's cost
+    answer: dict[str, Any] | None = None  # a buffered answer, parsed once (for metering)
     _release: _Release | None = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -189,9 +190,7 @@ async def first_attempt_that_answers(
     the caller must `release()` it when the answer has been relayed. When the caller
     is cancelled (the client left), `sent` holds the attempts whose request was out.
     """
-    fwd = _Forwarder(plans, path, headers, stream, deadline, hooks, gate, options)
-    if sent is not None:
-        fwd.sent = sent
+    fwd = _Forwarder(plans, path, headers, stream, deadline, hooks, gate, options, sent)
     opts = fwd.options
     if stream and plans:
         delay = hedge_delay(
@@ -218,6 +217,7 @@ class _Forwarder:
         hooks: AttemptHooks,
         gate: Gate | None,
         options: ForwardOptions | None,
+        sent: list[SentAttempt] | None = None,
     ) -> None:
         self.pending = list(plans)
         self.path = path
@@ -230,7 +230,7 @@ class _Forwarder:
         self.loop = asyncio.get_running_loop()
         self.failures: list[GatewayError] = []
         self.attempts = 0
-        self.sent: list[SentAttempt] = []  # attempts out right now
+        self.sent = sent if sent is not None else []  # attempts out right now
 
     def remaining(self) -> float:
         return self.deadline - self.loop.time()
@@ -389,7 +389,7 @@ class _Forwarder:
                         timeouts,
                         _release=release,
                     )
-                body = await _whole_body(response, name)
+                body, answer = await _whole_body(response, name)
             except BaseException:
                 response.close()
                 raise
@@ -411,6 +411,7 @@ class _Forwarder:
             None,
             started,
             timeouts,
+            answer=answer,
             _release=release,
         )
 
@@ -439,8 +440,9 @@ async def _first_event(events: AsyncIterator[bytes], backend: str, until: float)
     raise UpstreamProtocolError(f"backend {backend} closed the stream before any event")
 
 
-async def _whole_body(response: UpstreamResponse, backend: str) -> bytes:
-    """Read a non-streamed answer whole; a cut or unparseable body is a retryable failure.
+async def _whole_body(response: UpstreamResponse, backend: str) -> tuple[bytes, dict[str, Any]]:
+    """Read a non-streamed answer whole, and its JSON; a cut or unparseable body is a
+    retryable failure.
 
     The adapter bounds the read by the attempt's total limit (the Backend contract).
     """
@@ -451,7 +453,7 @@ async def _whole_body(response: UpstreamResponse, backend: str) -> bytes:
         parsed = None
     if not isinstance(parsed, dict):
         raise UpstreamProtocolError(f"backend {backend} sent a body that is not a JSON object")
-    return body
+    return body, parsed
 
 
 def _within(t: AttemptTimeouts, remaining: float) -> AttemptTimeouts:

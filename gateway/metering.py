@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
-import orjson
-
 from gateway.admission import Admission, AdmissionRejected, Reservation
 from gateway.config import ModelSpec
 from gateway.errors import BudgetExceeded, LimitExceeded
@@ -181,46 +179,57 @@ class Meter:
         completion: Completion,
         *,
         outcome: str,
-        body: bytes | None = None,
+        answer: dict[str, Any] | None = None,
         meter: StreamMeter | None = None,
     ) -> Usage | None:
-        """Meter the attempt, commit its ledger row, settle the budget; returns the usage."""
-        usage = self._usage(completion, outcome, body, meter)
+        """Meter the attempt, commit its ledger row, settle the budget; returns the usage.
+
+        `answer` is a buffered answer's JSON (parsed once, by the forwarder), `meter` a
+        stream's; with neither, nothing was delivered and no row is written.
+        """
+        usage = self._usage(completion, outcome, answer, meter)
         completion.usage = usage
         cost = Decimal(0)
-        if usage is not None and completion.backend is not None and completion.prices is not None:
-            divergent = reconcile(usage, self._threshold)
-            row = self._row(completion, usage, outcome, divergent)
-            cost = row.cost_usd
-            if divergent:
-                self._metrics.divergence.labels(completion.backend).inc()
-            if self.ledger is not None:
-                await self.ledger.record(row)
-        for loser, prices, batch in completion.hedge_losers:
-            if self.ledger is not None:
-                await self.ledger.record(self._loser_row(completion, loser, prices, batch))
-        if completion.reservation is not None:
-            tokens = usage.total_tokens if usage is not None else 0
-            await self.admission.settle(completion.reservation, tokens, cost)
+        try:
+            if (
+                usage is not None
+                and completion.backend is not None
+                and completion.prices is not None
+            ):
+                divergent = reconcile(usage, self._threshold)
+                row = self._row(completion, usage, outcome, divergent)
+                cost = row.cost_usd
+                if divergent:
+                    self._metrics.divergence.labels(completion.backend).inc()
+                if self.ledger is not None:
+                    await self.ledger.record(row)
+            for loser, prices, batch in completion.hedge_losers:
+                if self.ledger is not None:
+                    row = self._sent_row(
+                        completion, loser, prices, batch, OPERATOR_TENANT, "hedge_cancelled"
+                    )
+                    await self.ledger.record(row)
+        finally:
+            # Even when no row could be written, the reservation must not stay held.
+            if completion.reservation is not None:
+                tokens = usage.total_tokens if usage is not None else 0
+                await self.admission.settle(completion.reservation, tokens, cost)
         self._observe(completion, outcome, usage, cost)
         return usage
 
     def _usage(
-        self, completion: Completion, outcome: str, body: bytes | None, meter: StreamMeter | None
+        self,
+        completion: Completion,
+        outcome: str,
+        answer: dict[str, Any] | None,
+        meter: StreamMeter | None,
     ) -> Usage | None:
         prompt = completion.estimate.prompt_tokens
         if meter is not None:
             return meter.finish(outcome == "ok", self._tokenizer, prompt)
-        if body is None:
+        if answer is None:
             return None
-        try:
-            parsed: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            # Not JSON we can read: the backend still did the prompt's work.
-            return Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt)
-        return usage_from_response(parsed, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
+        return usage_from_response(answer, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
 
     async def left_before_answer(
         self,
@@ -237,17 +246,19 @@ class Meter:
             await self.abandon(completion)  # it never reached a backend
             return
         tokens, cost = 0, Decimal(0)
-        for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
-            batch = batch_seen(out.backend)
-            prices = self.unit_prices(out.backend, completion.inbound.model, batch)
-            tenant = completion.tenant if i == 0 else OPERATOR_TENANT
-            row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
-            if tenant == completion.tenant:
-                tokens, cost = row.prompt_tokens, row.cost_usd
-            if self.ledger is not None:
-                await self.ledger.record(row)
-        if completion.reservation is not None:
-            await self.admission.settle(completion.reservation, tokens, cost)
+        try:
+            for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
+                batch = batch_seen(out.backend)
+                prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+                tenant = completion.tenant if i == 0 else OPERATOR_TENANT
+                row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
+                if i == 0:
+                    tokens, cost = row.prompt_tokens, row.cost_usd
+                if self.ledger is not None:
+                    await self.ledger.record(row)
+        finally:
+            if completion.reservation is not None:
+                await self.admission.settle(completion.reservation, tokens, cost)
 
     def hedge_prices(
         self, losers: tuple[SentAttempt, ...], model: str, batch_seen: Callable[[str], int]
@@ -258,12 +269,6 @@ class Meter:
             batch = batch_seen(loser.backend)
             out.append((loser, self.unit_prices(loser.backend, model, batch), batch))
         return tuple(out)
-
-    def _loser_row(
-        self, completion: Completion, loser: SentAttempt, prices: UnitPrices, batch: int
-    ) -> LedgerRow:
-        """A cancelled hedge had the prompt: its cost is the operator's, never the tenant's."""
-        return self._sent_row(completion, loser, prices, batch, OPERATOR_TENANT, "hedge_cancelled")
 
     def _sent_row(
         self,

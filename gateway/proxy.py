@@ -134,10 +134,10 @@ async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) ->
     try:
         body = await attempt.response.read()
     except GatewayError:
-        await rt.meter.finish(completion, outcome="upstream_error", body=None)
+        await rt.meter.finish(completion, outcome="upstream_error")
         raise
     completion.first_byte_at = time.monotonic()
-    await rt.meter.finish(completion, outcome="ok", body=body)
+    await rt.meter.finish(completion, outcome="ok", answer=attempt.answer)
     return web.Response(
         body=body,
         status=attempt.response.status,
