@@ -657,6 +657,21 @@ async def slow_upstream(delay_s: float) -> tuple[Any, int]:
     return runner, port
 
 
+def spawn_workers(
+    cfg: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`neogate serve --config CFG --workers 2` in a session of its own, output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--workers", "2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+
 @pytest.mark.slow
 async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
     tmp_path: Path,
@@ -688,14 +703,7 @@ async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
         )
     )
     log = tmp_path / "workers.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--workers", "2"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    proc = spawn_workers(cfg, log)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
@@ -793,16 +801,7 @@ async def test_an_admin_reload_in_one_worker_reloads_every_worker(tmp_path: Path
 
     write("before")
     log = tmp_path / "workers.log"
-    env = {**os.environ, "RELOAD_TEST_ADMIN_KEY": "reload-admin-key"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--workers", "2"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
+    proc = spawn_workers(cfg, log, {"RELOAD_TEST_ADMIN_KEY": "reload-admin-key"})
     url = f"http://127.0.0.1:{port}"
 
     async def models_seen(n: int) -> set[str]:

@@ -78,14 +78,7 @@ async def capture() -> AsyncIterator[Capture]:
             return web.json_response(COMPLETION)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        chunk = {
-            "id": "c",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": "captured",
-            "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}],
-        }
-        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(_chunk_event("captured", "ok"))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -98,6 +91,18 @@ async def capture() -> AsyncIterator[Capture]:
         yield cap
     finally:
         await runner.cleanup()
+
+
+def _chunk_event(model: str, content: str) -> bytes:
+    """One SSE chat chunk carrying `content`."""
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 async def _echo_upstream(status: int) -> tuple[web.AppRunner, str]:
@@ -444,14 +449,7 @@ async def _echo_stream_upstream() -> tuple[web.AppRunner, str]:
         auth = request.headers.get("Authorization", "")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        chunk = {
-            "id": "c",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": "echo",
-            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
-        }
-        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(_chunk_event("echo", "hi"))
         error = {"error": {"message": f"key {auth} was revoked", "type": "auth", "code": "k"}}
         await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
         await resp.write_eof()

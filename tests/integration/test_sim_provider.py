@@ -443,8 +443,9 @@ async def test_prompt_cache_option(serve: Serve) -> None:
     assert 0 < (second.usage.prompt_tokens_details.cached_tokens or 0) < second.usage.prompt_tokens
 
 
-async def test_static_upstream(serve: Serve, http: aiohttp.ClientSession) -> None:
-    base = await serve(create_static_app(model="m", completion_tokens=5, prompt_tokens=7))
+async def check_static_answers(base: str) -> None:
+    """A static upstream (model "m", 7 prompt and 5 completion tokens) through the SDK:
+    the same text whole, streamed with its usage chunk, and as a text completion."""
     async with client(base) as c:
         r = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
         assert r.usage and (r.usage.prompt_tokens, r.usage.completion_tokens) == (7, 5)
@@ -460,6 +461,11 @@ async def test_static_upstream(serve: Serve, http: aiohttp.ClientSession) -> Non
         assert text == r.choices[0].message.content and usage and usage.total_tokens == 12
         comp = await c.completions.create(model="m", prompt="x")
         assert comp.choices[0].text == text
+
+
+async def test_static_upstream(serve: Serve, http: aiohttp.ClientSession) -> None:
+    base = await serve(create_static_app(model="m", completion_tokens=5, prompt_tokens=7))
+    await check_static_answers(base)
     _, headers, raw = await post(
         http, base + "/v1/chat/completions", {"stream": True, "model": "m"}
     )
@@ -515,21 +521,8 @@ async def test_bare_static_upstream_answers_like_the_aiohttp_one(
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        await check_static_answers(base)
         async with client(base) as c:
-            r = await c.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "x"}]
-            )
-            assert r.usage and (r.usage.prompt_tokens, r.usage.completion_tokens) == (7, 5)
-            text, usage = "", None
-            stream = await c.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "x"}], stream=True,
-                stream_options={"include_usage": True},
-            )  # fmt: skip
-            async for chunk in stream:
-                text += "".join(ch.delta.content or "" for ch in chunk.choices)
-                usage = chunk.usage or usage
-            assert text == r.choices[0].message.content and usage and usage.total_tokens == 12
-            assert (await c.completions.create(model="m", prompt="x")).choices[0].text == text
             assert [m.id async for m in c.models.list()] == ["m"]
         async with http.get(base + "/nope") as resp:
             assert resp.status == 404

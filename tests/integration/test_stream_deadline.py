@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import orjson
@@ -33,28 +34,36 @@ def _body(stream: bool) -> bytes:
     )
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_total_limit_cuts_a_stream_that_keeps_sending(
+@asynccontextmanager
+async def slow_backend(
     sims: SimFactory, adapter: type[FastBackend] | type[OpenAICompatBackend]
-) -> None:
-    # 20 tokens/s for 200 tokens: ten seconds of stream, each gap far below the idle limit.
+) -> AsyncIterator[Backend]:
+    """An adapter to a provider at 20 tokens/s: 200 tokens take ten seconds, each gap short."""
     slow = await sims(time_scale=1.0, tokens_per_s=20.0, ttft_s_mean=0.01, ttft_s_jitter=0.0)
     async with aiohttp.ClientSession() as session:
         backend: Backend = adapter(
             name="slow", base_url=slow.v1, api_key=None, session=session, is_local=False
         )
         try:
-            t0 = time.monotonic()
-            response = await backend.open("/chat/completions", _body(True), {}, SHORT_TOTAL)
-            got = 0
-            with pytest.raises(UpstreamTimeout):
-                async for _ in response.events():
-                    got += 1
-            elapsed = time.monotonic() - t0
-            assert 0.5 <= elapsed < 1.5, elapsed
-            assert 3 <= got < 40, "events until the deadline came through, then it stopped"
+            yield backend
         finally:
             backend.close()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_total_limit_cuts_a_stream_that_keeps_sending(
+    sims: SimFactory, adapter: type[FastBackend] | type[OpenAICompatBackend]
+) -> None:
+    async with slow_backend(sims, adapter) as backend:
+        t0 = time.monotonic()
+        response = await backend.open("/chat/completions", _body(True), {}, SHORT_TOTAL)
+        got = 0
+        with pytest.raises(UpstreamTimeout):
+            async for _ in response.events():
+                got += 1
+        elapsed = time.monotonic() - t0
+        assert 0.5 <= elapsed < 1.5, elapsed
+        assert 3 <= got < 40, "events until the deadline came through, then it stopped"
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -63,16 +72,9 @@ async def test_total_limit_bounds_a_slow_whole_answer(
 ) -> None:
     # The simulated provider sends its head at once and the body when it is done (~10 s);
     # whichever the adapter waits on, the total limit ends it.
-    slow = await sims(time_scale=1.0, tokens_per_s=20.0, ttft_s_mean=0.01, ttft_s_jitter=0.0)
-    async with aiohttp.ClientSession() as session:
-        backend: Backend = adapter(
-            name="slow", base_url=slow.v1, api_key=None, session=session, is_local=False
-        )
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(UpstreamTimeout):
-                response = await backend.open("/chat/completions", _body(False), {}, SHORT_TOTAL)
-                await response.read()
-            assert 0.5 <= time.monotonic() - t0 < 1.5
-        finally:
-            backend.close()
+    async with slow_backend(sims, adapter) as backend:
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            response = await backend.open("/chat/completions", _body(False), {}, SHORT_TOTAL)
+            await response.read()
+        assert 0.5 <= time.monotonic() - t0 < 1.5
