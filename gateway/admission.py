@@ -286,15 +286,17 @@ class Admission:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.limits = limits
         self.store: LimitStore = store if store is not None else MemoryLimitStore()
         self.clock = clock
         self._ids = itertools.count()
         self._open: set[int] = set()
+        self.update_limits(limits)
 
     def update_limits(self, limits: Mapping[str, TenantLimits]) -> None:
         """New limits (config reload); counters and reservations carry over."""
         self.limits = limits
+        # Tenants with any limit; the rest are admitted without touching the store.
+        self._limited = {t: lim for t, lim in limits.items() if not lim.unlimited}
 
     @property
     def outstanding(self) -> int:
@@ -307,8 +309,8 @@ class Admission:
         """Hold `est_tokens` and `est_cost_usd` against `tenant`; raise AdmissionRejected."""
         cost = usd_to_nusd(to_decimal(est_cost_usd))
         rid = next(self._ids)
-        lim = self.limits.get(tenant)
-        if lim is None or lim.unlimited:
+        lim = self._limited.get(tenant)
+        if lim is None:
             self._open.add(rid)
             return Reservation(rid, tenant, est_tokens, cost)
         now = self.clock()

@@ -113,15 +113,13 @@ class Meter:
         self._live = live
         self._threshold = divergence_threshold
         self._price_cache: dict[tuple[str, str, int, int], UnitPrices] = {}
+        self._worst_cache: dict[tuple[str, int], UnitPrices] = {}
 
     # --- before forwarding ----------------------------------------------------------
 
     async def reserve(self, tenant: Tenant, model: ModelSpec, estimate: Estimate) -> Reservation:
         """Hold the most this request can cost against the tenant's budgets and rate limits."""
-        worst = max(
-            (self.unit_prices(b, model.name, 1) for b in model.backends),
-            key=lambda p: p.input_per_m + p.output_per_m,
-        )
+        worst = self._worst_prices(model)
         cost = (
             estimate.prompt_tokens * worst.input_per_m
             + estimate.max_output_tokens * worst.output_per_m
@@ -131,6 +129,19 @@ class Meter:
         except AdmissionRejected as exc:
             self._metrics.rejections.labels(exc.limit).inc()
             raise _limit_error(exc) from exc
+
+    def _worst_prices(self, model: ModelSpec) -> UnitPrices:
+        """The dearest of the model's backends at the current price book (reservations)."""
+        key = (model.name, self._live.prices.book.version)
+        worst = self._worst_cache.get(key)
+        if worst is None:
+            if len(self._worst_cache) > 1024:
+                self._worst_cache.clear()
+            worst = self._worst_cache[key] = max(
+                (self.unit_prices(b, model.name, 1) for b in model.backends),
+                key=lambda p: p.input_per_m + p.output_per_m,
+            )
+        return worst
 
     def unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
         """Prices in force now: the price book for providers, the cost model at `batch` for GPUs."""

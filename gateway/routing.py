@@ -26,24 +26,21 @@ from gateway.metrics import GatewayMetrics
 from gateway.reliability import Reliability
 from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import MAX_REASON, Policy, compile_policy, select
-from policies.types import BackendSnapshot, RouteDecision, RouteRequest, Slo
+from policies.types import RouteDecision, RouteRequest, Slo
 
 SLO_HEADER = "x-neogate-slo-class"
 DEADLINE_HEADER = "x-neogate-deadline-s"
 
 
-def _explain_spill(decision: RouteDecision, snaps: list[BackendSnapshot]) -> RouteDecision:
+def _explain_spill(decision: RouteDecision, locals_: frozenset[str]) -> RouteDecision:
     """Say why local workers were passed over when an external backend was chosen.
 
     The policy's reason names the winner; a spill is only explained by what the local
-    workers lacked (predicted ITL or TTFT past the SLO, ill health, a cap), so that goes
-    into the reason the response header carries.
+    workers (`locals_`, the model's local backends) lacked (predicted ITL or TTFT past
+    the SLO, ill health, a cap), so that goes into the reason the response header carries.
     """
     chosen = decision.chosen
-    if chosen is None or not decision.candidates:
-        return decision
-    locals_ = {s.name for s in snaps if s.is_local}
-    if not locals_ or chosen.backend in locals_:
+    if not locals_ or chosen is None or chosen.backend in locals_:
         return decision
     why = [
         f"{c.backend} {c.reason}" for c in decision.candidates if c.backend in locals_ and c.reason
@@ -86,6 +83,10 @@ class Router:
             t.name: compile_policy(t.policy, config.slo_classes)
             for t in config.tenants
             if t.policy is not None
+        }
+        self._locals = {  # each model's local backends, for explaining a spill
+            m.name: frozenset(b for b in m.backends if self._specs[b].is_local)
+            for m in config.models
         }
         self._stale_after = config.routing.metrics_stale_after_s
         self._queue_max = config.routing.queue_max
@@ -141,7 +142,8 @@ class Router:
         now = self._clock()
         snaps = [self.live.snapshot(b, model.name, now, self._stale_after) for b in model.backends]
         policy = (tenant and self._tenant_policies.get(tenant.name)) or self._policies[model.name]
-        return _explain_spill(select(req, snaps, policy, now, rng_value=random.random()), snaps)
+        decision = select(req, snaps, policy, now, rng_value=random.random())
+        return _explain_spill(decision, self._locals.get(model.name, frozenset()))
 
     async def plan(
         self,

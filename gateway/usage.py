@@ -8,7 +8,7 @@ rest as bytes, so the per-event cost on the hot path is one substring search.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, Protocol
 
@@ -410,6 +410,17 @@ class UnitPrices:
     output_per_m: Decimal
     cached_input_per_m: Decimal | None = None
     version: str = ""
+    # The same prices in the ledger's integer nano-dollars per million, converted once.
+    nusd: tuple[int, int, int | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        cached = self.cached_input_per_m
+        nusd = (
+            usd_to_nusd(self.input_per_m),
+            usd_to_nusd(self.output_per_m),
+            None if cached is None else usd_to_nusd(cached),
+        )
+        object.__setattr__(self, "nusd", nusd)
 
     @classmethod
     def of(

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.compare_procs import Proc, ensure_litellm, free_port, wait_ready
+from loadtest.compare_procs import Proc, ensure_litellm, free_port, wait_quiet, wait_ready
 from loadtest.compare_render import (
     MODES,
     WRK_MODE,
@@ -246,6 +246,15 @@ def start_all(args: argparse.Namespace, out: Path, names: list[str]) -> dict[str
     return targets
 
 
+def settle(targets: dict[str, Target]) -> bool:
+    """Wait until every server is idle before a cell; False (and a note) when it never was."""
+    procs = [t.proc for t in targets.values() if t.proc is not None]
+    if wait_quiet(procs) is None:
+        print("  (a server stayed busy for 20 s: this cell is measured anyway)", flush=True)
+        return False
+    return True
+
+
 def _load_cfg(
     args: argparse.Namespace, t: Target, mode: str, level: int, seconds: float, seed: int
 ) -> LoadConfig:
@@ -273,8 +282,9 @@ async def measure(
     names: list[str],
     modes: list[str],
     levels: list[int],
-) -> dict[tuple[str, int, str], Cell]:
+) -> tuple[dict[tuple[str, int, str], Cell], list[str]]:
     cells: dict[tuple[str, int, str], Cell] = {}
+    noisy: list[str] = []  # cells measured while a server was still busy
     for name in names:
         t = targets[name]
         await run_load(_load_cfg(args, t, "buffered", 8, args.warmup, 99), usage=False)
@@ -282,12 +292,16 @@ async def measure(
     for rep in range(args.repeats):
         for level in [int(x) for x in args.wrk_levels.split(",") if x] if scripts else []:
             for name in names:
+                if not settle(targets):
+                    noisy.append(f"{WRK_MODE} c={level} {name} r{rep}")
                 _measure_wrk(args, targets[name], scripts[name], level, rep, cells)
         for mode in modes:
             for level in levels:
                 # Targets take turns inside each cell so slow drift on the machine hits all alike.
                 for name in names:
                     t = targets[name]
+                    if not settle(targets):
+                        noisy.append(f"{mode} c={level} {name} r{rep}")
                     cfg = _load_cfg(args, t, mode, level, args.duration, rep)
                     cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
                     res = await run_load(cfg, usage=name == "neogate")
@@ -313,7 +327,7 @@ async def measure(
                         f"  errors {s.requests - s.ok}",
                         flush=True,
                     )
-    return cells
+    return cells, noisy
 
 
 def _wrk_scripts(
@@ -395,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = start_all(args, out, names)
         for t in targets.values():
             wait_ready(t.proc, t.url, t.key, args.model, timeout=120.0)
-        cells = _run(measure(args, targets, out, names, modes, levels))
+        cells, noisy = _run(measure(args, targets, out, names, modes, levels))
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(f"compare_litellm: {exc}", file=sys.stderr)
         for t in targets.values():
@@ -411,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     if wrk_levels:
         body += render_tables(cells, names, [WRK_MODE], wrk_levels)
     body += ["## Goals (issue 6)", "", *goals(cells, levels), ""]
+    body += [
+        "Cells measured although a server stayed busy (see Settings, isolation): "
+        + (", ".join(noisy) if noisy else "none"),
+        "",
+    ]
     body += plots(out, names, modes, max(levels))
     report = out / "compare.md"
     litellm = targets.get("litellm")

@@ -117,6 +117,27 @@ class Proc:
         self.log.close()
 
 
+def wait_quiet(
+    procs: list[Proc], *, share: float = 0.03, window_s: float = 1.0, timeout_s: float = 20.0
+) -> float | None:
+    """Wait until every process uses under `share` of a core over `window_s`.
+
+    A gateway measured while another still works off the backlog of the previous run (a
+    slow proxy keeps answering queued requests after the load generator stopped) would be
+    charged for that CPU. Returns the seconds waited, or None when `timeout_s` passed first.
+    """
+    start = time.monotonic()
+    before = [p.cpu_seconds() for p in procs]
+    while True:
+        time.sleep(window_s)
+        after = [p.cpu_seconds() for p in procs]
+        if all(a - b < share * window_s for a, b in zip(after, before, strict=True)):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            return None
+        before = after
+
+
 def _post_chat(url: str, key: str, model: str) -> int:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)

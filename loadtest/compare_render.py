@@ -199,6 +199,9 @@ def write_markdown(
         f"{args.max_tokens}, medians of {args.repeats} repeat(s); the load generator ("
         f"{args.client} HTTP client) runs in this script's process, on the same machine",
         "- server CPU ms/req: CPU time of the target's process tree over the cell / OK requests",
+        "- isolation: before every cell the script waits (up to 20 s) until each server process "
+        "uses under 3% of a core over 1 s, so no target is measured while another still works "
+        "off the previous cell's queue; cells measured without that quiet are counted below",
         "",
         "## Results",
         "",

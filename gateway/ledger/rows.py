@@ -31,11 +31,6 @@ class LedgerUnavailable(Exception):
     """The database could not take a write (down, locked, unreachable, read-only)."""
 
 
-def price_nusd_per_m(usd_per_m: Decimal) -> int:
-    """USD per million tokens -> integer nano-dollars per million tokens."""
-    return usd_to_nusd(usd_per_m)
-
-
 def utc_day(ts: float) -> str:
     """The UTC calendar day of a unix timestamp, as YYYY-MM-DD."""
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
@@ -106,7 +101,7 @@ class LedgerRow:
         client_request_id: str | None = None,
     ) -> LedgerRow:
         """Build a row from metered usage and the unit prices in force for the attempt."""
-        cached = prices.cached_input_per_m
+        price_in, price_out, price_cached = prices.nusd
         return cls(
             request_id=request_id,
             attempt=attempt,
@@ -123,9 +118,9 @@ class LedgerRow:
             counted_prompt_tokens=usage.counted_prompt_tokens,
             counted_completion_tokens=usage.counted_completion_tokens,
             divergent=divergent,
-            price_in_nusd_per_m=price_nusd_per_m(prices.input_per_m),
-            price_out_nusd_per_m=price_nusd_per_m(prices.output_per_m),
-            price_cached_nusd_per_m=None if cached is None else price_nusd_per_m(cached),
+            price_in_nusd_per_m=price_in,
+            price_out_nusd_per_m=price_out,
+            price_cached_nusd_per_m=price_cached,
             price_version=prices.version,
             cost_nusd=usd_to_nusd(cost_usd(usage, prices)),
             ttft_s=ttft_s,
