@@ -214,10 +214,14 @@ def period_starts(now: float) -> tuple[float, float]:
     return float(day), float(month)
 
 
-async def spend_by_tenant(store: LedgerStore, now: float) -> dict[str, TenantSpend]:
+async def spend_by_tenant(
+    store: LedgerStore, now: float, *, before: float | None = None
+) -> dict[str, TenantSpend]:
     """Each tenant's spend (nano-USD, prompt+completion tokens) this day, this month, ever.
 
-    Seeds `Admission.seed` at start so budgets survive restarts.
+    Seeds `Admission.seed` at start so budgets survive restarts. `before` counts only
+    attempts that finished before that time (a Redis rebuild's cut-off: later ones are
+    in the replicas' own deltas).
     """
     day, month = period_starts(now)
     tok = "(prompt_tokens + completion_tokens)"
@@ -227,7 +231,12 @@ async def spend_by_tenant(store: LedgerStore, now: float) -> dict[str, TenantSpe
         f"SUM(CASE WHEN ts >= ? THEN {tok} ELSE 0 END), "
         "SUM(CASE WHEN ts >= ? THEN cost_nusd ELSE 0 END), "
         f"SUM(CASE WHEN ts >= ? THEN {tok} ELSE 0 END), "
-        f"SUM(cost_nusd), SUM{tok} FROM ledger GROUP BY tenant"
+        f"SUM(cost_nusd), SUM{tok} FROM ledger"
+        + (" WHERE ts < ?" if before is not None else "")
+        + " GROUP BY tenant"
     )
-    rows = await store.fetch(sql, [day, day, month, month])
+    params: list[object] = [day, day, month, month]
+    if before is not None:
+        params.append(before)
+    rows = await store.fetch(sql, params)
     return {r[0]: TenantSpend(*(int(v or 0) for v in r[1:])) for r in rows}

@@ -65,8 +65,8 @@ class SharedHandle:
 def ledger_reseed(admission: Admission, ledger: LedgerStore) -> Reseed:
     """Rebuild Redis's counters from what the ledger says each tenant spent."""
 
-    async def reseed(target: LimitStore) -> None:
-        spend = await spend_by_tenant(ledger, time.time())
+    async def reseed(target: LimitStore, cutoff: float) -> None:
+        spend = await spend_by_tenant(ledger, time.time(), before=cutoff)
         # A throwaway Admission over `target` reuses the one definition of the counter keys.
         await Admission(admission.limits, target).seed(spend)
 

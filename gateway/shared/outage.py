@@ -30,9 +30,12 @@ Reconciliation, when a background probe reaches Redis again:
 2. If the epoch is missing, Redis lost its data: it is rebuilt from the ledger
    through the `reseed` hook (the ledger holds every completed request, those
    admitted locally included). The wall-clock time just before the ledger is read
-   goes into the new epoch (``<id>@<time>``) and is written last. Local deltas are
+   is the cut-off: the rebuild counts only attempts that finished before it, and it
+   goes into the new epoch (``<id>@<time>``), written last. Local deltas are
    kept in 1 ms slots of the time they happened: slots before that cut-off are
    dropped (the ledger counts those requests), later ones are carried over as in 1.
+   (Counting every row instead counted twice each request that finished between
+   the cut-off and the read: once in the ledger, once in the carried deltas.)
 3. If the epoch changed, another replica already did step 2: same cut-off rule,
    with the time read from its epoch.
 
@@ -69,7 +72,8 @@ log = logging.getLogger("neogate.shared")
 
 OnOutage = Literal["open", "closed"]
 # Rebuilds Redis's counters from the ledger, writing them into the store it is given.
-Reseed = Callable[[LimitStore], Awaitable[None]]
+# Rebuilds a Redis that lost its data from the ledger, counting what finished before the cut-off.
+Reseed = Callable[[LimitStore, float], Awaitable[None]]
 
 PROBE_INTERVAL_S: Final = 0.25
 # Counter values seen from Redis are kept for the fail-open fallback; this bounds them.
@@ -280,7 +284,7 @@ class FailoverLimitStore:
             log.warning("no reseed hook: budgets restart from zero in this Redis")
         else:
             try:
-                await self._reseed_hook(self.redis)
+                await self._reseed_hook(self.redis, cutoff)
             except REDIS_DOWN:
                 raise
             except Exception as exc:

@@ -486,10 +486,10 @@ async def private_redis() -> AsyncIterator[PrivateRedis]:
 
 def ledger_hook(
     spend: dict[str, TenantSpend], limits: dict[str, TenantLimits]
-) -> tuple[list[int], Callable[[LimitStore], Awaitable[None]]]:
+) -> tuple[list[int], Callable[[LimitStore, float], Awaitable[None]]]:
     calls: list[int] = []
 
-    async def reseed(target: LimitStore) -> None:
+    async def reseed(target: LimitStore, cutoff: float) -> None:
         calls.append(1)
         await Admission(limits, target).seed(spend)
 
