@@ -279,7 +279,7 @@ async def usage(request: web.Request) -> web.Response:
     if rt.auth.is_admin(request):
         tenant: str | None = request.query.get("tenant")
     else:
-        tenant = rt.auth.tenant_for(request).name
+        tenant = rt.auth.tenant_for(request.headers).name
     ledger = rt.meter.ledger
     if ledger is None:
         raise NotFound("this gateway runs without a ledger", code="ledger_disabled")

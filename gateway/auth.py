@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,15 +53,15 @@ class KeyLookup(Protocol):
     def authenticate(self, presented: str) -> str | None: ...
 
 
-def bearer(request: web.Request) -> str | None:
+def bearer(headers: Mapping[str, str]) -> str | None:
     """The key from `Authorization: Bearer <key>` (or `api-key`), or None."""
-    header = request.headers.get("Authorization")
+    header = headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return None
-    return request.headers.get("api-key")
+    return headers.get("api-key")
 
 
 class Authenticator:
@@ -83,8 +84,8 @@ class Authenticator:
             self._anonymous = Tenant.from_spec(spec)
         self._admin_key = admin_key.encode() if admin_key else None
 
-    def tenant_for(self, request: web.Request) -> Tenant:
-        presented = bearer(request)
+    def tenant_for(self, headers: Mapping[str, str]) -> Tenant:
+        presented = bearer(headers)
         if presented is None:
             if self._anonymous is not None:
                 return self._anonymous
@@ -107,7 +108,7 @@ class Authenticator:
         return self._tenants.get(name)
 
     def is_admin(self, request: web.Request) -> bool:
-        presented = bearer(request)
+        presented = bearer(request.headers)
         if presented is None or self._admin_key is None:
             return False
         return hmac.compare_digest(presented.encode(), self._admin_key)

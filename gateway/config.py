@@ -154,6 +154,9 @@ class TenantSpec(Model):
 class ListenSpec(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Inference requests are read by neogate's own HTTP/1.1 edge (gateway.edge);
+    # false leaves every connection to aiohttp (slower, for comparison or a suspected edge bug).
+    fast_edge: bool = True
 
 
 class AdminSpec(Model):

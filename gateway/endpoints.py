@@ -26,7 +26,7 @@ def _model_object(name: str, created: int) -> dict[str, object]:
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
-    tenant = rt.auth.tenant_for(request)
+    tenant = rt.auth.tenant_for(request.headers)
     created = int(time.time())
     data = [
         _model_object(name, created)
@@ -40,7 +40,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
-    tenant = rt.auth.tenant_for(request)
+    tenant = rt.auth.tenant_for(request.headers)
     name = request.match_info["model"]
     if name not in rt.models or (
         tenant.allowed_models is not None and name not in tenant.allowed_models

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, ModelNotFound, PayloadTooLarge, PermissionDenied
+from gateway.errors import GatewayError, ModelNotFound, PermissionDenied
+from gateway.exchange import AiohttpExchange, ClientExchange
 from gateway.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
 from gateway.relay import DONE, EventFilter
-from gateway.reliability import StallGuard, bound_write_buffer
-from gateway.runtime import REQUEST_ID, RUNTIME, Runtime, Tenant
+from gateway.reliability import StallGuard
+from gateway.runtime import RUNTIME, Runtime, Tenant
 from gateway.usage import StreamMeter
 
 _SSE_HEADERS = {
@@ -24,24 +26,9 @@ _SSE_HEADERS = {
 }
 
 
-async def read_body(request: web.Request, cap: int) -> bytes:
-    """Read the body, refusing it before it is read whole when it is over the cap."""
-    length = request.content_length
-    if length is not None and length > cap:
-        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {cap} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise PayloadTooLarge(f"request body is over the limit of {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def client_request_id(request: web.Request) -> str | None:
+def client_request_id(headers: Mapping[str, str]) -> str | None:
     """The client's own id for this request (kept beside ours in the ledger; never the key)."""
-    value = request.headers.get("x-client-request-id") or request.headers.get("x-request-id")
+    value = headers.get("x-client-request-id") or headers.get("x-request-id")
     if value is None or len(value) > 128 or not value.isprintable():
         return None
     return value
@@ -51,18 +38,23 @@ def handler(endpoint: Endpoint) -> Any:
     """The aiohttp handler of one inference endpoint."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        rt = request.app[RUNTIME].current
-        tenant = rt.auth.tenant_for(request)
-        raw = await read_body(request, tenant.limits.max_body_bytes)
-        inbound = parse_request(raw, endpoint, tenant.limits)
-        return await serve(rt, request, tenant, inbound)
+        exchange = AiohttpExchange(request)
+        await serve_request(request.app[RUNTIME].current, exchange, endpoint)
+        assert exchange.response is not None  # serve_request answers or raises
+        return exchange.response
 
     return handle
 
 
-async def serve(
-    rt: Runtime, request: web.Request, tenant: Tenant, inbound: InboundRequest
-) -> web.StreamResponse:
+async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> None:
+    """Authenticate, read and validate one inference request, then serve it."""
+    tenant = rt.auth.tenant_for(ex.headers)
+    raw = await ex.read_body(tenant.limits.max_body_bytes)
+    inbound = parse_request(raw, endpoint, tenant.limits)
+    await serve(rt, ex, tenant, inbound)
+
+
+async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: InboundRequest) -> None:
     """Admit, route, forward and meter one validated request."""
     model = rt.models.get(inbound.model)
     if model is None:
@@ -76,23 +68,23 @@ async def serve(
             param="model",
             code="model_not_allowed",
         )
-    rid = request[REQUEST_ID]
+    rid = ex.rid
     arrived = time.monotonic()
     estimate = rt.estimator.estimate(inbound, model)
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
-    completion.client_request_id = client_request_id(request)
+    completion.client_request_id = client_request_id(ex.headers)
     rel = rt.router.reliability
     sent: list[SentAttempt] = []
     try:
-        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, request.headers)
+        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, ex.headers)
         completion.decision = decision
         attempt = await first_attempt_that_answers(
             plans,
             path=PATHS[inbound.endpoint],
-            headers=rt.forward_headers(request, rid),
+            headers=rt.forward_headers(ex.headers, rid),
             stream=inbound.stream,
-            deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, request),
+            deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, ex.headers),
             hooks=rt.router,
             gate=rel.gate,
             options=rel.forward_options,
@@ -115,8 +107,9 @@ async def serve(
     rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
     try:
         if inbound.stream:
-            return await _relay_stream(rt, request, completion, attempt)
-        return await _relay_whole(rt, completion, attempt)
+            await _relay_stream(rt, ex, completion, attempt)
+        else:
+            await _relay_whole(rt, ex, completion, attempt)
     finally:
         attempt.release()
         rt.router.on_end(
@@ -130,7 +123,9 @@ async def serve(
         )
 
 
-async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) -> web.Response:
+async def _relay_whole(
+    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+) -> None:
     try:
         body = await attempt.response.read()
     except GatewayError:
@@ -138,46 +133,42 @@ async def _relay_whole(rt: Runtime, completion: Completion, attempt: Attempt) ->
         raise
     completion.first_byte_at = time.monotonic()
     await rt.meter.finish(completion, outcome="ok", answer=attempt.answer)
-    return web.Response(
-        body=body,
-        status=attempt.response.status,
-        headers=rt.answer_headers(completion, attempt, "application/json"),
-    )
+    headers = rt.answer_headers(completion, attempt, "application/json")
+    await ex.send(attempt.response.status, headers, body)
 
 
 async def _relay_stream(
-    rt: Runtime, request: web.Request, completion: Completion, attempt: Attempt
-) -> web.StreamResponse:
+    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+) -> None:
     inbound = completion.inbound
     flt = EventFilter(strip_usage=not inbound.include_usage)
     meter = completion.stream_meter()
-    resp = web.StreamResponse(status=200, headers=rt.answer_headers(completion, attempt, None))
-    resp.headers.update(_SSE_HEADERS)
+    headers = rt.answer_headers(completion, attempt, None)
+    headers.update(_SSE_HEADERS)
     # A client that reads nothing for as long as an upstream may stay silent is cut.
-    guard = StallGuard(request, attempt.timeouts.idle_s if attempt.timeouts else 60.0)
+    guard = StallGuard(ex, attempt.timeouts.idle_s if attempt.timeouts else 60.0)
     try:
-        return await _relay_events(rt, request, completion, attempt, resp, guard, flt, meter)
+        await _relay_events(rt, ex, completion, attempt, headers, guard, flt, meter)
     finally:
         guard.close()
 
 
 async def _relay_events(
     rt: Runtime,
-    request: web.Request,
+    ex: ClientExchange,
     completion: Completion,
     attempt: Attempt,
-    resp: web.StreamResponse,
+    headers: dict[str, str],
     guard: StallGuard,
     flt: EventFilter,
     meter: StreamMeter,
-) -> web.StreamResponse:
+) -> None:
     assert attempt.first_event is not None and attempt.events is not None
     outcome = "ok"
     failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
     held: bytes | None = None  # the upstream's own error event, also sent after the row
     try:
-        await resp.prepare(request)
-        bound_write_buffer(request, rt.router.reliability.settings.write_buffer_bytes)
+        await ex.open_stream(200, headers, rt.router.reliability.settings.write_buffer_bytes)
         completion.first_byte_at = time.monotonic()
         block: bytes | None = attempt.first_event
         events = attempt.events
@@ -188,7 +179,7 @@ async def _relay_events(
                 held = out
                 break
             if out is not None:
-                await guard.write(resp, out + b"\n\n")
+                await guard.write(out + b"\n\n")
             if flt.done:
                 break
             block = await anext(events, None)
@@ -203,34 +194,33 @@ async def _relay_events(
         await asyncio.shield(rt.meter.finish(completion, outcome=outcome, meter=meter))
         if isinstance(exc, asyncio.CancelledError):
             raise
-        return resp  # the client is gone (or was cut); aiohttp tolerates the closed transport
+        return  # the client is gone (or was cut)
     attempt.response.close()
     await rt.meter.finish(completion, outcome=outcome, meter=meter)
     if outcome == "ok":
         try:
-            await guard.write(resp, DONE + b"\n\n")
-            await resp.write_eof()
+            await guard.write(DONE + b"\n\n")
+            await ex.write_eof()
         except ConnectionResetError:
             pass  # the row is written; the client left before [DONE]
     elif held is not None:
-        await _send_last(resp, held)
+        await _send_last(ex, held)
     elif outcome == "upstream_cut" and not flt.error_seen:
         await _send_stream_error(
-            resp,
+            ex,
             failure
             or GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
         )
-    return resp
 
 
-async def _send_stream_error(resp: web.StreamResponse, exc: GatewayError) -> None:
+async def _send_stream_error(ex: ClientExchange, exc: GatewayError) -> None:
     """A mid-stream failure: `data: {"error": ...}` and the stream closes without [DONE]."""
-    await _send_last(resp, b"data: " + exc.body())
+    await _send_last(ex, b"data: " + exc.body())
 
 
-async def _send_last(resp: web.StreamResponse, event: bytes) -> None:
+async def _send_last(ex: ClientExchange, event: bytes) -> None:
     try:
-        await resp.write(event + b"\n\n")
-        await resp.write_eof()
+        await ex.write(event + b"\n\n")
+        await ex.write_eof()
     except ConnectionResetError:
         return

@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from gateway.backpressure import Gate, GateConfig, GateState
 from gateway.breaker import BreakerConfig
 from gateway.config import GatewayConfig
+from gateway.exchange import ClientExchange
 from gateway.forward import ForwardOptions
 from gateway.hedging import HedgeConfig
 from gateway.retry_budget import RetryBudget, RetryBudgetConfig, RetryBudgetState
@@ -128,13 +127,6 @@ class Reliability:
         return ReliabilityState(self.gate.snapshot(), self.budget.snapshot(self._clock()))
 
 
-def bound_write_buffer(request: web.Request, high_bytes: int) -> None:
-    """Cap what the transport buffers for a client before writes wait for it to read."""
-    transport = request.transport
-    if transport is not None:
-        transport.set_write_buffer_limits(high=high_bytes)
-
-
 class StallGuard:
     """Cut a client that reads nothing for `timeout_s` while a stream is written to it.
 
@@ -147,23 +139,23 @@ class StallGuard:
     `ConnectionResetError`.
     """
 
-    __slots__ = ("_handle", "_loop", "_since", "_timeout_s", "_transport", "cut")
+    __slots__ = ("_exchange", "_handle", "_loop", "_since", "_timeout_s", "cut")
 
-    def __init__(self, request: web.Request, timeout_s: float) -> None:
-        self._transport = request.transport
+    def __init__(self, exchange: ClientExchange, timeout_s: float) -> None:
+        self._exchange = exchange
         self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
         self._since: float | None = None  # when the write in progress began
         self._handle: asyncio.TimerHandle | None = None
         self.cut = False
 
-    async def write(self, resp: web.StreamResponse, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
         loop = self._loop
         self._since = now = loop.time()
         if self._handle is None:
             self._handle = loop.call_at(now + self._timeout_s, self._check)
         try:
-            await resp.write(data)
+            await self._exchange.write(data)
         finally:
             self._since = None
         if self.cut:
@@ -179,8 +171,7 @@ class StallGuard:
             self._handle = self._loop.call_at(due, self._check)
             return
         self.cut = True
-        if self._transport is not None:
-            self._transport.abort()
+        self._exchange.abort()
 
     def close(self) -> None:
         if self._handle is not None:

@@ -61,20 +61,19 @@ class Runtime:
     retired: list[Backend] = field(default_factory=list)  # adapters a reload replaced
     extra_forward_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def forward_headers(self, request: web.Request, rid: str) -> dict[str, str]:
+    def forward_headers(self, h: Mapping[str, str], rid: str) -> dict[str, str]:
         """The allow-listed client headers plus our request id."""
         out = {"X-Request-Id": rid}
-        h = request.headers
         for name in FORWARDED_CLIENT_HEADERS:
             value = h.get(name)
             if value is not None:
                 out[name] = value
         return out
 
-    def request_deadline_s(self, tenant: Tenant, request: web.Request) -> float:
+    def request_deadline_s(self, tenant: Tenant, headers: Mapping[str, str]) -> float:
         """The overall budget of a request: the longest backend total, shortened by the client."""
         ceiling = max(s.timeouts.total_s for s in self.specs.values())
-        asked = request.headers.get(TIMEOUT_HEADER)
+        asked = headers.get(TIMEOUT_HEADER)
         if asked:
             try:
                 return max(0.001, min(ceiling, float(asked)))

@@ -2,6 +2,9 @@
 
     python -m loadtest.bench_core [--rounds 3] [--duration 8] [--variants full,no-ledger,pinned]
 
+Variants: full (cost policy, sqlite ledger), no-ledger, pinned, and no-ledger-aiohttp
+(no-ledger with `listen.fast_edge: false`: every connection read by aiohttp).
+
 Starts a fast static upstream (`neogate sim static`) and one gateway process per
 variant (`neogate serve --config ...`, auth with a tenant key, metrics on), then,
 in the same run and interleaved round by round, measures each variant and the
@@ -39,10 +42,12 @@ BODY = (
 STREAM_BODY = BODY[:-1] + ',"stream":true}'
 
 VARIANTS = {
-    # name: (policy kind, ledger kind)
-    "full": ("cost", "sqlite"),
-    "no-ledger": ("cost", "none"),
-    "pinned": ("pinned", "sqlite"),
+    # name: (policy kind, ledger kind, neogate's own HTTP edge)
+    "full": ("cost", "sqlite", True),
+    "no-ledger": ("cost", "none", True),
+    "pinned": ("pinned", "sqlite", True),
+    # every connection read by aiohttp (listen.fast_edge: false): what the edge saves
+    "no-ledger-aiohttp": ("cost", "none", False),
 }
 
 
@@ -53,10 +58,13 @@ def free_port() -> int:
         return port
 
 
-def policy_yaml(upstream: int, port: int, data: Path, policy: str, ledger: str) -> str:
+def policy_yaml(
+    upstream: int, port: int, data: Path, policy: str, ledger: str, fast_edge: bool = True
+) -> str:
     pol = "{kind: cost}" if policy == "cost" else "{kind: pinned, order: [static]}"
+    edge = "true" if fast_edge else "false"
     return f"""
-listen: {{host: 127.0.0.1, port: {port}}}
+listen: {{host: 127.0.0.1, port: {port}, fast_edge: {edge}}}
 backends:
   - name: static
     kind: openai_compatible
@@ -167,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             up = free_port()
             procs.append(start([*neogate, "sim", "static", "--port", str(up)], up, "direct", env))
             for name in names:
-                policy, ledger = VARIANTS[name]
+                policy, ledger, fast_edge = VARIANTS[name]
                 data = Path(tmp) / name
                 data.mkdir()
                 port = free_port()
                 cfg = Path(tmp) / f"{name}.yaml"
-                cfg.write_text(policy_yaml(up, port, data, policy, ledger))
+                cfg.write_text(policy_yaml(up, port, data, policy, ledger, fast_edge))
                 procs.append(
                     start(
                         [*neogate, "--log-level", "WARNING", "serve", "--config", str(cfg)],

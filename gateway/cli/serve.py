@@ -22,6 +22,7 @@ from gateway.config import (
     parse_config,
     resolve_secret,
 )
+from gateway.edge import open_site
 from gateway.runtime import RUNTIME
 from gateway.wiring import reload_from_file
 
@@ -82,8 +83,15 @@ async def _serve(opts: ServeOptions) -> int:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_s
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=opts.workers > 1)
-        await site.start()
+        await open_site(
+            runner,
+            host,
+            port,
+            fast_edge=config.listen.fast_edge,
+            backlog=2048,
+            reuse_port=opts.workers > 1,
+            drain_s=drain_s,
+        )
         log.info("neogate listening on http://%s:%d/v1", host, port)
         admin_runner = None
         if separate_admin:
