@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 
 from gateway.errors import GatewayError
 from gateway.exchange import too_large
-from gateway.inbound import Endpoint
+from gateway.inbound import PATHS, Endpoint
 from gateway.proxy import serve_request
 from gateway.runtime import REQUEST_IDS, RUNTIME
 
@@ -260,7 +260,9 @@ class EdgeConnection(asyncio.Protocol):
         self.busy = True
         self.current = ex
         self._edge.busy += 1
-        self.task = asyncio.get_running_loop().create_task(self._serve(ex, endpoint))
+        task = self.task = asyncio.get_running_loop().create_task(self._serve(ex, endpoint))
+        # A callback, not a `finally`: a task cancelled before its first step never runs one.
+        task.add_done_callback(self._served)
 
     def _take_body(self, data: bytes) -> bytes:
         """Add to the body in progress; return what follows it."""
@@ -296,10 +298,13 @@ class EdgeConnection(asyncio.Protocol):
             self._fail(ex, exc)
         except Exception:
             # A bug of ours: logged with its traceback, answered as an OpenAI 500, never a crash.
-            log.exception("unhandled error in POST %s (request %s)", endpoint, ex.rid)
+            log.exception("unhandled error in POST /v1%s (request %s)", PATHS[endpoint], ex.rid)
             self._fail(ex, GatewayError("internal error in the gateway"))
-        finally:
-            self._finished(ex)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        ex = self.current
+        assert ex is not None and task is self.task
+        self._finished(ex)
 
     def _fail(self, ex: EdgeExchange, exc: GatewayError) -> None:
         if ex.head_sent:
