@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -93,6 +94,7 @@ async def _serve(opts: ServeOptions) -> int:
             drain_s=drain_s,
         )
         log.info("neogate listening on http://%s:%d/v1", host, port)
+        freeze_startup_heap()
         admin_runner = None
         if separate_admin:
             admin_runner = web.AppRunner(create_admin_app(app[RUNTIME]), access_log=None)
@@ -112,6 +114,18 @@ async def _serve(opts: ServeOptions) -> int:
     finally:
         for sim in sims:
             await sim.cleanup()
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up built (config, tokenizer tables, price books) out of the GC's reach.
+
+    Those objects live as long as the process; without this every full collection walks
+    them again, and under load that pause was the p99: 24.8 against 6.5 ms at c=32
+    (wrk, SQLite ledger, 5 alternating runs of each, 2026-11-29), with +4% throughput.
+    They are still freed by reference counting; only cycles among them would stay.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _app_options(config: GatewayConfig, host: str, *, embedded: bool) -> AppOptions:
