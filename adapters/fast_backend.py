@@ -24,7 +24,15 @@ from gateway.errors import UpstreamProtocolError
 _MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
 # Headers the adapter writes itself; a caller's copy (any spelling) is dropped.
 _OWN_HEADERS: Final = frozenset(
-    {"host", "content-type", "content-length", "authorization", "transfer-encoding", "connection"}
+    {
+        "host",
+        "content-type",
+        "content-length",
+        "authorization",
+        "transfer-encoding",
+        "connection",
+        "accept-encoding",
+    }
 )
 
 
@@ -145,7 +153,10 @@ class FastBackend:
                 url.raw_host, port, limit=max_connections, keepalive_s=keepalive_s
             )
             self._target = "POST " + url.raw_path.rstrip("/")
-            fixed = f"Host: {url.raw_authority}\r\nContent-Type: application/json\r\n"
+            fixed = (
+                f"Host: {url.raw_authority}\r\nContent-Type: application/json\r\n"
+                "Accept-Encoding: identity\r\n"
+            )
             if api_key:
                 fixed += f"Authorization: Bearer {api_key}\r\n"
             self._fixed = fixed
@@ -176,6 +187,14 @@ class FastBackend:
             )
         except HttpClientError as exc:
             raise map_http_error(exc, self.name, "waiting for first byte") from exc
+        coding = resp.headers.get("content-encoding")
+        if coding is not None and coding.strip(" \t").lower() != "identity":
+            # Asked for identity: compressed bytes could be neither metered nor have the
+            # key masked, and must not reach the client without their header.
+            resp.close()
+            raise UpstreamProtocolError(
+                f"backend {self.name} answered with content-encoding {coding!r}, not identity"
+            )
         if resp.status >= 400:
             # The error body is read within one idle timeout, then the error is raised.
             resp.shorten(timeouts.idle_s)

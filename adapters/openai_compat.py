@@ -127,6 +127,9 @@ class OpenAICompatBackend:
     ) -> OpenAIResponse:
         out = dict(headers)
         out["Content-Type"] = "application/json"
+        # Plain bytes: every answer is read for metering and key masking (aiohttp would
+        # otherwise ask for gzip; the app's session decodes an upstream that sends it anyway).
+        out["Accept-Encoding"] = "identity"
         if self._auth is not None:
             out["Authorization"] = self._auth
         # `total` covers the body too, streamed or not: the Backend contract.

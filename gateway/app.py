@@ -67,21 +67,32 @@ def create_admin_app(ref: RuntimeRef) -> web.Application:
     return app
 
 
+def upstream_session(max_inflight: int) -> aiohttp.ClientSession:
+    """The one aiohttp client session of an app: https upstreams, metrics scrapes, price feeds.
+
+    Upstreams are asked for `identity` (adapters send it): the gateway reads every
+    answer to meter it and masks the backend's key in error bodies, so compressed bytes
+    would be neither metered nor masked, and the client would get them without their
+    `Content-Encoding`. An upstream that compresses anyway is decoded here.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=max_inflight,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
 def _runtime_ctx(
     config: GatewayConfig, opts: AppOptions
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=config.max_inflight,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        session = upstream_session(config.max_inflight)
         rt: Runtime | None = None
         shared: SharedHandle | None = None
         try:

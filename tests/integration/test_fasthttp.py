@@ -19,6 +19,8 @@ from aiohttp import web
 
 from adapters.base import AttemptTimeouts
 from adapters.fast_backend import FastBackend
+from adapters.openai_compat import OpenAICompatBackend
+from gateway.app import upstream_session
 from gateway.errors import (
     GatewayError,
     UpstreamProtocolError,
@@ -214,7 +216,12 @@ async def test_content_length_answer_and_the_request_on_the_wire(site, make) -> 
     resp = await b.open(
         "/chat/completions",
         BODY,
-        {"X-Request-Id": "rid-1", "traceparent": "00-ab", "Authorization": "Bearer client"},
+        {
+            "X-Request-Id": "rid-1",
+            "traceparent": "00-ab",
+            "Authorization": "Bearer client",
+            "Accept-Encoding": "gzip",
+        },
         T,
     )
     assert resp.status == 200
@@ -227,6 +234,7 @@ async def test_content_length_answer_and_the_request_on_the_wire(site, make) -> 
     assert h["Content-Type"] == "application/json"
     assert h["Host"] == f"127.0.0.1:{port}"
     assert h["X-Request-Id"] == "rid-1" and h["traceparent"] == "00-ab"
+    assert h.getall("Accept-Encoding") == ["identity"]  # answers are read: never compressed
 
 
 async def test_chunked_answer_is_read_whole(site, make) -> None:
@@ -726,3 +734,76 @@ def test_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+# -- compression: asked for identity; an upstream that compresses anyway ------------------
+
+
+def compressing_app(seen: list[str], *, always: bool) -> web.Application:
+    """Compresses with gzip when asked, or (`always`) whatever was asked; echoes the key in a 400."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Accept-Encoding", ""))
+        await request.read()
+        kind = request.headers.get("X-Kind", "json")
+        resp: web.StreamResponse
+        if kind == "sse":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        elif kind == "400":
+            resp = web.Response(
+                status=400, body=b'{"error":{"message":"bad key %s"}}' % KEY.encode()
+            )
+        else:
+            resp = web.Response(body=b'{"ok":true}', content_type="application/json")
+        if always:
+            resp.enable_compression(force=web.ContentCoding.gzip)
+        else:
+            resp.enable_compression()
+        if kind != "sse":
+            return resp
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(b'data: {"i":%d}\n\n' % i)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def test_an_upstream_that_compresses_anyway_is_refused_on_the_fast_path(site, make) -> None:
+    seen: list[str] = []
+    port = await site(compressing_app(seen, always=True))
+    with pytest.raises(UpstreamProtocolError, match="content-encoding"):
+        await make(port).open("/chat/completions", BODY, {}, T)
+    assert seen == ["identity"]
+
+
+@pytest.mark.parametrize("always", [False, True])
+async def test_the_app_session_reads_plain_bytes_from_https_style_upstreams(
+    site, always: bool
+) -> None:
+    seen: list[str] = []
+    port = await site(compressing_app(seen, always=always))
+    session = upstream_session(16)
+    try:
+        b = OpenAICompatBackend(
+            name="up",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key=KEY,
+            session=session,
+            is_local=False,
+        )
+        resp = await b.open("/chat/completions", BODY, {}, T)
+        assert await resp.read() == b'{"ok":true}'
+        resp = await b.open("/chat/completions", BODY, {"X-Kind": "sse"}, T)
+        events = [e async for e in resp.events()]
+        assert events == [b'data: {"i":0}', b'data: {"i":1}', b'data: {"i":2}', b"data: [DONE]"]
+        with pytest.raises(UpstreamStatus) as err:
+            await b.open("/chat/completions", BODY, {"X-Kind": "400"}, T)
+        assert err.value.upstream_body == b'{"error":{"message":"bad key ***"}}'
+    finally:
+        await session.close()
+    assert seen == ["identity"] * 3

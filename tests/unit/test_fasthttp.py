@@ -295,7 +295,12 @@ async def test_request_bytes() -> None:
     data = b._serialize(
         "/chat/completions",
         b'{"x":1}',
-        {"X-Request-Id": "r1", "authorization": "Bearer client", "Content-Length": "999"},
+        {
+            "X-Request-Id": "r1",
+            "authorization": "Bearer client",
+            "Content-Length": "999",
+            "accept-encoding": "br",
+        },
     )
     head, _, body = data.partition(b"\r\n\r\n")
     assert body == b'{"x":1}'
@@ -304,6 +309,7 @@ async def test_request_bytes() -> None:
     assert set(lines[1:]) == {
         "Host: [::1]:8000",
         "Content-Type: application/json",
+        "Accept-Encoding: identity",
         f"Authorization: Bearer {KEY}",
         "Content-Length: 7",
         "X-Request-Id: r1",
