@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ from aiohttp import web
 from gateway.auth import Tenant
 from gateway.config import ConfigError, ModelSpec, TenantSpec
 from gateway.errors import (
+    GatewayError,
     InvalidJSON,
     InvalidRequest,
     ModelNotFound,
@@ -28,6 +30,9 @@ from gateway.routing import Router
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wiring import reload_from_file
 from policies.pricebook import Price
+
+# How long a worker of `--workers N` waits for its own reload after asking the supervisor.
+_WORKER_RELOAD_WAIT_S = 30.0
 
 
 def add_admin_routes(app: web.Application) -> None:
@@ -313,10 +318,19 @@ async def reload_config(request: web.Request) -> web.Response:
     require_admin(request)
     ref = request.app[RUNTIME]
     try:
-        new = await reload_from_file(ref)
-        if ref.options.worker_index is not None:
-            # One of `--workers N`: the supervisor passes SIGHUP to every worker.
+        if ref.options.worker_index is None:
+            new = await reload_from_file(ref)
+        else:
+            # One of `--workers N`: the supervisor passes SIGHUP to every worker, this one
+            # included, which answers with the outcome of its own reload (once, not twice).
+            outcome = ref.next_reload()
             os.kill(os.getppid(), signal.SIGHUP)
+            try:
+                new = await asyncio.wait_for(outcome, _WORKER_RELOAD_WAIT_S)
+            except TimeoutError as exc:
+                raise GatewayError(
+                    "the supervisor did not pass the reload on in time", code="reload_timeout"
+                ) from exc
     except ConfigError as exc:
         return _json(
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 from collections.abc import Callable, Mapping
@@ -120,7 +121,7 @@ class AppOptions:
 class RuntimeRef:
     """The runtime in force; a reload replaces `current` in one step."""
 
-    __slots__ = ("current", "keys_changed", "options", "session")
+    __slots__ = ("_reload_waiters", "_reloads", "current", "keys_changed", "options", "session")
 
     def __init__(
         self, current: Runtime, options: AppOptions, session: aiohttp.ClientSession
@@ -131,6 +132,31 @@ class RuntimeRef:
         # Called after this process creates or revokes a key; shared state (Redis)
         # sets it so other replicas refresh at once instead of at their next poll.
         self.keys_changed: Callable[[], None] = _nothing
+        self._reloads = 0  # reloads from the policy file started so far
+        self._reload_waiters: list[tuple[int, asyncio.Future[Runtime]]] = []
+
+    def next_reload(self) -> asyncio.Future[Runtime]:
+        """The outcome of the first reload from the file that starts after this call."""
+        fut: asyncio.Future[Runtime] = asyncio.get_running_loop().create_future()
+        self._reload_waiters.append((self._reloads + 1, fut))
+        return fut
+
+    def reload_started(self) -> int:
+        self._reloads += 1
+        return self._reloads
+
+    def reload_ended(self, number: int, new: Runtime | None, exc: BaseException | None) -> None:
+        """Tell the waiters whose reload this was: the new runtime, or why it was refused."""
+        keep: list[tuple[int, asyncio.Future[Runtime]]] = []
+        for first, fut in self._reload_waiters:
+            if first > number:
+                keep.append((first, fut))
+            elif not fut.done():
+                if new is not None:
+                    fut.set_result(new)
+                else:
+                    fut.set_exception(exc or RuntimeError("reload failed"))
+        self._reload_waiters = keep
 
 
 def _nothing() -> None:

@@ -228,5 +228,12 @@ async def reload_from_file(ref: RuntimeRef) -> Runtime:
     path = ref.options.config_path
     if path is None:
         raise ConfigError("<embedded default>", [ConfigIssue("", None, "no policy file to reload")])
-    config = await asyncio.to_thread(load_config, path)
-    return await reload_runtime(ref, config, path)
+    number = ref.reload_started()
+    try:
+        config = await asyncio.to_thread(load_config, path)
+        new = await reload_runtime(ref, config, path)
+    except Exception as exc:
+        ref.reload_ended(number, None, exc)
+        raise
+    ref.reload_ended(number, new, None)
+    return new

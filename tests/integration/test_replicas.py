@@ -825,11 +825,21 @@ async def test_an_admin_reload_in_one_worker_reloads_every_worker(tmp_path: Path
                 url + "/admin/reload", headers={"Authorization": "Bearer reload-admin-key"}
             ) as r:
                 assert r.status == 200, await r.text()
-            # The worker that took the call reloaded; the supervisor's SIGHUP reloads the other.
+            # The supervisor's SIGHUP reloads both workers; the one that took the call
+            # answered with its own reload's outcome.
             deadline = time.monotonic() + 10
             while (seen := await models_seen(20)) != {"after"}:
                 assert time.monotonic() < deadline, (seen, log.read_text())
                 await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            assert log.read_text().count("reloaded ") == 2, log.read_text()  # once per worker
+            cfg.write_text("backends: [oops\n")
+            async with http.post(
+                url + "/admin/reload", headers={"Authorization": "Bearer reload-admin-key"}
+            ) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json())["error"]["code"] == "invalid_config"
+            assert await models_seen(10) == {"after"}  # the running config stays
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()
     finally:
