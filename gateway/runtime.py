@@ -116,6 +116,7 @@ class AppOptions:
     # Which worker of `serve --workers N` this is (None: a single process). Worker i > 0
     # spools to its own file; an admin reload in one worker reloads them all.
     worker_index: int | None = None
+    workers: int = 1  # how many `serve --workers N` runs: worker 0 adopts the spools of the rest
 
 
 class RuntimeRef:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -93,6 +95,9 @@ def build_runtime(
                 spool_path=spool_path(config.ledger.spool_path, opts.worker_index),
                 registry=metrics.registry,
                 schema=config.ledger.schema_name,
+                adopt=[]
+                if opts.worker_index
+                else orphan_spools(config.ledger.spool_path, opts.workers),
             )
     # The gate and retry budget carry over: slots held by running requests stay counted.
     reliability = previous.router.reliability if previous else None
@@ -125,6 +130,26 @@ def spool_path(configured: str, worker_index: int | None) -> str:
     Worker 0 keeps the configured path, so a spool left by a single process is replayed.
     """
     return configured if not worker_index else f"{configured}.w{worker_index}"
+
+
+def orphan_spools(configured: str, workers: int) -> list[Path]:
+    """Spools of worker indices at or above `workers`: after `--workers` shrank, nobody writes them.
+
+    Worker 0 (or the single process) takes them over at start, so their rows reach the
+    database instead of waiting for a worker index that may never run again.
+    """
+    base = Path(configured)
+    pattern = re.compile(re.escape(base.name) + r"\.w(\d+)")
+    try:
+        names = [p.name for p in base.parent.iterdir()]
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in sorted(names):
+        m = pattern.fullmatch(name)
+        if m is not None and int(m.group(1)) >= workers:
+            found.append(base.parent / name)
+    return found
 
 
 def reload_blockers(old: GatewayConfig, new: GatewayConfig) -> list[ConfigIssue]:

@@ -76,7 +76,12 @@ async def _serve(opts: ServeOptions) -> int:
         host = opts.host or config.listen.host
         port = opts.port if opts.port is not None else config.listen.port
         app_opts = _app_options(config, host, embedded=not opts.config_path)
-        app_opts = replace(app_opts, config_path=opts.config_path, worker_index=opts.worker_index)
+        app_opts = replace(
+            app_opts,
+            config_path=opts.config_path,
+            worker_index=opts.worker_index,
+            workers=opts.workers,
+        )
         separate_admin = config.admin.port is not None
         app = create_app(config, app_opts, admin_routes=not separate_admin)
         drain_s = config.reliability.drain_timeout_s

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,11 @@ def build_writer(
     spool_path: str | Path = DEFAULT_SPOOL_PATH,
     registry: CollectorRegistry | None = None,
     schema: str = "neogate",
+    adopt: Sequence[Path] = (),
 ) -> LedgerWriter:
-    """A writer over `make_store(...)` with its spool; call `await writer.start()` next."""
+    """A writer over `make_store(...)` with its spool; call `await writer.start()` next.
+
+    `adopt`: spools of worker indices no longer run, moved into this one at start.
+    """
     store = make_store(kind, path=path, dsn=dsn, schema=schema)
-    return LedgerWriter(store, Spool(spool_path), registry=registry)
+    return LedgerWriter(store, Spool(spool_path), adopt=adopt, registry=registry)

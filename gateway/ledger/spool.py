@@ -121,6 +121,22 @@ class Spool:
         self.rows = tail.count(b"\n")
 
 
+def adopt_spool(target: Spool, orphan: Path) -> int:
+    """Move the rows of a spool no process writes any more into `target`; remove the orphan.
+
+    Rows reach `target` (fsynced) before the orphan goes: a crash in between leaves
+    them in both, and replay ignores the copy (rows are keyed by request and attempt).
+    """
+    source = Spool(orphan)
+    source.open()
+    rows, _ = source.read()
+    if rows:
+        target.append(rows)
+    orphan.unlink()
+    _fsync_dir(orphan.parent)
+    return len(rows)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.ledger.rows import LedgerRow, LedgerStore, LedgerUnavailable
-from gateway.ledger.spool import Spool
+from gateway.ledger.spool import Spool, adopt_spool
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -108,6 +109,7 @@ class LedgerWriter:
         store: LedgerStore,
         spool: Spool | None = None,
         *,
+        adopt: Sequence[Path] = (),
         max_batch: int = 4096,
         replay_chunk: int = 5000,
         replay_round: int = 100_000,
@@ -117,6 +119,7 @@ class LedgerWriter:
     ) -> None:
         self.store = store
         self._spool = spool
+        self._adopt = list(adopt)  # spools of worker indices no longer run, taken over at start
         self._max_batch = max_batch
         self._replay_chunk = replay_chunk
         self._replay_round = replay_round
@@ -143,6 +146,13 @@ class LedgerWriter:
         """
         if self._spool is not None:
             await asyncio.to_thread(self._spool.open)
+            for orphan in self._adopt:
+                try:
+                    n = await asyncio.to_thread(adopt_spool, self._spool, orphan)
+                except OSError as exc:
+                    log.error("ledger spool %s could not be taken over: %s", orphan, exc)
+                    continue
+                log.warning("ledger spool %s taken over: %d rows to replay", orphan, n)
         try:
             await self.store.open()
         except LedgerUnavailable as exc:

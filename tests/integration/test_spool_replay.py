@@ -12,6 +12,7 @@ import pytest
 from gateway.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.usage import UnitPrices, Usage
+from gateway.wiring import orphan_spools
 
 
 def make_row(i: int) -> LedgerRow:
@@ -199,3 +200,32 @@ def test_unreadable_spool_line_is_skipped_not_blocking(tmp_path: Path) -> None:
     assert [r.request_id for r in rows] == ["req-5"]
     spool.consume(nbytes)
     assert spool.rows == 0
+
+
+def test_orphan_spools_are_those_of_worker_indices_no_longer_run(tmp_path: Path) -> None:
+    for name in ("ledger.spool", "ledger.spool.w1", "ledger.spool.w2", "ledger.spool.w10"):
+        (tmp_path / name).write_text("")
+    for name in ("ledger.spool.w3.tmp", "other.spool.w4", "ledger.spool.wx"):
+        (tmp_path / name).write_text("")
+    spool = str(tmp_path / "ledger.spool")
+    assert orphan_spools(spool, 2) == [tmp_path / "ledger.spool.w10", tmp_path / "ledger.spool.w2"]
+    assert orphan_spools(spool, 1)[0] == tmp_path / "ledger.spool.w1"
+    assert orphan_spools(str(tmp_path / "missing" / "ledger.spool"), 1) == []
+
+
+async def test_a_spool_left_by_a_removed_worker_is_taken_over_and_replayed(
+    db: Path, tmp_path: Path
+) -> None:
+    spool = tmp_path / "ledger.spool"
+    orphan = tmp_path / "ledger.spool.w3"
+    Spool(spool).append([make_row(i) for i in range(2)])
+    with orphan.open("wb") as f:  # row 1 in both spools; a torn last line from a crash
+        f.write(b"".join(make_row(i).to_json() + b"\n" for i in range(1, 7)) + b'{"torn')
+    writer = LedgerWriter(
+        SqliteLedger(db, busy_timeout_s=0.05), Spool(spool), adopt=[orphan], retry_interval_s=3600
+    )
+    await writer.start()
+    assert not orphan.exists()
+    assert writer.stats().spool_rows == 0
+    await writer.close()
+    assert ids_in(db) == sorted(f"req-{i}" for i in range(7))
