@@ -482,7 +482,7 @@ def _content_length(headers: CIMultiDict[str]) -> int | None:
 class EdgeSite(web.BaseSite):
     """A TCP site whose connections start at the edge (aiohttp's `TCPSite` otherwise)."""
 
-    __slots__ = ("_drain_s", "_edge", "_host", "_port", "_reuse_port")
+    __slots__ = ("_drain_s", "_edge", "_host", "_keepalive_s", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -493,12 +493,14 @@ class EdgeSite(web.BaseSite):
         backlog: int = 128,
         reuse_port: bool = False,
         drain_s: float = 60.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
         self._drain_s = drain_s
+        self._keepalive_s = keepalive_s
         self._edge: Edge | None = None
 
     @property
@@ -509,7 +511,7 @@ class EdgeSite(web.BaseSite):
         await super().start()
         runner = cast(web.AppRunner, self._runner)
         assert runner.server is not None
-        edge = Edge(runner.app, runner.server)
+        edge = Edge(runner.app, runner.server, keepalive_s=self._keepalive_s)
         self._server = await asyncio.get_running_loop().create_server(
             edge.protocol,
             self._host,
@@ -537,11 +539,20 @@ async def open_site(
     backlog: int = 128,
     reuse_port: bool = False,
     drain_s: float = 60.0,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> web.BaseSite:
     """Listen on host:port for `runner`'s app, through the edge unless `fast_edge` is off."""
     site: web.BaseSite
     if fast_edge:
-        site = EdgeSite(runner, host, port, backlog=backlog, reuse_port=reuse_port, drain_s=drain_s)
+        site = EdgeSite(
+            runner,
+            host,
+            port,
+            backlog=backlog,
+            reuse_port=reuse_port,
+            drain_s=drain_s,
+            keepalive_s=keepalive_s,
+        )
     else:
         site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port)
     await site.start()

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
+from aiohttp import web
 
+from gateway.app import AppOptions, create_app
+from gateway.config import parse_config
+from gateway.edge import open_site
+from loadtest.sim.common import start_site
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_policy
 from tests.integration.faultkit import Upstream, policy, sim_factory
 
@@ -258,3 +266,94 @@ async def test_shutdown_lets_a_request_in_flight_finish_and_meters_it(
     with sqlite3.connect(tmp_path / "ledger.db") as db:
         rows = db.execute("SELECT outcome FROM ledger").fetchall()
     assert rows == [("ok",)]
+
+
+def flooding_upstream(events: int, size: int) -> web.Application:
+    """An upstream that streams `events` large SSE events as fast as the socket takes them."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        text = "x" * size
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        try:
+            for _ in range(events):
+                event = {**chunk, "choices": [{"index": 0, "delta": {"content": text}}]}
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            usage = {"prompt_tokens": 5, "completion_tokens": events, "total_tokens": events + 5}
+            await resp.write(
+                b"data: " + json.dumps({**chunk, "choices": [], "usage": usage}).encode()
+            )
+            await resp.write(b"\n\ndata: [DONE]\n\n")
+        except ConnectionResetError:
+            pass  # the gateway dropped the upstream when it cut its client
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize("fast_edge", [True, False])
+async def test_a_client_that_stops_reading_a_stream_is_cut_and_metered(
+    gateway_factory: GatewayFactory, tmp_path: Path, fast_edge: bool
+) -> None:
+    runner, port = await start_site(flooding_upstream(events=400, size=64 * 1024))
+    try:
+        data = policy(
+            tmp_path,
+            [Upstream("flood", f"http://127.0.0.1:{port}/v1", timeouts={"idle_s": 0.5})],
+            reliability={"write_buffer_bytes": 4096},
+        )
+        data["listen"] = {**data["listen"], "fast_edge": fast_edge}
+        gw = await gateway_factory(data)
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
+            body = json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+            )
+            await loop.sock_sendall(sock, post(body=body.encode()))
+            # Read nothing: 400 x 64 KiB is far more than the socket buffers hold.
+            rows: list[tuple[str, int]] = []
+            deadline = time.monotonic() + 15
+            while not rows:
+                assert time.monotonic() < deadline, "the stalled client was never cut"
+                await asyncio.sleep(0.2)
+                with sqlite3.connect(tmp_path / "ledger.db") as db:
+                    rows = db.execute("SELECT outcome, completion_tokens FROM ledger").fetchall()
+        outcome, tokens = rows[0]
+        assert outcome == "client_disconnect"
+        assert tokens > 0  # metered from what was relayed before the cut
+        conn = await Conn.open(gw.url)  # the gateway is unharmed
+        await conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = await conn.response()
+        conn.close()
+        assert status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_idle_connections_are_closed_after_the_keep_alive_time(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    config = parse_config(yaml.safe_dump(base_policy(upstreams, tmp_path)), source="<test>")
+    app = create_app(config, AppOptions(anonymous_allowed=True, server_secret="s"))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await open_site(runner, "127.0.0.1", 0, keepalive_s=0.3)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        idle, used = await Conn.open(url), await Conn.open(url)
+        await used.send(post())
+        assert (await used.response())[0] == 200
+        await used.send(post()[:20])  # a request begun and never finished is idle too
+        assert await idle.closed_by_server()
+        assert await used.closed_by_server()
+        idle.close()
+        used.close()
+    finally:
+        await runner.cleanup()
