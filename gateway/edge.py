@@ -68,7 +68,6 @@ class Edge:
         *,
         keepalive_s: float = KEEPALIVE_S,
     ) -> None:
-        self.app = app
         self.ref = app[RUNTIME]
         self.ids = app[REQUEST_IDS]
         self.fallback = fallback
