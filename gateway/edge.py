@@ -385,6 +385,13 @@ class EdgeConnection(asyncio.Protocol):
         finally:
             self._drain = None
 
+    def open_transport(self) -> asyncio.Transport:
+        """The transport to write to; ConnectionResetError once the client is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        return transport
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -442,25 +449,19 @@ class EdgeExchange:
         conn = self._conn
         head = conn.head(self, status, headers, "Transfer-Encoding: chunked\r\n")
         self.head_sent = True
-        transport = conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+        transport = conn.open_transport()
         transport.set_write_buffer_limits(high=buffer_bytes)
         transport.write(head)
 
     async def write(self, data: bytes) -> None:
         conn = self._conn
-        transport = conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+        transport = conn.open_transport()
         if data:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             await conn.drained()
 
     async def write_eof(self) -> None:
-        transport = self._conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+        transport = self._conn.open_transport()
         transport.write(b"0\r\n\r\n")
         self.complete = True
 
