@@ -130,13 +130,14 @@ class Reliability:
 class StallGuard:
     """Cut a client that reads nothing for `timeout_s` while a stream is written to it.
 
-    aiohttp's write drains once the transport is over its high-water mark, so a
-    slow reader slows the relay (and the upstream read) instead of growing memory;
+    An exchange's write waits once the transport is over its high-water mark (the
+    edge and aiohttp alike), so a slow reader slows the relay (and the upstream
+    read) instead of growing memory;
     a reader that stopped altogether would pin the stream forever without this bound.
     One timer per stream, re-armed at most once per `timeout_s`, instead of a
     timeout scope around every event: a write that does not wait costs two
     attribute stores. A cut aborts the connection, so the waiting write raises
-    `ConnectionResetError`.
+    `ConnectionResetError` (or the request task is cancelled with the connection).
     """
 
     __slots__ = ("_exchange", "_handle", "_loop", "_since", "_timeout_s", "cut")
