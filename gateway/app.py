@@ -166,11 +166,6 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def _error_response(exc: GatewayError, rid: str) -> web.Response:
-    headers = exc.headers()
-    headers["x-request-id"] = rid
     return web.Response(
-        body=exc.body(),
-        status=exc.http_status(),
-        headers=headers,
-        content_type="application/json",
+        body=exc.body(), status=exc.http_status(), headers=exc.response_headers(rid)
     )

@@ -98,11 +98,12 @@ class Edge:
         return line
 
     def tail(self) -> bytes:
-        """The `Date` and `Server` lines, formatted once a second."""
+        """The `Date` and `Server` lines and the head's end, formatted once a second."""
         now = int(time.time())
         if now != self._date_at:
             self._date_at = now
-            self._tail = f"Date: {formatdate(now, usegmt=True)}\r\nServer: neogate\r\n".encode()
+            # The last lines of every head, with the blank line that ends it.
+            self._tail = f"Date: {formatdate(now, usegmt=True)}\r\nServer: neogate\r\n\r\n".encode()
         return self._tail
 
     def request_done(self) -> None:
@@ -309,10 +310,7 @@ class EdgeConnection(asyncio.Protocol):
         if ex.head_sent:
             self.abort()  # a stream already under way cannot become an error response
             return
-        headers = exc.headers()
-        headers["x-request-id"] = ex.rid
-        headers["Content-Type"] = "application/json"
-        self.send_whole(ex, exc.http_status(), headers, exc.body())
+        self.send_whole(ex, exc.http_status(), exc.response_headers(ex.rid), exc.body())
 
     def _finished(self, ex: EdgeExchange) -> None:
         self.task = None
@@ -350,21 +348,15 @@ class EdgeConnection(asyncio.Protocol):
     # -- writing (used by EdgeExchange) --
 
     def head(self, ex: EdgeExchange, status: int, headers: dict[str, str], framing: str) -> bytes:
+        """Status line and headers up to the blank line; `framing` is the length or chunked line."""
         ex.close_after = not ex.keep_alive or self._edge.closing or self._need > 0
-        lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
-        text = "".join(lines)
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("a response header holds a line break")
-        close = "Connection: close\r\n" if ex.close_after else ""
-        return b"".join(
-            (
-                self._edge.status_line(status),
-                text.encode("utf-8"),
-                f"{framing}{close}".encode(),
-                self._edge.tail(),
-                b"\r\n",
-            )
-        )
+        if ex.close_after:
+            framing += "Connection: close\r\n"
+        edge = self._edge
+        return edge.status_line(status) + (lines + framing).encode() + edge.tail()
 
     def send_whole(
         self, ex: EdgeExchange, status: int, headers: dict[str, str], body: bytes

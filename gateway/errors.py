@@ -72,6 +72,13 @@ class GatewayError(Exception):
             out["x-should-retry"] = "true" if self.should_retry else "false"
         return out
 
+    def response_headers(self, request_id: str) -> dict[str, str]:
+        """Every header of the error response: retry steering, our request id, JSON."""
+        out = self.headers()
+        out["x-request-id"] = request_id
+        out["Content-Type"] = "application/json"
+        return out
+
 
 def render_body(message: str, error_type: str, param: str | None, code: str | None) -> bytes:
     """The single place the `{"error": {...}}` body is built."""
