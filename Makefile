@@ -1,17 +1,24 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    the gateway on the embedded default (simulated GPU workers + provider)
 #   make test   lint, types and the whole test suite
+# Both install from requirements.lock (exact versions, sha256 hashes); `make lock` refreshes it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# pip-tools writes the lock; pinned so a refresh is reproducible too.
+PIP_TOOLS := pip-tools==7.7.0
+LOCKENV := .venv-lock
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install lock mutation clean
 
-$(STAMP): pyproject.toml
+# Every package (runtime, test, build back-end) comes from the lock with its hash checked;
+# neogate itself is then installed editable without touching the index again.
+$(STAMP): requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,5 +34,14 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# Deliberate refresh: newest versions that pyproject.toml allows, resolved and hashed.
+lock:
+	$(PY) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/pip install -q '$(PIP_TOOLS)'
+	$(LOCKENV)/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe \
+	  --strip-extras --extra test --all-build-deps --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements.lock pyproject.toml
+	@echo "requirements.lock refreshed: review 'git diff requirements.lock', run 'make test', commit"
+
 clean:
-	rm -rf $(VENV) neogate-data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LOCKENV) neogate-data .mypy_cache .ruff_cache .pytest_cache

@@ -256,7 +256,7 @@ class SharedState:
                 log.debug("shared state: subscription lost (%s); reconnecting", exc)
             finally:
                 with contextlib.suppress(*REDIS_DOWN):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             if await self._pause(backoff):
                 return
             backoff = min(2.0, backoff * 2)
