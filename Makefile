@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_TOOLS := pip-tools==7.7.0
 LOCKENV := .venv-lock
 
-.PHONY: run test lint install lock mutation clean
+.PHONY: run test lint install lock lock-upgrade clean
 
 # Every package (runtime, test, build back-end) comes from the lock with its hash checked;
 # neogate itself is then installed editable without touching the index again.
@@ -34,14 +34,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-# Deliberate refresh: newest versions that pyproject.toml allows, resolved and hashed.
-lock:
+# After editing dependencies in pyproject.toml: resolve again, keeping every existing pin.
+lock: LOCK_FLAGS :=
+# Deliberate refresh: the newest versions pyproject.toml allows.
+lock-upgrade: LOCK_FLAGS := --upgrade
+lock lock-upgrade:
 	$(PY) -m venv $(LOCKENV)
 	$(LOCKENV)/bin/pip install -q '$(PIP_TOOLS)'
-	$(LOCKENV)/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe \
+	$(LOCKENV)/bin/pip-compile --quiet $(LOCK_FLAGS) --generate-hashes --allow-unsafe \
 	  --strip-extras --extra test --all-build-deps --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements.lock pyproject.toml
-	@echo "requirements.lock refreshed: review 'git diff requirements.lock', run 'make test', commit"
+	@echo "requirements.lock written: review 'git diff requirements.lock', run 'make test', commit"
 
 clean:
 	rm -rf $(VENV) $(LOCKENV) neogate-data .mypy_cache .ruff_cache .pytest_cache
