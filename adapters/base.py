@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from adapters.dialects import Dialect
+
 
 @dataclass(frozen=True, slots=True)
 class AttemptTimeouts:
@@ -44,6 +46,7 @@ class Backend(Protocol):
 
     name: str
     is_local: bool
+    dialect: Dialect  # how this kind of backend speaks (errors, streams, headers, metrics)
 
     def close(self) -> None:
         """Release pooled connections when the gateway stops or a reload retires this backend."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from adapters import fasthttp
+from adapters.dialects import Dialect, dialect_for
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -58,36 +59,23 @@ def status_error(
     body: bytes,
     headers: Mapping[str, str],
     secret: bytes | None = None,
+    dialect: Dialect | None = None,
 ) -> UpstreamStatus:
     """An error status from the upstream, with its retry-after where given.
 
     `secret` is the backend's API key: some providers echo the key they were sent in
     their error text, and an upstream 4xx body reaches the client as it is, so every
-    copy of the key is masked first.
+    copy of the key is masked first. The body is put in OpenAI's error shape by the
+    backend's `dialect` (SGLang's and older vLLM's top-level `"object": "error"` body
+    keeps its own message), and the dialect reads the 429's wait from its headers.
     """
+    d = dialect if dialect is not None else dialect_for("openai_compatible")
     if secret and secret in body:
         body = body.replace(secret, b"***")  # before the cut: no half key at the edge
-    body = body[:65536]
+    body = d.error_body(body[:65536])
     return UpstreamStatus(
         f"backend {backend} answered {status}",
         upstream_status=status,
         upstream_body=body,
-        retry_after_s=parse_retry_after(headers),
+        retry_after_s=d.retry_after_s(headers),
     )
-
-
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """`retry-after-ms` wins over `retry-after` (seconds); HTTP dates are not used by providers."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    s = headers.get("retry-after")
-    if s:
-        try:
-            return max(0.0, float(s))
-        except ValueError:
-            return None
-    return None

@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from adapters.base import AttemptTimeouts, UpstreamResponse
+from adapters.dialects import Dialect, dialect_for
 from adapters.errors import map_http_error, status_error
 from adapters.fasthttp import BadRequestHeader, ConnectionPool, HttpClientError, Response
 from adapters.openai_compat import OpenAICompatBackend
@@ -124,9 +125,11 @@ class FastBackend:
         metrics_url: str | None = None,
         max_connections: int = 256,
         keepalive_s: float = 15.0,
+        dialect: Dialect | None = None,
     ) -> None:
         self.name = name
         self.is_local = is_local
+        self.dialect = dialect or dialect_for("vllm" if is_local else "openai_compatible")
         self._secret = api_key.encode() if api_key else None  # masked in error bodies
         self._fallback = OpenAICompatBackend(
             name=name,
@@ -135,6 +138,7 @@ class FastBackend:
             session=session,
             is_local=is_local,
             metrics_url=metrics_url,
+            dialect=self.dialect,
         )
         self._pool: ConnectionPool | None = None
         self._target = ""
@@ -204,7 +208,9 @@ class FastBackend:
                 err_body = b""
             finally:
                 resp.close()
-            raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
+            raise status_error(
+                self.name, resp.status, err_body, resp.headers, self._secret, self.dialect
+            )
         return FastResponse(self.name, resp, self._secret)
 
     def _serialize(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:

@@ -14,6 +14,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from adapters.base import AttemptTimeouts
+from adapters.dialects import Dialect, dialect_for
 from adapters.errors import map_client_error, status_error
 from gateway.errors import GatewayError, UpstreamProtocolError
 
@@ -106,9 +107,11 @@ class OpenAICompatBackend:
         session: aiohttp.ClientSession,
         is_local: bool,
         metrics_url: str | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         self.name = name
         self.is_local = is_local
+        self.dialect = dialect or dialect_for("vllm" if is_local else "openai_compatible")
         self._base = base_url.rstrip("/")
         self._session = session
         self._auth = f"Bearer {api_key}" if api_key else None
@@ -151,7 +154,9 @@ class OpenAICompatBackend:
                 err_body = b""
             finally:
                 resp.release()
-            raise status_error(self.name, resp.status, err_body, resp.headers, self._secret)
+            raise status_error(
+                self.name, resp.status, err_body, resp.headers, self._secret, self.dialect
+            )
         return OpenAIResponse(self.name, resp, self._secret)
 
     async def fetch_metrics(self) -> str | None:

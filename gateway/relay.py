@@ -12,6 +12,8 @@ from typing import Final
 
 import orjson
 
+from adapters.dialects import stream_error_payload
+
 DONE: Final = b"data: [DONE]"
 _NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b',"usage": null')
 
@@ -38,8 +40,12 @@ class EventFilter:
         payload = block[5:].lstrip()
         if b'"usage"' in payload or b'"x_groq"' in payload:
             return self._usage_event(block, payload)
-        if payload.startswith(b'{"error"'):
+        error = stream_error_payload(payload)
+        if error is not None:
+            # Either shape ends the stream as an error (SGLang and older vLLM send the
+            # legacy top-level `"object": "error"` one); the client gets OpenAI's.
             self.error_seen = True
+            return block if error is payload else b"data: " + error
         return block
 
     def _usage_event(self, block: bytes, payload: bytes) -> bytes | None:

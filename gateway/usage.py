@@ -155,12 +155,14 @@ class _Delivered:
             return
         index = choice.get("index", 0)
         parts = self.parts.setdefault(index if isinstance(index, int) else 0, [])
-        text = choice.get("text")  # legacy completions
-        if isinstance(text, str):
-            parts.append(text)
         body = choice.get(delta_key)
         if not isinstance(body, Mapping):
+            text = choice.get("text")  # legacy completions
+            if isinstance(text, str):
+                parts.append(text)
             return
+        # A chat choice's `text` is not part of the chat protocol: Together sends each piece
+        # in both `text` and `delta.content` (adapters.dialects), so only the delta counts.
         for key in ("content", "reasoning_content", "reasoning", "refusal"):
             value = body.get(key)
             if isinstance(value, str):

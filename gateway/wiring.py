@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from adapters.base import Backend
+from adapters.dialects import dialect_for
 from adapters.fast_backend import FastBackend
 from gateway.admission import Admission, TenantLimits
 from gateway.auth import Authenticator
@@ -229,6 +230,7 @@ def make_backend(spec: BackendSpec, session: aiohttp.ClientSession) -> Backend:
         is_local=spec.is_local,
         metrics_url=metrics_url,
         max_connections=spec.max_concurrency,
+        dialect=dialect_for(spec.kind),
     )
 
 

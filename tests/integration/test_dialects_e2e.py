@@ -1,0 +1,132 @@
+"""Real backends' dialects end to end: recorded wire shapes (tests/fixtures/wire/) replayed to the
+real gateway on a loopback socket, the official `openai` SDK as client, the SQLite ledger read back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from openai import AsyncOpenAI
+
+from gateway.runtime import RUNTIME
+from tests.conftest import GatewayFactory
+from tests.integration.wirereplay import Script, one_backend_policy, replay, sse_events, wire_bytes
+
+MSG: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def _rows(path: Path, rid: str) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        cur = conn.execute("SELECT * FROM ledger WHERE client_request_id = ?", (rid,))
+        return [dict(r) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def _client(url: str) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def _rid() -> str:
+    return "dialect-" + uuid.uuid4().hex[:12]
+
+
+# --- item 1: legacy local-worker error bodies and events ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "fixture"),
+    [
+        ("sglang", "error_sglang.json"),  # SGLang: top-level "object": "error"
+        ("vllm", "error_vllm_legacy.json"),  # vLLM before ErrorResponse(error=ErrorInfo)
+        ("vllm", "error_vllm_current.json"),  # current vLLM: already nested
+        ("openai_compatible", "error_sglang.json"),  # SGLang behind a generic proxy
+    ],
+)
+async def test_a_worker_400_reaches_the_client_with_its_own_message(
+    gateway_factory: GatewayFactory, tmp_path: Path, kind: str, fixture: str
+) -> None:
+    body = wire_bytes(fixture).strip()
+    message = orjson.loads(body).get("message") or orjson.loads(body)["error"]["message"]
+    async with replay({"w": Script(status=400, body=body)}) as up:
+        gw = await gateway_factory(one_backend_policy(tmp_path, kind, up.v1, "w"))
+        async with _client(gw.url) as oai:
+            with pytest.raises(openai.BadRequestError) as err:
+                await oai.chat.completions.create(model="m", messages=MSG, max_tokens=4)
+    assert err.value.status_code == 400
+    assert err.value.message.endswith(message)  # its own words, not "backend b answered 400"
+    assert isinstance(err.value.body, dict) and err.value.body["message"] == message
+
+
+async def test_a_legacy_error_event_mid_stream_ends_the_stream_as_an_error(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """SGLang streams OpenAI-shaped chunks, then its legacy error body as a `data:` event."""
+    chunks = sse_events("openai_stream_include_usage__openai-python_inline-snapshot_173417d5.sse")
+    legacy = wire_bytes("error_sglang.json").strip()
+    events = [*chunks[:4], b"data: " + legacy]  # no [DONE]: the worker gave up
+    rid = _rid()
+    async with replay({"w": Script(events=events)}) as up:
+        gw = await gateway_factory(one_backend_policy(tmp_path, "sglang", up.v1, "w"))
+        async with _client(gw.url) as oai:
+            stream = await oai.chat.completions.create(
+                model="m",
+                messages=MSG,
+                max_tokens=40,
+                stream=True,
+                extra_headers={"x-request-id": rid},
+            )
+            with pytest.raises(openai.APIError) as err:
+                async for _ in stream:
+                    pass
+    assert orjson.loads(legacy)["message"] in err.value.message
+    (row,) = _rows(tmp_path / "ledger.db", rid)
+    assert row["outcome"] == "upstream_error"
+
+
+# --- item 2: Together's text mirror counted once ------------------------------------
+
+
+def _together_chunk(text: str, *, finish: str | None = None, usage: Any = None) -> bytes:
+    """A Together chat chunk in the recorded shape (together_stream_chunks.sse), carrying `text`."""
+    first = orjson.loads(sse_events("together_stream_chunks.sse")[0][len(b"data: ") :])
+    first["choices"][0]["text"] = text
+    first["choices"][0]["delta"]["content"] = text
+    first["choices"][0]["finish_reason"] = finish
+    first["usage"] = usage
+    return b"data: " + orjson.dumps(first)
+
+
+async def test_a_cut_together_stream_is_billed_for_its_text_once(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    words = [" batching", " raises", " the", " tokens", " per", " second", " of", " a", " GPU"]
+    events = [_together_chunk(w) for w in words * 3]  # cut: no usage chunk, no [DONE]
+    rid = _rid()
+    async with replay({"t": Script(events=events)}) as up:
+        gw = await gateway_factory(one_backend_policy(tmp_path, "together", up.v1, "t"))
+        async with _client(gw.url) as oai:
+            stream = await oai.chat.completions.create(
+                model="m",
+                messages=MSG,
+                max_tokens=40,
+                stream=True,
+                extra_headers={"x-request-id": rid},
+            )
+            text = ""
+            with pytest.raises(openai.APIError):
+                async for chunk in stream:
+                    text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    (row,) = _rows(tmp_path / "ledger.db", rid)
+    assert text == "".join(words * 3)
+    tokenizer = gw.app[RUNTIME].current.estimator.tokenizer
+    assert row["outcome"] == "upstream_cut"
+    assert row["completion_tokens"] == tokenizer.count_text(text)  # not twice that
