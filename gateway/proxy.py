@@ -199,6 +199,9 @@ async def _relay_events(
     await rt.meter.finish(completion, outcome=outcome, meter=meter)
     if outcome == "ok":
         try:
+            usage_chunk = flt.usage_chunk(meter.reported)
+            if usage_chunk is not None:
+                await guard.write(usage_chunk + b"\n\n")
             await guard.write(DONE + b"\n\n")
             await ex.write_eof()
         except ConnectionResetError:

@@ -8,11 +8,12 @@ again, so the client sees exactly the stream it asked for.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
 from adapters.dialects import stream_error_payload
+from gateway.usage import Usage
 
 DONE: Final = b"data: [DONE]"
 _NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b',"usage": null')
@@ -21,13 +22,17 @@ _NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b',"usage": null')
 class EventFilter:
     """Per-stream state of the relay: which events go to the client, and what they carried."""
 
-    __slots__ = ("done", "error_seen", "events", "strip_usage")
+    __slots__ = ("done", "error_seen", "events", "meta", "strip_usage", "usage_sent")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.done = False
         self.error_seen = False
         self.events = 0
+        # The client asked for usage: whether a standard usage object went out, and the
+        # chunk fields (id, model, ...) to build one from when the backend sent none.
+        self.usage_sent = strip_usage
+        self.meta: dict[str, object] | None = None
 
     def filter(self, block: bytes) -> bytes | None:
         """Return the bytes to send for one upstream event block (without framing), or None to drop."""
@@ -38,6 +43,8 @@ class EventFilter:
             return block  # comments, event:/id: lines pass through
         self.events += 1
         payload = block[5:].lstrip()
+        if self.meta is None and not self.usage_sent:
+            self.meta = _chunk_meta(payload)
         if b'"usage"' in payload or b'"x_groq"' in payload:
             return self._usage_event(block, payload)
         error = stream_error_payload(payload)
@@ -49,20 +56,76 @@ class EventFilter:
         return block
 
     def _usage_event(self, block: bytes, payload: bytes) -> bytes | None:
-        if not self.strip_usage:
-            return block
         has_null = any(n in payload for n in _NULL_USAGE)
+        if not self.strip_usage:
+            if not self.usage_sent and not has_null and b'"usage"' in payload:
+                obj = _loads(payload)
+                self.usage_sent = obj is not None and isinstance(obj.get("usage"), dict)
+            return block
         if has_null:
             for n in _NULL_USAGE:
                 payload = payload.replace(n, b"")
             return b"data: " + payload
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return block
-        if not isinstance(obj, dict):
+        obj = _loads(payload)
+        if obj is None:
             return block
         if not obj.get("choices"):
             return None  # the usage-only chunk the client did not ask for
         obj.pop("usage", None)  # usage riding on a chunk that also has choices
         return b"data: " + orjson.dumps(obj)
+
+    def usage_chunk(self, usage: Usage | None) -> bytes | None:
+        """The standard usage chunk a client that asked for usage did not get from the backend.
+
+        Groq's older streams report usage only under `x_groq.usage`; the client asked
+        for `stream_options.include_usage` and gets the OpenAI chunk (`"choices": []`)
+        built from what the backend reported, before `[DONE]`.
+        """
+        if self.usage_sent or usage is None or usage.source != "reported":
+            return None
+        chunk = dict(self.meta or {})
+        chunk["choices"] = []
+        chunk["usage"] = usage_object(usage)
+        return b"data: " + orjson.dumps(chunk)
+
+
+def usage_object(usage: Usage) -> dict[str, object]:
+    """A `Usage` in OpenAI's wire shape (with a provider's timings where it reported them)."""
+    out: dict[str, object] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+    if usage.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    t = usage.upstream_timings
+    if t is not None:
+        for key, value in (
+            ("queue_time", t.queue_s),
+            ("prompt_time", t.prompt_s),
+            ("completion_time", t.completion_s),
+            ("total_time", t.total_s),
+        ):
+            if value is not None:
+                out[key] = value
+    return out
+
+
+_META_KEYS: Final = ("id", "object", "created", "model", "system_fingerprint")
+
+
+def _chunk_meta(payload: bytes) -> dict[str, object] | None:
+    obj = _loads(payload)
+    if obj is None or "choices" not in obj:
+        return None
+    return {k: obj[k] for k in _META_KEYS if k in obj}
+
+
+def _loads(payload: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -130,3 +130,59 @@ async def test_a_cut_together_stream_is_billed_for_its_text_once(
     tokenizer = gw.app[RUNTIME].current.estimator.tokenizer
     assert row["outcome"] == "upstream_cut"
     assert row["completion_tokens"] == tokenizer.count_text(text)  # not twice that
+
+
+# --- item 1: Groq's x_groq-only usage reaches a client that asked for usage -----------
+
+
+def _groq_x_groq_only() -> list[bytes]:
+    """groq_stream_include_usage_gpt_oss.sse in Groq's older shape: usage only under `x_groq`
+    (the top-level `usage` of the last chunk and the usage-only chunk removed)."""
+    out = []
+    for ev in sse_events("groq_stream_include_usage_gpt_oss.sse"):
+        if not ev.startswith(b"data: {"):
+            out.append(ev)
+            continue
+        chunk = orjson.loads(ev[len(b"data: ") :])
+        if chunk["choices"]:  # the usage-only chunk is dropped
+            chunk.pop("usage", None)
+            out.append(b"data: " + orjson.dumps(chunk))
+    return out
+
+
+async def test_groq_x_groq_usage_becomes_the_standard_usage_chunk(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    events = _groq_x_groq_only()
+    assert any(b'"x_groq"' in e and b'"usage"' in e for e in events)
+    rid = _rid()
+    async with replay({"g": Script(events=events)}) as up:
+        gw = await gateway_factory(one_backend_policy(tmp_path, "groq", up.v1, "g"))
+        async with _client(gw.url) as oai:
+            stream = await oai.chat.completions.create(
+                model="m",
+                messages=MSG,
+                max_tokens=16,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"x-request-id": rid},
+            )
+            chunks = [c async for c in stream]
+            # A client that did not ask gets no usage chunk either way.
+            plain = await oai.chat.completions.create(
+                model="m", messages=MSG, max_tokens=16, stream=True
+            )
+            plain_chunks = [c async for c in plain]
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and not chunks[-1].choices
+    assert (usage[0].prompt_tokens, usage[0].completion_tokens, usage[0].total_tokens) == (
+        73,
+        16,
+        89,
+    )
+    assert usage[0].completion_tokens_details is not None
+    assert usage[0].completion_tokens_details.reasoning_tokens == 14
+    assert chunks[-1].id == chunks[0].id and chunks[-1].model == "openai/gpt-oss-20b"
+    assert all(c.usage is None for c in plain_chunks)
+    (row,) = _rows(tmp_path / "ledger.db", rid)
+    assert row["outcome"] == "ok" and row["completion_tokens"] == 16
