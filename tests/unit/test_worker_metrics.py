@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adapters.worker_metrics import (
@@ -9,6 +11,7 @@ from adapters.worker_metrics import (
     generation_rate,
     parse_worker_metrics,
     window_mean,
+    worker_signals,
 )
 
 MODEL = 'model_name="meta-llama/Llama-3.1-8B-Instruct"'
@@ -105,3 +108,69 @@ def test_generation_rate_and_window_mean() -> None:
     assert generation_rate(b, restarted) is None
     assert window_mean(12.5, 100.0, 17.5, 120.0) == pytest.approx(0.25)
     assert window_mean(12.5, 100.0, 12.5, 100.0) is None
+
+
+# --- real shapes (tests/fixtures/wire/SOURCES.md) -------------------------------------
+
+WIRE = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
+
+
+def test_sglang_tp_ranks_are_one_batch_not_a_sum() -> None:
+    """--enable-metrics-for-all-schedulers: each TP rank exports the same running count."""
+    text = (WIRE / "sglang_metrics_tp_ranks_all_schedulers.prom").read_text()
+    m = parse_worker_metrics(text, scraped_at=0.0)
+    assert (m.running, m.waiting) == (4, 3)  # not 8: the max across ranks
+
+
+def test_sglang_ranks_lagging_take_the_max_and_dp_ranks_add() -> None:
+    text = (
+        'sglang:num_running_reqs{dp_rank="0",tp_rank="0"} 6\n'
+        'sglang:num_running_reqs{dp_rank="0",tp_rank="1"} 5\n'
+        'sglang:num_running_reqs{dp_rank="1",tp_rank="0"} 2\n'
+        'sglang:num_running_reqs{dp_rank="1",tp_rank="1"} 2\n'
+    )
+    assert parse_worker_metrics(text, scraped_at=0.0).running == 8
+
+
+def test_sglang_priority_buckets_use_the_aggregate() -> None:
+    text = (WIRE / "sglang_metrics_priority_buckets.prom").read_text()
+    assert parse_worker_metrics(text, scraped_at=0.0).running == 14  # not 28
+
+
+def test_sglang_documented_metrics() -> None:
+    m = parse_worker_metrics((WIRE / "sglang_metrics_docs.prom").read_text(), scraped_at=0.0)
+    assert (m.running, m.waiting, m.flavor) == (162, 2826, "sglang")
+    assert m.kv_usage == 0.28 and m.used_tokens == 123859.0
+    assert m.cache_hit_rate == pytest.approx(0.0075075526)
+
+
+def test_vllm_v1_prefix_cache_counters_and_v0_names() -> None:
+    m = parse_worker_metrics((WIRE / "vllm_v1_metrics_excerpts.prom").read_text(), 0.0)
+    assert m.running == 8 and m.prefix_cache_queries_total == 32.0
+    assert m.prefix_cache_hits_total == 0.0
+    v0 = parse_worker_metrics((WIRE / "vllm_v0_metrics_prodstack318.prom").read_text(), 0.0)
+    assert (v0.running, v0.waiting, v0.kv_usage) == (0, 0, 0.0)
+
+
+def test_vllm_queue_preemption_and_waiting_by_reason_signals() -> None:
+    def scrape(t: float, queue_sum: float, queue_n: float, preempt: float, hits: float) -> str:
+        return (
+            f'vllm:num_requests_running{{engine="0"}} 30\n'
+            f'vllm:num_requests_waiting{{engine="0"}} 4\n'
+            f'vllm:num_requests_waiting_by_reason{{engine="0",reason="capacity"}} 3\n'
+            f'vllm:num_requests_waiting_by_reason{{engine="0",reason="deferred"}} 1\n'
+            f'vllm:request_queue_time_seconds_sum{{engine="0"}} {queue_sum}\n'
+            f'vllm:request_queue_time_seconds_count{{engine="0"}} {queue_n}\n'
+            f'vllm:num_preemptions_total{{engine="0"}} {preempt}\n'
+            f'vllm:prefix_cache_queries_total{{engine="0"}} {t * 1000}\n'
+            f'vllm:prefix_cache_hits_total{{engine="0"}} {hits}\n'
+        )
+
+    a = parse_worker_metrics(scrape(10, 5.0, 10, 2, 4000), scraped_at=10.0)
+    b = parse_worker_metrics(scrape(12, 8.0, 16, 6, 5000), scraped_at=12.0)
+    assert b.waiting_for_capacity == 3
+    sig = worker_signals(a, b)
+    assert sig.queue_mean_s == pytest.approx(0.5)
+    assert sig.preemptions_per_s == pytest.approx(2.0)
+    assert sig.prefix_hit_rate == pytest.approx(0.5)
+    assert worker_signals(None, b).queue_mean_s is None
