@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from gateway.profiles import load_profile
 from policies.spec import CostPolicySpec, GpuSpec, PolicySpec, SloClassSpec, default_slo_classes
 
 LOCAL_KINDS = frozenset({"vllm", "sglang"})
@@ -61,6 +70,15 @@ class BackendSpec(Model):
     max_concurrency: int = Field(default=256, ge=1)
     # Extra client headers this backend may receive (on top of the gateway's allow-list).
     forward_headers: list[str] = Field(default_factory=list)
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _named_profile(cls, v: Any, info: ValidationInfo) -> Any:
+        # `gpu.profile` may name a shipped profile or a file (relative to the policy file).
+        if isinstance(v, dict) and isinstance(v.get("profile"), str):
+            base = (info.context or {}).get("base_dir")
+            v = {**v, "profile": load_profile(v["profile"], base)}
+        return v
 
     @field_validator("base_url", "metrics_url")
     @classmethod
@@ -314,13 +332,20 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), [ConfigIssue("", None, f"cannot read file: {exc}")]) from exc
-    return parse_config(text, source=str(p), env=env)
+    return parse_config(text, source=str(p), env=env, base_dir=p.parent)
 
 
 def parse_config(
-    text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> GatewayConfig:
-    """Validate policy YAML text; `env` defaults to the process environment for env: checks."""
+    """Validate policy YAML text; `env` defaults to the process environment for env: checks.
+
+    `base_dir` is where relative paths in the file (profile files) are looked up.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -331,7 +356,7 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigIssue("", 1, "the file must be a YAML mapping")])
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         issues = [
             ConfigIssue(

@@ -11,11 +11,11 @@ amortized cost of the predicted batch.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal
 
+from policies.profile import Profile
 from policies.spec import GpuSpec, ThroughputProfileSpec
 
 GpuMode = Literal["reserved", "on_demand"]
@@ -41,33 +41,26 @@ def derive_knee(points: tuple[tuple[int, float], ...], max_batch: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class GpuModel:
-    """One local worker's economics and performance, as a plain immutable value."""
+    """One local worker's economics and performance, as a plain immutable value.
+
+    `context` arguments are the mean context length (tokens per sequence) of the batch;
+    None means the profile's reference context (see `policies.profile`).
+    """
 
     price_per_hour: float
     mode: GpuMode
-    points: tuple[tuple[int, float], ...]
-    prefill_tokens_per_s: float
-    max_batch: int
-    knee: int
-    # Throughput at integer batch sizes 0..len-1, precomputed: the hot path indexes it.
+    profile: Profile
+    knee: int = field(init=False)
+    # Throughput at integer batch sizes 0..top at the reference context: the hot path indexes it.
     _table: tuple[float, ...] = field(init=False, repr=False, compare=False)
-    _xs: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.price_per_hour <= 0 or self.prefill_tokens_per_s <= 0 or self.max_batch < 1:
-            raise ValueError("price, prefill speed and max_batch must be positive")
-        if not self.points or any(c < 1 or t <= 0 for c, t in self.points):
-            raise ValueError("throughput points must be positive")
-        if list(self.points) != sorted(self.points) or len({c for c, _ in self.points}) != len(
-            self.points
-        ):
-            raise ValueError("throughput points must be sorted by distinct concurrency")
-        xs = tuple(c for c, _ in self.points)
-        object.__setattr__(self, "_xs", xs)
-        top = max(self.max_batch, xs[-1])
-        object.__setattr__(
-            self, "_table", (0.0, *(self._interpolate(float(b)) for b in range(1, top + 1)))
-        )
+        if self.price_per_hour <= 0:
+            raise ValueError("price per hour must be positive")
+        prof = self.profile
+        ref = prof.contexts.index(prof.reference_context)
+        object.__setattr__(self, "_table", prof._tables[ref])
+        object.__setattr__(self, "knee", derive_knee(prof.curves[ref], prof.max_batch))
 
     @classmethod
     def from_spec(cls, spec: GpuSpec) -> GpuModel:
@@ -76,47 +69,46 @@ class GpuModel:
 
     @classmethod
     def from_profile(
-        cls, profile: ThroughputProfileSpec, price_per_hour: float, mode: GpuMode = "reserved"
+        cls,
+        profile: ThroughputProfileSpec | Profile,
+        price_per_hour: float,
+        mode: GpuMode = "reserved",
     ) -> GpuModel:
         """Build from a throughput profile and a price."""
-        points = tuple(sorted((int(c), float(t)) for c, t in profile.decode_tokens_per_s.items()))
-        knee = profile.knee if profile.knee is not None else derive_knee(points, profile.max_batch)
-        return cls(
-            price_per_hour=price_per_hour,
-            mode=mode,
-            points=points,
-            prefill_tokens_per_s=profile.prefill_tokens_per_s,
-            max_batch=profile.max_batch,
-            knee=min(knee, profile.max_batch),
-        )
+        prof = profile if isinstance(profile, Profile) else Profile.from_spec(profile)
+        return cls(price_per_hour=price_per_hour, mode=mode, profile=prof)
 
-    def _interpolate(self, batch: float) -> float:
-        pts = self.points
-        if batch <= pts[0][0]:
-            # Below the first point each request decodes at the first point's per-request speed.
-            return pts[0][1] * batch / pts[0][0]
-        if batch >= pts[-1][0]:
-            return pts[-1][1]
-        i = bisect_right(self._xs, batch)
-        (ca, ta), (cb, tb) = pts[i - 1], pts[i]
-        return ta + (tb - ta) * (batch - ca) / (cb - ca)
+    @property
+    def max_batch(self) -> int:
+        """Most sequences the worker runs at once."""
+        return self.profile.max_batch
+
+    @property
+    def points(self) -> tuple[tuple[int, float], ...]:
+        """The measured (batch, tokens/s) points at the reference context."""
+        prof = self.profile
+        return prof.curves[prof.contexts.index(prof.reference_context)]
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prefill speed at a typical prompt (512 tokens); see `profile` for others."""
+        return self.profile.prefill_tokens_per_s(512)
 
     @property
     def price_per_second(self) -> float:
         """Dollars per GPU-second."""
         return self.price_per_hour / 3600.0
 
-    def throughput(self, batch: float) -> float:
+    def throughput(self, batch: float, context: float | None = None) -> float:
         """Output tokens/s across the whole batch at `batch` concurrent requests (min 1)."""
-        batch = max(batch, 1)
-        if isinstance(batch, int) and batch < len(self._table):
+        if context is None and isinstance(batch, int) and 1 <= batch < len(self._table):
             return self._table[batch]
-        return self._interpolate(float(batch))
+        return self.profile.decode_tokens_per_s(batch, context)
 
-    def itl_s(self, batch: float) -> float:
+    def itl_s(self, batch: float, context: float | None = None) -> float:
         """Inter-token latency seen by each request at this batch."""
         b = batch if batch >= 1 else 1
-        return b / self.throughput(b)
+        return b / self.throughput(b, context)
 
     def prefill_load(self, prompt_tokens_per_s: float) -> float:
         """Share of GPU time prefill takes at this prompt arrival rate (capped at MAX_PREFILL_LOAD)."""
@@ -138,12 +130,12 @@ class GpuModel:
         return self.price_per_hour / 3600.0 / self.throughput(batch)
 
     def prefill_time_s(self, tokens: float) -> float:
-        """Seconds of GPU time to prefill `tokens` prompt tokens."""
-        return tokens / self.prefill_tokens_per_s
+        """Seconds of GPU time to prefill a prompt of `tokens` tokens."""
+        return self.profile.prefill_time_s(tokens)
 
     def prefill_cost(self, tokens: float) -> float:
         """Amortized USD of prefilling `tokens` prompt tokens (the GPU does nothing else meanwhile)."""
-        return tokens * self.price_per_hour / 3600.0 / self.prefill_tokens_per_s
+        return self.prefill_time_s(tokens) * self.price_per_hour / 3600.0
 
     def amortized_cost(self, prompt_tokens: float, output_tokens: float, batch: float) -> float:
         """USD of a request's prefill plus its output tokens at the amortized rate of `batch`."""
@@ -170,7 +162,7 @@ class GpuModel:
             per_completion = max(expected_output_tokens, 1) / self._table[self.max_batch]
             wait = (after - self.max_batch) * per_completion
             after = self.max_batch
-        prefill = (queued_prefill_tokens + prompt_tokens) / self.prefill_tokens_per_s
+        prefill = self.prefill_time_s(queued_prefill_tokens) + self.prefill_time_s(prompt_tokens)
         return wait + prefill + after / self._table[after]
 
     def ramp(self, batch_after: int) -> float:

@@ -7,6 +7,7 @@ from them, never the YAML itself.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,35 +37,97 @@ def default_slo_classes() -> dict[str, SloClassSpec]:
     }
 
 
-class ThroughputProfileSpec(Spec):
-    """Measured decode throughput of one GPU worker by concurrency, plus prefill speed.
+# A profile without context lengths is one curve; it applies at every context length.
+DEFAULT_CONTEXT_TOKENS = 1024
+# A single prefill speed stands for every prompt length.
+DEFAULT_PROMPT_TOKENS = 512
 
-    `decode_tokens_per_s` maps concurrency (requests in the batch) to total output
-    tokens/s across the batch; values between points are interpolated.
+
+class ThroughputProfileSpec(Spec):
+    """Measured performance of one model on one GPU setup: decode by batch x context, prefill.
+
+    `decode_tokens_per_s` maps context length (tokens per sequence) to a curve of batch size
+    -> total output tokens/s across the batch; a flat `{batch: tokens/s}` mapping is one
+    curve for every context length. `prefill_tokens_per_s` is one speed or a mapping of
+    prompt length -> tokens/s. Interpolation between points: see `policies.profile`.
+    `name`, `describes`, `source` and `measured` (a date) say what the figures are.
     """
 
-    decode_tokens_per_s: dict[int, float]
-    prefill_tokens_per_s: float = Field(default=10_000.0, gt=0)
+    name: str | None = None
+    describes: str | None = None
+    source: str | None = None
+    measured: str | None = None
+    decode_tokens_per_s: dict[int, dict[int, float]]
+    prefill_tokens_per_s: dict[int, float] = Field(
+        default_factory=lambda: {DEFAULT_PROMPT_TOKENS: 10_000.0}
+    )
     max_batch: int = Field(default=256, ge=1)
-    # Concurrency past which one more request adds little throughput; derived from the
-    # points when None (see policies.costmodel.derive_knee).
-    knee: int | None = Field(default=None, ge=1)
+
+    @field_validator("measured", mode="before")
+    @classmethod
+    def _date_text(cls, v: object) -> object:
+        # YAML reads `measured: 2026-12-01` as a date.
+        return v.isoformat() if isinstance(v, date) else v
+
+    @field_validator("decode_tokens_per_s", mode="before")
+    @classmethod
+    def _one_curve(cls, v: object) -> object:
+        if (
+            isinstance(v, dict)
+            and v
+            and all(isinstance(t, int | float) and not isinstance(t, bool) for t in v.values())
+        ):
+            return {DEFAULT_CONTEXT_TOKENS: v}
+        return v
+
+    @field_validator("prefill_tokens_per_s", mode="before")
+    @classmethod
+    def _one_speed(cls, v: object) -> object:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return {DEFAULT_PROMPT_TOKENS: v}
+        return v
 
     @field_validator("decode_tokens_per_s")
     @classmethod
-    def _points_positive(cls, v: dict[int, float]) -> dict[int, float]:
+    def _points_positive(cls, v: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:
         if not v:
-            raise ValueError("needs at least one concurrency point")
-        for c, t in v.items():
-            if c < 1 or t <= 0:
-                raise ValueError(f"concurrency {c} -> {t}: both must be positive")
+            raise ValueError("needs at least one curve")
+        for ctx, curve in v.items():
+            if ctx < 0:
+                raise ValueError(f"context length {ctx} must not be negative")
+            if not curve:
+                raise ValueError(f"context {ctx}: needs at least one batch point")
+            for c, t in curve.items():
+                if c < 1 or t <= 0:
+                    raise ValueError(f"context {ctx}: batch {c} -> {t}: both must be positive")
         return v
 
+    @field_validator("prefill_tokens_per_s")
+    @classmethod
+    def _prefill_positive(cls, v: dict[int, float]) -> dict[int, float]:
+        if not v:
+            raise ValueError("needs at least one prefill speed")
+        for n, t in v.items():
+            if n < 1 or t <= 0:
+                raise ValueError(f"prompt {n} -> {t} tokens/s: both must be positive")
+        return v
 
-# NVIDIA NIM 1.8.0, Llama-3.1-8B on one H100 (DESIGN.md reference figures).
+    def curve(self, context: int | None = None) -> dict[int, float]:
+        """The measured curve at `context` (default: the one nearest 1024 tokens)."""
+        ctx = context
+        if ctx is None:
+            ctx = min(self.decode_tokens_per_s, key=lambda c: (abs(c - 1024), c))
+        return self.decode_tokens_per_s[ctx]
+
+
+# NVIDIA NIM 1.8.0, Llama-3.1-8B on one H100 (DESIGN.md reference figures); the shipped
+# file policies/profiles/llama-3.1-8b-h100.yaml holds the same figures with provenance.
 LLAMA_8B_H100 = ThroughputProfileSpec(
-    decode_tokens_per_s={1: 215, 5: 1077, 25: 4679, 50: 8018, 100: 12215, 200: 13348},
-    prefill_tokens_per_s=20_000.0,
+    name="llama-3.1-8b-h100",
+    decode_tokens_per_s={
+        DEFAULT_CONTEXT_TOKENS: {1: 215, 5: 1077, 25: 4679, 50: 8018, 100: 12215, 200: 13348}
+    },
+    prefill_tokens_per_s={DEFAULT_PROMPT_TOKENS: 20_000.0},
     max_batch=256,
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -163,8 +164,17 @@ async def start_embedded_default() -> tuple[GatewayConfig, list[web.AppRunner]]:
 
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
+    # The simulated workers run the profile the default policy gives each GPU.
+    template = parse_config(
+        re.sub(r"\{sim:[^}]+\}", "http://127.0.0.1:9/v1", default_policy_text()),
+        source="<embedded default>",
+    )
     for name, seed in (("gpu-a", 1), ("gpu-b", 2)):
-        runner, port = await start_site(create_worker_app(WorkerOptions(seed=seed)))
+        gpu = template.backend(name).gpu
+        opts = WorkerOptions(seed=seed)
+        if gpu is not None:
+            opts = WorkerOptions(seed=seed, profile=gpu.profile, max_batch=gpu.profile.max_batch)
+        runner, port = await start_site(create_worker_app(opts))
         runners.append(runner)
         urls[name] = f"http://127.0.0.1:{port}/v1"
     runner, port = await start_site(create_provider_app(ProviderOptions()))

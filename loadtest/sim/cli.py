@@ -12,12 +12,21 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.profiles import load_profile
 from loadtest.sim.common import start_site
 from loadtest.sim.faults import FAULTS
 from loadtest.sim.provider import ProviderOptions, create_provider_app
 from loadtest.sim.static import create_static_app
 from loadtest.sim.static_raw import StaticAnswers, start_static_raw
 from loadtest.sim.worker import WorkerOptions, create_worker_app
+from policies.spec import ThroughputProfileSpec
+
+
+def _measured_profile(ref: str) -> ThroughputProfileSpec:
+    try:
+        return load_profile(ref)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _profile(text: str) -> dict[int, float]:
@@ -64,6 +73,13 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     _generating(worker, w)
     worker.add_argument("--decode-profile", type=_profile, default=None, help="e.g. 1:215,50:8018")
+    worker.add_argument(
+        "--profile",
+        type=_measured_profile,
+        default=None,
+        help="a shipped profile name or a profile YAML file (overrides --decode-profile, "
+        "--prefill-tokens-per-s and the default --max-batch)",
+    )
     worker.add_argument("--prefill-tokens-per-s", type=float, default=w.prefill_tokens_per_s)
     worker.add_argument("--max-batch", type=int, default=w.max_batch)
     worker.add_argument("--kv-capacity-tokens", type=int, default=w.kv_capacity_tokens)
@@ -117,6 +133,10 @@ def build_app(args: argparse.Namespace) -> web.Application:
         }
         if args.decode_profile:
             worker["decode_tokens_per_s"] = args.decode_profile
+        if args.profile is not None:
+            worker["profile"] = args.profile
+            if args.max_batch == WorkerOptions().max_batch:
+                worker["max_batch"] = args.profile.max_batch
         return create_worker_app(WorkerOptions(**common, **worker))
     return create_provider_app(
         ProviderOptions(

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from loadtest.sim.serve import GenerationAborted
+from policies.profile import Profile
 
 TICK_S = 0.001
 
@@ -173,8 +174,7 @@ class Scheduler:
 
     def __init__(
         self,
-        curve: Mapping[int, float],
-        prefill_tokens_per_s: float,
+        profile: Profile,
         max_batch: int,
         kv_capacity_tokens: int,
         time_scale: float,
@@ -182,8 +182,14 @@ class Scheduler:
     ) -> None:
         self.max_batch = max_batch
         self.kv_capacity = kv_capacity_tokens
-        self._steps = [s * time_scale for s in step_seconds(curve, max_batch)]
-        self._prefill_s_per_token = time_scale / prefill_tokens_per_s
+        self.profile = profile
+        self.time_scale = time_scale
+        # One context length measured: step times depend on the batch only (precomputed).
+        self._steps: list[float] | None = None
+        if len(profile.contexts) == 1:
+            self._steps = [0.0] + [
+                b / profile.decode_tokens_per_s(b) * time_scale for b in range(1, max_batch + 1)
+            ]
         self._prefix_cache = prefix_cache
         # Timers (call_at) run on the loop's clock, so the engine uses it too; run() binds it
         # (asyncio's default is time.monotonic, uvloop's is its own).
@@ -282,11 +288,10 @@ class Scheduler:
             if not self.running:
                 await self._pause(None)  # only reachable if capacity shrank; wait for a change
                 continue
-            step = self._steps[self.slots]
+            step = self._step()
             if admitted:
                 self._t = max(self._t, *(job.arrived for job in admitted))
-                uncached = sum(job.prompt_tokens - job.cached for job in admitted)
-                duration = step + uncached * self._prefill_s_per_token
+                duration = step + sum(self._prefill_s(job) for job in admitted)
                 end = self._t + duration
                 await self._pause(end, interruptible=False)
                 self._t = end
@@ -306,6 +311,19 @@ class Scheduler:
                 await asyncio.sleep(0)  # let the handlers write what we produce
             self._t = end
             self._advance(k, step)
+
+    def _step(self) -> float:
+        """Wall-clock seconds of one decode step of the running batch at its mean context."""
+        b = self.slots
+        if self._steps is not None:
+            return self._steps[b]
+        context = sum(j.prompt_tokens + j.produced for j in self.running) / len(self.running)
+        return b / self.profile.decode_tokens_per_s(b, context) * self.time_scale
+
+    def _prefill_s(self, job: Job) -> float:
+        """Wall-clock seconds to prefill a job's uncached prompt tokens (speed by prompt length)."""
+        uncached = job.prompt_tokens - job.cached
+        return self.profile.prefill_time_s(uncached) * self.time_scale
 
     def _advance(self, k: int, step: float) -> None:
         """k steps of `step` seconds happened for everything running."""

@@ -48,6 +48,8 @@ from loadtest.sim.parse import (
 from loadtest.sim.render import Meta, renderer_for
 from loadtest.sim.scheduler import Job, Scheduler
 from loadtest.sim.serve import Reply, send
+from policies.profile import Profile
+from policies.spec import ThroughputProfileSpec
 
 
 def _llama_8b_h100() -> dict[int, float]:
@@ -72,6 +74,23 @@ class WorkerOptions:
     max_model_len: int = 131072
     embedding_dims: int = 384
     fault: str | None = None
+    # A measured profile (decode by batch x context, prefill by prompt length); when set it
+    # replaces `decode_tokens_per_s` and `prefill_tokens_per_s`.
+    profile: ThroughputProfileSpec | None = None
+
+    def performance(self) -> Profile:
+        """The profile this worker runs: `profile`, or the single curve and prefill speed."""
+        if self.profile is not None:
+            return Profile.from_spec(self.profile)
+        return Profile.from_spec(
+            ThroughputProfileSpec.model_validate(
+                {
+                    "decode_tokens_per_s": self.decode_tokens_per_s,
+                    "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                    "max_batch": self.max_batch,
+                }
+            )
+        )
 
     def __post_init__(self) -> None:
         curve = self.decode_tokens_per_s
@@ -198,7 +217,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     early = await faults.before_headers(request, fault, False)
     if early is not None:
         return early
-    await asyncio.sleep(req.prompt_tokens / sim.opts.prefill_tokens_per_s * sim.opts.time_scale)
+    await asyncio.sleep(
+        sim.scheduler.profile.prefill_time_s(req.prompt_tokens) * sim.opts.time_scale
+    )
     sim.scheduler.model_stats(req.model).prompt_tokens += req.prompt_tokens
     dims = req.dimensions or sim.opts.embedding_dims
     return json_response(
@@ -332,8 +353,7 @@ def create_worker_app(opts: WorkerOptions) -> web.Application:
     app = base_app()
     cache = PrefixCache()
     scheduler = Scheduler(
-        opts.decode_tokens_per_s,
-        opts.prefill_tokens_per_s,
+        opts.performance(),
         opts.max_batch,
         opts.kv_capacity_tokens,
         opts.time_scale,

@@ -65,19 +65,28 @@ class SimGpu:
     batch_s: float = 0.0
     tokens_out: int = 0
     version: int = 0
+    # Sum over running requests of (prompt tokens - v when they joined): with v, their context.
+    context_base: float = 0.0
 
     def load(self) -> int:
         """Requests on the worker: running, prefilling and waiting for a slot."""
         return len(self.running) + len(self.prefill) + len(self.waiting)
 
+    def _context(self) -> float | None:
+        """Mean context (prompt + tokens produced) of the running requests."""
+        b = len(self.running)
+        return (self.context_base + b * self.v) / b if b else None
+
     def _rates(self) -> tuple[float, float]:
         """(prefill tokens/s, decode tokens/s per running request) right now."""
         b = len(self.running)
+        itl = self.model.itl_s(b, self._context()) if b else 0.0
         if self.prefill:
             share = self.prefill_share if b else 1.0
-            decode = (1.0 - share) / self.model.itl_s(b) if b else 0.0
-            return self.model.prefill_tokens_per_s * share, decode
-        return 0.0, (1.0 / self.model.itl_s(b) if b else 0.0)
+            decode = (1.0 - share) / itl if b else 0.0
+            speed = self.model.profile.prefill_tokens_per_s(self.prefill[0].prompt_tokens)
+            return speed * share, decode
+        return 0.0, (1.0 / itl if b else 0.0)
 
     def advance(self, now: float) -> None:
         """Move the fluid state to `now` (no event may lie in between)."""
@@ -138,9 +147,11 @@ class SimGpu:
                 job.joined_batch_s = self.batch_s
                 job.joined_at = now
                 heapq.heappush(self.running, (self.v + job.output_tokens - 1, job.rid, job))
+                self.context_base += job.prompt_tokens - self.v
         # Decode completions may land together (same finishing step); tolerate float drift.
         while self.running and self.running[0][0] <= self.v + 1e-9 * max(1.0, self.v):
-            _, _, job = heapq.heappop(self.running)
+            end_v, _, job = heapq.heappop(self.running)
+            self.context_base -= job.prompt_tokens - (end_v - job.output_tokens + 1)
             job.finished_at = now
             out.append(WorkerEvent("done", job, now))
         for ev in out:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.profiles import load_profile, shipped_profiles
 from loadtest.simulate.engine import simulate
 from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
 from loadtest.simulate.routers import default_policies
@@ -38,6 +39,12 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "cheapest-external,fastest)",
     )
     p.add_argument("--gpu-price", type=float, default=2.95, help="USD per GPU-hour (reserved)")
+    p.add_argument(
+        "--gpu-profile",
+        default="llama-3.1-8b-h100",
+        help="the local GPUs' performance profile: a shipped name "
+        f"({', '.join(shipped_profiles())}) or a profile YAML file",
+    )
     p.add_argument("--save-trace", type=Path, help="also write the trace used as JSON lines")
     p.set_defaults(func=run_simulate)
     return p
@@ -57,7 +64,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"neogate simulate: cannot read trace {args.trace!r}: {e}", file=sys.stderr)
         return 2
-    scenario = default_scenario(args.gpu_price)
+    try:
+        profile = load_profile(args.gpu_profile)
+    except ValueError as e:
+        print(f"neogate simulate: {e}", file=sys.stderr)
+        return 2
+    scenario = default_scenario(args.gpu_price, profile)
     policies = default_policies(args.seed, scenario.slo_classes)
     if args.policies:
         wanted = [w.strip() for w in args.policies.split(",") if w.strip()]

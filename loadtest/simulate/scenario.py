@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 from loadtest.simulate.backends import ProviderSpec
 from policies.costmodel import GpuModel
-from policies.spec import LLAMA_8B_H100, default_slo_classes
+from policies.spec import LLAMA_8B_H100, ThroughputProfileSpec, default_slo_classes
 from policies.types import Slo
 
 
@@ -43,14 +43,17 @@ class Scenario:
         return sum(g.model.price_per_hour for g in self.locals)
 
 
-def default_scenario(gpu_price_per_hour: float = 2.95) -> Scenario:
-    """Two reserved H100s (Llama-3.1-8B, NIM profile) and Groq-like / Together-like providers.
+def default_scenario(
+    gpu_price_per_hour: float = 2.95, profile: ThroughputProfileSpec = LLAMA_8B_H100
+) -> Scenario:
+    """Two reserved GPUs (default: H100s, Llama-3.1-8B NIM profile) and Groq-like /
+    Together-like providers.
 
     Prices are DESIGN.md's list prices; provider latencies are assumptions in the range
     public benchmarks report for these 8B endpoints (Groq ~0.2 s TTFT, ~750 tokens/s;
     Together ~0.35 s TTFT, ~200 tokens/s).
     """
-    gpu = GpuModel.from_profile(LLAMA_8B_H100, gpu_price_per_hour, "reserved")
+    gpu = GpuModel.from_profile(profile, gpu_price_per_hour, "reserved")
     return Scenario(
         locals=(LocalSpec("gpu-a", gpu), LocalSpec("gpu-b", gpu)),
         providers=(

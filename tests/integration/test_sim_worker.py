@@ -19,6 +19,7 @@ from openai import AsyncOpenAI, NotFoundError
 from loadtest.sim.common import start_site
 from loadtest.sim.scheduler import step_seconds
 from loadtest.sim.worker import WorkerOptions, create_worker_app
+from policies.profile import parse_profile
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 FAST = 0.01  # time_scale: 100x faster than a real H100
@@ -599,3 +600,35 @@ def test_options_are_validated() -> None:
         WorkerOptions(decode_tokens_per_s={0: 100.0})
     with pytest.raises(ValueError, match="unknown fault"):
         WorkerOptions(fault="explode")
+
+
+async def test_worker_follows_a_measured_profile_by_context_length(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    # One request at a time decodes at 200 tokens/s at context 100 and 50 tokens/s at 40,100:
+    # a ~40,000-token prompt decodes about 4x slower than a short one.
+    profile = parse_profile(
+        "name: ctx-test\ndecode_tokens_per_s: {100: {1: 200}, 40100: {1: 50}}\n"
+        "prefill_tokens_per_s: 1000000\nmax_batch: 4\n"
+    )
+    scale = 0.05
+    base = await serve(create_worker_app(WorkerOptions(time_scale=scale, profile=profile)))
+
+    async def itl(content: str) -> float:
+        before = await metrics(http, base)
+        body = chat_body(max_tokens=30, ignore_eos=True, stream=True)
+        body["messages"] = [{"role": "user", "content": content}]
+        async with http.post(base + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.read()
+        after = await metrics(http, base)
+        total = sample(after, "vllm:inter_token_latency_seconds_sum") - sample(
+            before, "vllm:inter_token_latency_seconds_sum"
+        )
+        return total / 29
+
+    short = await itl("x" * 40)  # ~10 prompt tokens: context 10..40, clamped to 100
+    long = await itl("y " * 80_000)  # 40,000 prompt tokens: context ~40,000..40,030
+    assert short == pytest.approx(1 / 200 * scale, rel=1e-6)
+    # T at context c in [100, 40100]: 200 - 150 * (c - 100) / 40000; c ~ 40,000 + 15.
+    assert long == pytest.approx(1 / (200 - 150 * (40_015 - 100) / 40_000) * scale, rel=0.01)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.costmodel import GpuModel, derive_knee
+from policies.profile import Profile
 from policies.spec import LLAMA_8B_H100, GpuSpec, ThroughputProfileSpec
 
 
@@ -46,10 +47,6 @@ def test_knee_is_derived_from_the_profile(h100: GpuModel) -> None:
     # 100 -> 200 adds 11 tokens/s per request, far below 25% of 215: the knee is at 100.
     assert h100.knee == 100
     assert derive_knee(((1, 100.0), (10, 1000.0)), max_batch=64) == 10
-    explicit = GpuModel.from_profile(
-        ThroughputProfileSpec(decode_tokens_per_s={1: 100, 64: 3000}, knee=32, max_batch=64), 2.0
-    )
-    assert explicit.knee == 32
 
 
 def test_reserved_marginal_cost_is_zero_below_the_knee_then_ramps(h100: GpuModel) -> None:
@@ -109,29 +106,35 @@ def test_seventy_b_profile_has_its_own_knee_and_costs() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"points": ((5, 100.0), (1, 50.0))},
-        {"points": ((1, 100.0), (1, 120.0))},
-        {"points": ()},
-        {"points": ((1, 0.0),)},
-        {"price_per_hour": 0.0},
+        {"curves": (((5, 100.0), (1, 50.0)),)},
+        {"curves": (((1, 100.0), (1, 120.0)),)},
+        {"curves": ((),)},
+        {"curves": (((1, 0.0),),)},
+        {"contexts": (1024, 256), "curves": (((1, 1.0),), ((1, 2.0),))},
+        {"contexts": (256, 1024)},
+        {"prefill": ()},
+        {"max_batch": 0},
     ],
 )
-def test_invalid_models_are_rejected(kwargs: dict[str, object]) -> None:
+def test_invalid_profiles_are_rejected(kwargs: dict[str, object]) -> None:
     base: dict[str, object] = {
-        "price_per_hour": 1.0,
-        "mode": "reserved",
-        "points": ((1, 100.0),),
-        "prefill_tokens_per_s": 1000.0,
+        "contexts": (1024,),
+        "curves": (((1, 100.0),),),
+        "prefill": ((512, 1000.0),),
         "max_batch": 8,
-        "knee": 4,
     }
     base.update(kwargs)
     with pytest.raises(ValueError):
-        GpuModel(**base)  # type: ignore[arg-type]
+        Profile(**base)  # type: ignore[arg-type]
+
+
+def test_a_gpu_model_needs_a_positive_price() -> None:
+    with pytest.raises(ValueError):
+        GpuModel.from_profile(LLAMA_8B_H100, 0.0)
 
 
 def test_profile_spec_default_is_the_nim_table() -> None:
-    assert LLAMA_8B_H100.decode_tokens_per_s[50] == 8018
+    assert LLAMA_8B_H100.curve()[50] == 8018
 
 
 def test_prefill_load_slows_decoding(h100: GpuModel) -> None:

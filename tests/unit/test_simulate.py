@@ -157,6 +157,25 @@ def test_cli_writes_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert run_simulate(bad) == 2
 
 
+def test_cli_runs_the_configured_gpu_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "short.jsonl"
+    path.write_text("\n".join(dump_trace(head(bursty(1), 60.0))) + "\n")
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers())
+    common = ["simulate", "--trace", str(path), "--policies", "cost"]
+    args = parser.parse_args(
+        [*common, "--gpu-profile", "llama-3.1-8b-h200", "--report", str(tmp_path / "rep")]
+    )
+    assert run_simulate(args) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "profile `llama-3.1-8b-h200`" in report and "[256, 1024, 4096]" in report
+    capsys.readouterr()
+    assert run_simulate(parser.parse_args([*common, "--gpu-profile", "nope"])) == 2
+    assert "neither a shipped profile" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def bursty_results() -> list[PolicyResult]:
     sc = default_scenario()
