@@ -12,6 +12,7 @@ import aiohttp
 
 from adapters import fasthttp
 from adapters.dialects import Dialect, dialect_for
+from adapters.keymask import KeyMask
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -58,20 +59,20 @@ def status_error(
     status: int,
     body: bytes,
     headers: Mapping[str, str],
-    secret: bytes | None = None,
+    mask: KeyMask | None = None,
     dialect: Dialect | None = None,
 ) -> UpstreamStatus:
     """An error status from the upstream, with its retry-after where given.
 
-    `secret` is the backend's API key: some providers echo the key they were sent in
+    `mask` masks the backend's API key: some providers echo the key they were sent in
     their error text, and an upstream 4xx body reaches the client as it is, so every
     copy of the key is masked first. The body is put in OpenAI's error shape by the
     backend's `dialect` (SGLang's and older vLLM's top-level `"object": "error"` body
     keeps its own message), and the dialect reads the 429's wait from its headers.
     """
     d = dialect if dialect is not None else dialect_for("openai_compatible")
-    if secret and secret in body:
-        body = body.replace(secret, b"***")  # before the cut: no half key at the edge
+    if mask is not None:
+        body = mask.mask(body)  # before the cut: no half key at the edge
     body = d.error_body(body[:65536])
     return UpstreamStatus(
         f"backend {backend} answered {status}",

@@ -19,6 +19,7 @@ from adapters.base import AttemptTimeouts, UpstreamResponse
 from adapters.dialects import Dialect, dialect_for
 from adapters.errors import map_http_error, status_error
 from adapters.fasthttp import BadRequestHeader, ConnectionPool, HttpClientError, Response
+from adapters.keymask import KeyMask
 from adapters.openai_compat import OpenAICompatBackend
 from gateway.errors import UpstreamProtocolError
 
@@ -40,14 +41,12 @@ _OWN_HEADERS: Final = frozenset(
 class FastResponse:
     """An upstream answer whose head has arrived, read from the hot-path client."""
 
-    __slots__ = ("_backend", "_resp", "_secret")
+    __slots__ = ("_backend", "_mask", "_resp")
 
-    def __init__(self, backend: str, resp: Response, secret: bytes | None = None) -> None:
+    def __init__(self, backend: str, resp: Response, mask: KeyMask) -> None:
         self._backend = backend
         self._resp = resp
-        # The backend's API key: an upstream that echoes it (in an error event) must not
-        # hand it to the client.
-        self._secret = secret
+        self._mask = mask  # an upstream that echoes its key must not hand it on
 
     @property
     def status(self) -> int:
@@ -59,7 +58,7 @@ class FastResponse:
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.read()
+            return self._mask.mask(await self._resp.read())
         except HttpClientError as exc:
             raise map_http_error(exc, self._backend, "reading body") from exc
         except BaseException:
@@ -70,6 +69,7 @@ class FastResponse:
         """Split the SSE byte stream into event blocks; tolerant of CRLF framing across chunks."""
         resp = self._resp
         buf = b""
+        masker = self._mask.stream() if self._mask.active else None
         try:
             while True:
                 chunk = await resp.next_chunk()
@@ -87,13 +87,14 @@ class FastResponse:
                         )
                     continue
                 *complete, buf = buf.split(b"\n\n")
-                secret = self._secret
                 for block in complete:
-                    if block:
-                        if secret is not None and secret in block:
-                            yield block.replace(secret, b"***")
-                        else:
-                            yield block
+                    if not block:
+                        continue
+                    if masker is None:
+                        yield block
+                    else:
+                        for out in masker.feed(block):
+                            yield out
         except HttpClientError as exc:
             resp.close()
             raise map_http_error(exc, self._backend, "streaming") from exc
@@ -102,10 +103,11 @@ class FastResponse:
             raise
         if buf.endswith(b"\r"):
             buf = buf[:-1]
-        if buf.strip():
-            if self._secret is not None and self._secret in buf:
-                buf = buf.replace(self._secret, b"***")
-            yield buf
+        last = [buf] if buf.strip() else []
+        if masker is not None:
+            last = [out for block in last for out in masker.feed(block)] + masker.flush()
+        for block in last:
+            yield block
 
     def close(self) -> None:
         self._resp.close()
@@ -130,7 +132,6 @@ class FastBackend:
         self.name = name
         self.is_local = is_local
         self.dialect = dialect or dialect_for("vllm" if is_local else "openai_compatible")
-        self._secret = api_key.encode() if api_key else None  # masked in error bodies
         self._fallback = OpenAICompatBackend(
             name=name,
             base_url=base_url,
@@ -140,6 +141,7 @@ class FastBackend:
             metrics_url=metrics_url,
             dialect=self.dialect,
         )
+        self.mask = self._fallback.mask  # one masker for both roads to this backend
         self._pool: ConnectionPool | None = None
         self._target = ""
         self._fixed = ""
@@ -209,9 +211,9 @@ class FastBackend:
             finally:
                 resp.close()
             raise status_error(
-                self.name, resp.status, err_body, resp.headers, self._secret, self.dialect
+                self.name, resp.status, err_body, resp.headers, self.mask, self.dialect
             )
-        return FastResponse(self.name, resp, self._secret)
+        return FastResponse(self.name, resp, self.mask)
 
     def _serialize(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
         extra = [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() not in _OWN_HEADERS]

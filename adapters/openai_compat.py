@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy
 from adapters.base import AttemptTimeouts
 from adapters.dialects import Dialect, dialect_for
 from adapters.errors import map_client_error, status_error
+from adapters.keymask import KeyMask
 from gateway.errors import GatewayError, UpstreamProtocolError
 
 _MAX_EVENT_BYTES: Final = 8 * 1024 * 1024
@@ -25,16 +26,12 @@ _MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 class OpenAIResponse:
     """An upstream answer whose headers have arrived."""
 
-    __slots__ = ("_backend", "_resp", "_secret")
+    __slots__ = ("_backend", "_mask", "_resp")
 
-    def __init__(
-        self, backend: str, resp: aiohttp.ClientResponse, secret: bytes | None = None
-    ) -> None:
+    def __init__(self, backend: str, resp: aiohttp.ClientResponse, mask: KeyMask) -> None:
         self._backend = backend
         self._resp = resp
-        # The backend's API key: an upstream that echoes it (in an error event) must not
-        # hand it to the client.
-        self._secret = secret
+        self._mask = mask  # an upstream that echoes its key must not hand it on
 
     @property
     def status(self) -> int:
@@ -52,12 +49,13 @@ class OpenAIResponse:
             raise map_client_error(exc, self._backend, "reading body") from exc
         if len(body) > _MAX_BODY_BYTES:
             raise UpstreamProtocolError(f"backend {self._backend} sent an oversized body")
-        return body
+        return self._mask.mask(body)
 
     async def events(self) -> AsyncIterator[bytes]:
         """Split the SSE byte stream into event blocks; tolerant of CRLF framing."""
         buf = b""
         content = self._resp.content
+        masker = self._mask.stream() if self._mask.active else None
         try:
             while True:
                 chunk = await content.readany()
@@ -73,23 +71,25 @@ class OpenAIResponse:
                         )
                     continue
                 *complete, buf = buf.split(b"\n\n")
-                secret = self._secret
                 for block in complete:
-                    if block:
-                        if secret is not None and secret in block:
-                            yield block.replace(secret, b"***")
-                        else:
-                            yield block
+                    if not block:
+                        continue
+                    if masker is None:
+                        yield block
+                    else:
+                        for out in masker.feed(block):
+                            yield out
         except GatewayError:
             self._resp.close()
             raise
         except Exception as exc:
             self._resp.close()  # a broken or timed-out stream does not go back to the pool
             raise map_client_error(exc, self._backend, "streaming") from exc
-        if buf.strip():
-            if self._secret is not None and self._secret in buf:
-                buf = buf.replace(self._secret, b"***")
-            yield buf
+        last = [buf] if buf.strip() else []
+        if masker is not None:
+            last = [out for block in last for out in masker.feed(block)] + masker.flush()
+        for block in last:
+            yield block
 
     def close(self) -> None:
         self._resp.close()
@@ -115,7 +115,7 @@ class OpenAICompatBackend:
         self._base = base_url.rstrip("/")
         self._session = session
         self._auth = f"Bearer {api_key}" if api_key else None
-        self._secret = api_key.encode() if api_key else None  # masked in error bodies
+        self.mask = KeyMask(api_key)  # masked in every byte relayed from this backend
         self._metrics_url = metrics_url
 
     def close(self) -> None:
@@ -155,9 +155,9 @@ class OpenAICompatBackend:
             finally:
                 resp.release()
             raise status_error(
-                self.name, resp.status, err_body, resp.headers, self._secret, self.dialect
+                self.name, resp.status, err_body, resp.headers, self.mask, self.dialect
             )
-        return OpenAIResponse(self.name, resp, self._secret)
+        return OpenAIResponse(self.name, resp, self.mask)
 
     async def fetch_metrics(self) -> str | None:
         if self._metrics_url is None:

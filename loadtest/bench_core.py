@@ -6,7 +6,8 @@ Variants: full (cost policy, sqlite ledger), no-ledger, pinned, and no-ledger-ai
 (no-ledger with `listen.fast_edge: false`: every connection read by aiohttp).
 
 Starts a fast static upstream (`neogate sim static`) and one gateway process per
-variant (`neogate serve --config ...`, auth with a tenant key, metrics on), then,
+variant (`neogate serve --config ...`, auth with a tenant key, metrics on, an
+upstream API key so every answer passes the key masker), then,
 in the same run and interleaved round by round, measures each variant and the
 upstream called directly:
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from loadtest.wrk import WrkResult, have_wrk, post_script, run_wrk
 
 TENANT_KEY = "ng-bench-tenant-key-0001"
+UPSTREAM_KEY = "sk-bench-upstream-key-0123456789abcdef"
 BODY = (
     '{"model":"m","messages":[{"role":"user","content":"Hello there, how are you today?"}],'
     '"max_tokens":16}'
@@ -69,6 +71,7 @@ backends:
   - name: static
     kind: openai_compatible
     base_url: http://127.0.0.1:{upstream}/v1
+    api_key: env:NEOGATE_BENCH_UPSTREAM_KEY
     models: {{m: static-model}}
     price: {{input_per_million: 0.1, output_per_million: 0.2}}
     max_concurrency: 4096
@@ -164,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [v for v in args.variants.split(",") if v]
     neogate = [sys.executable, "-m", "gateway.cli"]
-    env = dict(os.environ, NEOGATE_BENCH_KEY=TENANT_KEY, NEOGATE_SECRET="bench-secret")
+    env = dict(
+        os.environ,
+        NEOGATE_BENCH_KEY=TENANT_KEY,
+        NEOGATE_SECRET="bench-secret",
+        # A provider has a key: every answer passes the key masker, as in production.
+        NEOGATE_BENCH_UPSTREAM_KEY=UPSTREAM_KEY,
+    )
     procs: list[Proc] = []
     with tempfile.TemporaryDirectory() as tmp:
         keyed = post_script(

@@ -24,6 +24,7 @@ from adapters.fasthttp import (
     _Conn,
     parse_head,
 )
+from adapters.keymask import KeyMask
 from gateway.errors import (
     InvalidRequest,
     UpstreamProtocolError,
@@ -189,7 +190,7 @@ SSE_EVENTS = [
 
 
 async def events_of(resp: Response) -> list[bytes]:
-    return [e async for e in FastResponse("b", resp).events()]
+    return [e async for e in FastResponse("b", resp, KeyMask(None)).events()]
 
 
 @settings(max_examples=150, derandomize=True, deadline=None)
@@ -257,7 +258,7 @@ async def test_a_cut_stream_yields_whole_events_then_fails() -> None:
     resp._conn.connection_lost(None)
     got = []
     with pytest.raises(UpstreamProtocolError):
-        async for event in FastResponse("b", resp).events():
+        async for event in FastResponse("b", resp, KeyMask(None)).events():
             got.append(event)
     assert got == [b"data: 1"]
 
