@@ -129,6 +129,7 @@ async def _close_runtime(rt: Runtime) -> None:
     if rt.meter.ledger is not None:
         await rt.meter.ledger.close()
     await rt.keys.close()
+    rt.estimator.counting.close()
     for backend in [*rt.backends.values(), *rt.retired]:
         backend.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import ModelSpec
+from gateway.counting import CountingPool
 from gateway.inbound import InboundRequest
 from gateway.tokenizer import Tokenizer
 
@@ -24,20 +25,31 @@ class Estimate:
 
 
 class Estimator:
-    """Counts prompt tokens with the app's tokenizer; built once per app."""
+    """Counts prompt tokens with the app's tokenizer, big prompts off the loop; built once per app."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, counting: CountingPool | None = None) -> None:
         self.tokenizer = tokenizer
+        self.counting = counting if counting is not None else CountingPool()
+        self._rough = Tokenizer.estimate()
 
-    def estimate(self, inbound: InboundRequest, model: ModelSpec) -> Estimate:
-        prompt = self.tokenizer.count_prompt(inbound.body)
+    async def estimate(self, inbound: InboundRequest, model: ModelSpec) -> Estimate:
+        """The request's token expectations; prompts over the counting cap are estimated."""
+        exact = [self.tokenizer.exact]
+
+        def rough() -> int:
+            exact[0] = False
+            return self._rough.count_prompt(inbound.body)
+
+        prompt = await self.counting.run(
+            lambda: self.tokenizer.count_prompt(inbound.body), inbound.size, rough
+        )
         if inbound.endpoint == "embeddings":
-            return Estimate(prompt, 0, 0, self.tokenizer.exact)
+            return Estimate(prompt, 0, 0, exact[0])
         per_choice = inbound.max_tokens or model.expected_output_tokens
         expected = min(per_choice, model.expected_output_tokens)
         return Estimate(
             prompt_tokens=prompt,
             max_output_tokens=per_choice * inbound.n,
             expected_output_tokens=expected * inbound.n,
-            exact=self.tokenizer.exact,
+            exact=exact[0],
         )

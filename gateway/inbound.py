@@ -33,6 +33,7 @@ class InboundRequest:
     include_usage: bool  # the client itself asked for the usage chunk
     max_tokens: int | None
     n: int
+    size: int = 0  # bytes of the raw body (how much counting its prompt may cost)
 
 
 def parse_request(raw: bytes, endpoint: Endpoint, limits: RequestLimitSpec) -> InboundRequest:
@@ -67,7 +68,7 @@ def parse_request(raw: bytes, endpoint: Endpoint, limits: RequestLimitSpec) -> I
     if n > limits.max_n:
         raise InvalidRequest(f"n {n} is over this key's limit of {limits.max_n}", param="n")
     _check_payload(body, endpoint, limits)
-    return InboundRequest(endpoint, body, model, stream, include_usage, max_tokens, n)
+    return InboundRequest(endpoint, body, model, stream, include_usage, max_tokens, n, len(raw))
 
 
 def _check_payload(body: dict[str, Any], endpoint: Endpoint, limits: RequestLimitSpec) -> None:

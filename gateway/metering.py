@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gateway.admission import Admission, AdmissionRejected, Reservation
 from gateway.config import ModelSpec
+from gateway.counting import CountingPool
 from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.estimate import Estimate
 from gateway.inbound import InboundRequest
@@ -105,8 +106,11 @@ class Meter:
         live: LiveState,
         *,
         divergence_threshold: float = 0.1,
+        counting: CountingPool | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._rough = Tokenizer.estimate()
+        self._counting = counting if counting is not None else CountingPool()
         self._metrics = metrics
         self.ledger = ledger
         self.admission = admission
@@ -192,13 +196,15 @@ class Meter:
         outcome: str,
         answer: dict[str, Any] | None = None,
         meter: StreamMeter | None = None,
+        answer_bytes: int = 0,
     ) -> Usage | None:
         """Meter the attempt, commit its ledger row, settle the budget; returns the usage.
 
-        `answer` is a buffered answer's JSON (parsed once, by the forwarder), `meter` a
-        stream's; with neither, nothing was delivered and no row is written.
+        `answer` is a buffered answer's JSON (parsed once, by the forwarder; its size
+        in `answer_bytes`), `meter` a stream's; with neither, nothing was delivered and
+        no row is written. Big counts run off the loop (`CountingPool`).
         """
-        usage = self._usage(completion, outcome, answer, meter)
+        usage = await self._usage(completion, outcome, answer, meter, answer_bytes)
         completion.usage = usage
         cost = Decimal(0)
         try:
@@ -228,19 +234,32 @@ class Meter:
         self._observe(completion, outcome, usage, cost)
         return usage
 
-    def _usage(
+    async def _usage(
         self,
         completion: Completion,
         outcome: str,
         answer: dict[str, Any] | None,
         meter: StreamMeter | None,
+        answer_bytes: int,
     ) -> Usage | None:
         prompt = completion.estimate.prompt_tokens
         if meter is not None:
-            return meter.finish(outcome == "ok", self._tokenizer, prompt)
+            stream = meter
+            return await self._counting.run(
+                lambda: stream.finish(outcome == "ok", self._tokenizer, prompt),
+                stream.kept_chars,
+                lambda: stream.finish(outcome == "ok", self._rough, prompt),
+            )
         if answer is None:
             return None
-        return usage_from_response(answer, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt)
+        body = answer
+        return await self._counting.run(
+            lambda: usage_from_response(
+                body, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt
+            ),
+            answer_bytes,
+            lambda: usage_from_response(body, tokenizer=self._rough, prompt_tokens_estimate=prompt),
+        )
 
     async def left_before_answer(
         self,

@@ -70,7 +70,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         )
     rid = ex.rid
     arrived = time.monotonic()
-    estimate = rt.estimator.estimate(inbound, model)
+    estimate = await rt.estimator.estimate(inbound, model)
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     completion.client_request_id = client_request_id(ex.headers)
@@ -132,7 +132,7 @@ async def _relay_whole(
         await rt.meter.finish(completion, outcome="upstream_error")
         raise
     completion.first_byte_at = time.monotonic()
-    await rt.meter.finish(completion, outcome="ok", answer=attempt.answer)
+    await rt.meter.finish(completion, outcome="ok", answer=attempt.answer, answer_bytes=len(body))
     headers = rt.answer_headers(completion, attempt, "application/json")
     await ex.send(attempt.response.status, headers, body)
 

@@ -1,8 +1,10 @@
 """Pure metering: an upstream response or its streamed events -> one `Usage` value, and its cost.
 
 No I/O here. Streams are metered by `StreamMeter`, which the relay feeds every SSE
-``data:`` payload; it only parses events that carry a usage object and keeps the
-rest as bytes, so the per-event cost on the hot path is one substring search.
+``data:`` payload; it parses each event once and keeps only the text it delivered
+(content, reasoning, tool calls), up to `MAX_METER_CHARS` per stream: past that only
+the length is kept and the rest is estimated. The raw events are never held, so a
+stream's meter costs at most that much memory however long the stream runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ TokenSource = Literal["reported", "counted", "estimated"]
 
 _MILLION = Decimal(1_000_000)
 NUSD_PER_USD = 1_000_000_000
+# Delivered text a stream's meter keeps for the count at its end (~256 KiB of str at
+# one byte per character); beyond it, characters are only counted and estimated.
+MAX_METER_CHARS = 1 << 18
 
 
 class TokenCounter(Protocol):
@@ -143,47 +148,73 @@ def _usage_in_event(event: Mapping[str, Any]) -> Usage | None:
 
 
 class _Delivered:
-    """Text delivered per choice index: content, reasoning, tool-call names and arguments."""
+    """Text delivered per choice index: content, reasoning, tool-call names and arguments.
 
-    __slots__ = ("parts",)
+    Keeps at most `limit` characters in all; what comes after is only measured
+    (`overflow` characters per choice), and counted as ~4 characters per token.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("chars", "limit", "overflow", "parts")
+
+    def __init__(self, limit: int | None = None) -> None:
         self.parts: dict[int, list[str]] = {}
+        self.overflow: dict[int, int] = {}
+        self.chars = 0
+        self.limit = limit
 
     def add_choice(self, choice: Any, *, delta_key: str) -> None:
         if not isinstance(choice, Mapping):
             return
         index = choice.get("index", 0)
-        parts = self.parts.setdefault(index if isinstance(index, int) else 0, [])
+        index = index if isinstance(index, int) else 0
+        texts: list[str] = []
         body = choice.get(delta_key)
         if not isinstance(body, Mapping):
             text = choice.get("text")  # legacy completions
             if isinstance(text, str):
-                parts.append(text)
+                texts.append(text)
+        else:
+            # A chat choice's `text` is not part of the chat protocol: Together sends each
+            # piece in both `text` and `delta.content` (adapters.dialects), so only the
+            # delta counts.
+            for key in ("content", "reasoning_content", "reasoning", "refusal"):
+                value = body.get(key)
+                if isinstance(value, str):
+                    texts.append(value)
+            calls = body.get("tool_calls")
+            if isinstance(calls, list):
+                for call in calls:
+                    fn = call.get("function") if isinstance(call, Mapping) else None
+                    if isinstance(fn, Mapping):
+                        _add_function(texts, fn)
+            fn = body.get("function_call")
+            if isinstance(fn, Mapping):
+                _add_function(texts, fn)
+        for value in texts:
+            self._add(index, value)
+
+    def _add(self, index: int, value: str) -> None:
+        if not value:
             return
-        # A chat choice's `text` is not part of the chat protocol: Together sends each piece
-        # in both `text` and `delta.content` (adapters.dialects), so only the delta counts.
-        for key in ("content", "reasoning_content", "reasoning", "refusal"):
-            value = body.get(key)
-            if isinstance(value, str):
-                parts.append(value)
-        calls = body.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                fn = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(fn, Mapping):
-                    _add_function(parts, fn)
-        fn = body.get("function_call")
-        if isinstance(fn, Mapping):
-            _add_function(parts, fn)
+        if self.limit is not None and self.chars + len(value) > self.limit:
+            self.overflow[index] = self.overflow.get(index, 0) + len(value)
+            return
+        self.chars += len(value)
+        self.parts.setdefault(index, []).append(value)
+
+    @property
+    def overflowed(self) -> bool:
+        return bool(self.overflow)
 
     def count(self, tokenizer: TokenCounter) -> int:
         total = 0
-        for parts in self.parts.values():
-            text = "".join(parts)
-            if text:
+        for index in sorted(self.parts.keys() | self.overflow.keys()):
+            text = "".join(self.parts.get(index, ()))
+            # Text past the limit was only measured: ~4 characters per token.
+            extra = -(-self.overflow.get(index, 0) // 4)
+            if text or extra:
                 # Never zero when something was delivered.
-                total += max(1, tokenizer.count_text(text))
+                total += max(1, tokenizer.count_text(text) + extra)
         return total
 
 
@@ -250,15 +281,15 @@ def usage_from_response(
 class StreamMeter:
     """Meters one streamed response from the raw SSE ``data:`` payloads the relay sees.
 
-    `feed` is called per event on the hot path: it does a substring search and, only
-    for events that carry a usage object, a JSON parse. Everything else is kept as
-    bytes and parsed once in `finish` (when the delivered text has to be counted).
+    `feed` is called per event on the hot path: one JSON parse, keeping the usage
+    object if there is one and the delivered text (bounded by `max_chars`). The
+    count of that text is left to `finish`, which callers may run off the loop.
     """
 
-    __slots__ = ("_done", "_events", "_usage", "events_seen")
+    __slots__ = ("_delivered", "_done", "_usage", "events_seen")
 
-    def __init__(self) -> None:
-        self._events: list[bytes] = []
+    def __init__(self, max_chars: int = MAX_METER_CHARS) -> None:
+        self._delivered = _Delivered(max_chars)
         self._usage: Usage | None = None
         self._done = False
         self.events_seen = 0
@@ -273,38 +304,34 @@ class StreamMeter:
         """True once ``[DONE]`` went by."""
         return self._done
 
+    @property
+    def kept_chars(self) -> int:
+        """Characters of delivered text held for the final count (what counting it costs)."""
+        return self._delivered.chars
+
     def feed(self, block: bytes) -> None:
         """One SSE event as relayed: its data payload, or the raw ``data: ...`` block."""
         self.events_seen += 1
         # Inside JSON strings quotes are escaped, so a raw `"usage"` is always a key.
         at = block.find(b'"usage"')
-        if at < 0:
-            if len(block) < 32 and b"[DONE]" in block:
-                self._done = True
-                return
-            self._events.append(block)
+        if at < 0 and len(block) < 32 and b"[DONE]" in block:
+            self._done = True
             return
-        self._events.append(block)
-        if not _object_follows(block, at + 7):
-            return  # "usage": null on ordinary chunks
         event = _parse_event(block)
-        if event is not None:
+        if event is None:
+            return
+        if at >= 0 and _object_follows(block, at + 7):  # not "usage": null
             usage = _usage_in_event(event)
             if usage is not None:
                 self._usage = usage
+        choices = event.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                self._delivered.add_choice(choice, delta_key="delta")
 
     def delivered_tokens(self, tokenizer: TokenCounter) -> int:
         """Tokens of everything delivered so far across all choices (content, reasoning, tools)."""
-        delivered = _Delivered()
-        for block in self._events:
-            event = _parse_event(block)
-            if event is None:
-                continue
-            choices = event.get("choices")
-            if isinstance(choices, list):
-                for choice in choices:
-                    delivered.add_choice(choice, delta_key="delta")
-        return delivered.count(tokenizer)
+        return self._delivered.count(tokenizer)
 
     def finish(
         self,
@@ -319,7 +346,8 @@ class StreamMeter:
         `completed` is whether the stream ended normally; without reported usage the
         delivered text is counted either way (a cut stream is billed for what was
         delivered, never for max_tokens). `count_when_reported=False` skips the
-        reconciliation count when usage was reported (saves one parse pass).
+        reconciliation count when usage was reported. Text past the meter's limit is
+        estimated, and the counts are then labelled "estimated".
         """
         del completed  # the outcome is recorded by the caller; counting is the same
         if self._usage is not None:
@@ -330,10 +358,13 @@ class StreamMeter:
                 counted_completion_tokens=counted,
             )
         counted = self.delivered_tokens(tokenizer)
+        source: TokenSource = (
+            "estimated" if self._delivered.overflowed else counted_source(tokenizer)
+        )
         return Usage(
             prompt_tokens=prompt_tokens_estimate,
             completion_tokens=counted,
-            source=counted_source(tokenizer),
+            source=source,
             counted_prompt_tokens=prompt_tokens_estimate,
             counted_completion_tokens=counted,
         )

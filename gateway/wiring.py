@@ -31,6 +31,7 @@ from gateway.config import (
     load_config,
     resolve_secret,
 )
+from gateway.counting import CountingPool
 from gateway.estimate import Estimator
 from gateway.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
 from gateway.ledger import build_writer
@@ -54,6 +55,7 @@ def build_runtime(
     metrics = previous.metrics if previous else GatewayMetrics()
     specs = {b.name: b for b in config.backends}
     backends = _backends(config, session, previous)
+    counting = previous.estimator.counting if previous else CountingPool()
     if previous and previous.config.tokenizer == config.tokenizer:
         tokenizer = previous.estimator.tokenizer
     else:
@@ -111,7 +113,7 @@ def build_runtime(
         models={m.name: m for m in config.models},
         metrics=metrics,
         auth=auth,
-        estimator=Estimator(tokenizer),
+        estimator=Estimator(tokenizer, counting),
         router=Router(config, backends, live, metrics, reliability=reliability),
         meter=Meter(
             tokenizer,
@@ -120,6 +122,7 @@ def build_runtime(
             admission,
             live,
             divergence_threshold=config.ledger.divergence_threshold,
+            counting=counting,
         ),
         keys=keys,
     )

@@ -136,3 +136,14 @@ def test_count_prompt_request_kinds(cl100k: Tokenizer) -> None:
     tools = {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}
     assert cl100k.count_prompt(tools) > cl100k.count_prompt(chat)
     assert cl100k.count_prompt({}) == 0
+
+
+def test_count_without_a_token_list_matches_encode_ordinary(cl100k: Tokenizer) -> None:
+    enc = cl100k._enc
+    for text in [
+        "hello world",
+        "<|endoftext|> and <|fim_prefix|>",
+        "caf\u00e9 \ud800 x",
+        "1234567",
+    ]:
+        assert cl100k.count_text(text) == len(enc.encode_ordinary(text))

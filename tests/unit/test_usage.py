@@ -357,3 +357,26 @@ def test_full_sse_blocks_are_understood(tok: Tokenizer) -> None:
     assert m.saw_done
     u = m.finish(True, tok, 3)
     assert (u.completion_tokens, u.counted_completion_tokens) == (2, 2)
+
+
+# --- bounded stream meters -----------------------------------------------------------
+
+
+def test_stream_meter_keeps_only_bounded_text_and_estimates_the_rest(tok: Tokenizer) -> None:
+    piece = "the of and to in is " * 50  # 1,000 characters, ~300 tokens
+    m = StreamMeter(max_chars=10_000)
+    for _ in range(40):
+        m.feed(b"data: " + chunk(piece))
+    assert m.kept_chars == 10_000  # 10 pieces kept, 30 only measured
+    usage = m.finish(False, tok, 5)
+    assert usage.source == "estimated"  # past the bound the count is an estimate
+    exact = tok.count_text(piece * 10)
+    assert usage.completion_tokens == exact + 30 * 1000 // 4
+
+
+def test_stream_meter_under_its_bound_counts_exactly(tok: Tokenizer) -> None:
+    m = StreamMeter(max_chars=10_000)
+    feed_all(m, [chunk("hello"), chunk(" world"), b"[DONE]"])
+    usage = m.finish(True, tok, 5)
+    assert (usage.source, usage.completion_tokens, m.kept_chars) == ("counted", 2, 11)
+    assert m.saw_done
