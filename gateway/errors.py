@@ -20,8 +20,10 @@
     └── NoBackendAvailable            503 service_unavailable / no_backend_available
 
 Everything that reaches a client as an error goes through `render()`; the
-`x-should-retry` header is set from `should_retry` so the OpenAI SDK does not
-multiply the gateway's own retries.
+`x-should-retry` header is set from `should_retry` (else the class's
+`retry_default`) so the OpenAI SDK neither multiplies the gateway's own retries
+nor gives up where waiting helps. `retry-after` is only ever sent beside
+`x-should-retry: true` (or no verdict): never with `false`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str] = "internal_error"
+    retry_default: ClassVar[bool | None] = None  # x-should-retry when `should_retry` is unset
 
     def __init__(
         self,
@@ -65,11 +68,12 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         """Headers that steer the client's own retry logic."""
         out: dict[str, str] = {}
-        if self.retry_after_s is not None:
+        retry = self.should_retry if self.should_retry is not None else self.retry_default
+        if self.retry_after_s is not None and retry is not False:
             out["retry-after"] = str(max(1, round(self.retry_after_s + 0.499)))
             out["retry-after-ms"] = str(max(1, int(self.retry_after_s * 1000)))
-        if self.should_retry is not None:
-            out["x-should-retry"] = "true" if self.should_retry else "false"
+        if retry is not None:
+            out["x-should-retry"] = "true" if retry else "false"
         return out
 
     def response_headers(self, request_id: str) -> dict[str, str]:
@@ -91,6 +95,7 @@ class InvalidRequest(GatewayError):
     status = 400
     error_type = "invalid_request_error"
     default_code = "invalid_request"
+    retry_default = False
 
 
 class InvalidJSON(InvalidRequest):
@@ -101,18 +106,21 @@ class Unauthenticated(GatewayError):
     status = 401
     error_type = "invalid_request_error"
     default_code = "invalid_api_key"
+    retry_default = False
 
 
 class PermissionDenied(GatewayError):
     status = 403
     error_type = "permission_error"
     default_code = "permission_denied"
+    retry_default = False
 
 
 class NotFound(GatewayError):
     status = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+    retry_default = False
 
 
 class ModelNotFound(NotFound):
@@ -123,23 +131,27 @@ class MethodNotAllowed(GatewayError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+    retry_default = False
 
 
 class PayloadTooLarge(GatewayError):
     status = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+    retry_default = False
 
 
 class LimitExceeded(GatewayError):
     status = 429
     error_type = "rate_limit_exceeded"
     default_code = "rate_limit_exceeded"
+    retry_default = True  # a rate limit or a full queue: waiting helps
 
 
 class BudgetExceeded(LimitExceeded):
     error_type = "insufficient_quota"
     default_code = "budget_exceeded"
+    retry_default = False  # unless the budget's window ends soon (then should_retry is set)
 
 
 class Overloaded(LimitExceeded):

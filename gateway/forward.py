@@ -5,10 +5,16 @@
     open it: non-streamed answers are read whole, streams up to their first event,
       so a failure anywhere before the client saw a byte still fails over
     retryable failure (unreachable, reset, 5xx, 429, 401/403, timeout, broken body)
-      -> jittered backoff, one unit of the retry budget, the next backend
-    pass-through failure (400, 404, 409, 413, 422) -> raised at once, never retried
-    spent (attempts, budget, candidates or deadline) -> the last failure with
-      `x-should-retry: false`, or 503 when no backend could be tried at all
+      -> jittered backoff, one unit of the retry budget, the next backend; when the
+      request had a single candidate, a transient failure (refused or reset
+      connection, 500/502/503/504) is tried once more on that same backend
+    pass-through failure (400, 404, 409, 413, 422) -> raised at once, never retried,
+      `x-should-retry: false`
+    spent (attempts, candidates or deadline) -> the last failure, or 503 when no
+      backend could be tried at all, with `x-should-retry: true` and `retry-after`
+      (waiting can help), except the backend refusing the gateway's own credentials
+    the retry budget refused a retry -> `x-should-retry: false`, no `retry-after`: the
+      budget is there to stop retries from multiplying an outage, the SDK's included
 
 With hedging on (streams only), a second attempt starts when the first has sent
 no event after the hedge delay; the first to answer wins, the other is cancelled
@@ -34,12 +40,16 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamStatus,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from gateway.hedging import HedgeConfig, hedge_delay, hedge_first_byte
+from gateway.relay import DONE, is_json_object
 
 # Upstream statuses that are the gateway's own credentials failing on that backend: another
 # backend may well succeed, and the breaker should see the backend as broken.
 _CREDENTIAL_STATUSES = frozenset({401, 403})
+# Upstream statuses worth one more try on the same backend when it is the only candidate.
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class AttemptHooks(Protocol):
@@ -230,6 +240,8 @@ class _Forwarder:
         self.loop = asyncio.get_running_loop()
         self.failures: list[GatewayError] = []
         self.attempts = 0
+        self.budget_refused = False  # the retry budget said no: the client must not retry
+        self.same_backend_retry = len(self.pending) == 1  # one chance left for a lone candidate
         self.sent = sent if sent is not None else []  # attempts out right now
 
     def remaining(self) -> float:
@@ -246,6 +258,7 @@ class _Forwarder:
                 break
             plan, release = picked
             if self.attempts > 0 and not self.hooks.may_retry():
+                self.budget_refused = True
                 self._unpick(plan, release)
                 break
             if self.remaining() <= 0:
@@ -257,8 +270,12 @@ class _Forwarder:
                 return await self.open(plan, release, self.attempts)
             except GatewayError as exc:
                 if not is_retryable(exc):
+                    exc.should_retry = False  # the client's own mistake, as the upstream says
                     raise
                 self.failures.append(exc)
+                if self.same_backend_retry and is_transient(exc):
+                    self.same_backend_retry = False
+                    self.pending.append(plan)
         raise self.final_error()
 
     async def hedged(self, delay_s: float) -> Attempt:
@@ -286,7 +303,12 @@ class _Forwarder:
 
         def may_start(k: int) -> bool:
             del k
-            return bool(self.pending) and self.remaining() > 0 and self.hooks.may_retry()
+            if not self.pending or self.remaining() <= 0:
+                return False
+            if not self.hooks.may_retry():
+                self.budget_refused = True
+                return False
+            return True
 
         def discard(value: Attempt | GatewayError) -> None:
             if isinstance(value, Attempt):
@@ -305,6 +327,7 @@ class _Forwarder:
         except (GatewayError, _NoCandidate):
             raise self.final_error() from None
         if isinstance(race.value, GatewayError):
+            race.value.should_retry = False  # the client's own mistake, as the upstream says
             raise race.value
         race.value.hedged = tuple(
             SentAttempt(names[i].backend.name, names[i].backend_model, i)
@@ -375,7 +398,7 @@ class _Forwarder:
                 if self.stream:
                     events = response.events()
                     first_at = started + timeouts.first_byte_s
-                    first = await _first_event(events, name, first_at)
+                    first = _checked_first(await _first_event(events, name, first_at), name)
                     # The adapter bounds the rest of the stream by the attempt's total
                     # and idle limits (the Backend contract): no timer per event here.
                     return Attempt(
@@ -425,8 +448,33 @@ class _Forwarder:
             last = NoBackendAvailable(
                 "no backend can serve this model right now", retry_after_s=1.0
             )
-        last.should_retry = False
+        if self.budget_refused:
+            last.should_retry, last.retry_after_s = False, None
+        else:
+            advise_client_retry(last)
         return last
+
+
+def is_transient(exc: GatewayError) -> bool:
+    """A failure that the same backend may well not repeat a moment later."""
+    if isinstance(exc, UpstreamStatus):
+        return exc.upstream_status in _TRANSIENT_STATUSES
+    return isinstance(exc, UpstreamUnavailable)
+
+
+def advise_client_retry(exc: GatewayError) -> None:
+    """Set what the client is told once the gateway's own tries are over.
+
+    Waiting helps after a transient failure (5xx, unreachable, timeout, 429, nothing in
+    service): `x-should-retry: true` and a `retry-after`. It does not when the backend
+    refuses the gateway's own credentials: `false`, and no `retry-after`.
+    """
+    if isinstance(exc, UpstreamStatus) and exc.upstream_status in _CREDENTIAL_STATUSES:
+        exc.should_retry, exc.retry_after_s = False, None
+        return
+    exc.should_retry = True
+    if exc.retry_after_s is None:
+        exc.retry_after_s = 1.0
 
 
 async def _first_event(events: AsyncIterator[bytes], backend: str, until: float) -> bytes:
@@ -438,6 +486,17 @@ async def _first_event(events: AsyncIterator[bytes], backend: str, until: float)
     except TimeoutError as exc:
         raise UpstreamTimeout(f"backend {backend} sent no stream event in time") from exc
     raise UpstreamProtocolError(f"backend {backend} closed the stream before any event")
+
+
+def _checked_first(event: bytes, backend: str) -> bytes:
+    """A first event that is not JSON fails the attempt while the client has seen nothing."""
+    data = event.startswith(b"data:") and not event.startswith(DONE)
+    if data and not is_json_object(event[5:].lstrip()):
+        raise UpstreamProtocolError(
+            f"backend {backend} sent a first stream event that is not a JSON object",
+            code="upstream_bad_event",
+        )
+    return event
 
 
 async def _whole_body(response: UpstreamResponse, backend: str) -> tuple[bytes, dict[str, Any]]:

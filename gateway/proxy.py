@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, ModelNotFound, PermissionDenied
+from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
 from gateway.exchange import AiohttpExchange, ClientExchange
 from gateway.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
@@ -173,8 +173,12 @@ async def _relay_events(
         block: bytes | None = attempt.first_event
         events = attempt.events
         while block is not None:
-            meter.feed(block)
             out = flt.filter(block)
+            if flt.bad_event is not None:
+                outcome = "upstream_protocol_error"
+                failure = _bad_event_error(attempt.backend, flt.bad_event)
+                break
+            meter.feed(block)
             if flt.error_seen:
                 held = out
                 break
@@ -183,7 +187,7 @@ async def _relay_events(
             if flt.done:
                 break
             block = await anext(events, None)
-        if not flt.done:
+        if not flt.done and failure is None:
             outcome = "upstream_error" if flt.error_seen else "upstream_cut"
     except GatewayError as exc:
         outcome = "upstream_cut"
@@ -208,12 +212,20 @@ async def _relay_events(
             pass  # the row is written; the client left before [DONE]
     elif held is not None:
         await _send_last(ex, held)
-    elif outcome == "upstream_cut" and not flt.error_seen:
+    elif failure is not None or (outcome == "upstream_cut" and not flt.error_seen):
         await _send_stream_error(
             ex,
             failure
             or GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
         )
+
+
+def _bad_event_error(backend: str, event: bytes) -> UpstreamProtocolError:
+    shown = event[:80].decode("utf-8", "replace")
+    return UpstreamProtocolError(
+        f"backend {backend} sent a stream event that is not a JSON object: {shown!r}",
+        code="upstream_bad_event",
+    )
 
 
 async def _send_stream_error(ex: ClientExchange, exc: GatewayError) -> None:

@@ -4,6 +4,11 @@ The relay asks every upstream for `stream_options.include_usage` so each stream
 is metered from the backend's own count. When the client did not ask for usage,
 the injected `"usage":null` fields and the trailing usage-only chunk are removed
 again, so the client sees exactly the stream it asked for.
+
+Every `data:` event other than `[DONE]` must be a JSON object: one that is not
+(a broken upstream, a proxy that mangled the stream) is never relayed. The filter
+marks it as a protocol error and keeps it in `bad_event`; the caller ends the
+client's stream with an OpenAI error event, since an SDK cannot parse the bad one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ _NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b',"usage": null')
 class EventFilter:
     """Per-stream state of the relay: which events go to the client, and what they carried."""
 
-    __slots__ = ("done", "error_seen", "events", "meta", "strip_usage", "usage_sent")
+    __slots__ = ("bad_event", "done", "error_seen", "events", "meta", "strip_usage", "usage_sent")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -33,6 +38,7 @@ class EventFilter:
         # chunk fields (id, model, ...) to build one from when the backend sent none.
         self.usage_sent = strip_usage
         self.meta: dict[str, object] | None = None
+        self.bad_event: bytes | None = None  # the first event that is not a JSON object
 
     def filter(self, block: bytes) -> bytes | None:
         """Return the bytes to send for one upstream event block (without framing), or None to drop."""
@@ -43,6 +49,9 @@ class EventFilter:
             return block  # comments, event:/id: lines pass through
         self.events += 1
         payload = block[5:].lstrip()
+        if not is_json_object(payload):
+            self.bad_event = block
+            return None
         if self.meta is None and not self.usage_sent:
             self.meta = _chunk_meta(payload)
         if b'"usage"' in payload or b'"x_groq"' in payload:
@@ -129,3 +138,18 @@ def _loads(payload: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def is_json_object(payload: bytes) -> bool:
+    """Whether one event's data is a JSON object (what every chunk and error event is)."""
+    try:
+        return isinstance(orjson.loads(payload), dict)
+    except orjson.JSONDecodeError:
+        if b"\ndata:" not in payload:
+            return False
+    # An event may spread its data over several `data:` lines (joined by newlines).
+    lines = [ln.removeprefix(b"data:").removeprefix(b" ") for ln in payload.split(b"\n")]
+    try:
+        return isinstance(orjson.loads(b"\n".join(lines)), dict)
+    except orjson.JSONDecodeError:
+        return False

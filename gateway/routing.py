@@ -163,7 +163,7 @@ class Router:
             reasons = "; ".join(f"{b}: {why}" for b, why in decision.rejected)
             raise NoBackendAvailable(
                 f"no backend can serve {model.name} now ({reasons})",
-                should_retry=False,
+                should_retry=True,  # every candidate is cooling down: waiting helps
                 retry_after_s=self._back_in_s(model.backends),
             )
         plans = []

@@ -23,6 +23,7 @@ KNOWN_OUTCOMES = (
     "client_disconnect",
     "upstream_cut",
     "upstream_error",
+    "upstream_protocol_error",
     "timeout",
 )
 

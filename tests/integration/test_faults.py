@@ -166,6 +166,41 @@ async def test_connection_reset_fails_over(
     assert r.headers["x-neogate-attempts"] == "2"
 
 
+async def test_stream_whose_first_event_is_not_json_fails_over(
+    sims: SimFactory,
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The client has seen nothing yet: a garbage first event is a failed attempt, not a relay."""
+
+    async def garbage(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: {not json\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", garbage)
+    runner, port = await start_site(app)
+    try:
+        good = await sims()
+        gw = await gateway_factory(
+            policy(
+                tmp_path,
+                [Upstream("bad", f"http://127.0.0.1:{port}/v1"), Upstream("good", good.v1)],
+                reliability=NO_EJECTION,
+            )
+        )
+        r = await call(session, gw.url, stream=True)
+        assert r.status == 200 and r.done
+        assert r.headers["x-neogate-backend"] == "good" and r.headers["x-neogate-attempts"] == "2"
+        assert b"not json" not in r.body
+    finally:
+        await runner.cleanup()
+
+
 # --- what is not retried, and what the client gets when retries are spent -----------------
 
 
@@ -243,7 +278,7 @@ async def test_sim_400_and_unknown_model_404_pass_through(
         ("hang", SLOW_FIRST_BYTE, 504, "upstream_timeout"),
     ],
 )
-async def test_spent_retries_answer_5xx_with_should_retry_false(
+async def test_spent_retries_answer_5xx_with_should_retry_true_and_retry_after(
     sims: SimFactory,
     gateway_factory: GatewayFactory,
     tmp_path: Path,
@@ -266,7 +301,8 @@ async def test_spent_retries_answer_5xx_with_should_retry_false(
     for stream in (False, True):
         r = await call(session, gw.url, stream=stream)
         assert r.status == status
-        assert r.headers["x-should-retry"] == "false"
+        # Waiting can help a transient failure: the SDK may retry, after retry-after.
+        assert r.headers["x-should-retry"] == "true" and int(r.headers["retry-after"]) >= 1
         assert is_openai_error(r.body) and r.json()["error"]["code"] == code
     assert await a.total() == 2 and await b.total() == 2
 
@@ -290,7 +326,7 @@ async def test_no_backend_in_service_answers_503(
     assert first.status == 502
     r = await call(session, gw.url)
     assert r.status == 503 and r.json()["error"]["code"] == "no_backend_available"
-    assert r.headers["x-should-retry"] == "false"
+    assert r.headers["x-should-retry"] == "true", "every candidate is cooling down: wait"
     assert 25 <= int(r.headers["retry-after"]) <= 30, "retry-after is the ejection's end"
     assert await a.total() == 1
 
@@ -312,9 +348,141 @@ async def test_deadline_bounds_failover(
     t0 = time.monotonic()
     r = await call(session, gw.url, headers={"x-neogate-timeout": "0.5"})
     elapsed = time.monotonic() - t0
-    assert r.status == 504 and r.headers["x-should-retry"] == "false"
+    assert r.status == 504 and r.headers["x-should-retry"] == "true"
+    assert r.headers["retry-after"] == "1"
     assert 0.45 <= elapsed < 2.0
     assert await good.total() == 0, "no attempt starts once the request's deadline has passed"
+
+
+# --- a single candidate: one more try on the same backend ---------------------------------
+
+
+async def _flaky_app(fail_first: int, status: int) -> tuple[web.AppRunner, str, list[int]]:
+    """An upstream whose first `fail_first` requests get `status`, then a valid answer."""
+    seen: list[int] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(len(seen))
+        if len(seen) <= fail_first:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "flaky",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=status,
+            )
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            chunk = (
+                b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"x",'
+                b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}'
+            )
+            await resp.write(b"data: " + chunk + b"\n\ndata: [DONE]\n\n")
+            return resp
+        return web.json_response(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "x",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner, port = await start_site(app)
+    return runner, f"http://127.0.0.1:{port}/v1", seen
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_single_backend_transient_failure_is_retried_once_on_it(
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    status: int,
+    stream: bool,
+) -> None:
+    runner, url, seen = await _flaky_app(1, status)
+    try:
+        gw = await gateway_factory(policy(tmp_path, [Upstream("only", url)]))
+        r = await call(session, gw.url, stream=stream)
+        assert r.status == 200, r.body
+        assert r.headers["x-neogate-attempts"] == "2" and len(seen) == 2
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [400, 429])
+async def test_single_backend_is_not_retried_on_a_lasting_failure(
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    status: int,
+) -> None:
+    runner, url, seen = await _flaky_app(1, status)
+    try:
+        gw = await gateway_factory(policy(tmp_path, [Upstream("only", url)]))
+        r = await call(session, gw.url)
+        assert r.status == status and len(seen) == 1
+        if status == 400:  # the client's mistake: retrying cannot help
+            assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+        else:
+            assert r.headers["x-should-retry"] == "true" and r.headers["retry-after"] == "1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_single_backend_retried_once_then_the_client_may_retry(
+    sims: SimFactory,
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+) -> None:
+    a = await sims()
+    await a.control(fault="error503")
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    gw = await gateway_factory(policy(tmp_path, [Upstream("a", a.v1)], reliability=NO_EJECTION))
+    r = await call(session, gw.url)
+    assert r.status == 502 and await a.total() == 2, "one more try on the only backend"
+    assert r.headers["x-should-retry"] == "true" and r.headers["retry-after"] == "1"
+    gw2 = await gateway_factory(
+        policy(tmp_path / "refused", [Upstream("dead", dead)], reliability=NO_EJECTION)
+    )
+    r = await call(session, gw2.url, stream=True)
+    assert r.status == 502 and r.headers["x-should-retry"] == "true"
+    assert r.headers["retry-after"] == "1"
+    text = await metrics_text(session, gw2.url)
+    assert metric(text, "neogate_upstream_errors_total", backend="dead") == 2.0
+
+
+async def test_upstream_rejecting_the_gateways_credentials_is_not_for_the_client_to_retry(
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+) -> None:
+    runner, url, seen = await _flaky_app(10, 401)
+    try:
+        gw = await gateway_factory(policy(tmp_path, [Upstream("only", url)]))
+        r = await call(session, gw.url)
+        assert r.status == 502 and len(seen) == 1
+        assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+    finally:
+        await runner.cleanup()
 
 
 # --- 429 and retry-after -------------------------------------------------------------------
@@ -354,7 +522,7 @@ async def test_429_on_the_only_backend_reaches_the_client_with_retry_after(
     gw = await gateway_factory(policy(tmp_path, [Upstream("limited", limited.v1)]))
     r = await call(session, gw.url)
     assert r.status == 429 and is_openai_error(r.body)
-    assert r.headers["retry-after"] == "4" and r.headers["x-should-retry"] == "false"
+    assert r.headers["retry-after"] == "4" and r.headers["x-should-retry"] == "true"
     again = await call(session, gw.url)
     assert again.status == 503, "inside the cool-down the provider is not asked again"
     assert 3 <= int(again.headers["retry-after"]) <= 4
@@ -386,7 +554,9 @@ async def test_retry_budget_caps_upstream_amplification(
     assert upstream <= 1.25 * n, f"{upstream} upstream requests for {n} client requests"
     assert await good.total() <= 0.2 * n + 1, "retries stay within ratio x traffic"
     assert failed, "with 80% failures and a 20% budget some requests must fail"
+    # The budget refused the retry: the SDK must not multiply the outage either.
     assert all(r.status == 502 and r.headers["x-should-retry"] == "false" for r in failed)
+    assert not any("retry-after" in r.headers for r in failed)
 
 
 async def test_total_outage_of_one_backend_is_invisible_and_cheap(
@@ -540,7 +710,7 @@ async def test_request_timeout_header_bounds_a_long_stream_and_a_whole_answer(
     assert 0.7 <= elapsed < 2.0
     t0 = time.monotonic()
     whole = await call(session, gw.url, max_tokens=50, headers={"x-neogate-timeout": "0.5"})
-    assert whole.status == 504 and whole.headers["x-should-retry"] == "false"
+    assert whole.status == 504 and whole.headers["x-should-retry"] == "true"
     assert time.monotonic() - t0 < 1.5
     await _until_idle(slow)
 

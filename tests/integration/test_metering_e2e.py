@@ -198,6 +198,7 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
                     "groq-timed": "llama-3.1-8b-instant",
                     "groq-cut": "llama-3.1-8b-instant@cut",
                     "groq-errmid": "llama-3.1-8b-instant@error_midstream",
+                    "groq-malformed": "llama-3.1-8b-instant@malformed",
                 },
                 "price": GROQ_PRICE,
             },
@@ -224,6 +225,7 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
             {"name": "groq-timed", "backends": ["sim-groq"]},
             {"name": "groq-cut", "backends": ["sim-groq"]},
             {"name": "groq-errmid", "backends": ["sim-groq"]},
+            {"name": "groq-malformed", "backends": ["sim-groq"]},
         ],
         "ledger": {
             "kind": "sqlite",
@@ -531,6 +533,40 @@ async def test_upstream_error_event_mid_stream(env: Env, oai: AsyncOpenAI) -> No
     row = only_row(await rows_for(env.ledger, rid))
     assert row["outcome"] == "upstream_error" and row["token_source"] == "counted"
     assert row["completion_tokens"] == env.tokenizer.count_text(text) > 0
+
+
+async def test_malformed_stream_event_ends_the_stream_with_an_error(
+    env: Env, oai: AsyncOpenAI
+) -> None:
+    """An upstream event that is not JSON is never relayed: the SDK gets an error event (not
+    a JSONDecodeError), no [DONE], and the row says `upstream_protocol_error` with what was
+    delivered before it."""
+    rid = new_rid("malformed")
+    stream = await oai.chat.completions.create(
+        model="groq-malformed",
+        messages=MSG,
+        max_tokens=40,
+        stream=True,
+        extra_headers={"x-request-id": rid},
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    assert "not a JSON object" in caught.value.message
+    row = only_row(await rows_for(env.ledger, rid))
+    assert row["outcome"] == "upstream_protocol_error" and row["token_source"] == "counted"
+    assert row["completion_tokens"] == env.tokenizer.count_text(text) > 0
+    assert row["cost_nusd"] == expected_cost_nusd(row) > 0
+
+    rid = new_rid("malformed-raw")
+    body = {"model": "groq-malformed", "messages": MSG, "max_tokens": 40, "stream": True}
+    events = await raw_sse(env.v1 + "/chat/completions", body, rid)
+    assert b"data: [DONE]" not in events
+    for event in events:  # every event the client got parses
+        orjson.loads(event.removeprefix(b"data: "))
+    last = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "upstream_bad_event" and last["error"]["type"]
 
 
 async def test_tool_call_arguments_counted_when_the_stream_breaks(env: Env) -> None:
