@@ -7,6 +7,7 @@ the control's `delay_s`, else 1 s x time_scale.
 
 Faults:
     error400, error429, error500, error503  the error with an OpenAI body (429: retry-after)
+    error401, error403  a revoked key / a model the key may not use (OpenAI bodies)
     hang              never answers (no headers) until the server shuts down
     slow_first_byte   waits `delay` before sending the response headers
     slow              sends headers (streams) then waits `delay` before the first token
@@ -17,6 +18,11 @@ Faults:
                       non-stream: error500
     malformed         stream: one event that is not JSON after the first tokens;
                       non-stream: a 200 body that is not JSON
+    empty_stream      stream: a 200 event-stream that ends before its first event;
+                      non-stream: a 200 with an empty body
+    echo_key          a careless provider: after the first tokens, a chunk whose content
+                      repeats the Authorization header it got, then an error event carrying it
+                      again with no blank line after it; non-stream: error401 repeating it
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from loadtest.sim.parse import RequestError, load_body
 FAULTS = frozenset(
     {
         "error400",
+        "error401",
+        "error403",
         "error429",
         "error500",
         "error503",
@@ -46,9 +54,11 @@ FAULTS = frozenset(
         "stall",
         "error_midstream",
         "malformed",
+        "empty_stream",
+        "echo_key",
     }
 )
-MIDSTREAM_FAULTS = frozenset({"cut", "stall", "error_midstream"})
+MIDSTREAM_FAULTS = frozenset({"cut", "stall", "error_midstream", "echo_key"})
 TOKENS_BEFORE_MIDSTREAM_FAULT = 3
 
 
@@ -165,6 +175,15 @@ async def before_headers(
     if fault == "error400":
         return error_response(
             400, "Simulated bad request.", "invalid_request_error", "sim_error400"
+        )
+    if fault == "error401" or (fault == "echo_key" and not stream):
+        given = request.headers.get("Authorization", "") if fault == "echo_key" else ""
+        return error_response(
+            401, f"Invalid API Key {given}".rstrip(), "invalid_request_error", "invalid_api_key"
+        )
+    if fault == "error403":
+        return error_response(
+            403, "This key may not use this model.", "permission_denied", "model_forbidden"
         )
     if fault == "error500" or (fault == "error_midstream" and not stream):
         return error_response(

@@ -68,6 +68,8 @@ async def _send_whole(request: web.Request, reply: Reply, gen: Generation) -> we
         gen.close()
     if reply.fault == "malformed":
         return web.Response(body=MALFORMED_BODY, content_type=JSON_TYPE)
+    if reply.fault == "empty_stream":
+        return web.Response(body=b"", content_type=JSON_TYPE)
     body = orjson.dumps(reply.renderer.body(reply.usage()))
     if reply.fault not in ("cut", "stall"):
         return web.Response(body=body, content_type=JSON_TYPE)
@@ -85,6 +87,9 @@ async def _send_whole(request: web.Request, reply: Reply, gen: Generation) -> we
 async def _send_stream(request: web.Request, reply: Reply, gen: Generation) -> web.StreamResponse:
     resp = web.StreamResponse(headers=sse_headers())
     await resp.prepare(request)
+    if reply.fault == "empty_stream":
+        await resp.write_eof()
+        return resp
     if reply.fault == "slow":
         await asyncio.sleep(reply.delay_s)
     renderer = reply.renderer
@@ -119,6 +124,14 @@ async def _send_stream(request: web.Request, reply: Reply, gen: Generation) -> w
     elif reply.fault == "stall":
         await wait_for_shutdown(request)
         _abort(request)
+    elif reply.fault == "echo_key":
+        given = request.headers.get("Authorization", "")
+        debug = {"index": 0, "delta": {"content": f" [auth: {given}]"}, "finish_reason": None}
+        await resp.write(sse({"object": "chat.completion.chunk", "choices": [debug]}))
+        err = error_payload(f"key {given} was revoked", "invalid_request_error", "key_revoked")
+        # The last event without its blank line: the key is in the stream's unterminated tail.
+        await resp.write(b"data: " + orjson.dumps(err))
+        await resp.write_eof()
     elif reply.fault == "error_midstream":
         err = error_payload(
             "Simulated failure in the middle of the stream.", "server_error", "sim_midstream"

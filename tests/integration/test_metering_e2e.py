@@ -172,6 +172,7 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
                     "local-8b": LLAMA,
                     "local-reasoner": REASONER,
                     "local-cut": LLAMA + "@cut",
+                    "local-reasoner-cut": REASONER + "@cut",
                 },
                 "gpu": GPU,
             },
@@ -219,6 +220,7 @@ def e2e_policy(urls: Mapping[str, str], data_dir: Path) -> dict[str, Any]:
             {"name": "local-8b", "backends": ["gpu-a"]},
             {"name": "local-reasoner", "backends": ["gpu-a"]},
             {"name": "local-cut", "backends": ["gpu-a"]},
+            {"name": "local-reasoner-cut", "backends": ["gpu-a"]},
             {"name": "local-priced", "backends": ["gpu-priced"]},
             {"name": "slow-8b", "backends": ["gpu-slow"]},
             {"name": "groq-8b", "backends": ["sim-groq"]},
@@ -499,6 +501,26 @@ async def test_upstream_cut_mid_stream(env: Env, model: str) -> None:
     assert 0 < row["completion_tokens"] < 50
     assert row["completion_tokens"] >= TOKENS_BEFORE_MIDSTREAM_FAULT
     assert row["prompt_tokens"] > 0 and row["cost_nusd"] == expected_cost_nusd(row) > 0
+
+
+async def test_reasoning_delivered_before_a_cut_is_billed(env: Env) -> None:
+    """No usage arrives on a cut stream: every delivered token is counted, reasoning too."""
+    rid = new_rid("cut-reason")
+    body = {"model": "local-reasoner-cut", "messages": MSG, "max_tokens": 40, "stream": True}
+    events = await raw_sse(env.v1 + "/chat/completions", body, rid)
+    reasoning = content = ""
+    for event in events[:-1]:
+        for choice in orjson.loads(event.removeprefix(b"data: "))["choices"]:
+            reasoning += choice["delta"].get("reasoning_content") or ""
+            content += choice["delta"].get("content") or ""
+    # The simulated reasoner spends the first half of its answer thinking: all the
+    # tokens delivered before the cut are reasoning.
+    assert reasoning and not content
+    row = only_row(await rows_for(env.ledger, rid))
+    assert row["outcome"] == "upstream_cut" and row["token_source"] == "counted"
+    assert row["completion_tokens"] == env.tokenizer.count_text(reasoning)
+    assert row["completion_tokens"] >= TOKENS_BEFORE_MIDSTREAM_FAULT
+    assert row["cost_nusd"] == expected_cost_nusd(row) > 0
 
 
 async def test_upstream_cut_seen_by_the_sdk(env: Env, oai: AsyncOpenAI) -> None:

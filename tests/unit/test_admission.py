@@ -67,8 +67,13 @@ async def test_settling_twice_counts_once() -> None:
     adm = admission(Clock(), tokens_per_day=1000)
     r = await adm.reserve("acme", 500, 0)
     await adm.settle(r, 100, 0)
-    await adm.settle(r, 100, 0)
-    await adm.reserve("acme", 900, 0)  # 100 + 900 fits exactly
+    await adm.settle(r, 100, 0)  # a repeat must not hand the estimate back a second time
+    assert adm.outstanding == 0
+    # Counted once, 100 tokens are spent: 901 more is one over the day's 1000...
+    with pytest.raises(AdmissionRejected) as exc:
+        await adm.reserve("acme", 901, 0)
+    assert exc.value.limit == "tokens_per_day"
+    await adm.reserve("acme", 900, 0)  # ...and 100 + 900 fits exactly
 
 
 async def test_overspend_from_real_usage_blocks_later_requests() -> None:

@@ -245,6 +245,24 @@ def test_stream_without_include_usage_counts(tok: Tokenizer) -> None:
     assert (u.completion_tokens, u.source) == (2, "counted")
 
 
+def test_reasoning_and_refusal_text_counted_without_usage(tok: Tokenizer) -> None:
+    """Every text a client receives is billed when no usage arrives, not only `content`."""
+    m = StreamMeter()
+    feed_all(
+        m,
+        [
+            chunk(reasoning_content="Let me think"),
+            chunk(reasoning=" about batching"),
+            chunk(refusal=" I cannot share that"),
+            chunk(" but here is more"),
+        ],
+    )
+    u = m.finish(False, tok, 5)
+    assert u.source == "counted"
+    text = "Let me think about batching I cannot share that but here is more"
+    assert u.completion_tokens == tok.count_text(text) == 13
+
+
 def test_stream_n2_counts_each_choice(tok: Tokenizer) -> None:
     m = StreamMeter()
     feed_all(m, [chunk("hello", index=0), chunk("good", index=1), chunk(" world", index=0)])
@@ -343,8 +361,9 @@ def test_cost_is_exact_for_small_requests() -> None:
 
 def test_local_chargeback_prices_are_never_free() -> None:
     u = Usage(prompt_tokens=500, completion_tokens=200)
-    # A chargeback price computed by the cost model at the batch the request shared.
-    assert cost_usd(u, UnitPrices.of(0.02, 3.82, version="gpu:b1")) > 0
+    # A chargeback price computed by the cost model at the batch the request shared:
+    # 500 x 0.02 $/M + 200 x 3.82 $/M = 0.00001 + 0.000764 USD.
+    assert cost_usd(u, UnitPrices.of(0.02, 3.82, version="gpu:b1")) == Decimal("0.000774")
 
 
 def test_full_sse_blocks_are_understood(tok: Tokenizer) -> None:
