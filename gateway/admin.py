@@ -159,10 +159,28 @@ async def get_prices(request: web.Request) -> web.Response:
                 "cached_input_per_million": None
                 if p.cached_input_per_token is None
                 else p.cached_input_per_token * 1e6,
+                "cache_write_input_per_million": _per_m(p.cache_write_input_per_token),
+                "tiers": [
+                    {
+                        "min_prompt_tokens": t.min_prompt_tokens,
+                        "input_per_million": _per_m(t.input_per_token),
+                        "output_per_million": _per_m(t.output_per_token),
+                        "cached_input_per_million": _per_m(t.cached_input_per_token),
+                        "cache_write_input_per_million": _per_m(t.cache_write_input_per_token),
+                    }
+                    for t in p.tiers
+                ],
                 "source": p.source,
             }
         )
-    return _json({"version": book.version, "prices": rows})
+    skipped = [
+        {"row": s.index, "id": s.id, "reason": s.reason} for s in rt.router.live.prices.feed_skipped
+    ]
+    return _json({"version": book.version, "prices": rows, "feed_skipped_rows": skipped})
+
+
+def _per_m(per_token: float | None) -> float | None:
+    return None if per_token is None else per_token * 1e6
 
 
 async def set_price(request: web.Request) -> web.Response:

@@ -13,7 +13,13 @@ import orjson
 
 from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
 from gateway.errors import GatewayError
-from policies.pricebook import FeedError, Price, parse_neogate_feed, parse_openrouter_feed
+from policies.pricebook import (
+    FeedError,
+    Price,
+    SkippedRow,
+    parse_neogate_feed,
+    parse_openrouter_rows,
+)
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -30,6 +36,7 @@ class Background:
         self._rt = rt
         self._session = session
         self._tasks: list[asyncio.Task[None]] = []
+        self._skips_logged: frozenset[tuple[str, str]] = frozenset()
 
     def start(self) -> None:
         rt = self._rt
@@ -125,7 +132,9 @@ class Background:
                 for public in _public_models(rt.specs[key[0]].models, key[1]):
                     out_ng[(key[0], public)] = found
             return out_ng
-        by_id = parse_openrouter_feed(obj, now=now)
+        parsed_or = parse_openrouter_rows(obj, now=now)
+        self._report_skipped(parsed_or.skipped)
+        by_id = parsed_or.prices
         out: dict[str | tuple[str, str], Price] = {}
         for feed_id, target in feed.map.items():
             price = by_id.get(feed_id)
@@ -134,6 +143,20 @@ class Background:
             backend, _, model = target.partition("/")
             out[(backend, model) if model else backend] = price
         return out
+
+    def _report_skipped(self, skipped: tuple[SkippedRow, ...]) -> None:
+        """Bad feed rows: a gauge, /admin/prices, and one log line per new set of bad rows."""
+        rt = self._rt
+        rt.metrics.price_feed_skipped_rows.set(len(skipped))
+        rt.router.live.prices.feed_skipped = skipped
+        seen = frozenset((s.id, s.reason) for s in skipped)
+        if seen and seen != self._skips_logged:
+            log.warning(
+                "price feed: %d row(s) skipped, the rest applied: %s",
+                len(skipped),
+                "; ".join(s.reason for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+            )
+        self._skips_logged = seen
 
     async def _refresh_keys(self) -> None:
         await self._rt.keys.refresh()

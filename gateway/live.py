@@ -16,7 +16,7 @@ from gateway.config import BackendSpec, PriceSpec
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom, mark_429
 from policies.latency import DecayingRate, LatencyEstimate, LatencySample, update
-from policies.pricebook import Price, PriceBook
+from policies.pricebook import Price, PriceBook, SkippedRow
 from policies.types import BackendSnapshot
 
 # Priors until traffic is measured: a local worker is judged by its cost model,
@@ -66,6 +66,8 @@ class PriceBoard:
             for model, p in spec.model_prices.items():
                 updates[(spec.name, model)] = _price(p, now)
         self.book = PriceBook().with_prices(updates)
+        # Rows of the last feed poll that could not be priced (shown in /admin/prices).
+        self.feed_skipped: tuple[SkippedRow, ...] = ()
 
     def set(self, backend: str, price: Price, model: str | None = None) -> int:
         self.book = self.book.with_price(backend, price, model)
@@ -140,14 +142,22 @@ class LiveState:
         live.headroom = mark_429(live.headroom, retry_after_s, now)
 
     def snapshot(
-        self, backend: str, model: str, now: float, metrics_max_age_s: float
+        self,
+        backend: str,
+        model: str,
+        now: float,
+        metrics_max_age_s: float,
+        prompt_tokens: int = 0,
     ) -> BackendSnapshot:
-        """The frozen view of one backend that the pure policy reads."""
+        """The frozen view of one backend that the pure policy reads (prices at the tier
+        a prompt of `prompt_tokens` reaches)."""
         live = self.backends[backend]
         spec = live.spec
         est = live.estimate(model)
         book = self.prices.book
         price = book.get(backend, model)
+        if price is not None and price.tiers:
+            price = price.at_prompt(prompt_tokens)
         worker = live.worker
         fresh = worker is not None and worker.is_fresh(now, metrics_max_age_s)
         ttft, ttft_slope, ttft_spread = est.ttft.mean, 0.0, est.ttft.spread

@@ -116,7 +116,7 @@ class Meter:
         self.admission = admission
         self._live = live
         self._threshold = divergence_threshold
-        self._price_cache: dict[tuple[str, str, int, int], UnitPrices] = {}
+        self._price_cache: dict[tuple[str, str, int, int, int], UnitPrices] = {}
         self._worst_cache: dict[tuple[str, int], UnitPrices] = {}
 
     # --- before forwarding ----------------------------------------------------------
@@ -147,19 +147,47 @@ class Meter:
             )
         return worst
 
-    def unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
-        """Prices in force now: the price book for providers, the cost model at `batch` for GPUs."""
+    def unit_prices(
+        self, backend: str, model: str, batch: int, prompt_tokens: int = 0
+    ) -> UnitPrices:
+        """Prices in force now: the price book for providers (the tier `prompt_tokens` reaches),
+        the cost model at `batch` for GPUs."""
         book = self._live.prices.book
         live = self._live.backends[backend]
-        key = (backend, model, batch if live.gpu is not None else 0, book.version)
+        tier = 0
+        if live.gpu is None and prompt_tokens:
+            price = book.get(backend, model)
+            if price is not None and price.tiers:
+                tier = max(
+                    (
+                        t.min_prompt_tokens
+                        for t in price.tiers
+                        if prompt_tokens >= t.min_prompt_tokens
+                    ),
+                    default=0,
+                )
+        key = (backend, model, batch if live.gpu is not None else 0, book.version, tier)
         cached = self._price_cache.get(key)
         if cached is None:
             if len(self._price_cache) > 4096:
                 self._price_cache.clear()  # versions move on; old entries are dead weight
-            cached = self._price_cache[key] = self._unit_prices(backend, model, batch)
+            cached = self._price_cache[key] = self._unit_prices(backend, model, batch, tier)
         return cached
 
-    def _unit_prices(self, backend: str, model: str, batch: int) -> UnitPrices:
+    def tiered_prices(self, completion: Completion, usage: Usage) -> UnitPrices | None:
+        """The prices of the tier the request's real prompt length reached, where that differs
+        from the tier its estimate picked (same book version only: the price in force)."""
+        prices, backend, model = completion.prices, completion.backend, completion.inbound.model
+        if prices is None or backend is None or self._live.backends[backend].gpu is not None:
+            return None
+        book = self._live.prices.book
+        price = book.get(backend, model)
+        if price is None or not price.tiers or prices.version != str(book.version):
+            return None
+        real = self.unit_prices(backend, model, completion.batch_seen, usage.prompt_tokens)
+        return None if real is prices else real
+
+    def _unit_prices(self, backend: str, model: str, batch: int, tier: int = 0) -> UnitPrices:
         live = self._live.backends[backend]
         book = self._live.prices.book
         version = str(book.version)
@@ -174,12 +202,15 @@ class Meter:
         price = book.get(backend, model)
         if price is None:
             return UnitPrices.of(0, 0, None, version)
+        price = price.at_prompt(tier)
         cached = price.cached_input_per_token
+        written = price.cache_write_input_per_token
         return UnitPrices.of(
             round(price.input_per_token * _MILLION, 9),
             round(price.output_per_token * _MILLION, 9),
             None if cached is None else round(cached * _MILLION, 9),
             version,
+            cache_write_input_per_m=None if written is None else round(written * _MILLION, 9),
         )
 
     # --- after the answer -------------------------------------------------------------
@@ -206,6 +237,10 @@ class Meter:
         """
         usage = await self._usage(completion, outcome, answer, meter, answer_bytes)
         completion.usage = usage
+        if usage is not None:
+            tiered = self.tiered_prices(completion, usage)
+            if tiered is not None:
+                completion.prices = tiered  # a long prompt's tier, known once usage is
         cost = Decimal(0)
         try:
             if (

@@ -124,6 +124,11 @@ class GatewayMetrics:
             "Price-feed polls that failed; the last good prices stay in force.",
             registry=r,
         )
+        self.price_feed_skipped_rows = Gauge(
+            "neogate_price_feed_skipped_rows",
+            "Rows of the last price feed that could not be priced and were skipped.",
+            registry=r,
+        )
         self.scrape_failures = Counter(
             "neogate_worker_scrape_failures_total",
             "Failed /metrics scrapes of local workers.",

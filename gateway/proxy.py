@@ -99,7 +99,8 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         await rt.meter.abandon(completion)
         raise
     batch = rt.router.batch_seen(attempt.backend)
-    completion.attach(attempt, batch, rt.meter.unit_prices(attempt.backend, inbound.model, batch))
+    prices = rt.meter.unit_prices(attempt.backend, inbound.model, batch, estimate.prompt_tokens)
+    completion.attach(attempt, batch, prices)
     if attempt.hedged:
         completion.hedge_losers = rt.meter.hedge_prices(
             attempt.hedged, inbound.model, rt.router.batch_seen

@@ -140,7 +140,10 @@ class Router:
     def decide(self, req: RouteRequest, model: ModelSpec, tenant: Tenant | None) -> RouteDecision:
         """The pure policy's decision over fresh snapshots of the model's backends."""
         now = self._clock()
-        snaps = [self.live.snapshot(b, model.name, now, self._stale_after) for b in model.backends]
+        snaps = [
+            self.live.snapshot(b, model.name, now, self._stale_after, req.prompt_tokens)
+            for b in model.backends
+        ]
         policy = (tenant and self._tenant_policies.get(tenant.name)) or self._policies[model.name]
         decision = select(req, snaps, policy, now, rng_value=random.random())
         return _explain_spill(decision, self._locals.get(model.name, frozenset()))

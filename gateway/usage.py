@@ -63,6 +63,9 @@ class Usage:
     counted_prompt_tokens: int | None = None
     counted_completion_tokens: int | None = None
     upstream_timings: UpstreamTimings | None = None
+    # Prompt tokens written to the provider's prompt cache (part of `prompt_tokens`,
+    # OpenRouter's `prompt_tokens_details.cache_write_tokens`): priced at the write rate.
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -118,10 +121,11 @@ def parse_usage_object(obj: Any) -> Usage | None:
     if completion is None:
         # Embeddings omit completion_tokens: the remainder of total, usually zero.
         completion = max(0, (total or prompt) - prompt)
-    cached = 0
+    cached = written = 0
     details = obj.get("prompt_tokens_details") or obj.get("input_tokens_details")
     if isinstance(details, Mapping):
         cached = min(_int(details.get("cached_tokens")) or 0, prompt)
+        written = min(_int(details.get("cache_write_tokens")) or 0, prompt - cached)
     reasoning = 0
     details = obj.get("completion_tokens_details") or obj.get("output_tokens_details")
     if isinstance(details, Mapping):
@@ -133,6 +137,7 @@ def parse_usage_object(obj: Any) -> Usage | None:
         reasoning_tokens=reasoning,
         source="reported",
         upstream_timings=_timings(obj),
+        cache_write_tokens=written,
     )
 
 
@@ -443,6 +448,8 @@ class UnitPrices:
     output_per_m: Decimal
     cached_input_per_m: Decimal | None = None
     version: str = ""
+    # Prompt tokens written to a provider's prompt cache (None: the input price).
+    cache_write_input_per_m: Decimal | None = None
     # The same prices in the ledger's integer nano-dollars per million, converted once.
     nusd: tuple[int, int, int | None] = field(init=False, repr=False, compare=False)
 
@@ -462,6 +469,8 @@ class UnitPrices:
         output_per_m: Decimal | float | str,
         cached_input_per_m: Decimal | float | str | None = None,
         version: str = "",
+        *,
+        cache_write_input_per_m: Decimal | float | str | None = None,
     ) -> UnitPrices:
         """Build from plain numbers (floats are taken at their printed value)."""
         return cls(
@@ -469,19 +478,27 @@ class UnitPrices:
             to_decimal(output_per_m),
             None if cached_input_per_m is None else to_decimal(cached_input_per_m),
             version,
+            None if cache_write_input_per_m is None else to_decimal(cache_write_input_per_m),
         )
 
 
 def cost_usd(usage: Usage, prices: UnitPrices) -> Decimal:
     """Exact cost in USD (Decimal: sums of many small costs must not drift like floats)."""
     cached = min(usage.cached_tokens, usage.prompt_tokens)
-    uncached = usage.prompt_tokens - cached
+    written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+    uncached = usage.prompt_tokens - cached - written
     cached_price = (
         prices.input_per_m if prices.cached_input_per_m is None else prices.cached_input_per_m
+    )
+    write_price = (
+        prices.input_per_m
+        if prices.cache_write_input_per_m is None
+        else prices.cache_write_input_per_m
     )
     total = (
         uncached * prices.input_per_m
         + cached * cached_price
+        + written * write_price
         + usage.completion_tokens * prices.output_per_m
     )
     return total / _MILLION

@@ -10,6 +10,7 @@ traffic goes as well as in GET /admin/prices.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ BACKEND_MODEL = "llama-3.1-8b-instant"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "Price check."}]
 OR_ID = "meta-llama/llama-3.1-8b-instruct:cheap"
+WIRE = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 
 
 @dataclass
@@ -271,3 +273,47 @@ async def test_openrouter_feed_prices_mapped_ids_and_rejects_malformed(
     assert {p["backend"] for p in book["prices"]} == {"cheap", "dear"}
     assert moved == ("dear", book["version"]) and book["version"] >= 1
     assert kept == book and still == moved
+
+
+async def test_one_bad_openrouter_row_is_skipped_and_reported_not_the_whole_feed(
+    gateway_factory: GatewayFactory, provider_url: str, tmp_path: Path
+) -> None:
+    """The recorded OpenRouter rows (tests/fixtures/wire/openrouter_models.json, with tiers,
+    cache-write prices and a "-1" router row) plus one malformed row."""
+    listing = json.loads((WIRE / "openrouter_models.json").read_text())
+    listing["data"].append({"id": "broken/model", "pricing": {"prompt": "n/a", "completion": "0"}})
+    feed = Feed(openrouter=listing)
+    feed_runner, port = await start_site(feed.app())
+    try:
+        gw = await gateway_factory(
+            gateway_policy(
+                provider_url,
+                {
+                    "url": f"http://127.0.0.1:{port}/api/v1/models",
+                    "format": "openrouter",
+                    "map": {"anthropic/claude-sonnet-4.5": f"cheap/{PUBLIC}"},
+                },
+                tmp_path,
+            )
+        )
+        async with aiohttp.ClientSession() as http:
+
+            async def feed_applied() -> bool:
+                book = await prices(http, gw.url)
+                return any(p["source"] == "openrouter" for p in book["prices"])
+
+            await eventually(feed_applied)
+            book = await prices(http, gw.url)
+            samples = await scrape(gw.url)
+    finally:
+        await feed_runner.cleanup()
+    row = price_of(book, "cheap", PUBLIC)
+    assert (row["input_per_million"], row["output_per_million"]) == pytest.approx((3.0, 15.0))
+    assert row["cached_input_per_million"] == pytest.approx(0.3)
+    assert row["cache_write_input_per_million"] == pytest.approx(3.75)
+    assert len(row["tiers"]) == 1 and row["tiers"][0]["min_prompt_tokens"] == 200000
+    assert row["tiers"][0]["input_per_million"] == pytest.approx(6.0)
+    (skipped,) = book["feed_skipped_rows"]
+    assert skipped["id"] == "broken/model" and "not a number" in skipped["reason"]
+    assert metric(samples, "neogate_price_feed_skipped_rows") == 1
+    assert metric(samples, "neogate_price_feed_failures_total") == 0

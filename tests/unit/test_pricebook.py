@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.usage import UnitPrices, cost_usd, parse_usage_object
 from policies.pricebook import (
     FeedError,
     Price,
     PriceBook,
+    PriceTier,
     parse_neogate_feed,
     parse_openrouter_feed,
+    parse_openrouter_rows,
 )
 
 OPENROUTER = {
@@ -159,3 +164,61 @@ def test_parse_neogate_feed() -> None:
 def test_malformed_neogate_feeds_are_refused(feed: Any, message: str) -> None:
     with pytest.raises(FeedError, match=message):
         parse_neogate_feed(feed)
+
+
+# --- the recorded OpenRouter rows (tests/fixtures/wire/openrouter_models.json) -------------
+
+WIRE = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
+
+
+def _listing() -> Any:
+    return json.loads((WIRE / "openrouter_models.json").read_text())
+
+
+def test_openrouter_rows_tiers_and_cache_writes() -> None:
+    feed = parse_openrouter_rows(_listing(), now=1.0)
+    assert "openrouter/auto" not in feed.prices and feed.skipped == ()
+    sonnet = feed.prices["anthropic/claude-sonnet-4.5"]
+    assert sonnet.cache_write_input_per_token == pytest.approx(3.75e-6)
+    assert sonnet.tiers == (PriceTier(200000, input_per_token=6e-6),)
+    long = sonnet.at_prompt(250_000)
+    assert (long.input_per_token, long.output_per_token) == (6e-6, 15e-6)
+    assert sonnet.at_prompt(199_999) is sonnet
+    # 250k prompt: 10k cached, 40k written to the cache, 200k plain; 1k out.
+    assert sonnet.cost(250_000, 1000, cached_tokens=10_000, cache_write_tokens=40_000) == (
+        pytest.approx(200_000 * 6e-6 + 10_000 * 3e-7 + 40_000 * 3.75e-6 + 1000 * 15e-6)
+    )
+    opus = feed.prices["anthropic/claude-opus-4.8-fast"]
+    assert opus.cache_write_input_per_token == pytest.approx(1.25e-5)
+
+
+def test_one_bad_row_is_skipped_and_named() -> None:
+    listing = _listing()
+    listing["data"].insert(1, {"id": "bad/one", "pricing": {"prompt": "x", "completion": "0"}})
+    listing["data"].append(
+        {
+            "id": "bad/tier",
+            "pricing": {**listing["data"][0]["pricing"], "overrides": [{"prompt": "1"}]},
+        }
+    )
+    listing["data"].append("not a row")
+    feed = parse_openrouter_rows(listing)
+    assert "openai/gpt-5" in feed.prices and "anthropic/claude-sonnet-4.5" in feed.prices
+    assert [(s.id, s.index) for s in feed.skipped] == [("bad/one", 1), ("bad/tier", 6), ("", 7)]
+    assert "min_prompt_tokens" in feed.skipped[1].reason
+    assert parse_openrouter_feed(listing).keys() == feed.prices.keys()
+
+
+def test_cache_write_tokens_are_parsed_and_priced_in_the_ledger_cost() -> None:
+    usage = parse_usage_object(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 600},
+        }
+    )
+    assert usage is not None and usage.cache_write_tokens == 600
+    prices = UnitPrices.of(3, 15, 0.3, cache_write_input_per_m=3.75)
+    assert cost_usd(usage, prices) == (
+        Decimal(300 * 3 + 100 * Decimal("0.3") + 600 * Decimal("3.75") + 10 * 15) / 1_000_000
+    )
