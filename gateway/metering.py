@@ -142,36 +142,53 @@ class Meter:
             if len(self._worst_cache) > 1024:
                 self._worst_cache.clear()
             worst = self._worst_cache[key] = max(
-                (self.unit_prices(b, model.name, 1) for b in model.backends),
+                (self._most(b, model.name) for b in model.backends),
                 key=lambda p: p.input_per_m + p.output_per_m,
             )
         return worst
 
+    def _most(self, backend: str, model: str) -> UnitPrices:
+        """The most a token can be attributed on `backend`: list price, or a GPU's upper bound."""
+        gpu = self._live.backends[backend].gpu
+        if gpu is None:
+            return self.unit_prices(backend, model, 0)
+        prompt, output = gpu.most_per_token()
+        return UnitPrices.of(round(prompt * _MILLION, 9), round(output * _MILLION, 9), 0)
+
     def unit_prices(
-        self, backend: str, model: str, batch: int, prompt_tokens: int = 0
+        self, backend: str, model: str, batch: int, prompt_tokens: int = 0, context: int = 0
     ) -> UnitPrices:
         """Prices in force now: the price book for providers (the tier `prompt_tokens` reaches),
-        the cost model at `batch` for GPUs."""
+        the cost model for GPUs.
+
+        A local GPU's prices are its attributed cost (docs/economics.md): prefill at the
+        speed of a prompt of `context` tokens, output at T(batch, context), prefix-cache hits
+        free. `context` is rounded up to a power of two (0: the profile's reference context).
+        """
         book = self._live.prices.book
         live = self._live.backends[backend]
-        tier = 0
-        if live.gpu is None and prompt_tokens:
-            price = book.get(backend, model)
-            if price is not None and price.tiers:
-                tier = max(
-                    (
-                        t.min_prompt_tokens
-                        for t in price.tiers
-                        if prompt_tokens >= t.min_prompt_tokens
-                    ),
-                    default=0,
-                )
-        key = (backend, model, batch if live.gpu is not None else 0, book.version, tier)
+        if live.gpu is not None:
+            bucket = 0 if context <= 0 else 1 << (context - 1).bit_length()
+            key = (backend, model, batch, book.version, bucket)
+        else:
+            tier = 0
+            if prompt_tokens:
+                price = book.get(backend, model)
+                if price is not None and price.tiers:
+                    tier = max(
+                        (
+                            t.min_prompt_tokens
+                            for t in price.tiers
+                            if prompt_tokens >= t.min_prompt_tokens
+                        ),
+                        default=0,
+                    )
+            key = (backend, model, 0, book.version, tier)
         cached = self._price_cache.get(key)
         if cached is None:
             if len(self._price_cache) > 4096:
                 self._price_cache.clear()  # versions move on; old entries are dead weight
-            cached = self._price_cache[key] = self._unit_prices(backend, model, batch, tier)
+            cached = self._price_cache[key] = self._unit_prices(backend, model, batch, key[4])
         return cached
 
     def tiered_prices(self, completion: Completion, usage: Usage) -> UnitPrices | None:
@@ -187,22 +204,31 @@ class Meter:
         real = self.unit_prices(backend, model, completion.batch_seen, usage.prompt_tokens)
         return None if real is prices else real
 
-    def _unit_prices(self, backend: str, model: str, batch: int, tier: int = 0) -> UnitPrices:
+    def _unit_prices(self, backend: str, model: str, batch: int, at: int = 0) -> UnitPrices:
+        """`at`: the price tier (providers) or the context bucket (GPUs)."""
         live = self._live.backends[backend]
         book = self._live.prices.book
         version = str(book.version)
         if live.gpu is not None:
             gpu = live.gpu
+            per_s = gpu.price_per_hour / 3600.0
+            context = at
+            if context > 0:
+                prefill_s = gpu.prefill_time_s(context) / context
+                where = f"b{batch}c{context}"
+            else:
+                prefill_s = 1.0 / gpu.prefill_tokens_per_s
+                where = f"b{batch}"
             return UnitPrices.of(
-                round(gpu.prefill_cost(_MILLION), 9),
-                round(gpu.cost_per_output_token(batch) * _MILLION, 9),
-                None,
-                version=f"{version}/gpu@b{batch}",
+                round(prefill_s * per_s * _MILLION, 9),
+                round(gpu.cost_per_output_token(batch, context or None) * _MILLION, 9),
+                0,  # a prefix-cache hit takes no prefill time
+                version=f"{version}/gpu@{where}",
             )
         price = book.get(backend, model)
         if price is None:
             return UnitPrices.of(0, 0, None, version)
-        price = price.at_prompt(tier)
+        price = price.at_prompt(at)
         cached = price.cached_input_per_token
         written = price.cache_write_input_per_token
         return UnitPrices.of(
@@ -390,7 +416,28 @@ class Meter:
             batch_size=completion.batch_seen if live.gpu is not None else None,
             is_local=live.spec.is_local,
             client_request_id=completion.client_request_id,
+            marginal_cost_usd=self._marginal(completion),
+            counterfactual=self._counterfactual(completion),
         )
+
+    @staticmethod
+    def _marginal(completion: Completion) -> float | None:
+        """Routing's marginal cost of the backend that served (None: not a routed candidate)."""
+        decision = completion.decision
+        if decision is None:
+            return None
+        for c in decision.candidates:
+            if c.backend == completion.backend:
+                return c.predicted_cost_usd
+        return None
+
+    def _counterfactual(self, completion: Completion) -> tuple[str, UnitPrices] | None:
+        """The alternative routing saw (cheapest external meeting the SLO) and its prices now."""
+        decision = completion.decision
+        if decision is None or decision.alternative is None:
+            return None
+        alt = decision.alternative
+        return alt, self.unit_prices(alt, completion.inbound.model, 0)
 
     def _observe(
         self, completion: Completion, outcome: str, usage: Usage | None, cost: Decimal

@@ -99,7 +99,10 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         await rt.meter.abandon(completion)
         raise
     batch = rt.router.batch_seen(attempt.backend)
-    prices = rt.meter.unit_prices(attempt.backend, inbound.model, batch, estimate.prompt_tokens)
+    context = estimate.prompt_tokens + estimate.expected_output_tokens // 2
+    prices = rt.meter.unit_prices(
+        attempt.backend, inbound.model, batch, estimate.prompt_tokens, context
+    )
     completion.attach(attempt, batch, prices)
     if attempt.hedged:
         completion.hedge_losers = rt.meter.hedge_prices(

@@ -94,7 +94,12 @@ class Runtime:
             out["x-neogate-route-reason"] = decision.reason
             cand = next((c for c in decision.candidates if c.backend == attempt.backend), None)
             if cand is not None:
-                out["x-neogate-predicted-cost-usd"] = f"{cand.predicted_cost_usd:.8f}"
+                # docs/economics.md: what serving it here costs at the margin (0 on a local
+                # GPU with headroom under b*; list price x expected tokens outside), and what
+                # the cheapest external candidate meeting the SLO would have cost.
+                out["x-neogate-marginal-cost-usd"] = f"{cand.predicted_cost_usd:.8f}"
+            if decision.alternative_cost_usd is not None:
+                out["x-neogate-alternative-cost-usd"] = f"{decision.alternative_cost_usd:.8f}"
             out["x-neogate-price-version"] = str(decision.price_version)
         if attempt.number:
             out["x-neogate-attempts"] = str(attempt.number + 1)

@@ -1,18 +1,22 @@
-"""The batch-aware GPU cost model: throughput, latency and dollars per token by batch size.
+"""The batch-aware GPU cost model: throughput, latency and the dollar numbers of a local GPU.
 
-A local worker costs `price_per_hour` whether busy or idle. Its decode throughput
-T(b) (output tokens/s across the batch) is interpolated from measured points; the
-amortized cost of one output token at batch b is `price_per_hour / 3600 / T(b)`.
-For a `reserved` GPU one more request costs ~nothing while the batch is below the
-knee (it lowers everyone's per-token cost); past the knee the marginal cost ramps
-up to the amortized cost at `max_batch`. An `on_demand` GPU is priced at the
-amortized cost of the predicted batch.
+A local worker costs `price_per_hour` while it is held, busy or idle (reserved: the whole
+period; on_demand: the hours it is up). Its decode throughput T(b, context) comes from a
+measured profile (`policies.profile`). The numbers (docs/economics.md):
+
+- attributed cost (ledger): prefill of the uncached prompt at the prefill speed plus each
+  output token at `price_per_hour / 3600 / T(b)` of the batch b the request shared;
+- marginal cost (routing): the hour is sunk while the GPU is up (reserved or on_demand
+  alike), so one more request costs only the work it may displace: nothing while the
+  batch stays well under the SLO-feasible batch b* (the largest batch whose predicted ITL
+  meets the class's target), rising linearly to the displaced work's price at b*
+  (`marginal_cost`, `opportunity_share`, `slo_batch`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Literal
 
 from policies.profile import Profile
@@ -20,23 +24,28 @@ from policies.spec import GpuSpec, ThroughputProfileSpec
 
 GpuMode = Literal["reserved", "on_demand"]
 
-# A segment whose throughput gain per added request is below this fraction of the
-# batch-1 per-request throughput is past the knee.
-KNEE_SLOPE_FRACTION = 0.25
 # Above this share of GPU time spent prefilling, decoding is predicted as if at this share:
 # the worker is saturated and the prediction only needs to say "far too slow".
 MAX_PREFILL_LOAD = 0.95
+# The marginal cost starts rising this share of b* below b* (at least one request below).
+RAMP_FRACTION = 0.25
 
 
-def derive_knee(points: tuple[tuple[int, float], ...], max_batch: int) -> int:
-    """Concurrency at which adding a request stops paying: the start of the first flat segment."""
-    c0, t0 = points[0]
-    per_request = t0 / c0
-    for (ca, ta), (cb, tb) in pairwise(points):
-        if (tb - ta) / (cb - ca) < KNEE_SLOPE_FRACTION * per_request:
-            return min(ca, max_batch)
-    # Throughput is flat beyond the last measured point.
-    return min(points[-1][0], max_batch)
+def opportunity_share(batch_after: int, slo_batch: int) -> float:
+    """Share of the displaced work's price that one more request costs (0..1).
+
+    With `load = batch_after - 1` requests already there and band = max(1, ceil(RAMP_FRACTION
+    * b*)): 0 while load <= b* - band, then linear in load up to 1 at load = b*; 1 once the
+    batch would pass b* (or when b* is 0: no batch meets the SLO).
+    """
+    if batch_after > slo_batch:
+        return 1.0
+    band = max(1, math.ceil(slo_batch * RAMP_FRACTION))
+    start = slo_batch - band
+    load = batch_after - 1
+    if load <= start:
+        return 0.0
+    return (load - start) / band
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,6 @@ class GpuModel:
     price_per_hour: float
     mode: GpuMode
     profile: Profile
-    knee: int = field(init=False)
     # Throughput at integer batch sizes 0..top at the reference context: the hot path indexes it.
     _table: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
@@ -60,7 +68,6 @@ class GpuModel:
         prof = self.profile
         ref = prof.contexts.index(prof.reference_context)
         object.__setattr__(self, "_table", prof._tables[ref])
-        object.__setattr__(self, "knee", derive_knee(prof.curves[ref], prof.max_batch))
 
     @classmethod
     def from_spec(cls, spec: GpuSpec) -> GpuModel:
@@ -115,32 +122,68 @@ class GpuModel:
         rho = prompt_tokens_per_s / self.prefill_tokens_per_s
         return rho if rho < MAX_PREFILL_LOAD else MAX_PREFILL_LOAD
 
-    def itl_under_load_s(self, batch: float, prompt_tokens_per_s: float) -> float:
+    def itl_under_load_s(
+        self, batch: float, prompt_tokens_per_s: float, context: float | None = None
+    ) -> float:
         """Mean ITL at this batch while prompts arrive at this rate.
 
         Prefill and decode share the GPU: decoding gets the time prefill leaves, so the
         mean ITL is ITL(b) / (1 - prefill load).
         """
         if prompt_tokens_per_s <= 0:
-            return self.itl_s(batch)
-        return self.itl_s(batch) / (1.0 - self.prefill_load(prompt_tokens_per_s))
+            return self.itl_s(batch, context)
+        return self.itl_s(batch, context) / (1.0 - self.prefill_load(prompt_tokens_per_s))
 
-    def cost_per_output_token(self, batch: float) -> float:
-        """Amortized USD per output token when the GPU runs this batch."""
-        return self.price_per_hour / 3600.0 / self.throughput(batch)
+    def slo_batch(
+        self,
+        max_itl_s: float | None,
+        prompt_tokens_per_s: float = 0.0,
+        context: float | None = None,
+    ) -> int:
+        """b*: the largest batch whose predicted ITL (at this context and prefill load) meets
+        `max_itl_s`; `max_batch` without a target, 0 when not even batch 1 meets it.
+
+        Binary search: per-request speed T(b)/b falls as b grows, so ITL rises with b.
+        """
+        if max_itl_s is None:
+            return self.max_batch
+        # ITL(b) / (1 - load) <= target  <=>  ITL(b) <= target * (1 - load)
+        limit = max_itl_s
+        if prompt_tokens_per_s > 0:
+            limit *= 1.0 - self.prefill_load(prompt_tokens_per_s)
+        lo, hi = 0, self.max_batch
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.itl_s(mid, context) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def cost_per_output_token(self, batch: float, context: float | None = None) -> float:
+        """USD per output token when the GPU runs this batch: price per second / T(b)."""
+        return self.price_per_hour / 3600.0 / self.throughput(batch, context)
 
     def prefill_time_s(self, tokens: float) -> float:
         """Seconds of GPU time to prefill a prompt of `tokens` tokens."""
         return self.profile.prefill_time_s(tokens)
 
     def prefill_cost(self, tokens: float) -> float:
-        """Amortized USD of prefilling `tokens` prompt tokens (the GPU does nothing else meanwhile)."""
+        """USD of prefilling `tokens` prompt tokens (the GPU does nothing else meanwhile)."""
         return self.prefill_time_s(tokens) * self.price_per_hour / 3600.0
 
-    def amortized_cost(self, prompt_tokens: float, output_tokens: float, batch: float) -> float:
-        """USD of a request's prefill plus its output tokens at the amortized rate of `batch`."""
+    def amortized_cost(
+        self,
+        prompt_tokens: float,
+        output_tokens: float,
+        batch: float,
+        context: float | None = None,
+    ) -> float:
+        """USD of a request's prefill plus its output tokens at the rate of `batch`."""
         b = batch if batch <= self.max_batch else self.max_batch
-        return self.prefill_cost(prompt_tokens) + output_tokens * self.cost_per_output_token(b)
+        return self.prefill_cost(prompt_tokens) + output_tokens * self.cost_per_output_token(
+            b, context
+        )
 
     def predicted_ttft_s(
         self,
@@ -165,36 +208,44 @@ class GpuModel:
         prefill = self.prefill_time_s(queued_prefill_tokens) + self.prefill_time_s(prompt_tokens)
         return wait + prefill + after / self._table[after]
 
-    def ramp(self, batch_after: int) -> float:
-        """Fraction of the amortized cost a reserved GPU charges as marginal cost at this batch."""
-        if batch_after <= self.knee:
-            return 0.0
-        span = self.max_batch - self.knee
-        if span <= 0:
-            return 1.0
-        r = (batch_after - self.knee) / span
-        return r if r < 1.0 else 1.0
+    def most_per_token(self) -> tuple[float, float]:
+        """(USD per prompt token, USD per output token) no request is attributed more than.
 
-    def marginal_cost(self, prompt_tokens: int, output_tokens: int, batch_after: int) -> float:
-        """USD that sending this request here adds, with the batch becoming `batch_after`.
-
-        Reserved: ~0 up to the knee (the GPU is paid anyway), then a linear ramp to the
-        amortized cost at max_batch. On-demand: the amortized cost at the predicted batch.
+        The slowest measured prefill speed and batch-1 decode at the slowest measured
+        context: interpolation never goes below them (it is clamped outside the measured
+        range), so a budget reservation at these prices is an upper bound.
         """
-        if self.mode == "reserved":
-            r = self.ramp(batch_after)
-            if r == 0.0:
-                return 0.0
-            return r * self.amortized_cost(prompt_tokens, output_tokens, batch_after)
-        return self.amortized_cost(prompt_tokens, output_tokens, batch_after)
+        per_s = self.price_per_hour / 3600.0
+        slowest_prefill = min(t for _, t in self.profile.prefill)
+        slowest_decode = min(self.profile.decode_tokens_per_s(1, c) for c in self.profile.contexts)
+        return per_s / slowest_prefill, per_s / slowest_decode
 
-    def chargeback_cost(
-        self, prompt_tokens: int, completion_tokens: int, batch_seen: float
+    def marginal_cost(self, batch_after: int, slo_batch: int, displaced_usd: float) -> float:
+        """USD that sending one more request here costs the operator (routing).
+
+        The GPU's hour is paid while it is up, reserved or on_demand, so the only cost is
+        the work this request may displace: `displaced_usd` (what that work pays at the
+        cheapest external candidate) times `opportunity_share(batch_after, b*)`.
+        """
+        share = opportunity_share(batch_after, slo_batch)
+        return share * displaced_usd if share > 0.0 else 0.0
+
+    def attributed_cost(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        batch_seen: float,
+        *,
+        cached_tokens: int = 0,
+        context: float | None = None,
     ) -> float:
-        """USD a tenant is charged for local tokens at the batch they actually shared.
+        """USD a tenant is charged for local tokens (ledger chargeback).
 
-        Positive whenever any token was processed: an idle GPU's cost is not hidden (batch 1
-        is the most expensive), and a full batch is cheap.
+        The prefill of the uncached prompt (prefix-cache hits cost no prefill time) plus
+        each output token at `price / T(b)` of the batch b it shared. Positive whenever any
+        token was processed: batch 1 is the dearest, a full batch cheap. Idle time is not
+        in it (see `idle_cost` in docs/economics.md).
         """
         b = batch_seen if batch_seen >= 1 else 1.0
-        return self.amortized_cost(max(prompt_tokens, 0), max(completion_tokens, 0), b)
+        uncached = max(prompt_tokens - max(cached_tokens, 0), 0)
+        return self.amortized_cost(uncached, max(completion_tokens, 0), b, context)

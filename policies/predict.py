@@ -24,21 +24,35 @@ def local_load(s: BackendSnapshot) -> int:
     return load
 
 
+def external_cost(request: RouteRequest, s: BackendSnapshot) -> float:
+    """List price x the request's expected tokens on an external backend."""
+    return (
+        request.prompt_tokens * s.price_in_per_token
+        + request.expected_output_tokens * s.price_out_per_token
+    )
+
+
 def predict(
     request: RouteRequest,
     s: BackendSnapshot,
     now: float,
     sigmas: float,
     guard: Slo | None = None,
+    displaced_usd: float | None = None,
 ) -> Candidate:
     """What sending `request` to `s` is predicted to cost and take, judged against its SLO.
 
     With a `guard`, a local worker must also be within the guard's TTFT and ITL bounds:
-    delay-tolerant work keeps out of a worker that protected traffic needs.
+    delay-tolerant work keeps out of a worker that protected traffic needs. A local
+    worker's cost is its marginal cost (`GpuModel.marginal_cost`): `displaced_usd` is the
+    price of the work it may displace (the cheapest external candidate for this request's
+    expected tokens); None (no external candidate) prices it at the GPU's own cost of these
+    tokens at b*.
     """
     out = request.expected_output_tokens
     gpu = s.gpu
     batch = 0
+    b_star = 0
     if gpu is not None:
         load = local_load(s)
         queued_prefill = s.pending_prefill_tokens
@@ -52,14 +66,23 @@ def predict(
             expected_output_tokens=out,
         )
         batch = load + 1
+        # The request's mean context while it decodes stands for the batch's.
+        context = request.prompt_tokens + out / 2
+        rate = s.recent_prompt_tokens_per_s
         itl = gpu.itl_under_load_s(
-            batch if batch <= gpu.max_batch else gpu.max_batch, s.recent_prompt_tokens_per_s
+            batch if batch <= gpu.max_batch else gpu.max_batch, rate, context
         )
-        cost = gpu.marginal_cost(request.prompt_tokens, out, batch)
+        target = request.slo.max_itl_s
+        if target is None and guard is not None:
+            target = guard.max_itl_s
+        b_star = gpu.slo_batch(target, rate, context)
+        if displaced_usd is None:
+            displaced_usd = gpu.amortized_cost(request.prompt_tokens, out, max(b_star, 1), context)
+        cost = gpu.marginal_cost(batch, b_star, displaced_usd)
     else:
         ttft = s.ttft_s + s.ttft_per_prompt_token_s * request.prompt_tokens
         itl = s.itl_s
-        cost = request.prompt_tokens * s.price_in_per_token + out * s.price_out_per_token
+        cost = external_cost(request, s)
     decode = out - 1 if out > 1 else 0
     total = ttft + decode * itl
 
@@ -86,4 +109,4 @@ def predict(
                 f"busy: itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms"
                 f" > {guard.max_itl_s * 1000:g}ms (protected)"
             )
-    return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch)
+    return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch, b_star)

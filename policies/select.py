@@ -125,7 +125,7 @@ def _detail(c: Candidate, s: BackendSnapshot, request: RouteRequest) -> str:
         itl += f" <= {request.slo.max_itl_s * 1000:g}ms"
     ttft = f"ttft {c.predicted_ttft_s:.2f}s"
     if gpu is not None:
-        return f"{gpu.mode}, batch {c.predicted_batch}/{gpu.max_batch}, {ttft}, {itl}"
+        return f"{gpu.mode}, batch {c.predicted_batch}/b*{c.slo_batch}, {ttft}, {itl}"
     return f"{ttft}, {itl}"
 
 
@@ -143,6 +143,7 @@ def _demote(c: Candidate) -> Candidate:
         c.meets_slo,
         "near rate limit" + (f"; {c.reason}" if c.reason else ""),
         c.predicted_batch,
+        c.slo_batch,
     )
 
 
@@ -170,10 +171,11 @@ def select(
     rank = pol.rank if isinstance(pol, PinnedPolicy) else None
     need_tokens = request.prompt_tokens + request.max_output_tokens
     rejected: list[tuple[str, str]] = []
-    usable: list[Candidate] = []
-    near: list[Candidate] = []
+    accepted: list[BackendSnapshot] = []
+    preds: list[Candidate | None] = []
     by_name: dict[str, BackendSnapshot] = {}
     version = 0
+    alt: Candidate | None = None
     for s in snapshots:
         version = max(version, s.price_version)
         h = s.headroom
@@ -187,13 +189,32 @@ def select(
             rejected.append((s.name, "not in pinned order"))
         else:
             by_name[s.name] = s
-            c = predict(request, s, now, sigmas, guard)
-            if (h.remaining_tokens is not None or h.remaining_requests is not None) and near_limit(
-                h, need_tokens, now
-            ):
-                near.append(_demote(c))
+            accepted.append(s)
+            if s.gpu is None:
+                c = predict(request, s, now, sigmas, guard)
+                preds.append(c)
+                if not s.is_local and (
+                    alt is None
+                    or (c.meets_slo, -c.predicted_cost_usd)
+                    > (alt.meets_slo, -alt.predicted_cost_usd)
+                ):
+                    alt = c
             else:
-                usable.append(c)
+                preds.append(None)  # local: priced once the alternative is known
+
+    # Local GPUs are priced by the work they may displace: the alternative's price.
+    displaced = alt.predicted_cost_usd if alt is not None else None
+    usable: list[Candidate] = []
+    near: list[Candidate] = []
+    for s, pred in zip(accepted, preds, strict=True):
+        c = pred if pred is not None else predict(request, s, now, sigmas, guard, displaced)
+        h = s.headroom
+        if (h.remaining_tokens is not None or h.remaining_requests is not None) and near_limit(
+            h, need_tokens, now
+        ):
+            near.append(_demote(c))
+        else:
+            usable.append(c)
 
     if isinstance(pol, CostPolicy):
         ranked, reason = _rank_cost(request, usable, near, by_name)
@@ -220,7 +241,14 @@ def select(
         if wait is not None:
             reason = f"wait up to {wait:.1f}s for local; then {reason}"
     return RouteDecision(
-        tuple(ranked), _ascii(reason), version, policy_name(pol), tuple(rejected), wait
+        tuple(ranked),
+        _ascii(reason),
+        version,
+        policy_name(pol),
+        tuple(rejected),
+        wait,
+        None if alt is None else alt.backend,
+        displaced,
     )
 
 

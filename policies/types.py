@@ -107,6 +107,9 @@ class Candidate:
     reason: str = ""
     # Batch size on a local worker once this request joins it (0 for remote backends).
     predicted_batch: int = 0
+    # b*: the largest batch on this local worker whose predicted ITL meets the request's
+    # ITL target (the protected class's for guarded work); 0 for remote backends.
+    slo_batch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,10 @@ class RouteDecision:
     # Seconds worth waiting in the gateway queue for local headroom before using
     # `candidates` (which then start with an external backend); None: go now.
     wait_for_local: float | None = None
+    # The cheapest external candidate that meets the SLO (else the cheapest external) and
+    # its predicted cost for the expected tokens: the alternative to serving locally.
+    alternative: str | None = None
+    alternative_cost_usd: float | None = None
 
     @property
     def chosen(self) -> Candidate | None:

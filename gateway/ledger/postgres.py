@@ -15,6 +15,8 @@ _BIGINT = {
     "price_out_nusd_per_m",
     "price_cached_nusd_per_m",
     "cost_nusd",
+    "marginal_cost_nusd",
+    "counterfactual_cost_nusd",
 }
 _INT = {
     "attempt",
@@ -35,6 +37,9 @@ _NULLABLE = {
     "ttft_s",
     "batch_size",
     "client_request_id",
+    "marginal_cost_nusd",
+    "counterfactual_cost_nusd",
+    "counterfactual_backend",
 }
 
 
@@ -119,8 +124,12 @@ class PostgresLedger:
             + ", PRIMARY KEY (request_id, attempt))",
             f"CREATE INDEX IF NOT EXISTS ledger_ts ON {s}.ledger (ts)",
             f"CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON {s}.ledger (tenant, ts)",
-            # Ledgers created before the column existed gain it in place.
-            f"ALTER TABLE {s}.ledger ADD COLUMN IF NOT EXISTS client_request_id TEXT",
+            # Ledgers created before a nullable column existed gain it in place.
+            *(
+                f"ALTER TABLE {s}.ledger ADD COLUMN IF NOT EXISTS {_column_sql(c)}"
+                for c in COLUMNS
+                if c in _NULLABLE
+            ),
             f"CREATE INDEX IF NOT EXISTS ledger_client_request_id ON {s}.ledger (client_request_id)",
         ]
 

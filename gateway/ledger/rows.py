@@ -70,6 +70,20 @@ class LedgerRow:
     # The id the client sent (x-client-request-id / x-request-id), for its own reconciliation;
     # never the key: clients may repeat it.
     client_request_id: str | None = None
+    # Routing's marginal cost of the attempt (what serving it here cost the operator at the
+    # margin; 0 on an idle local GPU) and the counterfactual: the cheapest external candidate
+    # that met the SLO at routing time, priced at the attempt's actual tokens. None: unknown
+    # (rows written before these columns existed, or no external candidate).
+    marginal_cost_nusd: int | None = None
+    counterfactual_cost_nusd: int | None = None
+    counterfactual_backend: str | None = None
+
+    @property
+    def saved_usd(self) -> Decimal | None:
+        """Counterfactual - attributed (this row's cost); negative when serving here cost more."""
+        if self.counterfactual_cost_nusd is None:
+            return None
+        return nusd_to_usd(self.counterfactual_cost_nusd - self.cost_nusd)
 
     @property
     def cost_usd(self) -> Decimal:
@@ -100,6 +114,8 @@ class LedgerRow:
         batch_size: int | None = None,
         is_local: bool = False,
         client_request_id: str | None = None,
+        marginal_cost_usd: float | None = None,
+        counterfactual: tuple[str, UnitPrices] | None = None,
     ) -> LedgerRow:
         """Build a row from metered usage and the unit prices in force for the attempt."""
         price_in, price_out, price_cached = prices.nusd
@@ -131,6 +147,13 @@ class LedgerRow:
             batch_size=batch_size,
             is_local=is_local,
             client_request_id=client_request_id,
+            marginal_cost_nusd=(
+                None if marginal_cost_usd is None else usd_to_nusd(Decimal(repr(marginal_cost_usd)))
+            ),
+            counterfactual_cost_nusd=(
+                None if counterfactual is None else usd_to_nusd(cost_usd(usage, counterfactual[1]))
+            ),
+            counterfactual_backend=None if counterfactual is None else counterfactual[0],
         )
 
     def as_tuple(self) -> tuple[Any, ...]:
@@ -164,6 +187,9 @@ class LedgerRow:
             self.batch_size,
             self.is_local,
             self.client_request_id,
+            self.marginal_cost_nusd,
+            self.counterfactual_cost_nusd,
+            self.counterfactual_backend,
         )
 
     def to_json(self) -> bytes:

@@ -49,6 +49,8 @@ _INT_COLUMNS = {
     "stream",
     "batch_size",
     "is_local",
+    "marginal_cost_nusd",
+    "counterfactual_cost_nusd",
 }
 _REAL_COLUMNS = {"ts", "ttft_s", "total_s"}
 _NULLABLE = {
@@ -58,6 +60,9 @@ _NULLABLE = {
     "ttft_s",
     "batch_size",
     "client_request_id",
+    "marginal_cost_nusd",
+    "counterfactual_cost_nusd",
+    "counterfactual_backend",
 }
 
 

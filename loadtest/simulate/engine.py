@@ -219,8 +219,11 @@ class Engine:
                 if r.predicted_itl_s is not None and n > 1 and r.first_token_at is not None:
                     err = (now - r.first_token_at) / (n - 1) - r.predicted_itl_s
                     self.itl_error[name] = self.itl_error[name].update(err, self.sc.ewma_alpha)
-                r.chargeback_usd = gpu.model.chargeback_cost(
-                    r.tr.prompt_tokens, r.tr.output_tokens, gpu.batch_seen(ev.job)
+                r.chargeback_usd = gpu.model.attributed_cost(
+                    r.tr.prompt_tokens,
+                    r.tr.output_tokens,
+                    gpu.batch_seen(ev.job),
+                    context=r.tr.prompt_tokens + r.tr.output_tokens / 2,
                 )
                 freed = True
         self._schedule_gpu(name)

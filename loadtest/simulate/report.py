@@ -180,8 +180,7 @@ def markdown(
             f"- `{g.name}`: local GPU, {m.mode} at ${m.price_per_hour:.2f}/h, profile "
             f"`{m.profile.name or 'custom'}` (decode at context {m.profile.reference_context}: "
             f"{dict(m.points)} tokens/s; measured contexts {list(m.profile.contexts)}), "
-            f"prefill {m.prefill_tokens_per_s:.0f} tokens/s at 512, max batch {m.max_batch}, "
-            f"knee {m.knee}."
+            f"prefill {m.prefill_tokens_per_s:.0f} tokens/s at 512, max batch {m.max_batch}."
         )
     for p in scenario.providers:
         lines.append(

@@ -352,12 +352,20 @@ async def test_non_stream_local_gpu_charged_at_batch_never_zero(env: Env, oai: A
     batch = row["batch_size"]
     assert isinstance(batch, int) and batch >= 1
     # Chargeback: the batch-aware cost model at the batch the request shared.
+    # Prices are taken at the request's context (prompt + half the expected output) rounded
+    # up to a power of two: a short prompt and 16 tokens land in the 16..32 bucket.
     gpu = GpuModel.from_spec(GpuSpec(**GPU))
-    out_usd_per_m = round(gpu.cost_per_output_token(batch) * 1e6, 9)
-    in_usd_per_m = round(gpu.prefill_cost(1_000_000), 9)
+    version, _, at = row["price_version"].partition("/gpu@")
+    assert version == raw.headers["x-neogate-price-version"]
+    assert at.startswith(f"b{batch}c")
+    context = int(at.removeprefix(f"b{batch}c"))
+    assert context in (16, 32)
+    out_usd_per_m = round(gpu.cost_per_output_token(batch, context) * 1e6, 9)
+    # One prefill speed in this profile (20k tokens/s): $2.95 per 3600 x 20k tokens.
+    in_usd_per_m = round(2.95 / 3600 / 20_000 * 1e6, 9)
     assert row["price_out_nusd_per_m"] == nusd_per_m(out_usd_per_m) > 0
     assert row["price_in_nusd_per_m"] == nusd_per_m(in_usd_per_m) > 0
-    assert row["price_version"] == f"{raw.headers['x-neogate-price-version']}/gpu@b{batch}"
+    assert row["price_cached_nusd_per_m"] == 0  # a prefix-cache hit costs no prefill time
     assert row["cost_nusd"] == expected_cost_nusd(row) > 0
     if batch == 1:
         # DESIGN.md worked figure: H100 at 2.95 $/h, 8B at c=1 -> ~3.82 $/M output tokens.

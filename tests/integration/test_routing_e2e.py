@@ -346,11 +346,13 @@ async def test_price_change_at_runtime_moves_traffic(
                 )
                 raw.parse()
                 h = raw.headers
+                # Served by the cheapest external: it is also the alternative.
+                assert h["x-neogate-alternative-cost-usd"] == h["x-neogate-marginal-cost-usd"]
                 return (
                     h["x-neogate-backend"],
                     h["x-neogate-price-version"],
                     rid,
-                    float(h["x-neogate-predicted-cost-usd"]),
+                    float(h["x-neogate-marginal-cost-usd"]),
                 )
 
             before = [await ask("before") for _ in range(4)]
@@ -379,6 +381,9 @@ async def test_price_change_at_runtime_moves_traffic(
         row = rows[0]
         assert (row["backend"], row["price_version"]) == (backend, version)
         assert row["price_out_nusd_per_m"] == round(price * 1e9)
+        # The counterfactual is the backend that served: nothing saved, nothing lost.
+        assert row["counterfactual_backend"] == backend
+        assert row["counterfactual_cost_nusd"] == row["cost_nusd"] > 0
 
 
 # --- 3. rate-limit headroom and 429 cool-down -------------------------------------------------

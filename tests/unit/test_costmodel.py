@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.costmodel import GpuModel, derive_knee
+from policies.costmodel import GpuModel, opportunity_share
 from policies.profile import Profile
 from policies.spec import LLAMA_8B_H100, GpuSpec, ThroughputProfileSpec
 
@@ -43,41 +43,77 @@ def test_itl_is_batch_over_throughput(h100: GpuModel) -> None:
     assert h100.itl_s(400) == pytest.approx(2 * h100.itl_s(200))
 
 
-def test_knee_is_derived_from_the_profile(h100: GpuModel) -> None:
-    # 100 -> 200 adds 11 tokens/s per request, far below 25% of 215: the knee is at 100.
-    assert h100.knee == 100
-    assert derive_knee(((1, 100.0), (10, 1000.0)), max_batch=64) == 10
+def test_slo_batch_is_the_largest_batch_meeting_the_itl_target(h100: GpuModel) -> None:
+    # 10 ms: T(b) >= 100 b. Between 100 (12215) and 200 (13348) T rises 11.33 per request:
+    # 12215 + 11.33 (b - 100) >= 100 b  <=>  b <= 11082 / 88.67 = 124.98 -> b* = 124.
+    assert h100.slo_batch(0.010) == 124
+    # 50 ms: every batch up to max_batch meets it; no target: max_batch.
+    assert h100.slo_batch(0.050) == 256 and h100.slo_batch(None) == 256
+    # 1 ms: not even batch 1 (1/215 s = 4.65 ms).
+    assert h100.slo_batch(0.001) == 0
 
 
-def test_reserved_marginal_cost_is_zero_below_the_knee_then_ramps(h100: GpuModel) -> None:
-    assert h100.mode == "reserved"
-    assert h100.marginal_cost(1000, 200, batch_after=1) == 0.0
-    assert h100.marginal_cost(1000, 200, batch_after=100) == 0.0
-    mid = h100.marginal_cost(1000, 200, batch_after=178)
-    full = h100.marginal_cost(1000, 200, batch_after=256)
-    assert 0 < mid < full
-    assert full == pytest.approx(h100.amortized_cost(1000, 200, 256))
-    # Past max_batch the request queues; its price stays the full amortized cost.
-    assert h100.marginal_cost(1000, 200, batch_after=400) == pytest.approx(full)
+def test_slo_batch_counts_prefill_interference(h100: GpuModel) -> None:
+    # 10k prompt tokens/s on a 20k tokens/s prefill halves decoding: 10 ms -> 5 ms per step,
+    # T(b) >= 200 b. Between 5 (1077) and 25 (4679) T rises 180.1 per request:
+    # 1077 + 180.1 (b - 5) >= 200 b  <=>  b <= 176.5 / 19.9 = 8.87 -> b* = 8.
+    assert h100.slo_batch(0.010, prompt_tokens_per_s=10_000) == 8
 
 
-def test_on_demand_pays_amortized_cost_at_the_predicted_batch() -> None:
-    gpu = GpuModel.from_spec(GpuSpec(price_per_hour=2.95, mode="on_demand"))
-    at1 = gpu.marginal_cost(0, 100, batch_after=1)
-    at50 = gpu.marginal_cost(0, 100, batch_after=50)
-    assert at1 == pytest.approx(100 * 2.95 / 3600 / 215)
-    assert at50 == pytest.approx(100 * 2.95 / 3600 / 8018)
-    with_prompt = gpu.marginal_cost(20_000, 100, batch_after=50)
-    # Prefill: 20k tokens at 20k tokens/s is one GPU-second.
-    assert with_prompt - at50 == pytest.approx(2.95 / 3600)
+def test_slo_batch_falls_with_context_length() -> None:
+    from gateway.profiles import load_profile
+
+    gpu = GpuModel.from_profile(load_profile("llama-3.1-8b-h200"), 3.50)
+    # 20 ms: T(b) >= 50 b. At context 4096, between 64 (4845) and 128 (6036), slope 18.609:
+    # 4845 + 18.609 (b - 64) >= 50 b  <=>  b <= 3654 / 31.39 = 116.4 -> 116.
+    assert gpu.slo_batch(0.020, context=4096) == 116
+    # At context 1024, between 256 (16828) and 384 (17540), slope 5.5625:
+    # 16828 + 5.5625 (b - 256) >= 50 b  <=>  b <= 15404 / 44.4375 = 346.6 -> 346.
+    assert gpu.slo_batch(0.020, context=1024) == 346
 
 
-def test_chargeback_is_never_free_and_cheaper_in_a_full_batch(h100: GpuModel) -> None:
-    alone = h100.chargeback_cost(500, 200, batch_seen=1)
-    shared = h100.chargeback_cost(500, 200, batch_seen=32)
+def test_opportunity_share_is_zero_with_headroom_and_rises_to_one_at_b_star() -> None:
+    # b* = 100: band = 25, so zero while 75 or fewer are already there.
+    assert opportunity_share(76, 100) == 0.0
+    assert opportunity_share(88, 100) == pytest.approx(12 / 25)
+    assert opportunity_share(100, 100) == pytest.approx(24 / 25)
+    assert opportunity_share(101, 100) == 1.0
+    # A small b*: the band is one request; every slot under b* is free.
+    assert opportunity_share(4, 4) == 0.0 and opportunity_share(5, 4) == 1.0
+    # No batch meets the SLO: always the full displaced price.
+    assert opportunity_share(1, 0) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["reserved", "on_demand"])
+def test_marginal_cost_is_the_displaced_work_share_for_both_modes(mode: str) -> None:
+    gpu = GpuModel.from_spec(GpuSpec(price_per_hour=2.95, mode=mode))  # type: ignore[arg-type]
+    # The displaced work: 1000 prompt + 200 output tokens at Groq's $0.05/$0.08 per M.
+    displaced = 1000 * 0.05e-6 + 200 * 0.08e-6
+    assert displaced == pytest.approx(6.6e-5)
+    # An idle GPU (batch 1 of b* 100) costs nothing to use, on_demand included: it is paid.
+    assert gpu.marginal_cost(1, 100, displaced) == 0.0
+    assert gpu.marginal_cost(88, 100, displaced) == pytest.approx(0.48 * 6.6e-5)
+    assert gpu.marginal_cost(101, 100, displaced) == pytest.approx(6.6e-5)
+
+
+def test_attributed_cost_by_hand(h100: GpuModel) -> None:
+    # $2.95/h = $0.000819444/s. 1000 prompt tokens of which 600 were prefix-cache hits:
+    # 400 uncached at 20k tokens/s = 0.02 s; 200 output tokens at batch 50 (8018 tokens/s)
+    # = 0.0249439 s. Total 0.0449439 GPU-s x $0.000819444 = $3.68293e-5.
+    cost = h100.attributed_cost(1000, 200, 50, cached_tokens=600)
+    assert cost == pytest.approx(3.68293e-5, rel=1e-5)
+    # Without the cache hit the prefill of all 1000 tokens is charged: + 0.03 s.
+    assert h100.attributed_cost(1000, 200, 50) == pytest.approx(
+        (0.05 + 200 / 8018) * 2.95 / 3600, rel=1e-9
+    )
+
+
+def test_attributed_cost_is_never_free_and_cheaper_in_a_full_batch(h100: GpuModel) -> None:
+    alone = h100.attributed_cost(500, 200, batch_seen=1)
+    shared = h100.attributed_cost(500, 200, batch_seen=32)
     assert alone > shared > 0
-    assert h100.chargeback_cost(500, 200, batch_seen=0) == alone
-    assert h100.chargeback_cost(0, 0, batch_seen=5) == 0.0
+    assert h100.attributed_cost(500, 200, batch_seen=0) == alone
+    assert h100.attributed_cost(0, 0, batch_seen=5) == 0.0
 
 
 def test_predicted_ttft_counts_queued_prefill_and_full_batches(h100: GpuModel) -> None:
@@ -95,12 +131,11 @@ def test_predicted_ttft_counts_queued_prefill_and_full_batches(h100: GpuModel) -
     assert over == pytest.approx(expected_wait + 0.1 + h100.itl_s(256))
 
 
-def test_seventy_b_profile_has_its_own_knee_and_costs() -> None:
+def test_seventy_b_profile_has_its_own_costs() -> None:
     spec = ThroughputProfileSpec(decode_tokens_per_s={1: 75, 5: 388, 25: 1565, 50: 2744, 100: 4092})
     gpu = GpuModel.from_profile(spec, 3.50)
     # A token at batch 1 costs T(50) / T(1) = 36.6 times one at batch 50.
     assert gpu.cost_per_output_token(1) / gpu.cost_per_output_token(50) == pytest.approx(2744 / 75)
-    assert gpu.knee == 100  # still gaining > 25% of batch-1 speed per request up to 100
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ def request(
 
 
 def local(name: str = "gpu-a", **kw: object) -> BackendSnapshot:
-    return BackendSnapshot(name, "llama-3.1-8b", is_local=True, gpu=H100, **kw)  # type: ignore[arg-type]
+    kw.setdefault("gpu", H100)
+    return BackendSnapshot(name, "llama-3.1-8b", is_local=True, **kw)  # type: ignore[arg-type]
 
 
 def groq(**kw: object) -> BackendSnapshot:
@@ -77,7 +78,7 @@ def test_cost_fills_reserved_gpu_while_slo_holds() -> None:
     assert top.predicted_cost_usd == 0.0 and top.meets_slo and top.predicted_batch == 8
     assert d.policy == "cost" and d.price_version == 4
     assert d.reason.startswith("cost: gpu-a $0")
-    assert "reserved, batch 8/256" in d.reason and "2 others" in d.reason
+    assert "reserved, batch 8/b*256" in d.reason and "2 others" in d.reason
 
 
 def test_cost_spills_to_cheapest_external_when_local_ttft_breaks_slo() -> None:
@@ -194,7 +195,8 @@ def test_stale_metrics_are_ignored_and_inflight_is_used() -> None:
     d2 = select(request(), [fresh, groq()], COST, NOW)
     assert names(d2)[0] == "groq"
     assert d2.candidates[1].predicted_batch == 341
-    assert d2.candidates[1].predicted_cost_usd > 0  # past the knee: no longer free
+    # Past b* (here max_batch 256): the full price of the work it displaces, groq's.
+    assert d2.candidates[1].predicted_cost_usd == pytest.approx(800 * 0.05e-6 + 200 * 0.08e-6)
 
 
 def test_fresh_full_kv_cache_counts_as_a_full_batch() -> None:
@@ -291,3 +293,48 @@ def test_batch_work_keeps_out_of_a_busy_worker_and_waits() -> None:
     assert names(quiet)[0] == "gpu-a" and quiet.wait_for_local is None
     # The guard never applies to the protected class itself.
     assert GUARDED.protect_class == "interactive"  # type: ignore[union-attr]
+
+
+TIGHT = Slo(max_ttft_s=1.0, max_itl_s=0.010)
+
+
+def test_marginal_cost_rises_to_the_cheapest_external_price_near_b_star() -> None:
+    # ITL 10 ms on the H100 profile: b* = 124 (see test_costmodel), band ceil(124/4) = 31,
+    # so the cost is zero up to 93 requests already there and rises by 1/31 per request.
+    req = RouteRequest("llama-8b", 800, 512, 200, True, "tight", TIGHT, None, "t1")
+    groq_usd = 800 * 0.05e-6 + 200 * 0.08e-6  # 5.6e-5: the work a full GPU displaces
+    calm = select(req, [local(inflight=90), groq(), together()], COST, NOW)
+    assert calm.candidates[0].backend == "gpu-a" and calm.candidates[0].predicted_cost_usd == 0
+    assert calm.candidates[0].slo_batch == 124
+    busy = select(req, [local(inflight=110), groq(), together()], COST, NOW)
+    gpu = busy.candidates[0]
+    assert gpu.backend == "gpu-a" and gpu.predicted_batch == 111
+    assert gpu.predicted_cost_usd == pytest.approx(17 / 31 * groq_usd)
+    assert busy.alternative == "groq" and busy.alternative_cost_usd == pytest.approx(groq_usd)
+
+
+def test_an_idle_on_demand_gpu_is_used_first() -> None:
+    # It is billed while up: an idle one costs nothing more to use (no batch-1 average cost).
+    on_demand = GpuModel.from_spec(GpuSpec(price_per_hour=2.95, mode="on_demand"))
+    d = select(request(), [groq(), local(gpu=on_demand)], COST, NOW)
+    assert names(d) == ["gpu-a", "groq"] and d.candidates[0].predicted_cost_usd == 0.0
+    assert "on_demand, batch 1/b*256" in d.reason
+
+
+def test_the_alternative_is_the_cheapest_external_that_meets_the_slo() -> None:
+    slow_groq = groq(ttft_s=2.0)
+    d = select(request(), [slow_groq, together(), local(inflight=3)], COST, NOW)
+    assert d.alternative == "together"
+    assert d.alternative_cost_usd == pytest.approx((800 + 200) * 0.18e-6)
+    only_local = select(request(), [local(inflight=3)], COST, NOW)
+    assert only_local.alternative is None and only_local.alternative_cost_usd is None
+
+
+def test_without_an_external_candidate_the_gpu_prices_its_own_tokens_at_b_star() -> None:
+    req = RouteRequest("llama-8b", 800, 512, 200, True, "tight", TIGHT, None, "t1")
+    d = select(req, [local("gpu-a", inflight=110), local("gpu-b", inflight=20)], COST, NOW)
+    assert names(d) == ["gpu-b", "gpu-a"]
+    # Own cost at b* 124: 800 / 20k tokens/s = 0.04 s prefill + 200 / T(124) = 200 / 12486.92
+    # = 0.016017 s decode; x $2.95/3600 per s = $4.5903e-5; 17/31 of it.
+    busy = d.candidates[1]
+    assert busy.predicted_cost_usd == pytest.approx(17 / 31 * 0.056017 * 2.95 / 3600, rel=1e-4)
