@@ -13,7 +13,14 @@ from gateway import endpoints
 from gateway.admin import add_admin_routes, add_usage_routes
 from gateway.background import Background
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    UnsupportedMediaType,
+)
+from gateway.exchange import refuse_encoded_body
 from gateway.ledger.reports import spend_by_tenant
 from gateway.proxy import handler
 from gateway.runtime import (
@@ -44,7 +51,14 @@ def create_app(
     app = web.Application(
         middlewares=[_errors_middleware],
         client_max_size=max(cap, 4 * 1024 * 1024) + 1,
-        handler_args={"max_field_size": 16384},
+        # Request bodies are never decompressed (a gzip bomb inflates on the event loop,
+        # in aiohttp's parser, before any handler runs): `_errors_middleware` answers 415.
+        handler_args={
+            "max_field_size": 16384,
+            "auto_decompress": False,
+            # aiohttp's idle timer (also for a connection that never sends a byte).
+            "keepalive_timeout": config.listen.keepalive_s,
+        },
     )
     app[REQUEST_IDS] = RequestIds()
     app.cleanup_ctx.append(_runtime_ctx(config, opts))
@@ -60,7 +74,7 @@ def create_app(
 
 def create_admin_app(ref: RuntimeRef) -> web.Application:
     """The admin API alone, for a separate admin port, sharing the gateway's runtime."""
-    app = web.Application(middlewares=[_errors_middleware])
+    app = web.Application(middlewares=[_errors_middleware], handler_args={"auto_decompress": False})
     app[RUNTIME] = ref
     app[REQUEST_IDS] = RequestIds()
     add_admin_routes(app)
@@ -142,7 +156,12 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     rid = request.app[REQUEST_IDS].next()
     request[REQUEST_ID] = rid
     try:
+        refuse_encoded_body(request.headers)
         resp = await handler(request)
+    except UnsupportedMediaType as exc:
+        resp = _error_response(exc, rid)
+        resp.force_close()  # the body is not read: the connection cannot go on
+        return resp
     except GatewayError as exc:
         return _error_response(exc, rid)
     except web.HTTPRequestEntityTooLarge as exc:

@@ -175,6 +175,12 @@ class ListenSpec(Model):
     # Inference requests are read by neogate's own HTTP/1.1 edge (gateway.edge);
     # false leaves every connection to aiohttp (slower, for comparison or a suspected edge bug).
     fast_edge: bool = True
+    # Per-connection time limits (gateway.conn_deadlines), on both roads: a request head
+    # must be whole within head_timeout_s of its first byte, its body within body_timeout_s
+    # of the head; a connection without a request in progress closes after keepalive_s.
+    head_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    keepalive_s: float = Field(default=75.0, gt=0, le=3600)
 
 
 class AdminSpec(Model):

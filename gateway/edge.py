@@ -8,9 +8,10 @@ road, and aiohttp keeps everything else.
 
 The edge serves only a strict, common subset of HTTP/1.1 itself: `POST` to
 one of the three inference paths with `HTTP/1.1`, exactly one decimal
-`Content-Length`, no `Transfer-Encoding`, `Expect`, `Upgrade` or
-`Content-Encoding`, CRLF line ends, token header names and values without
-control characters. Anything else, at any request boundary, hands the
+`Content-Length`, no `Transfer-Encoding`, `Expect` or `Upgrade`, CRLF line
+ends, token header names and values without control characters. A
+`Content-Encoding` is refused (415) by the request path before the body is
+read, on both roads: request bodies are never decompressed. Anything else, at any request boundary, hands the
 connection, with every byte not yet answered, to aiohttp's own protocol,
 which serves it from then on: malformed and unusual requests meet aiohttp's
 strict parser, other paths meet their aiohttp routes, and an inference request
@@ -33,7 +34,8 @@ from typing import Final, cast
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.errors import GatewayError
+from gateway.conn_deadlines import ConnectionLimits, RequestDeadlines
+from gateway.errors import GatewayError, RequestTimeout
 from gateway.exchange import too_large
 from gateway.inbound import PATHS, Endpoint
 from gateway.proxy import serve_request
@@ -51,11 +53,14 @@ _ROUTES: Final[dict[bytes, Endpoint]] = {
 _HEADER_LINE: Final = re.compile(
     r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*(?=\r\n)"
 )
-_HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade", "content-encoding")
+_HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade")
 _MAX_REQUEST_LINE: Final = 8192
 _MAX_HEAD: Final = 65536  # a longer head goes to aiohttp, whose limits answer it
 _PIPELINE_PAUSE: Final = 1 << 20  # stop reading while this much waits behind a request
-KEEPALIVE_S: Final = 75.0  # an idle connection is closed after this long (aiohttp's default)
+# After an answer sent before its body was read (413, 415, 401...): half-close, drop what
+# the client still sends for this long, then close (closing at once could reset the
+# connection before the client has read the answer).
+_LINGER_S: Final = 2.0
 
 
 class Edge:
@@ -66,12 +71,14 @@ class Edge:
         app: web.Application,
         fallback: Callable[[], asyncio.BaseProtocol],
         *,
-        keepalive_s: float = KEEPALIVE_S,
+        limits: ConnectionLimits,
+        fast_edge: bool = True,
     ) -> None:
         self.ref = app[RUNTIME]
         self.ids = app[REQUEST_IDS]
         self.fallback = fallback
-        self.keepalive_s = keepalive_s
+        self.limits = limits
+        self.fast_edge = fast_edge
         self.connections: set[EdgeConnection] = set()
         self.busy = 0
         self.closing = False
@@ -81,7 +88,9 @@ class Edge:
         self._tail = b""
         self._status_lines: dict[int, bytes] = {}
 
-    def protocol(self) -> EdgeConnection:
+    def protocol(self) -> asyncio.BaseProtocol:
+        if not self.fast_edge:
+            return RequestDeadlines(self.fallback(), self.limits)
         return EdgeConnection(self)
 
     def start(self) -> None:
@@ -112,12 +121,22 @@ class Edge:
             self._drained.set()
 
     async def _sweep(self) -> None:
-        """Close connections idle for longer than the keep-alive time (one timer per site)."""
+        """Cut heads slower than the head deadline and close connections idle past the
+        keep-alive time (one timer per site; bodies have their deadline in `wait_body`)."""
+        limits = self.limits
         while True:
-            await asyncio.sleep(min(self.keepalive_s / 4, 15.0))
-            cutoff = time.monotonic() - self.keepalive_s
+            await asyncio.sleep(limits.sweep_s)
+            now = time.monotonic()
+            idle_cutoff = now - limits.keepalive_s
+            head_cutoff = now - limits.head_timeout_s
             for conn in list(self.connections):
-                if not conn.busy and conn.last_active < cutoff:
+                if conn.busy:
+                    continue
+                since = conn.head_since
+                if since is not None:
+                    if since < head_cutoff:
+                        conn.abort()
+                elif conn.last_active < idle_cutoff:
                     conn.close()
 
     async def shutdown(self, drain_s: float) -> None:
@@ -145,8 +164,10 @@ class EdgeConnection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_body_deadline",
         "_body_waiter",
         "_buf",
+        "_discarding",
         "_drain",
         "_edge",
         "_need",
@@ -154,6 +175,7 @@ class EdgeConnection(asyncio.Protocol):
         "_write_paused",
         "busy",
         "current",
+        "head_since",
         "last_active",
         "task",
         "transport",
@@ -172,6 +194,11 @@ class EdgeConnection(asyncio.Protocol):
         self.current: EdgeExchange | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_active = time.monotonic()
+        # When the head in progress began (None: no request under way); the first
+        # request's head runs from the connection's opening.
+        self.head_since: float | None = self.last_active
+        self._body_deadline = 0.0
+        self._discarding = False
         self.transport: asyncio.Transport | None = None
 
     # -- asyncio.Protocol --
@@ -185,7 +212,11 @@ class EdgeConnection(asyncio.Protocol):
         self._edge.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        now = self.last_active = time.monotonic()
+        if self._discarding:
+            return
+        if self.head_since is None and not self.busy and not self._need:
+            self.head_since = now
         if self._need:
             data = self._take_body(data)
             if not data:
@@ -248,6 +279,8 @@ class EdgeConnection(asyncio.Protocol):
             return
         connection = headers.get("connection")
         keep_alive = connection is None or "close" not in connection.lower()
+        self.head_since = None
+        self._body_deadline = time.monotonic() + self._edge.limits.body_timeout_s
         ex = EdgeExchange(self, self._edge.ids.next(), headers, length, keep_alive)
         start = end + 4
         if len(buf) - start >= length:
@@ -284,10 +317,18 @@ class EdgeConnection(asyncio.Protocol):
         return data[need:]
 
     async def wait_body(self) -> bytes:
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        """The rest of the body, or RequestTimeout when it is not whole by its deadline."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes] = loop.create_future()
         self._body_waiter = waiter
+        deadline = loop.time() + (self._body_deadline - time.monotonic())
         try:
-            return await waiter
+            async with asyncio.timeout_at(deadline):
+                return await waiter
+        except TimeoutError:
+            raise RequestTimeout(
+                "the request body did not arrive in time", should_retry=False
+            ) from None
         finally:
             self._body_waiter = None
 
@@ -322,15 +363,28 @@ class EdgeConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if ex.close_after or not ex.complete or self._need or self._edge.closing:
+            unread = self._need > 0
             self._need = 0
             self._body = bytearray()
-            transport.close()
+            self._buf = b""
+            if unread and ex.complete and not self._edge.closing:
+                self._linger(transport)
+            else:
+                transport.close()
             return
+        self.head_since = time.monotonic() if self._buf else None
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
         if self._buf:
             self._next_request()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """The answer went out before the body was read: end our side, drop the rest, close."""
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
     def _hand_over(self) -> None:
         """Give the connection and every byte not yet answered to aiohttp's protocol."""
@@ -338,7 +392,12 @@ class EdgeConnection(asyncio.Protocol):
         assert transport is not None
         self._edge.connections.discard(self)
         self.transport = None
-        proto = self._edge.fallback()
+        edge = self._edge
+        loop_now = asyncio.get_running_loop().time()
+        since = self.head_since if self.head_since is not None else time.monotonic()
+        deadline = loop_now + edge.limits.head_timeout_s - (time.monotonic() - since)
+        # aiohttp has no head or body deadline of its own: the guard keeps ours.
+        proto = RequestDeadlines(edge.fallback(), edge.limits, head_deadline=deadline)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         buf, self._buf = self._buf, b""
@@ -472,9 +531,10 @@ def _content_length(headers: CIMultiDict[str]) -> int | None:
 
 
 class EdgeSite(web.BaseSite):
-    """A TCP site whose connections start at the edge (aiohttp's `TCPSite` otherwise)."""
+    """A TCP site whose connections start at the edge, or (`fast_edge` off) at aiohttp
+    behind the same connection deadlines."""
 
-    __slots__ = ("_drain_s", "_edge", "_host", "_keepalive_s", "_port", "_reuse_port")
+    __slots__ = ("_drain_s", "_edge", "_fast_edge", "_host", "_limits", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -485,14 +545,16 @@ class EdgeSite(web.BaseSite):
         backlog: int = 128,
         reuse_port: bool = False,
         drain_s: float = 60.0,
-        keepalive_s: float = KEEPALIVE_S,
+        limits: ConnectionLimits | None = None,
+        fast_edge: bool = True,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
         self._drain_s = drain_s
-        self._keepalive_s = keepalive_s
+        self._limits = limits
+        self._fast_edge = fast_edge
         self._edge: Edge | None = None
 
     @property
@@ -503,7 +565,10 @@ class EdgeSite(web.BaseSite):
         await super().start()
         runner = cast(web.AppRunner, self._runner)
         assert runner.server is not None
-        edge = Edge(runner.app, runner.server, keepalive_s=self._keepalive_s)
+        limits = self._limits or ConnectionLimits.from_spec(
+            runner.app[RUNTIME].current.config.listen
+        )
+        edge = Edge(runner.app, runner.server, limits=limits, fast_edge=self._fast_edge)
         self._server = await asyncio.get_running_loop().create_server(
             edge.protocol,
             self._host,
@@ -531,21 +596,21 @@ async def open_site(
     backlog: int = 128,
     reuse_port: bool = False,
     drain_s: float = 60.0,
-    keepalive_s: float = KEEPALIVE_S,
+    limits: ConnectionLimits | None = None,
 ) -> web.BaseSite:
-    """Listen on host:port for `runner`'s app, through the edge unless `fast_edge` is off."""
-    site: web.BaseSite
-    if fast_edge:
-        site = EdgeSite(
-            runner,
-            host,
-            port,
-            backlog=backlog,
-            reuse_port=reuse_port,
-            drain_s=drain_s,
-            keepalive_s=keepalive_s,
-        )
-    else:
-        site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port)
+    """Listen on host:port for `runner`'s app, through the edge unless `fast_edge` is off.
+
+    `limits` defaults to the app's `listen.*` time limits; both roads keep them.
+    """
+    site = EdgeSite(
+        runner,
+        host,
+        port,
+        backlog=backlog,
+        reuse_port=reuse_port,
+        drain_s=drain_s,
+        limits=limits,
+        fast_edge=fast_edge,
+    )
     await site.start()
     return site

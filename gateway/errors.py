@@ -8,7 +8,9 @@
     ├── NotFound                      404 invalid_request_error / not_found
     │   └── ModelNotFound             404 invalid_request_error / model_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── RequestTimeout                408 invalid_request_error / request_timeout
     ├── PayloadTooLarge               413 invalid_request_error / request_too_large
+    ├── UnsupportedMediaType          415 invalid_request_error / unsupported_content_encoding
     ├── LimitExceeded                 429 rate_limit_exceeded (retry-after where waiting helps)
     │   ├── BudgetExceeded            429 insufficient_quota / budget_exceeded
     │   └── Overloaded                429 rate_limit_exceeded / gateway_overloaded
@@ -139,6 +141,18 @@ class PayloadTooLarge(GatewayError):
     error_type = "invalid_request_error"
     default_code = "request_too_large"
     retry_default = False
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_content_encoding"
 
 
 class LimitExceeded(GatewayError):

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from aiohttp import web
+from multidict import MultiMapping
 
-from gateway.errors import PayloadTooLarge
+from gateway.errors import PayloadTooLarge, UnsupportedMediaType
 from gateway.runtime import REQUEST_ID
 
 
@@ -45,6 +46,25 @@ class ClientExchange(Protocol):
     def abort(self) -> None:
         """Drop the connection at once (a client that stopped reading)."""
         ...
+
+
+def refuse_encoded_body(headers: Mapping[str, str]) -> None:
+    """Refuse (415) a request whose body is compressed, before any of it is read.
+
+    Request bodies are never decompressed: a small gzip body can inflate to gigabytes
+    (a stall of the event loop, or memory), and no OpenAI client compresses requests.
+    """
+    codings: list[str]
+    if isinstance(headers, MultiMapping):
+        codings = list(headers.getall("content-encoding", ()))
+    else:
+        one = headers.get("content-encoding")
+        codings = [] if one is None else [one]
+    for coding in codings:
+        if coding.strip(" \t").lower() not in ("", "identity"):
+            raise UnsupportedMediaType(
+                "compressed request bodies are not accepted: send the body without Content-Encoding"
+            )
 
 
 def too_large(length: int, cap: int) -> PayloadTooLarge:

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
-from gateway.exchange import AiohttpExchange, ClientExchange
+from gateway.exchange import AiohttpExchange, ClientExchange, refuse_encoded_body
 from gateway.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering import Completion
@@ -48,6 +48,7 @@ def handler(endpoint: Endpoint) -> Any:
 
 async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> None:
     """Authenticate, read and validate one inference request, then serve it."""
+    refuse_encoded_body(ex.headers)  # first: a compressed body is never read, keyed or not
     tenant = rt.auth.tenant_for(ex.headers)
     raw = await ex.read_body(tenant.limits.max_body_bytes)
     inbound = parse_request(raw, endpoint, tenant.limits)

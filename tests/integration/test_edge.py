@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.app import AppOptions, create_app
 from gateway.config import parse_config
+from gateway.conn_deadlines import ConnectionLimits
 from gateway.edge import open_site
 from loadtest.sim.common import start_site
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_policy
@@ -345,7 +346,8 @@ async def test_idle_connections_are_closed_after_the_keep_alive_time(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await open_site(runner, "127.0.0.1", 0, keepalive_s=0.3)
+        limits = ConnectionLimits(head_timeout_s=0.3, body_timeout_s=0.3, keepalive_s=0.3)
+        await open_site(runner, "127.0.0.1", 0, limits=limits)
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         idle, used = await Conn.open(url), await Conn.open(url)
         await used.send(post())
