@@ -200,6 +200,19 @@ class MemoryLimitStore:
             if c.key not in self._counters or self.value(c.key, now) == 0:
                 self._counters[c.key] = (c.amount, None if c.ttl_s is None else now + c.ttl_s)
 
+    def has(self, key: str, now: float) -> bool:
+        """Whether counter `key` exists (and has not expired)."""
+        entry = self._counters.get(key)
+        return entry is not None and (entry[1] is None or entry[1] > now)
+
+    def tat(self, key: str) -> float | None:
+        """Rate `key`'s theoretical arrival time, if it has one."""
+        return self._tat.get(key)
+
+    def seed_rates(self, tats: Mapping[str, float]) -> None:
+        """Start rates at these theoretical arrival times (a share of what was left)."""
+        self._tat.update(tats)
+
     def _apply(self, counters: Sequence[CounterCheck], now: float) -> None:
         for c in counters:
             value = self.value(c.key, now)
@@ -304,15 +317,25 @@ class Admission:
         return len(self._open)
 
     async def reserve(
-        self, tenant: str, est_tokens: int, est_cost_usd: Decimal | float
+        self,
+        tenant: str,
+        est_tokens: int,
+        est_cost_usd: Decimal | float,
+        *,
+        budget_tokens: int | None = None,
     ) -> Reservation:
-        """Hold `est_tokens` and `est_cost_usd` against `tenant`; raise AdmissionRejected."""
+        """Hold `est_tokens` and `est_cost_usd` against `tenant`; raise AdmissionRejected.
+
+        Token budgets hold `budget_tokens` when given (an upper bound that may exceed what
+        the tokens-per-minute limit takes, `est_tokens`).
+        """
         cost = usd_to_nusd(to_decimal(est_cost_usd))
+        held = est_tokens if budget_tokens is None else budget_tokens
         rid = next(self._ids)
         lim = self._limited.get(tenant)
         if lim is None:
             self._open.add(rid)
-            return Reservation(rid, tenant, est_tokens, cost)
+            return Reservation(rid, tenant, held, cost)
         now = self.clock()
         tpm_limit = lim.tokens_per_minute
         if tpm_limit is not None and est_tokens > tpm_limit:
@@ -322,7 +345,7 @@ class Admission:
                 f"{tpm_limit} tokens per minute",
                 None,
             )
-        counters = _budget_checks(tenant, lim, est_tokens, cost, now)
+        counters = _budget_checks(tenant, lim, held, cost, now)
         rates: list[RateCheck] = []
         if lim.requests_per_minute is not None:
             rates.append(RateCheck(f"{tenant}:rpm", 1, MINUTE_S / lim.requests_per_minute))
@@ -334,7 +357,7 @@ class Admission:
         if refusal is not None:
             raise _rejection(tenant, lim, refusal, counters, now)
         self._open.add(rid)
-        return Reservation(rid, tenant, est_tokens, cost, tuple(counters), tpm)
+        return Reservation(rid, tenant, held, cost, tuple(counters), tpm)
 
     async def settle(
         self, reservation: Reservation, real_tokens: int, real_cost_usd: Decimal | float
@@ -351,8 +374,9 @@ class Admission:
         ]
         deltas = [c for c in deltas if c.amount]
         rates = []
-        if reservation.tpm is not None and d_tokens:
-            rates.append(RateCheck(reservation.tpm.key, d_tokens, reservation.tpm.interval_s))
+        tpm = reservation.tpm
+        if tpm is not None and real_tokens != tpm.cost:
+            rates.append(RateCheck(tpm.key, real_tokens - tpm.cost, tpm.interval_s))
         if deltas or rates:
             await self.store.adjust(deltas, rates, self.clock())
 

@@ -18,10 +18,24 @@ class Estimate:
     max_output_tokens: int  # the most it may produce (all choices)
     expected_output_tokens: int  # what routing plans for
     exact: bool  # False when the tokenizer fell back to a character estimate
+    # What budgets hold for the output when the client set no max_tokens: the key's cap
+    # (None: `max_output_tokens`, which the client bounded itself).
+    reserved_output_tokens: int | None = None
 
     @property
     def max_total_tokens(self) -> int:
         return self.prompt_tokens + self.max_output_tokens
+
+    @property
+    def budget_output_tokens(self) -> int:
+        """Output tokens a budget reservation holds: an upper bound, never the expectation."""
+        if self.reserved_output_tokens is None:
+            return self.max_output_tokens
+        return self.reserved_output_tokens
+
+    @property
+    def budget_total_tokens(self) -> int:
+        return self.prompt_tokens + self.budget_output_tokens
 
 
 class Estimator:
@@ -32,8 +46,15 @@ class Estimator:
         self.counting = counting if counting is not None else CountingPool()
         self._rough = Tokenizer.estimate()
 
-    async def estimate(self, inbound: InboundRequest, model: ModelSpec) -> Estimate:
-        """The request's token expectations; prompts over the counting cap are estimated."""
+    async def estimate(
+        self, inbound: InboundRequest, model: ModelSpec, output_cap: int | None = None
+    ) -> Estimate:
+        """The request's token expectations; prompts over the counting cap are estimated.
+
+        `output_cap` is the most output per choice this key may ask for (its max_tokens
+        limit): what a request without max_tokens holds against budgets. Holding only
+        the expected output let a burst of such requests overspend a budget 2.5x.
+        """
         exact = [self.tokenizer.exact]
 
         def rough() -> int:
@@ -47,9 +68,13 @@ class Estimator:
             return Estimate(prompt, 0, 0, exact[0])
         per_choice = inbound.max_tokens or model.expected_output_tokens
         expected = min(per_choice, model.expected_output_tokens)
+        reserved = None
+        if inbound.max_tokens is None and output_cap is not None:
+            reserved = max(output_cap, per_choice) * inbound.n
         return Estimate(
             prompt_tokens=prompt,
             max_output_tokens=per_choice * inbound.n,
             expected_output_tokens=expected * inbound.n,
             exact=exact[0],
+            reserved_output_tokens=reserved,
         )

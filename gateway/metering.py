@@ -122,14 +122,23 @@ class Meter:
     # --- before forwarding ----------------------------------------------------------
 
     async def reserve(self, tenant: Tenant, model: ModelSpec, estimate: Estimate) -> Reservation:
-        """Hold the most this request can cost against the tenant's budgets and rate limits."""
+        """Hold the most this request can cost against the tenant's budgets and rate limits.
+
+        Budgets hold the upper bound (`Estimate.budget_output_tokens`: the key's max_tokens
+        cap when the request set none); the tokens-per-minute limit the request's own.
+        """
         worst = self._worst_prices(model)
         cost = (
             estimate.prompt_tokens * worst.input_per_m
-            + estimate.max_output_tokens * worst.output_per_m
+            + estimate.budget_output_tokens * worst.output_per_m
         ) / _MILLION
         try:
-            return await self.admission.reserve(tenant.name, estimate.max_total_tokens, cost)
+            return await self.admission.reserve(
+                tenant.name,
+                estimate.max_total_tokens,
+                cost,
+                budget_tokens=estimate.budget_total_tokens,
+            )
         except AdmissionRejected as exc:
             self._metrics.rejections.labels(exc.limit).inc()
             raise _limit_error(exc) from exc

@@ -71,7 +71,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         )
     rid = ex.rid
     arrived = time.monotonic()
-    estimate = await rt.estimator.estimate(inbound, model)
+    estimate = await rt.estimator.estimate(inbound, model, tenant.limits.max_tokens)
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     completion.client_request_id = client_request_id(ex.headers)

@@ -5,11 +5,19 @@ configured. While Redis answers, every operation is one Redis script. When it
 stops answering:
 
 - **fail open** (`on_outage: open`): reservations are decided by an in-process
-  `MemoryLimitStore` seeded with the last counter values this process saw from
-  Redis, so a tenant near its budget stays near it. Rate limits restart per
-  process (each allows the configured rate while Redis is away). The
+  `MemoryLimitStore`. Each of the N processes sharing the limits (counted at the
+  last sync, see below) gets 1/N of what was left: a budget counter starts at
+  ``limit - (limit - value) / N`` of the value last synced (a key never seen:
+  1/N of the whole limit), a rate keeps the theoretical arrival time last synced
+  and each request moves it N times as far (1/N of the credit left, then 1/N of
+  the rate). So N processes together stay within the budget and the rate. The
   `neogate_redis_up` gauge is 0, `neogate_limits_decided_locally_total` counts
   the local decisions, and a warning is logged once per outage.
+
+Sync: every `sync_interval_s` (0.5 s) each process writes a heartbeat to
+``<prefix>:members`` (a sorted set; N = the members seen within 3 intervals) and
+reads the current values of the counters and rates it has used, so what it knows
+at an outage is at most one interval old, even for tenants it served rarely.
 - **fail closed** (`on_outage: closed`): `reserve` raises `SharedStateUnavailable`
   (503 `shared_state_unavailable` with `retry-after: 1`: the client may retry).
 
@@ -39,6 +47,12 @@ Reconciliation, when a background probe reaches Redis again:
 3. If the epoch changed, another replica already did step 2: same cut-off rule,
    with the time read from its epoch.
 
+Rate limits are not in the ledger, so they are rebuilt from what the processes
+hold: a rebuild (2) first raises each rate to the theoretical arrival time this
+process last synced, and every transfer (1, 2, 3) pushes each rate on by the
+credit this process used locally (at most what its local window still holds). A
+Redis that came back empty thus does not give every tenant a fresh minute.
+
 What is lost in 2 and 3 is the reservation of a request that was in flight at
 the cut-off (its settlement lands later, its reservation did not): an error of
 one reservation per request in flight at that moment, which is the bound the
@@ -49,6 +63,7 @@ against the cut-off: keep them NTP-synchronised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -66,6 +81,7 @@ from gateway.shared.redis_limits import (
     CounterDelta,
     EpochMissing,
     RedisLimitStore,
+    SyncReply,
 )
 
 log = logging.getLogger("neogate.shared")
@@ -76,6 +92,9 @@ OnOutage = Literal["open", "closed"]
 Reseed = Callable[[LimitStore, float], Awaitable[None]]
 
 PROBE_INTERVAL_S: Final = 0.25
+SYNC_INTERVAL_S: Final = 0.5
+# Keys not used for this long are no longer synced (their tenant went quiet).
+_SYNC_KEEP_S: Final = 3600.0
 # Counter values seen from Redis are kept for the fail-open fallback; this bounds them.
 _MAX_SEEN: Final = 100_000
 
@@ -145,9 +164,19 @@ class FailoverLimitStore:
         reseed: Reseed | None = None,
         metrics: SharedMetrics | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        sync_interval_s: float = SYNC_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        self.origin = uuid.uuid4().hex
+        self._sync_interval = sync_interval_s
+        self.members = 1  # processes sharing these limits, at the last sync
+        self._share = 1  # N in force for this outage's local decisions
+        # Rates seen from Redis: key -> (theoretical arrival time, when seen, when used).
+        self._rates_seen: dict[str, tuple[float, float, float]] = {}
+        # Credit (seconds, at the configured rate) each rate used locally in this outage.
+        self._rate_used: dict[str, float] = {}
+        self._syncing: asyncio.Task[None] | None = None
         self.on_outage = on_outage
         self.metrics = metrics if metrics is not None else SharedMetrics(None)
         self._reseed_hook = reseed
@@ -157,8 +186,10 @@ class FailoverLimitStore:
         self._local = MemoryLimitStore()
         self._clock = clock
         self._pending = OutageDeltas()
-        self._unsent: list[tuple[str, OutageDeltas]] = []  # cut batches: (transfer id, deltas)
-        self._seen: dict[str, tuple[int, float | None, float]] = {}  # key -> value, ttl, at
+        # Cut batches: (transfer id, counter deltas, rate pushes in seconds).
+        self._unsent: list[tuple[str, OutageDeltas, dict[str, float]]] = []
+        # Counters seen from Redis: key -> (value, ttl, when seen, limit, when used).
+        self._seen: dict[str, tuple[int, float | None, float, int | None, float]] = {}
         self._recovering: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -181,14 +212,63 @@ class FailoverLimitStore:
                 self._epoch = epoch
         except _DOWN_OR_UNSEEDED as exc:
             await self._enter_outage(exc)
+        if not self._degraded:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.sync()
+        self._syncing = asyncio.get_running_loop().create_task(
+            self._sync_loop(), name="neogate-redis-sync"
+        )
 
     async def close(self) -> None:
         self._closed = True
-        task, self._recovering = self._recovering, None
-        if task is not None:
+        tasks = {t for t in (self._recovering, self._syncing) if t is not None}
+        self._recovering = self._syncing = None
+        for task in tasks:
             task.cancel()
+        if tasks:
             # Bounded: a cancellation landing inside a redis-py read can be swallowed.
-            await asyncio.wait({task}, timeout=2.0)
+            await asyncio.wait(tasks, timeout=2.0)
+        if not self._degraded:
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.wait_for(self.redis.leave(self.origin), 1.0)
+
+    # --- sync ------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._sync_interval)
+            if self._degraded:
+                continue
+            try:
+                await self.sync()
+            except _DOWN_OR_UNSEEDED as exc:
+                await self._enter_outage(exc)
+
+    async def sync(self) -> None:
+        """Heartbeat, count the processes, refresh what this process knows of its keys."""
+        now = self._clock()
+        self._forget_unused(now)
+        counters = list(self._seen)
+        rates = list(self._rates_seen)
+        reply: SyncReply = await self.redis.sync(
+            self.origin, now, counters, rates, alive_s=3 * self._sync_interval
+        )
+        self.members = reply.members
+        for key, value in zip(counters, reply.values, strict=True):
+            old = self._seen.get(key)
+            if old is not None:
+                self._seen[key] = (value or 0, old[1], now, old[3], old[4])
+        for key, tat in zip(rates, reply.tats, strict=True):
+            seen = self._rates_seen.get(key)
+            if seen is not None:
+                self._rates_seen[key] = (tat if tat is not None else now, now, seen[2])
+
+    def _forget_unused(self, now: float) -> None:
+        cut = now - _SYNC_KEEP_S
+        if any(s[4] < cut for s in self._seen.values()):
+            self._seen = {k: s for k, s in self._seen.items() if s[4] >= cut}
+        if any(r[2] < cut for r in self._rates_seen.values()):
+            self._rates_seen = {k: r for k, r in self._rates_seen.items() if r[2] >= cut}
 
     # --- LimitStore ----------------------------------------------------------------
 
@@ -203,7 +283,7 @@ class FailoverLimitStore:
             else:
                 if isinstance(result, Refusal):
                     return result
-                self._remember(counters, result, now)
+                self._remember(counters, result, now, rates)
                 return None
         if self.on_outage == "closed":
             self.metrics.refused.inc()
@@ -213,9 +293,11 @@ class FailoverLimitStore:
                 retry_after_s=1.0,
             )
         self.metrics.local.labels("reserve").inc()
-        refusal = await self._local.reserve(counters, rates, now)
+        await self._share_unseen(counters, now)
+        refusal = await self._local.reserve(counters, self._scaled(rates), now)
         if refusal is None:
             self._pending.add(counters, now)
+            self._used(rates)
         return refusal
 
     async def adjust(
@@ -228,8 +310,30 @@ class FailoverLimitStore:
             except _DOWN_OR_UNSEEDED as exc:
                 await self._enter_outage(exc)
         self.metrics.local.labels("adjust").inc()
-        await self._local.adjust(counters, rates, now)
+        await self._local.adjust(counters, self._scaled(rates), now)
         self._pending.add(counters, now)
+        self._used(rates)
+
+    # --- the local share -------------------------------------------------------------
+
+    def _scaled(self, rates: Sequence[RateCheck]) -> list[RateCheck]:
+        """Each of N processes gets 1/N of a rate: every unit costs N times the interval."""
+        n = self._share
+        return [RateCheck(r.key, r.cost, r.interval_s * n, r.burst_s) for r in rates]
+
+    def _used(self, rates: Sequence[RateCheck]) -> None:
+        for r in rates:
+            self._rate_used[r.key] = self._rate_used.get(r.key, 0.0) + r.cost * r.interval_s
+
+    async def _share_unseen(self, counters: Sequence[CounterCheck], now: float) -> None:
+        """A budget this process never synced: assume it unspent, and take 1/N of it."""
+        fresh = [
+            CounterCheck(c.key, _share_start(0, c.limit, self._share), None, c.ttl_s)
+            for c in counters
+            if c.limit is not None and not self._local.has(c.key, now)
+        ]
+        if fresh:
+            await self._local.seed(fresh, now)
 
     async def seed(self, counters: Sequence[CounterCheck], now: float) -> None:
         if not self._degraded:
@@ -290,6 +394,8 @@ class FailoverLimitStore:
             except Exception as exc:
                 log.exception("rebuilding redis counters from the ledger failed")
                 raise RebuildFailed(str(exc)) from exc
+        # Rates are not in the ledger: rebuild them from the times this process last saw.
+        await self.redis.seed_rates({k: r[0] for k, r in self._rates_seen.items()}, cutoff)
         return await self.redis.ensure_epoch(make_epoch(cutoff))
 
     # --- outage and recovery -------------------------------------------------------
@@ -306,20 +412,28 @@ class FailoverLimitStore:
             if self.on_outage == "open"
             else "refusing new requests with 503 (FAIL CLOSED)"
         )
-        log.warning("redis unreachable (%s: %s): %s", type(exc).__name__, exc, mode)
+        self._share = max(1, self.members)
+        log.warning(
+            "redis unreachable (%s: %s): %s; this process takes 1/%d of what was left",
+            type(exc).__name__,
+            exc,
+            mode,
+            self._share,
+        )
         self._local = MemoryLimitStore()
         # MemoryLimitStore never suspends, so no other task runs before it is seeded.
         now = self._clock()
         await self._local.seed(self._last_seen(now), now)
+        self._local.seed_rates({k: r[0] for k, r in self._rates_seen.items() if r[0] > now})
         self._recovering = asyncio.get_running_loop().create_task(
             self._probe(), name="neogate-redis-recovery"
         )
 
     def _last_seen(self, now: float) -> list[CounterCheck]:
-        """The counters as last seen in Redis: where the local fallback starts."""
+        """Where the local fallback starts: 1/N of what was left at the last sync."""
         return [
-            CounterCheck(k, v, None, ttl)
-            for k, (v, ttl, at) in self._seen.items()
+            CounterCheck(k, _share_start(v, limit, self._share), None, ttl)
+            for k, (v, ttl, at, limit, _) in self._seen.items()
             if ttl is None or now - at < ttl
         ]
 
@@ -347,12 +461,14 @@ class FailoverLimitStore:
             elif self._epoch is not None and epoch != self._epoch:
                 self._cut_at(epoch, "redis was rebuilt by another replica meanwhile")
             self._epoch = epoch
-            while self._unsent or self._pending:
+            while self._unsent or self._pending or self._rate_used:
                 if not self._unsent:
                     batch, self._pending = self._pending, OutageDeltas()
-                    self._unsent.append((uuid.uuid4().hex, batch))
-                transfer_id, batch = self._unsent[0]
-                result = await self.redis.transfer(batch.merged(), epoch, transfer_id)
+                    self._unsent.append((uuid.uuid4().hex, batch, self._rate_pushes()))
+                transfer_id, batch, pushes = self._unsent[0]
+                result = await self.redis.transfer(
+                    batch.merged(), epoch, transfer_id, pushes, self._clock()
+                )
                 label = {1: "applied", 0: "duplicate", -1: "no_epoch", -2: "other_epoch"}
                 self.metrics.transfers.labels(label.get(result, "unknown")).inc()
                 if result < 0:
@@ -363,11 +479,32 @@ class FailoverLimitStore:
             self.metrics.up.set(1)
             log.warning("redis is back: shared limits are exact again")
 
+    def _rate_pushes(self) -> dict[str, float]:
+        """How far to push each rate in Redis: the credit used here, while it still counts.
+
+        A rate's local window holds `share` times the shared one, so what is left of this
+        process's use by now is at most the local window's lead over now, divided by N.
+        """
+        now = self._clock()
+        pushes: dict[str, float] = {}
+        for key, used in self._rate_used.items():
+            tat = self._local.tat(key)
+            lead = 0.0 if tat is None else max(0.0, tat - now) / self._share
+            if min(used, lead) > 0:
+                pushes[key] = min(used, lead)
+        self._rate_used = {}
+        return pushes
+
     def _cut_at(self, epoch: str, why: str) -> None:
-        """Drop the deltas from before `epoch`'s ledger read; keep (unbatch) the later ones."""
+        """Drop the deltas from before `epoch`'s ledger read; keep (unbatch) the later ones.
+
+        Rate pushes are not in the ledger: they are all kept.
+        """
         cutoff = epoch_cutoff(epoch)
-        for _, batch in self._unsent:
+        for _, batch, pushes in self._unsent:
             self._pending.absorb(batch)
+            for key, v in pushes.items():
+                self._rate_used[key] = self._rate_used.get(key, 0.0) + v
         self._unsent.clear()
         dropped = self._pending.drop_before(cutoff)
         if dropped:
@@ -375,7 +512,13 @@ class FailoverLimitStore:
 
     # --- bookkeeping ---------------------------------------------------------------
 
-    def _remember(self, counters: Sequence[CounterCheck], applied: Applied, now: float) -> None:
+    def _remember(
+        self,
+        counters: Sequence[CounterCheck],
+        applied: Applied,
+        now: float,
+        rates: Sequence[RateCheck] = (),
+    ) -> None:
         if len(self._seen) >= _MAX_SEEN:
             self._seen = {
                 k: s for k, s in self._seen.items() if s[1] is not None and now - s[2] < s[1]
@@ -383,15 +526,28 @@ class FailoverLimitStore:
             if len(self._seen) >= _MAX_SEEN:
                 self._seen.clear()
         for c, value in zip(counters, applied.values, strict=True):
-            self._seen[c.key] = (value, c.ttl_s, now)
+            old = self._seen.get(c.key)
+            limit = c.limit if c.limit is not None or old is None else old[3]
+            self._seen[c.key] = (value, c.ttl_s, now, limit, now)
+        if len(self._rates_seen) >= _MAX_SEEN:
+            self._rates_seen = {k: r for k, r in self._rates_seen.items() if r[0] > now}
+        for r, tat in zip(rates, applied.tats, strict=False):
+            self._rates_seen[r.key] = (tat, now, now)
 
     def pending_deltas(self) -> dict[str, int]:
         """Net outage-time changes not yet in Redis (for tests and the admin view)."""
         total = OutageDeltas()
         total.absorb(self._pending)
-        for _, batch in self._unsent:
+        for _, batch, _ in self._unsent:
             total.absorb(batch)
         return {k: d.amount for k, d in total.merged().items() if d.amount}
+
+
+def _share_start(value: int, limit: int | None, share: int) -> int:
+    """A local counter's start: the budget as synced, less all but 1/`share` of what is left."""
+    if limit is None or share <= 1 or value >= limit:
+        return value
+    return limit - (limit - value) // share
 
 
 def make_epoch(cutoff: float) -> str:

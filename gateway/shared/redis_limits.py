@@ -94,7 +94,8 @@ def connect_fast(spec: RedisSpec, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Re
 # ARGV: now, n_counters, n_rates, (amount, limit|'', ttl_ms|'') per counter,
 #       (cost, interval_s, burst_s) per rate.
 # Returns {-1} (no epoch), {1, i} (counter i over its limit), {2, j, retry_after}
-# (rate j over), or {0, value_1, ..., value_n} (applied; the counters' new values).
+# (rate j over), or {0, value_1, ..., value_n, tat_1, ..., tat_m} (applied; the counters'
+# new values, then the rates' new theoretical arrival times as decimal strings).
 _RESERVE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local now = tonumber(ARGV[1])
@@ -130,7 +131,9 @@ for i = 1, nc do
 end
 for j = 1, nr do
   local ms = math.ceil((tats[j] - now) * 1000) + 1000
-  redis.call('SET', KEYS[1 + nc + j], string.format('%.6f', tats[j]), 'PX', ms)
+  local tat = string.format('%.6f', tats[j])
+  redis.call('SET', KEYS[1 + nc + j], tat, 'PX', ms)
+  out[nc + 1 + j] = tat
 end
 return out
 """
@@ -184,21 +187,52 @@ end
 return 0
 """
 
-# KEYS: epoch, marker, counters...  ARGV: expected epoch, marker ttl_s, (delta, ttl_ms|'')...
+# KEYS: epoch, marker, counters..., rates...
+# ARGV: expected epoch, marker ttl_s, now, n_counters, (delta, ttl_ms|'') per counter,
+#       (seconds) per rate: a rate's theoretical arrival time moves that far past max(it, now).
 # Returns -1 (no epoch), -2 (another epoch), 0 (this transfer was applied before), 1 (applied).
 _TRANSFER: Final = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then return -1 end
 if epoch ~= ARGV[1] then return -2 end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-for i = 3, #KEYS do
-  local a = 3 + (i - 3) * 2
-  redis.call('INCRBY', KEYS[i], ARGV[a])
-  if ARGV[a + 1] ~= '' and redis.call('PTTL', KEYS[i]) < 0 then
-    redis.call('PEXPIRE', KEYS[i], ARGV[a + 1])
+local now = tonumber(ARGV[3])
+local nc = tonumber(ARGV[4])
+for i = 1, nc do
+  local a = 5 + (i - 1) * 2
+  local key = KEYS[2 + i]
+  redis.call('INCRBY', key, ARGV[a])
+  if ARGV[a + 1] ~= '' and redis.call('PTTL', key) < 0 then
+    redis.call('PEXPIRE', key, ARGV[a + 1])
+  end
+end
+local rb = 5 + nc * 2
+for j = 1, #KEYS - 2 - nc do
+  local key = KEYS[2 + nc + j]
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  tat = tat + tonumber(ARGV[rb + j - 1])
+  if tat > now then
+    local ms = math.ceil((tat - now) * 1000) + 1000
+    redis.call('SET', key, string.format('%.6f', tat), 'PX', ms)
   end
 end
 return 1
+"""
+
+# KEYS: rates...  ARGV: now, tat per rate. Raises each rate's theoretical arrival time to
+# the given one (a rebuild from the times this process last saw); never lowers it.
+_SEED_RATES: Final = """
+local now = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local tat = tonumber(ARGV[i + 1])
+  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat > now and tat > cur then
+    local ms = math.ceil((tat - now) * 1000) + 1000
+    redis.call('SET', KEYS[i], string.format('%.6f', tat), 'PX', ms)
+  end
+end
+return 0
 """
 
 
@@ -208,9 +242,20 @@ def _ttl_ms(ttl_s: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """A reservation Redis applied, with each counter's value after it (for a local fallback)."""
+    """A reservation Redis applied, with each counter's value after it (for a local fallback)
+    and, for a reservation, each rate's theoretical arrival time."""
 
     values: tuple[int, ...]
+    tats: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReply:
+    """What one sync read: processes sharing these limits now, and the keys' current state."""
+
+    members: int
+    values: tuple[int | None, ...]  # counters (None: absent)
+    tats: tuple[float | None, ...]  # rates' theoretical arrival times (None: absent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +285,8 @@ class RedisLimitStore:
         self._adjust = client.register_script(_ADJUST)
         self._seed = client.register_script(_SEED)
         self._transfer = client.register_script(_TRANSFER)
+        self._seed_rates = client.register_script(_SEED_RATES)
+        self.members_key = f"{key_prefix}:members"
 
     def key(self, admission_key: str) -> str:
         return f"{self.prefix}:lim:{admission_key}"
@@ -313,7 +360,10 @@ class RedisLimitStore:
             return Refusal(counters[int(reply[1]) - 1].key, None)
         if code == 2:
             return Refusal(rates[int(reply[1]) - 1].key, float(reply[2]))
-        return Applied(tuple(int(v) for v in reply[1:]))
+        n = len(counters)
+        return Applied(
+            tuple(int(v) for v in reply[1 : n + 1]), tuple(float(v) for v in reply[n + 1 :])
+        )
 
     async def epoch(self) -> str | None:
         """The current epoch, or None when Redis lost (or never had) its counters."""
@@ -335,20 +385,66 @@ class RedisLimitStore:
         return value
 
     async def transfer(
-        self, deltas: Mapping[str, CounterDelta], epoch: str, transfer_id: str
+        self,
+        deltas: Mapping[str, CounterDelta],
+        epoch: str,
+        transfer_id: str,
+        rates: Mapping[str, float] | None = None,
+        now: float = 0.0,
     ) -> int:
-        """Add `deltas` once: a retry with the same `transfer_id` is a no-op.
+        """Add `deltas` (and push each rate in `rates` that many seconds on) once: a retry
+        with the same `transfer_id` is a no-op.
 
         Returns 1 applied, 0 applied before, -1 Redis has no epoch, -2 another epoch
         (Redis lost its counters and was reseeded: the deltas are already in the ledger).
         """
         items = [(k, d) for k, d in deltas.items() if d.amount]
+        pushes = [(k, v) for k, v in (rates or {}).items() if v > 0]
         keys = [self.epoch_key, f"{self.prefix}:xfer:{transfer_id}"]
-        keys += [self.key(k) for k, _ in items]
-        args = [epoch, str(TRANSFER_MARKER_TTL_S)]
+        keys += [self.key(k) for k, _ in items] + [self.key(k) for k, _ in pushes]
+        args = [epoch, str(TRANSFER_MARKER_TTL_S), repr(now), str(len(items))]
         for _, d in items:
             args += [str(int(d.amount)), _ttl_ms(d.ttl_s)]
+        args += [repr(v) for _, v in pushes]
         return int(await self._transfer(keys=keys, args=args))
+
+    async def seed_rates(self, tats: Mapping[str, float], now: float) -> None:
+        """Raise rates' theoretical arrival times to `tats` where they are lower or absent."""
+        if not tats:
+            return
+        keys = [self.key(k) for k in tats]
+        await self._seed_rates(keys=keys, args=[repr(now), *(repr(t) for t in tats.values())])
+
+    async def sync(
+        self,
+        origin: str,
+        now: float,
+        counters: Sequence[str],
+        rates: Sequence[str],
+        *,
+        alive_s: float,
+    ) -> SyncReply:
+        """Say this process is alive, count the live ones, read counters' and rates' state."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.members_key, {origin: now})
+        pipe.zremrangebyscore(self.members_key, "-inf", now - alive_s)
+        pipe.zcard(self.members_key)
+        pipe.pexpire(self.members_key, max(1, math.ceil(alive_s * 1000)))
+        keys = [self.key(k) for k in (*counters, *rates)]
+        if keys:
+            pipe.mget(keys)
+        reply = await pipe.execute()
+        raw: list[Any] = reply[4] if keys else []
+        n = len(counters)
+        return SyncReply(
+            max(1, int(reply[2])),
+            tuple(None if v is None else int(v) for v in raw[:n]),
+            tuple(None if v is None else float(v) for v in raw[n:]),
+        )
+
+    async def leave(self, origin: str) -> None:
+        """This process stops sharing the limits (a clean shutdown): the others' share grows."""
+        await self.client.zrem(self.members_key, origin)
 
     async def value(self, admission_key: str) -> int:
         """One counter's value (0 when absent): for tests and the admin view."""

@@ -148,7 +148,8 @@ async def test_reserve_is_all_or_nothing_and_names_the_first_failure(
     assert refusal.retry_after_s == pytest.approx(1.0, abs=1e-4)
     assert await store.value("t:usd:t") == 0
     applied = await store.reserve_values([ok], [rate], now)
-    assert applied == Applied((5,))
+    # The counters' new values, and the rate's new theoretical arrival time.
+    assert applied == Applied((5,), (pytest.approx(now + 1.0, abs=1e-5),))
 
 
 async def test_counters_keep_their_period_ttl(store: RedisLimitStore) -> None:
