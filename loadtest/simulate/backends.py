@@ -1,11 +1,11 @@
 """Modelled backends in simulated time: a fluid model of a GPU worker and an external provider.
 
-The GPU worker follows the same throughput profile the router's cost model uses,
-but runs it as a queueing system: prompts are prefilled one after another (FIFO)
-at the prefill speed, with a per-request speed noise the router does not know;
-while a prefill runs, decoding gets only `1 - prefill_share` of the GPU; all
-running requests advance one token per step of ITL(batch). Between events all
-rates are constant, so the state jumps from event to event.
+The GPU worker runs on `GpuPhysics` (measured rates, chunked-prefill steps, KV capacity),
+not on the router's cost model: prompts are prefilled one after another (FIFO) with a
+per-request speed noise the router does not know; while a prefill runs, every step
+also carries the running requests' decode tokens and lasts as the physics says; all
+running requests advance one token per step. Between events all rates are constant,
+so the state jumps from event to event.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from policies.costmodel import GpuModel
+from loadtest.simulate.physics import GpuPhysics
 from policies.headroom import Headroom
 from policies.types import NO_HEADROOM
 
@@ -38,6 +38,16 @@ class Job:
     joined_batch_s: float = 0.0
     joined_at: float = 0.0
 
+    @property
+    def kv_need(self) -> int:
+        """KV-cache tokens the request holds by its end."""
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def mean_context(self) -> float:
+        """Its context length halfway through decoding (what its attention reads on average)."""
+        return self.prompt_tokens + self.output_tokens / 2
+
 
 @dataclass(slots=True)
 class WorkerEvent:
@@ -53,8 +63,7 @@ class SimGpu:
     """A local GPU worker (vLLM-like continuous batching) as a fluid queueing model."""
 
     name: str
-    model: GpuModel
-    prefill_share: float = 0.9
+    physics: GpuPhysics
     max_waiting: int = 1024
     t: float = 0.0
     v: float = 0.0  # decode tokens each running request has produced since t=0
@@ -65,35 +74,44 @@ class SimGpu:
     batch_s: float = 0.0
     tokens_out: int = 0
     version: int = 0
-    # Sum over running requests of (prompt tokens - v when they joined): with v, their context.
-    context_base: float = 0.0
+    # When the last request finished: a GPU is held at least until then.
+    last_done: float = 0.0
+    # Sum over running requests of their mean context (prompt + half the output).
+    _context_sum: float = 0.0
+    # Prompt + output tokens of everything admitted (prefilling or running): the KV cache.
+    kv_tokens: int = 0
+    _rates_at: int = -1
+    _rates: tuple[float, float] = (0.0, 0.0)
 
     def load(self) -> int:
         """Requests on the worker: running, prefilling and waiting for a slot."""
         return len(self.running) + len(self.prefill) + len(self.waiting)
 
-    def _context(self) -> float | None:
-        """Mean context (prompt + tokens produced) of the running requests."""
-        b = len(self.running)
-        return (self.context_base + b * self.v) / b if b else None
-
-    def _rates(self) -> tuple[float, float]:
+    def rates(self) -> tuple[float, float]:
         """(prefill tokens/s, decode tokens/s per running request) right now."""
+        if self._rates_at == self.version:
+            return self._rates
+        ph = self.physics
         b = len(self.running)
-        itl = self.model.itl_s(b, self._context()) if b else 0.0
+        ctx = self._context_sum / b if b else 0.0
         if self.prefill:
-            share = self.prefill_share if b else 1.0
-            decode = (1.0 - share) / itl if b else 0.0
-            speed = self.model.profile.prefill_tokens_per_s(self.prefill[0].prompt_tokens)
-            return speed * share, decode
-        return 0.0, (1.0 / itl if b else 0.0)
+            head = self.prefill[0].prompt_tokens
+            if b:
+                step, chunk = ph.mixed_step(b, ctx, head)
+                rates = (chunk / step, 1.0 / step)
+            else:
+                rates = (ph.prefill_tokens_per_s(head), 0.0)
+        else:
+            rates = (0.0, 1.0 / ph.decode_step_s(b, ctx) if b else 0.0)
+        self._rates_at, self._rates = self.version, rates
+        return rates
 
     def advance(self, now: float) -> None:
         """Move the fluid state to `now` (no event may lie in between)."""
         dt = now - self.t
         if dt <= 0:
             return
-        pre, dec = self._rates()
+        pre, dec = self.rates()
         if self.prefill:
             self.prefill[0].remaining -= pre * dt
         if self.running:
@@ -105,7 +123,7 @@ class SimGpu:
 
     def next_event(self) -> float | None:
         """Time of the next prefill completion or decode completion."""
-        pre, dec = self._rates()
+        pre, dec = self.rates()
         best = math.inf
         if self.prefill and pre > 0:
             best = self.t + max(self.prefill[0].remaining, 0.0) / pre
@@ -113,12 +131,25 @@ class SimGpu:
             best = min(best, self.t + max(self.running[0][0] - self.v, 0.0) / dec)
         return None if math.isinf(best) else best
 
+    def _fits(self, job: Job) -> bool:
+        ph = self.physics
+        held = len(self.running) + len(self.prefill)
+        if held >= ph.max_batch:
+            return False
+        cap = ph.kv_capacity_tokens
+        # An empty worker takes anything (else a too-long request would wait forever).
+        return cap is None or held == 0 or self.kv_tokens + job.kv_need <= cap
+
+    def _admit(self, job: Job) -> None:
+        self.prefill.append(job)
+        self.kv_tokens += job.kv_need
+
     def submit(self, job: Job, now: float) -> bool:
         """Accept a request; False when the worker's queue is full (it answers 503)."""
         self.advance(now)
         job.remaining = job.prefill_work
-        if len(self.running) + len(self.prefill) < self.model.max_batch:
-            self.prefill.append(job)
+        if not self.waiting and self._fits(job):
+            self._admit(job)
         elif len(self.waiting) < self.max_waiting:
             self.waiting.append(job)
         else:
@@ -142,23 +173,28 @@ class SimGpu:
             out.append(WorkerEvent("first_token", job, now))
             if job.output_tokens <= 1:
                 job.finished_at = now
+                self.kv_tokens -= job.kv_need
                 out.append(WorkerEvent("done", job, now))
             else:
                 job.joined_batch_s = self.batch_s
                 job.joined_at = now
+                self._context_sum += job.mean_context
                 heapq.heappush(self.running, (self.v + job.output_tokens - 1, job.rid, job))
-                self.context_base += job.prompt_tokens - self.v
         # Decode completions may land together (same finishing step); tolerate float drift.
         while self.running and self.running[0][0] <= self.v + 1e-9 * max(1.0, self.v):
-            end_v, _, job = heapq.heappop(self.running)
-            self.context_base -= job.prompt_tokens - (end_v - job.output_tokens + 1)
+            _, _, job = heapq.heappop(self.running)
             job.finished_at = now
+            self._context_sum -= job.mean_context
+            self.kv_tokens -= job.kv_need
             out.append(WorkerEvent("done", job, now))
+        if not self.running:
+            self._context_sum = 0.0  # no float residue
         for ev in out:
             if ev.kind == "done":
                 self.tokens_out += ev.job.output_tokens
-        while self.waiting and len(self.running) + len(self.prefill) < self.model.max_batch:
-            self.prefill.append(self.waiting.popleft())
+                self.last_done = now
+        while self.waiting and self._fits(self.waiting[0]):
+            self._admit(self.waiting.popleft())
         self.version += 1
         return out
 

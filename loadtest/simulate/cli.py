@@ -9,11 +9,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.config import ConfigError
 from gateway.profiles import load_profile, shipped_profiles
+from loadtest.simulate import suite_report
 from loadtest.simulate.engine import simulate
 from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
 from loadtest.simulate.routers import default_policies
 from loadtest.simulate.scenario import default_scenario
+from loadtest.simulate.scenario_file import load_scenario
+from loadtest.simulate.suite import (
+    SCENARIO_DIR,
+    run_scenario,
+    scenario_files,
+    suite_json,
+    summary_table,
+)
 from loadtest.simulate.traces import BUILTIN, Trace, dump_trace, load_trace
 
 
@@ -45,6 +55,26 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the local GPUs' performance profile: a shipped name "
         f"({', '.join(shipped_profiles())}) or a profile YAML file",
     )
+    p.add_argument(
+        "--scenario",
+        type=Path,
+        help="a scenario file (policy + trace + physics + price changes + TPM limits): run "
+        "the cost policy, the baselines and the hindsight bound on it",
+    )
+    p.add_argument(
+        "--suite",
+        nargs="?",
+        const=SCENARIO_DIR,
+        type=Path,
+        metavar="DIR",
+        help=f"every *.yaml scenario in DIR (default: the shipped {SCENARIO_DIR.name}/)",
+    )
+    p.add_argument(
+        "--short",
+        type=float,
+        metavar="SECONDS",
+        help="with --scenario/--suite: cut every trace to this many seconds",
+    )
     p.add_argument("--save-trace", type=Path, help="also write the trace used as JSON lines")
     p.set_defaults(func=run_simulate)
     return p
@@ -59,6 +89,8 @@ def _trace(arg: str, seed: int) -> Trace:
 
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation the parsed arguments describe; 0 on success, 2 on bad input."""
+    if args.scenario is not None or args.suite is not None:
+        return _run_referee(args)
     try:
         trace = _trace(args.trace, args.seed)
     except (OSError, ValueError) as e:
@@ -102,6 +134,54 @@ def run_simulate(args: argparse.Namespace) -> int:
         plot(trace, results, args.report / png)
         (args.report / "report.md").write_text(
             markdown(trace, scenario, results, args.seed, png), encoding="utf-8"
+        )
+        print(f"report: {args.report / 'report.md'}")
+    return 0
+
+
+def _run_referee(args: argparse.Namespace) -> int:
+    if args.scenario is not None and args.suite is not None:
+        print("neogate simulate: give --scenario or --suite, not both", file=sys.stderr)
+        return 2
+    if args.scenario is not None:
+        paths = [args.scenario]
+        command = f"neogate simulate --scenario {args.scenario}"
+    else:
+        paths = scenario_files(args.suite)
+        command = "neogate simulate --suite" + (
+            "" if args.suite == SCENARIO_DIR else f" {args.suite}"
+        )
+        if not paths:
+            print(f"neogate simulate: no *.yaml scenarios in {args.suite}", file=sys.stderr)
+            return 2
+    if args.short is not None:
+        command += f" --short {args.short:g}"
+    outcomes = []
+    for path in paths:
+        try:
+            loaded = load_scenario(path)
+        except ConfigError as e:
+            print(f"neogate simulate: {e.render()}", file=sys.stderr)
+            return 2
+        outcome = run_scenario(loaded, args.short)
+        print(
+            f"{outcome.name}: {len(outcome.trace.requests)} requests over "
+            f"{outcome.trace.duration_s:.0f} s",
+            file=sys.stderr,
+        )
+        outcomes.append(outcome)
+    print(summary_table(outcomes))
+    print()
+    print("\n".join(suite_report.verdict_lines(outcomes)))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(suite_json(outcomes), indent=2) + "\n", encoding="utf-8")
+    if args.report is not None:
+        args.report.mkdir(parents=True, exist_ok=True)
+        png = "suite.png"
+        suite_report.plot(outcomes, args.report / png)
+        (args.report / "report.md").write_text(
+            suite_report.markdown(outcomes, command, png), encoding="utf-8"
         )
         print(f"report: {args.report / 'report.md'}")
     return 0

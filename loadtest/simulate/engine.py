@@ -29,6 +29,19 @@ from policies.types import NO_HEADROOM, BackendSnapshot, RouteRequest
 MIN_FIT_SAMPLES = 20
 
 
+def request_noise(
+    n: int, seed: int, prefill_sigma: float
+) -> list[tuple[tuple[float, float], float]]:
+    """Per request: standard-normal draws for provider latency, and the local prefill speed
+    factor (lognormal, median 1). Drawn up front so every policy sees the same noise."""
+    rng = random.Random(seed * 1_000_003 + 17)
+    out = []
+    for _ in range(n):
+        z = (rng.gauss(0, 1), rng.gauss(0, 1))
+        out.append((z, math.exp(prefill_sigma * rng.gauss(0, 1))))
+    return out
+
+
 class Engine:
     """One run of one policy over one trace."""
 
@@ -36,10 +49,7 @@ class Engine:
         self.sc = scenario
         self.trace = trace
         self.policy = policy
-        self.gpus = {
-            g.name: SimGpu(g.name, g.model, prefill_share=scenario.prefill_share)
-            for g in scenario.locals
-        }
+        self.gpus = {g.name: SimGpu(g.name, g.physics) for g in scenario.locals}
         self.local_specs = {g.name: g for g in scenario.locals}
         self.providers = {p.name: SimProvider(p) for p in scenario.providers}
         self.prices = {
@@ -50,6 +60,7 @@ class Engine:
             p.name: LatencyEstimate.prior(p.ttft_median_s, p.itl_median_s)
             for p in scenario.providers
         }
+        self.price_version = 0
         self.headroom: dict[str, Headroom] = {p.name: NO_HEADROOM for p in scenario.providers}
         self.inflight = dict.fromkeys([*self.gpus, *self.providers], 0)
         self.pending_prefill = dict.fromkeys(self.gpus, 0)
@@ -61,23 +72,28 @@ class Engine:
         self.refusals = 0
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = 0
-        rng = random.Random(seed * 1_000_003 + 17)
-        sigma = scenario.prefill_noise_sigma
         self.reqs = [
-            self._make_req(i, tr, (rng.gauss(0, 1), rng.gauss(0, 1)), rng.gauss(0, 1), sigma)
-            for i, tr in enumerate(trace.requests)
+            self._make_req(i, tr, z, noise)
+            for i, (tr, (z, noise)) in enumerate(
+                zip(
+                    trace.requests,
+                    request_noise(len(trace.requests), seed, scenario.prefill_noise_sigma),
+                    strict=True,
+                )
+            )
         ]
 
     def _make_req(
-        self, i: int, tr: TraceRequest, z: tuple[float, float], zp: float, sigma: float
+        self, i: int, tr: TraceRequest, z: tuple[float, float], prefill_noise: float
     ) -> SimRequest:
-        slo = self.sc.slo_classes[tr.slo_class]
-        # The gateway does not know the real output length: it expects the class's typical.
-        expected = min(tr.max_tokens, 200 if tr.slo_class == "interactive" else 400)
+        sc = self.sc
+        slo = sc.slo_classes[tr.slo_class]
+        # The gateway does not know the real output length: it plans for a typical one.
+        expected = min(tr.max_tokens, sc.expected_output.get(tr.slo_class, 256))
         rr = RouteRequest(
-            "llama-3.1-8b", tr.prompt_tokens, tr.max_tokens, expected, True, tr.slo_class, slo
+            sc.public_model, tr.prompt_tokens, tr.max_tokens, expected, True, tr.slo_class, slo
         )
-        return SimRequest(i, tr, rr, z, math.exp(sigma * zp))
+        return SimRequest(i, tr, rr, z, prefill_noise)
 
     # -- event plumbing -------------------------------------------------------------
 
@@ -109,6 +125,7 @@ class Engine:
                     inflight=self.inflight[name],
                     pending_prefill_tokens=self.pending_prefill[name],
                     recent_prompt_tokens_per_s=self.prompt_rate[name].value(now),
+                    max_concurrency=spec.max_concurrency,
                     gpu=spec.model,
                 )
             )
@@ -124,6 +141,7 @@ class Engine:
                     p.model,
                     price_in_per_token=price.input_per_token,
                     price_out_per_token=price.output_per_token,
+                    price_version=self.price_version,
                     ttft_s=fit.intercept if use_fit else est.ttft.mean,
                     ttft_spread_s=fit.spread if use_fit else est.ttft.spread,
                     ttft_per_prompt_token_s=fit.slope if use_fit else 0.0,
@@ -219,7 +237,7 @@ class Engine:
                 if r.predicted_itl_s is not None and n > 1 and r.first_token_at is not None:
                     err = (now - r.first_token_at) / (n - 1) - r.predicted_itl_s
                     self.itl_error[name] = self.itl_error[name].update(err, self.sc.ewma_alpha)
-                r.chargeback_usd = gpu.model.attributed_cost(
+                r.chargeback_usd = self.local_specs[name].model.attributed_cost(
                     r.tr.prompt_tokens,
                     r.tr.output_tokens,
                     gpu.batch_seen(ev.job),
@@ -247,6 +265,9 @@ class Engine:
         started = time.perf_counter()
         for r in self.reqs:
             self._push(r.tr.t, "arrive", r)
+        for ch in self.sc.price_changes:
+            if ch.backend in self.prices:
+                self._push(ch.at_s, "price", ch)
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive":
@@ -255,6 +276,11 @@ class Engine:
                 name, version = payload
                 if self.gpus[name].version == version:
                     self._on_gpu(name, now)
+            elif kind == "price":
+                self.prices[payload.backend] = Price.per_million(
+                    payload.input_per_million, payload.output_per_million
+                )
+                self.price_version += 1
             elif kind == "ext_done":
                 self._on_ext_done(payload)
             elif kind == "retry":

@@ -62,7 +62,7 @@ class PolicyResult:
 
     @property
     def total_cost_usd(self) -> float:
-        """Reserved GPU-hours over the trace plus external spend."""
+        """GPU-hours as held (the trace, or longer while a GPU still works) plus external spend."""
         return self.gpu_cost_usd + self.external_cost_usd
 
     @property
@@ -140,7 +140,10 @@ def summarize(engine: Engine) -> PolicyResult:
         requests=len(engine.reqs),
         failed=sum(r.failed for r in engine.reqs),
         tokens=tokens,
-        gpu_cost_usd=sc.gpu_cost_per_hour() * trace.duration_s / 3600.0,
+        gpu_cost_usd=sum(
+            g.model.price_per_hour * max(trace.duration_s, engine.gpus[g.name].last_done) / 3600
+            for g in sc.locals
+        ),
         external_cost_usd=sum(r.cost_usd for r in engine.reqs),
         local_chargeback_usd=sum(r.chargeback_usd for r in engine.reqs),
         slo_attainment={k: v[0] / v[1] for k, v in sorted(met.items())},

@@ -7,7 +7,7 @@ neogate's cost policy how long a delay-tolerant request may wait for local headr
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,15 +99,55 @@ class CheapestExternal:
     def choose(
         self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
     ) -> Choice:
-        remote = sorted(
-            (s for s in snapshots if not s.is_local),
-            key=lambda s: (
-                request.prompt_tokens * s.price_in_per_token
-                + request.expected_output_tokens * s.price_out_per_token
-            ),
-        )
+        remote = sorted((s for s in snapshots if not s.is_local), key=_price_for(request))
         local = [s for s in snapshots if s.is_local]
         return Choice(tuple(s.name for s in (*remote, *local)))
+
+
+@dataclass
+class SpillAt:
+    """The least-loaded local worker while it has fewer than `n` requests in flight, else the
+    cheapest provider for the request (a static spill threshold, as operators often set)."""
+
+    n: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"spill@{self.n}"
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        local = sorted((s for s in snapshots if s.is_local), key=lambda s: s.inflight)
+        remote = sorted((s for s in snapshots if not s.is_local), key=_price_for(request))
+        if local and local[0].inflight < self.n:
+            return Choice(tuple(s.name for s in (*local, *remote)))
+        return Choice(tuple(s.name for s in (*remote, *local)))
+
+
+@dataclass
+class LeastLoaded:
+    """The backend with the fewest requests in flight (ties: the cheaper list price)."""
+
+    name: str = "least-loaded"
+
+    def choose(
+        self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
+    ) -> Choice:
+        ranked = sorted(
+            (s for s in snapshots if s.healthy), key=lambda s: (s.inflight, _list_price(s))
+        )
+        return Choice(tuple(s.name for s in ranked))
+
+
+def _price_for(request: RouteRequest) -> Callable[[BackendSnapshot], float]:
+    def price(s: BackendSnapshot) -> float:
+        return (
+            request.prompt_tokens * s.price_in_per_token
+            + request.expected_output_tokens * s.price_out_per_token
+        )
+
+    return price
 
 
 def _list_price(s: BackendSnapshot) -> float:

@@ -35,6 +35,7 @@ class TraceRequest:
     output_tokens: int
     max_tokens: int
     slo_class: str
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,9 @@ class Trace:
 
 
 @dataclass(frozen=True, slots=True)
-class _Mix:
+class Mix:
+    """One kind of request in a trace: its share, token-count distributions and class."""
+
     share: float
     prompt_median: float
     prompt_sigma: float
@@ -56,29 +59,36 @@ class _Mix:
     output_sigma: float
     output_range: tuple[int, int]
     max_tokens: int
+    slo_class: str = ""
+    tenant: str = ""
 
 
 # Chat turns with system prompt and history; document jobs with long inputs.
-_MIX = {
-    "interactive": _Mix(0.85, 700, 0.9, (16, 12_000), 180, 0.8, (4, 1024), 1024),
-    "batch": _Mix(0.15, 3500, 0.7, (256, 24_000), 400, 0.6, (16, 2048), 2048),
-}
+DEFAULT_MIX = (
+    Mix(0.85, 700, 0.9, (16, 12_000), 180, 0.8, (4, 1024), 1024, "interactive"),
+    Mix(0.15, 3500, 0.7, (256, 24_000), 400, 0.6, (16, 2048), 2048, "batch"),
+)
 
 
 def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
     return min(max(round(median * math.exp(sigma * rng.gauss(0.0, 1.0))), lo), hi)
 
 
-def _draw(rng: random.Random, t: float) -> TraceRequest:
-    u = rng.random()
-    cls = "interactive" if u < _MIX["interactive"].share else "batch"
-    m = _MIX[cls]
+def _draw(rng: random.Random, t: float, mix: tuple[Mix, ...]) -> TraceRequest:
+    u = rng.random() * sum(m.share for m in mix)
+    m = mix[-1]
+    for cand in mix:
+        if u < cand.share:
+            m = cand
+            break
+        u -= cand.share
     return TraceRequest(
         t=t,
         prompt_tokens=_lognormal_int(rng, m.prompt_median, m.prompt_sigma, *m.prompt_range),
         output_tokens=_lognormal_int(rng, m.output_median, m.output_sigma, *m.output_range),
         max_tokens=m.max_tokens,
-        slo_class=cls,
+        slo_class=m.slo_class,
+        tenant=m.tenant,
     )
 
 
@@ -88,6 +98,7 @@ def _poisson(
     duration_s: float,
     concurrency: Callable[[float], float],
     peak: float,
+    mix: tuple[Mix, ...] = DEFAULT_MIX,
 ) -> Trace:
     """Non-homogeneous Poisson arrivals by thinning, rate = concurrency(t) / reference service."""
     rng = random.Random(seed)
@@ -99,11 +110,11 @@ def _poisson(
         if t >= duration_s:
             break
         if rng.random() * peak <= concurrency(t):
-            out.append(_draw(rng, t))
+            out.append(_draw(rng, t, mix))
     return Trace(name, duration_s, tuple(out))
 
 
-def bursty(seed: int = 1) -> Trace:
+def bursty(seed: int = 1, duration: float = 1200.0, mix: tuple[Mix, ...] = DEFAULT_MIX) -> Trace:
     """Offered concurrency swings ~1 -> ~32 -> ~1 every ~150 s for 20 minutes.
 
     Each cycle: a quiet spell at ~1, a 15 s ramp, a plateau at 28-36, a 15 s ramp down;
@@ -112,7 +123,6 @@ def bursty(seed: int = 1) -> Trace:
     shape = random.Random(seed * 7919 + 1)
     cycles: list[tuple[float, float, float, float]] = []
     start = 0.0
-    duration = 1200.0
     while start < duration:
         quiet = shape.uniform(35.0, 60.0)
         high = shape.uniform(35.0, 55.0)
@@ -134,12 +144,37 @@ def bursty(seed: int = 1) -> Trace:
                 return peak - (peak - 1.0) * (x - quiet - 15.0 - high) / 15.0
         return 1.0
 
-    return _poisson("bursty", seed, duration, concurrency, peak=36.0)
+    return _poisson("bursty", seed, duration, concurrency, 36.0, mix)
 
 
-def steady(seed: int = 1) -> Trace:
-    """A constant offered concurrency of ~16 for 10 minutes, same request mix."""
-    return _poisson("steady", seed, 600.0, lambda _t: 16.0, peak=16.0)
+def steady(
+    seed: int = 1,
+    duration: float = 600.0,
+    mix: tuple[Mix, ...] = DEFAULT_MIX,
+    concurrency: float = 16.0,
+    name: str = "steady",
+) -> Trace:
+    """A constant offered concurrency (~16 by default) for 10 minutes, same request mix."""
+    return _poisson(name, seed, duration, lambda _t: concurrency, concurrency, mix)
+
+
+def diurnal(
+    seed: int = 1,
+    duration: float = 3600.0,
+    mix: tuple[Mix, ...] = DEFAULT_MIX,
+    low: float = 1.0,
+    high: float = 40.0,
+) -> Trace:
+    """A day compressed into `duration`: night at `low` until 06:00, a morning ramp to a
+    midday peak at `high`, an afternoon dip to ~70%, down to night again by 20:24."""
+
+    def concurrency(t: float) -> float:
+        x = t / duration  # 0 = midnight
+        day = max(0.0, math.sin(math.pi * (x - 0.25) / 0.6)) if 0.25 <= x <= 0.85 else 0.0
+        dip = 0.3 * math.exp(-(((x - 0.6) / 0.05) ** 2))
+        return low + (high - low) * day * (1.0 - dip)
+
+    return _poisson("diurnal", seed, duration, concurrency, high, mix)
 
 
 BUILTIN: Mapping[str, Callable[[int], Trace]] = MappingProxyType(
@@ -176,6 +211,7 @@ def load_trace(path: Path) -> Trace:
                         output_tokens=max(1, int(obj["output_tokens"])),
                         max_tokens=int(obj.get("max_tokens", obj["output_tokens"])),
                         slo_class=str(obj.get("slo_class", "interactive")),
+                        tenant=str(obj.get("tenant", "")),
                     )
                 )
             except (ValueError, KeyError, TypeError) as e:
@@ -190,12 +226,13 @@ def dump_trace(trace: Trace) -> Iterable[str]:
     """The JSON lines of a trace (header first), e.g. to save a built-in one and edit it."""
     yield json.dumps({"duration_s": trace.duration_s})
     for r in trace.requests:
-        yield json.dumps(
-            {
-                "t": round(r.t, 4),
-                "prompt_tokens": r.prompt_tokens,
-                "output_tokens": r.output_tokens,
-                "max_tokens": r.max_tokens,
-                "slo_class": r.slo_class,
-            }
-        )
+        obj: dict[str, object] = {
+            "t": round(r.t, 4),
+            "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens,
+            "max_tokens": r.max_tokens,
+            "slo_class": r.slo_class,
+        }
+        if r.tenant:
+            obj["tenant"] = r.tenant
+        yield json.dumps(obj)

@@ -1,0 +1,193 @@
+"""The hindsight lower bound: the least any router could have paid for a trace on this fleet.
+
+Computed offline from the whole trace, knowing every request's real token counts,
+its prefill speed and the prices in force when it arrived. It is a relaxation, so it
+is a valid lower bound on the cost of any routing that meets every request's SLO:
+
+- The local GPUs are held for the whole trace, and as long after it as a router keeps
+  them working (the simulator charges every policy the same way); the bound picks the
+  cheapest held time on a 30-s grid, rounding in its own favour.
+- A request served externally costs the cheapest external list price at its arrival
+  for its real tokens (ignoring provider latency and TPM limits: both can only raise
+  what a real router pays).
+- A request served locally uses GPU-seconds: its own prefill at the measured speed
+  (with its real speed noise) plus its output tokens at the GPU's best throughput at
+  its context, T(max_batch) (no prefill interference, no queueing, no KV limit: all of
+  these only add GPU time). Not T(b*) of the class's ITL bound: the SLO bounds a
+  request's mean ITL, which a router could meet with some steps above b*; for every
+  shipped profile b* at a 50 ms ITL is the max batch anyway. A request whose prefill
+  alone breaks its TTFT bound, or whose ITL bound even batch 1 misses, cannot be local.
+- Capacity: requests of a class that may not wait whose SLO window (arrival + max
+  TTFT + (output - 1) x max ITL) ends inside their arrival slot (and inside the trace)
+  must be served inside that slot: the slot's GPU-seconds bound them. Everything else
+  (delay-tolerant work, requests straddling a slot edge) is bounded only by the
+  GPU-seconds held.
+- Any request may be split (a fractional relaxation).
+
+These constraints form a laminar family (disjoint slots inside one global pool), so
+filling capacity greedily with the work of the highest external price per GPU-second
+is optimal for the relaxation: the bound is exact for the relaxation, not a heuristic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loadtest.simulate.engine import request_noise
+from loadtest.simulate.physics import GpuPhysics
+from loadtest.simulate.scenario import Scenario
+from loadtest.simulate.traces import Trace, TraceRequest
+from policies.types import Slo
+
+SLOT_S = 60.0
+HOLD_STEP_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The hindsight bound's totals for one trace."""
+
+    total_usd: float
+    gpu_usd: float
+    external_usd: float
+    tokens: int
+    local_token_share: float
+    # Requests no local GPU could have served within their SLO (prefill or ITL too slow).
+    never_local: int
+
+    @property
+    def cost_per_million_tokens(self) -> float:
+        """Total per million tokens of the whole trace."""
+        return self.total_usd / self.tokens * 1e6 if self.tokens else math.inf
+
+
+def b_star(physics: GpuPhysics, max_itl_s: float | None, context: float) -> int:
+    """Largest batch whose decode step meets `max_itl_s` at this context (0: none does)."""
+    if max_itl_s is None:
+        return physics.max_batch
+    lo, hi = 0, physics.max_batch
+    # Step time b / T(b) grows with b for every measured profile: bisect.
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if physics.decode_step_s(mid, context) <= max_itl_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def gpu_seconds(physics: GpuPhysics, tr: TraceRequest, slo: Slo, prefill_noise: float) -> float:
+    """Least GPU-seconds this request takes locally within its SLO (inf: it cannot be local)."""
+    prefill_s = tr.prompt_tokens * prefill_noise / physics.prefill_tokens_per_s(tr.prompt_tokens)
+    if slo.max_ttft_s is not None and prefill_s > slo.max_ttft_s:
+        return math.inf
+    context = tr.prompt_tokens + tr.output_tokens / 2
+    if b_star(physics, slo.max_itl_s, context) < 1:
+        return math.inf
+    decode = max(tr.output_tokens - 1, 0) / physics.decode_tokens_per_s(physics.max_batch, context)
+    return prefill_s + decode
+
+
+def _window_s(tr: TraceRequest, slo: Slo) -> float:
+    if slo.max_total_s is not None:
+        return slo.max_total_s
+    if slo.max_ttft_s is None or slo.max_itl_s is None:
+        return math.inf
+    return slo.max_ttft_s + max(tr.output_tokens - 1, 0) * slo.max_itl_s
+
+
+def external_prices(sc: Scenario, t: float) -> dict[str, tuple[float, float]]:
+    """(input, output) USD per million tokens of every provider in force at `t`."""
+    prices = {p.name: (p.input_per_million, p.output_per_million) for p in sc.providers}
+    for ch in sorted(sc.price_changes, key=lambda c: c.at_s):
+        if ch.at_s <= t and ch.backend in prices:
+            prices[ch.backend] = (ch.input_per_million, ch.output_per_million)
+    return prices
+
+
+def hindsight_bound(sc: Scenario, trace: Trace, seed: int, slot_s: float = SLOT_S) -> Bound:
+    """The bound for `trace` on `sc`'s fleet (see the module docstring)."""
+    n_gpus = len(sc.locals)
+    noise = request_noise(len(trace.requests), seed, sc.prefill_noise_sigma)
+    n_slots = max(1, math.ceil(trace.duration_s / slot_s))
+    items: list[_Item] = []
+    always_external = 0.0
+    never_local = 0
+    tail = 0.0
+    tokens = 0
+    for tr, (_, prefill_noise) in zip(trace.requests, noise, strict=True):
+        slo = sc.slo_classes[tr.slo_class]
+        prices = external_prices(sc, tr.t).values()
+        usd = min((pi * tr.prompt_tokens + po * tr.output_tokens) / 1e6 for pi, po in prices)
+        n = tr.prompt_tokens + tr.output_tokens
+        tokens += n
+        need = min(
+            (gpu_seconds(g.physics, tr, slo, prefill_noise) for g in sc.locals), default=math.inf
+        )
+        if math.isinf(need):
+            never_local += bool(sc.locals)
+            always_external += usd
+            continue
+        window = _window_s(tr, slo)
+        tail = max(tail, min(tr.t + window - trace.duration_s, trace.duration_s))
+        slot = min(int(tr.t // slot_s), n_slots - 1)
+        in_slot = (
+            slo.max_queue_wait_s <= 0
+            and tr.t + window <= (slot + 1) * slot_s
+            and tr.t + window <= trace.duration_s
+        )
+        density = usd / need if need > 0 else math.inf
+        items.append(_Item(density, usd, need, slot if in_slot else -1, n))
+    items.sort(key=lambda it: -it.density)
+    price_s = min((g.model.price_per_hour for g in sc.locals), default=0.0) / 3600.0
+    # GPU-seconds held: at least the trace on every GPU; a router may keep a GPU working
+    # past the end (and pays for it), at most until the last SLO window closes.
+    base = n_gpus * trace.duration_s
+    steps = max(0, math.ceil(tail / HOLD_STEP_S))
+    held = [base + n_gpus * k * HOLD_STEP_S for k in range(steps + 1)]
+    # A slot's GPU-seconds (the last slot may be cut short by the trace's end).
+    per_slot = [
+        n_gpus * (min((k + 1) * slot_s, trace.duration_s) - k * slot_s) for k in range(n_slots)
+    ]
+    fills = [_fill(items, h, per_slot) for h in held]
+    # Between two grid points S_k <= S <= S_k+1 the cost is at least price x S_k plus the
+    # external cost at S_k+1 (more capacity never costs more externally).
+    candidates = [(price_s * held[k] + fills[min(k + 1, steps)][0], k) for k in range(steps + 1)]
+    best, k = min(candidates)
+    external, local_tokens = fills[min(k + 1, steps)]
+    gpu_usd = price_s * held[k] if n_gpus else 0.0
+    return Bound(
+        best + always_external,
+        gpu_usd,
+        external + always_external,
+        tokens,
+        local_tokens / tokens if tokens else 0.0,
+        never_local,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    density: float  # external $ per local GPU-second
+    usd: float  # its cheapest external cost
+    need: float  # GPU-seconds locally
+    slot: int  # the slot it must be served in, or -1: only the pool bounds it
+    tokens: int
+
+
+def _fill(items: list[_Item], pool: float, per_slot: list[float]) -> tuple[float, float]:
+    """(external $, local tokens) when `pool` GPU-seconds take the densest work first."""
+    slot_left = list(per_slot)
+    external = 0.0
+    local_tokens = 0.0
+    for it in items:
+        room = pool if it.slot < 0 else min(pool, slot_left[it.slot])
+        take = min(it.need, room)
+        share = take / it.need if it.need > 0 else 1.0
+        pool -= take
+        if it.slot >= 0:
+            slot_left[it.slot] -= take
+        external += it.usd * (1.0 - share)
+        local_tokens += it.tokens * share
+    return external, local_tokens

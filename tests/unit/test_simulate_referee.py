@@ -1,0 +1,173 @@
+"""The simulator as referee: measured physics, the hindsight bound, scenario files, price changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from gateway.config import ConfigError
+from loadtest.simulate.backends import ProviderSpec
+from loadtest.simulate.bound import b_star, hindsight_bound
+from loadtest.simulate.engine import Engine
+from loadtest.simulate.physics import GpuPhysics
+from loadtest.simulate.routers import CheapestExternal, SelectPolicy
+from loadtest.simulate.scenario import (
+    LocalSpec,
+    PriceChange,
+    Scenario,
+    default_scenario,
+    physics_of,
+)
+from loadtest.simulate.scenario_file import load_scenario
+from loadtest.simulate.suite import SCENARIO_DIR
+from loadtest.simulate.traces import Trace, TraceRequest, steady
+from policies.costmodel import GpuModel
+from policies.select import compile_policy
+from policies.spec import CostPolicySpec, ThroughputProfileSpec
+from policies.types import Slo
+
+INTERACTIVE = Slo(max_ttft_s=1.0, max_itl_s=0.05)
+
+
+def test_physics_interpolates_batch_context_and_prompt_length() -> None:
+    ph = GpuPhysics.from_tables(
+        {1024: {1: 196, 8: 1435, 32: 5023}, 4096: {1: 190, 8: 1274, 32: 3472}},
+        {512: 41_900, 2048: 46_500, 8192: 39_900},
+    )
+    # Between batch points: linear; below the first point: proportional; past the last: flat.
+    assert ph.decode_tokens_per_s(20, 1024) == pytest.approx(1435 + (5023 - 1435) * 12 / 24)
+    assert ph.decode_tokens_per_s(64, 1024) == 5023
+    # Context 2048 is halfway between 1024 and 4096 in log terms.
+    assert ph.decode_tokens_per_s(8, 2048) == pytest.approx((1435 + 1274) / 2)
+    assert ph.decode_tokens_per_s(8, 100) == 1435 and ph.decode_tokens_per_s(8, 9000) == 1274
+    assert ph.prefill_tokens_per_s(1280) == pytest.approx((41_900 + 46_500) / 2)
+    assert ph.prefill_tokens_per_s(100) == 41_900
+    # A mixed step: 8 decodes + a 2040-token chunk; compute-bound at 2048 / 46,500 s.
+    step, chunk = ph.mixed_step(8, 1024, 2048)
+    assert chunk == 2040 and step == pytest.approx(2048 / 46_500)
+    # b*: the largest batch whose decode step meets the ITL bound.
+    # T is flat at 5023 past 32: 251 / 5023 = 49.97 ms, 252 / 5023 = 50.2 ms.
+    assert b_star(ph, 0.05, 1024) == 251
+    assert b_star(ph, 0.005, 1024) == 0  # even batch 1 takes 5.1 ms
+    with pytest.raises(ValueError, match="step_token_budget"):
+        GpuPhysics.from_tables({1: {1: 1.0}}, {1: 1.0}, max_batch=4096)
+
+
+def _one_gpu(duration: float, requests: list[TraceRequest]) -> tuple[Scenario, Trace]:
+    ph = GpuPhysics.from_tables({100: {1: 100.0, 10: 1000.0}}, {1: 1000.0}, max_batch=10)
+    belief = GpuModel.from_profile(
+        ThroughputProfileSpec(decode_tokens_per_s={1: 100, 10: 1000}, max_batch=10), 3.6
+    )
+    sc = Scenario(
+        (LocalSpec("g", belief, ph),),
+        (ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0),),
+        MappingProxyType({"interactive": INTERACTIVE}),
+        prefill_noise_sigma=0.0,
+    )
+    return sc, Trace("t", duration, tuple(requests))
+
+
+def test_hindsight_bound_by_hand() -> None:
+    # One GPU at $3.60/h ($0.001 per second) held for 1 s; the provider charges $1e-4 a token.
+    # A: 500 prompt tokens (0.5 GPU-s of prefill), $0.0501 outside: density 0.1002 $/GPU-s.
+    # B: 800 prompt tokens (0.8 GPU-s), $0.0801: density 0.1001. C: 1500 prompt tokens take
+    # 1.5 s to prefill, past the 1-s TTFT: it cannot be local at all.
+    reqs = [
+        TraceRequest(0.0, 500, 1, 1, "interactive"),
+        TraceRequest(0.0, 800, 1, 1, "interactive"),
+        TraceRequest(0.0, 1500, 1, 1, "interactive"),
+    ]
+    sc, trace = _one_gpu(1.0, reqs)
+    b = hindsight_bound(sc, trace, seed=1)
+    # A fits whole (0.5 s), B gets the other 0.5 of its 0.8 s: 0.375 of it goes outside.
+    assert b.gpu_usd == pytest.approx(0.001)
+    assert b.external_usd == pytest.approx(0.0801 * 0.375 + 0.1501)
+    assert b.total_usd == pytest.approx(0.001 + 0.0801 * 0.375 + 0.1501)
+    assert b.never_local == 1
+    assert b.local_token_share == pytest.approx((501 + 801 * 0.625) / (501 + 801 + 1501))
+    # Without GPUs the bound is the cheapest provider for everything.
+    nogpu = hindsight_bound(sc.without_gpus(), trace, seed=1)
+    assert nogpu.total_usd == pytest.approx(0.0501 + 0.0801 + 0.1501) and nogpu.gpu_usd == 0
+
+
+def test_bound_lets_delay_tolerant_work_keep_the_gpu_past_the_end_at_a_price() -> None:
+    # A batch request (may wait, 600-s total) of 2 GPU-s arriving in a 1-s trace: holding
+    # the GPU 2 s longer ($0.002) beats $0.2001 outside, and the bound says so.
+    batch = Slo(max_total_s=600.0, max_queue_wait_s=30.0)
+    sc, trace = _one_gpu(1.0, [TraceRequest(0.0, 2000, 1, 1, "batch")])
+    sc = dataclasses.replace(sc, slo_classes=MappingProxyType({"batch": batch}))
+    b = hindsight_bound(sc, trace, seed=1)
+    assert b.external_usd == 0.0 and b.local_token_share == 1.0
+    # Held time is on a 30-s grid, rounded in the bound's favour: 1 s of GPU is charged.
+    assert b.gpu_usd == pytest.approx(0.001)
+
+
+def test_price_change_applies_from_its_time_on() -> None:
+    sc, _ = _one_gpu(1.0, [])
+    sc = dataclasses.replace(sc, locals=(), price_changes=(PriceChange(10.0, "p", 1.0, 1.0),))
+    reqs = tuple(TraceRequest(t, 100, 10, 10, "interactive") for t in (5.0, 15.0))
+    r = Engine(sc, Trace("t", 20.0, reqs), CheapestExternal(), 1).run()
+    assert r.external_cost_usd == pytest.approx(110 * 100e-6 + 110 * 1e-6)
+    assert r.gpu_cost_usd == 0.0
+
+
+def test_a_wrong_belief_in_the_router_shows_up_in_the_result() -> None:
+    """The simulated GPU runs on its physics; the router on its profile. A router that
+    believes the GPU twice as fast as it is misses SLOs it would otherwise keep, then learns
+    a wide error margin and pays providers for work the GPUs could have done."""
+    sc = default_scenario()
+    nim = {1: 215, 5: 1077, 25: 4679, 50: 8018, 100: 12215, 200: 13348}
+    half = ThroughputProfileSpec(
+        decode_tokens_per_s={b: t / 2 for b, t in nim.items()}, prefill_tokens_per_s=10_000
+    )
+    truth = physics_of(half)
+    right = GpuModel.from_profile(half, 2.95)
+    wrong = GpuModel.from_profile(
+        ThroughputProfileSpec(decode_tokens_per_s=nim, prefill_tokens_per_s=20_000), 2.95
+    )
+    trace = steady(3, 240.0, concurrency=12.0)
+    policy = SelectPolicy("cost", compile_policy(CostPolicySpec(), sc.slo_classes))
+
+    def run(belief: GpuModel) -> tuple[float, float]:
+        world = dataclasses.replace(
+            sc, locals=tuple(LocalSpec(g.name, belief, truth) for g in sc.locals)
+        )
+        r = Engine(world, trace, policy, 3).run()
+        return r.slo_attainment["interactive"], r.cost_per_million_tokens
+
+    att_right, cost_right = run(right)
+    att_wrong, cost_wrong = run(wrong)
+    assert att_right >= 0.99
+    assert att_wrong < att_right - 0.01
+    assert cost_wrong > cost_right * 1.1
+
+
+def test_scenario_file_errors_name_the_field(tmp_path: Path) -> None:
+    good = (SCENARIO_DIR / "steady-8b.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.replace("  trace: {shape: steady", "  trace: {shape: wavy"))
+    with pytest.raises(ConfigError, match=r"simulate\.trace\.shape") as e:
+        load_scenario(bad)
+    assert "line" in str(e.value)
+    bad.write_text(good.replace("    h100-b: *h100phys", "    h100-c: *h100phys"))
+    with pytest.raises(ConfigError, match="h100-c"):
+        load_scenario(bad)
+    bad.write_text(good.replace("model: llama-3.1-8b\n  seed", "model: llama-9b\n  seed"))
+    with pytest.raises(ConfigError, match="llama-9b"):
+        load_scenario(bad)
+
+
+def test_scenario_file_belief_and_physics_are_separate() -> None:
+    loaded = load_scenario(SCENARIO_DIR / "long-context-8b.yaml")
+    g = loaded.scenario.locals[0]
+    # The router's belief: the context-1024 table. The physics: three contexts.
+    assert g.model.throughput(128) == pytest.approx(12877)
+    assert [c for c, _ in g.physics.decode] == [256, 1024, 4096]
+    assert g.physics.decode_tokens_per_s(128, 4096) == pytest.approx(6036)
+    prompts = [r.prompt_tokens for r in loaded.trace(60.0).requests if r.slo_class == "interactive"]
+    assert 3000 < sorted(prompts)[len(prompts) // 2] < 5500
+    assert math.isclose(loaded.scenario.gpu_cost_per_hour(), 7.0)
