@@ -590,6 +590,14 @@ async def test_total_outage_of_one_backend_is_invisible_and_cheap(
 # --- circuit breaking -----------------------------------------------------------------------
 
 
+async def until_not_open(breaker: Any, timeout_s: float = 5.0) -> None:
+    """Poll (bounded) until the breaker's ejection has ended; the app's clock is the wall clock."""
+    deadline = time.monotonic() + timeout_s
+    while breaker.snapshot(time.time()).state == "open":
+        assert time.monotonic() < deadline, "the ejection never ended"
+        await asyncio.sleep(0.01)
+
+
 async def test_breaker_ejects_then_probes_back_in(
     sims: SimFactory,
     gateway_factory: GatewayFactory,
@@ -621,16 +629,20 @@ async def test_breaker_ejects_then_probes_back_in(
     assert await bad.total() == 3, "an ejected backend gets no traffic"
 
     # The ejection ends; the half-open probe fails: ejected again, for twice as long.
-    await asyncio.sleep(0.45)
+    await until_not_open(breaker)
+    sent = time.time()
     assert (await call(session, gw.url)).status == 200
+    answered = time.time()
     assert await bad.total() == 4
     snap = breaker.snapshot(time.time())
     assert snap.state == "open" and snap.ejections == 2
-    assert snap.open_until is not None and 0.6 < snap.open_until - time.time() <= 0.8
+    # The probe failed between `sent` and `answered`; the ejection is 2 x 0.4 s from then.
+    assert snap.open_until is not None
+    assert sent + 0.8 <= snap.open_until <= answered + 0.8
 
     # The backend recovers; the next probe succeeds and it is back in service.
     await bad.control(reset=True)
-    await asyncio.sleep(0.85)
+    await until_not_open(breaker)
     r = await call(session, gw.url)
     assert r.status == 200 and r.headers["x-neogate-backend"] == "bad"
     assert breaker.snapshot(time.time()).state == "closed"

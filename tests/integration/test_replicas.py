@@ -120,10 +120,15 @@ async def test_an_ejection_reaches_the_other_replica_within_a_second(replicas: R
     took = await wait_for(lambda: not b.live.backends["cheap"].breaker.available(time.time()))
     assert took < 1.0
     assert b.live.backends["dear"].breaker.available(time.time())
-    # B adopted it; B does not publish it back as its own discovery.
-    await asyncio.sleep(0.1)
-    assert out_updates(b, "eject") == 0
     assert out_updates(a, "eject") == 1
+    # B adopted it; B does not publish it back as its own discovery. No fixed wait: B then
+    # makes a discovery of its own, and once A has it, anything B queued before it (a
+    # re-published "cheap") has gone out too: B's updates leave in order.
+    breaker_b = b.live.backends["dear"].breaker
+    for _ in range(breaker_b.config.consecutive_failures):
+        breaker_b.on_failure(time.time())
+    await wait_for(lambda: not a.live.backends["dear"].breaker.available(time.time()))
+    assert out_updates(b, "eject") == 1, "B re-published the ejection it adopted"
 
 
 async def test_cooldown_latency_and_headroom_are_shared(replicas: Replicas) -> None:
@@ -160,8 +165,11 @@ async def test_a_price_change_reaches_every_replica(replicas: Replicas) -> None:
         assert got.output_per_token == pytest.approx(0.2e-6)
         assert got.source == "admin"
     assert b.live.prices.book.version == before + 1
-    await asyncio.sleep(0.1)
-    assert out_updates(b, "price") == 0  # applied, not re-published
+    # Applied, not re-published: B's own later change reaches A, and B published only that
+    # one (its updates leave in order, so a re-publish would have gone out first).
+    b.live.prices.set("cheap", Price.per_million(0.3, 0.4, source="admin"), "m")
+    await wait_for(lambda: a.live.prices.book.prices.get(("cheap", "m")) is not None)
+    assert out_updates(b, "price") == 1, "B re-published the price it applied"
 
 
 async def test_a_late_joiner_catches_up_from_the_snapshot(replicas: Replicas) -> None:

@@ -1,0 +1,262 @@
+"""Mutation testing over the money and safety paths: `make mutation` (mutmut, one module at a time).
+
+Each module is mutated in its own scratch copy under `.mutation/<name>/` and checked only against
+the tests that exercise it (the map below), so a module takes minutes, not the whole suite per
+mutant. mutmut keeps its results there: a second run re-tests only the functions that changed.
+
+    python -m tests.mutation                 every module, in priority order
+    python -m tests.mutation admission relay  just these
+    python -m tests.mutation --report         print the scores of the last runs, run nothing
+
+The score per module is killed / (mutants - equivalent). Equivalent mutants (a change no test can
+observe because the behaviour is the same) are listed by name in docs/testing.md with the reason;
+every other survivor, and every mutant no test reaches, counts against the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+PACKAGES = ("gateway", "policies", "adapters", "loadtest")
+EQUIVALENT_DOC = ROOT / "docs" / "testing.md"
+TARGET = 0.90
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module under mutation and the tests that exercise it (fast ones first)."""
+
+    name: str
+    files: tuple[str, ...]
+    tests: tuple[str, ...]
+
+
+# Priority order: the money first (admission, metering, pricing), then the paths that protect
+# the client and the keys. Tests are the unit and integration files that reach the module.
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "admission",
+        ("gateway/admission.py",),
+        (
+            "tests/unit/test_admission.py",
+            "tests/integration/test_budgets_e2e.py",
+            "tests/integration/test_money_paths.py",
+        ),
+    ),
+    Target(
+        "usage",
+        ("gateway/usage.py",),
+        (
+            "tests/unit/test_usage.py",
+            "tests/integration/test_metering_e2e.py",
+            "tests/integration/test_money_paths.py",
+        ),
+    ),
+    Target(
+        "metering",
+        ("gateway/metering.py",),
+        (
+            "tests/integration/test_metering_e2e.py",
+            "tests/integration/test_budgets_e2e.py",
+            "tests/integration/test_usage_api.py",
+            "tests/integration/test_money_paths.py",
+        ),
+    ),
+    Target(
+        "costmodel",
+        ("policies/costmodel.py",),
+        ("tests/unit/test_costmodel.py", "tests/unit/test_select.py"),
+    ),
+    Target(
+        "forward",
+        ("gateway/forward.py",),
+        (
+            "tests/integration/test_money_paths.py",
+            "tests/integration/test_faults.py",
+            "tests/integration/test_routing_e2e.py",
+            "tests/integration/test_security.py",
+        ),
+    ),
+    Target(
+        "relay",
+        ("gateway/relay.py",),
+        (
+            "tests/integration/test_openai_api.py",
+            "tests/integration/test_metering_e2e.py",
+            "tests/integration/test_money_paths.py",
+        ),
+    ),
+    Target(
+        "masking",
+        (
+            "adapters/keymask.py",
+            "adapters/openai_compat.py",
+            "adapters/fast_backend.py",
+            "adapters/errors.py",
+        ),
+        (
+            "tests/unit/test_keymask.py",
+            "tests/integration/test_money_paths.py",
+            "tests/integration/test_key_canary.py",
+            "tests/integration/test_security.py",
+            "tests/integration/test_fasthttp.py",
+        ),
+    ),
+    Target(
+        "ledger_writer",
+        ("gateway/ledger/writer.py",),
+        ("tests/integration/test_ledger_sqlite.py", "tests/integration/test_spool_replay.py"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Score:
+    name: str
+    total: int
+    killed: int
+    survived: list[str]
+    equivalent: int
+    seconds: float | None
+
+    @property
+    def ratio(self) -> float:
+        counted = self.total - self.equivalent
+        return self.killed / counted if counted else 1.0
+
+
+def equivalent_names() -> set[str]:
+    """Mutant names listed as equivalent in docs/testing.md (a backquoted name in a table row)."""
+    if not EQUIVALENT_DOC.exists():
+        return set()
+    return set(re.findall(r"^\|\s*`([\w.ǁ]+__mutmut_\d+)`", EQUIVALENT_DOC.read_text(), re.M))
+
+
+def pyproject_for(target: Target) -> str:
+    base = (ROOT / "pyproject.toml").read_text()
+    files = ", ".join(f'"{f}"' for f in target.files)
+    sources = ", ".join(f'"{p}"' for p in PACKAGES)
+    tests = ", ".join(f'"{t}"' for t in target.tests)
+    return (
+        base
+        + f"""
+[tool.mutmut]
+source_paths = [{sources}]
+only_mutate = [{files}]
+pytest_add_cli_args_test_selection = [{tests}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
+"""
+    )
+
+
+def sync(target: Target) -> Path:
+    """Refresh the scratch copy: sources and tests as they are now; mutmut's cache stays."""
+    work = WORK / target.name
+    work.mkdir(parents=True, exist_ok=True)
+    for package in (*PACKAGES, "tests"):
+        dst = work / package
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(ROOT / package, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (work / "pyproject.toml").write_text(pyproject_for(target))
+    return work
+
+
+def run(target: Target, children: int) -> float:
+    work = sync(target)
+    log = work / "mutmut.log"
+    started = time.monotonic()
+    mutmut = Path(sys.executable).with_name("mutmut")
+    with log.open("w") as out:
+        proc = subprocess.run(
+            [str(mutmut), "run", "--max-children", str(children)],
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    elapsed = time.monotonic() - started
+    (work / "seconds").write_text(f"{elapsed:.0f}\n")
+    if proc.returncode != 0:
+        print(f"{target.name}: mutmut exited {proc.returncode}, see {log}", file=sys.stderr)
+    return elapsed
+
+
+def score(target: Target, equivalent: set[str]) -> Score | None:
+    work = WORK / target.name
+    codes: dict[str, int | None] = {}
+    for f in target.files:
+        meta = work / "mutants" / f"{f}.meta"
+        if not meta.exists():
+            return None
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    # mutmut's exit codes: 1 and 3 are a kill, 37 a kill by the type checker; the rest count
+    # against the score (0 survived, 33/5 no test reached it, 36 timeout, None not run).
+    killed = sum(1 for c in codes.values() if c in (1, 3, 37))
+    not_killed = sorted(k for k, c in codes.items() if c not in (1, 3, 37))
+    eq = sum(1 for k in not_killed if k in equivalent)
+    seconds_file = work / "seconds"
+    seconds = float(seconds_file.read_text()) if seconds_file.exists() else None
+    survived = [k for k in not_killed if k not in equivalent]
+    return Score(target.name, len(codes), killed, survived, eq, seconds)
+
+
+def report(targets: list[Target], verbose: bool) -> bool:
+    equivalent = equivalent_names()
+    ok = True
+    print(
+        f"{'module':<15}{'mutants':>8}{'killed':>8}{'equiv':>7}{'left':>6}{'score':>8}{'time':>8}"
+    )
+    for target in targets:
+        s = score(target, equivalent)
+        if s is None:
+            print(f"{target.name:<15}  not run")
+            ok = False
+            continue
+        took = f"{s.seconds:.0f}s" if s.seconds is not None else "-"
+        print(
+            f"{s.name:<15}{s.total:>8}{s.killed:>8}{s.equivalent:>7}{len(s.survived):>6}"
+            f"{s.ratio:>8.1%}{took:>8}"
+        )
+        ok = ok and s.ratio >= TARGET
+        if verbose:
+            for name in s.survived:
+                print(f"    {name}")
+    print(f"target: >= {TARGET:.0%} of non-equivalent mutants killed in every module")
+    print("a surviving mutant: `cd .mutation/<module> && ../../.venv/bin/mutmut show <name>`")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help="module names (default: all, in order)")
+    parser.add_argument("--report", action="store_true", help="only print the last scores")
+    parser.add_argument("--survivors", action="store_true", help="list surviving mutants")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    args = parser.parse_args(argv)
+    by_name = {t.name: t for t in TARGETS}
+    unknown = [m for m in args.modules if m not in by_name]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; known: {list(by_name)}")
+    targets = [by_name[m] for m in args.modules] if args.modules else list(TARGETS)
+    if not args.report:
+        for target in targets:
+            took = run(target, args.children)
+            print(f"{target.name}: {took:.0f}s", flush=True)
+    return 0 if report(targets, args.survivors) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
