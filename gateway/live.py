@@ -15,7 +15,13 @@ from gateway.breaker import BreakerConfig, CircuitBreaker
 from gateway.config import BackendSpec, PriceSpec
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom, mark_429
-from policies.latency import DecayingRate, LatencyEstimate, LatencySample, update
+from policies.latency import (
+    DecayingRate,
+    LatencyEstimate,
+    LatencySample,
+    RelativeError,
+    update,
+)
 from policies.pricebook import Price, PriceBook, SkippedRow
 from policies.types import BackendSnapshot
 
@@ -43,6 +49,8 @@ class BackendLive:
     latency: dict[str, LatencyEstimate] = field(default_factory=dict)
     # Prompt tokens per second the gateway sends this worker (prefill load on its decode).
     prompt_rate: DecayingRate = field(default_factory=DecayingRate)
+    # Local workers, per model: how far the cost model's TTFT and ITL predictions fell short.
+    errors: dict[str, tuple[RelativeError, RelativeError]] = field(default_factory=dict)
 
     def estimate(self, model: str) -> LatencyEstimate:
         est = self.latency.get(model)
@@ -129,6 +137,23 @@ class LiveState:
         live = self.backends[backend]
         live.latency[model] = update(live.estimate(model), sample, self.alpha)
 
+    def observe_prediction(
+        self,
+        backend: str,
+        model: str,
+        predicted: tuple[float, float],
+        measured: tuple[float | None, float | None],
+        now: float,
+    ) -> None:
+        """A local worker's (TTFT, ITL) as the cost model predicted them and as measured."""
+        live = self.backends[backend]
+        ttft_err, itl_err = live.errors.get(model, (RelativeError(), RelativeError()))
+        if measured[0] is not None:
+            ttft_err = ttft_err.update(predicted[0], measured[0], now, self.alpha)
+        if measured[1] is not None:
+            itl_err = itl_err.update(predicted[1], measured[1], now, self.alpha)
+        live.errors[model] = (ttft_err, itl_err)
+
     def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
         if "x-ratelimit-remaining-requests" not in headers and (
             "x-ratelimit-remaining-tokens" not in headers
@@ -161,10 +186,19 @@ class LiveState:
         worker = live.worker
         fresh = worker is not None and worker.is_fresh(now, metrics_max_age_s)
         ttft, ttft_slope, ttft_spread = est.ttft.mean, 0.0, est.ttft.spread
+        itl_spread, ttft_rel, itl_rel = est.itl.spread, 0.0, 0.0
         fit = est.ttft_fit
         if live.gpu is None and fit.count >= _FIT_MIN_SAMPLES:
             # A provider's TTFT grows with the prompt: use the fitted line, not one mean.
             ttft, ttft_slope, ttft_spread = fit.intercept, fit.slope, fit.spread
+        elif live.gpu is not None:
+            # The cost model predicts a local worker's latency for each request; its margin
+            # is the model's relative error, fading while the worker gets no traffic (a
+            # spread of raw TTFT samples mixes prompt sizes and never recovers when idle).
+            ttft_spread = itl_spread = 0.0
+            errors = live.errors.get(model)
+            if errors is not None:
+                ttft_rel, itl_rel = errors[0].spread(now), errors[1].spread(now)
         return BackendSnapshot(
             name=backend,
             backend_model=spec.models[model],
@@ -178,7 +212,9 @@ class LiveState:
             ttft_spread_s=ttft_spread,
             ttft_per_prompt_token_s=ttft_slope,
             itl_s=est.itl.mean,
-            itl_spread_s=est.itl.spread,
+            itl_spread_s=itl_spread,
+            ttft_rel_spread=ttft_rel,
+            itl_rel_spread=itl_rel,
             headroom=live.headroom,
             running=worker.running if fresh and worker else 0,
             queued=worker.waiting if fresh and worker else 0,

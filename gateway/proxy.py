@@ -18,6 +18,7 @@ from gateway.relay import DONE, EventFilter
 from gateway.reliability import StallGuard
 from gateway.runtime import RUNTIME, Runtime, Tenant
 from gateway.usage import StreamMeter
+from policies.types import Candidate
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -125,7 +126,16 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
             completion.completion_tokens,
             completion.groq_usage,
             estimate.prompt_tokens,
+            _candidate(completion, attempt.backend),
         )
+
+
+def _candidate(completion: Completion, backend: str) -> Candidate | None:
+    """Routing's prediction for the backend that answered."""
+    decision = completion.decision
+    if decision is None:
+        return None
+    return next((c for c in decision.candidates if c.backend == backend), None)
 
 
 async def _relay_whole(

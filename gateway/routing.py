@@ -26,7 +26,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.reliability import Reliability
 from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import MAX_REASON, Policy, compile_policy, select
-from policies.types import RouteDecision, RouteRequest, Slo
+from policies.types import Candidate, RouteDecision, RouteRequest, Slo
 
 SLO_HEADER = "x-neogate-slo-class"
 DEADLINE_HEADER = "x-neogate-deadline-s"
@@ -302,7 +302,12 @@ class Router:
         completion_tokens: int,
         groq_usage: Mapping[str, object] | None,
         prompt_tokens: int | None = None,
+        predicted: Candidate | None = None,
     ) -> None:
+        """A finished attempt: latency samples, and the cost model's error on local GPUs.
+
+        `predicted` is routing's candidate for this backend (its predicted TTFT and ITL).
+        """
         live = self.live.backends[backend]
         live.inflight -= 1
         self._metrics.backend(backend).inflight.set(live.inflight)
@@ -316,6 +321,14 @@ class Router:
             sample = replace(sample, prompt_tokens=prompt_tokens)
         if sample is not None:
             self.live.observe_latency(backend, model, sample)
+            if live.gpu is not None and predicted is not None:
+                self.live.observe_prediction(
+                    backend,
+                    model,
+                    (predicted.predicted_ttft_s, predicted.predicted_itl_s),
+                    (sample.ttft_s, sample.itl_s),
+                    self._clock(),
+                )
         if live.spec.is_local:
             self._notify_freed()
 

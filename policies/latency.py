@@ -96,6 +96,55 @@ class TtftFit:
         )
 
 
+# Below this many seconds a prediction's error is judged against this floor (a 2 ms
+# prediction that takes 4 ms is not "100% off" in any way that matters to an SLO).
+REL_FLOOR_S = 0.05
+# Half-life of a local worker's prediction-error variance while no sample arrives: an idle
+# worker is trusted again within seconds (its std halves every two half-lives).
+TRUST_HALF_LIFE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelativeError:
+    """How far a model's predictions fell short, relative to their size, fading with time.
+
+    Each sample's shortfall `max(0, measured - predicted) / (predicted + REL_FLOOR_S)` is
+    folded into an exponentially weighted mean square; `spread(now)` is its root, decayed
+    by TRUST_HALF_LIFE_S since the last sample. Only shortfalls count: a request that came
+    back faster than predicted never makes the worker look riskier. A margin built from
+    it scales with the prediction it guards (a 60k-token prompt's error does not follow a
+    10-token prompt), and an idle worker's margin falls back to the model's own prediction.
+    """
+
+    var: float = 0.0
+    at: float = 0.0
+    count: int = 0
+
+    def update(
+        self, predicted_s: float, measured_s: float, now: float, alpha: float = DEFAULT_ALPHA
+    ) -> RelativeError:
+        """Fold one (predicted, measured) pair in at time `now`."""
+        if not (math.isfinite(predicted_s) and math.isfinite(measured_s)) or predicted_s < 0:
+            return self
+        short = measured_s - predicted_s
+        e = short / (predicted_s + REL_FLOOR_S) if short > 0 else 0.0
+        if self.count == 0:
+            return RelativeError(e * e, now, 1)
+        var = self.decayed_var(now)
+        return RelativeError((1.0 - alpha) * var + alpha * e * e, now, self.count + 1)
+
+    def decayed_var(self, now: float) -> float:
+        """The variance as of `now`: halved every TRUST_HALF_LIFE_S without a sample."""
+        age = now - self.at
+        if age <= 0 or self.var == 0.0:
+            return self.var
+        return self.var * math.exp(-math.log(2.0) * age / TRUST_HALF_LIFE_S)
+
+    def spread(self, now: float) -> float:
+        """Relative standard error as of `now`."""
+        return math.sqrt(self.decayed_var(now))
+
+
 @dataclass(frozen=True, slots=True)
 class LatencySample:
     """One finished request's latencies; None where it could not be measured."""

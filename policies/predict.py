@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from policies.latency import REL_FLOOR_S
 from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 
 # A worker whose KV cache is this full admits nothing new until requests finish.
@@ -90,13 +91,16 @@ def predict(
     reason = ""
     ttft_margin = sigmas * s.ttft_spread_s
     itl_margin = sigmas * s.itl_spread_s
+    if s.ttft_rel_spread:
+        ttft_margin += sigmas * s.ttft_rel_spread * (ttft + REL_FLOOR_S)
+    if s.itl_rel_spread:
+        itl_margin += sigmas * s.itl_rel_spread * itl
     if slo.max_ttft_s is not None and ttft + ttft_margin > slo.max_ttft_s:
         reason = f"ttft {ttft:.2f}+{ttft_margin:.2f}s > {slo.max_ttft_s:g}s"
     elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s:
         reason = f"itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
     elif (
-        slo.max_total_s is not None
-        and total + sigmas * (s.ttft_spread_s + decode * s.itl_spread_s) > slo.max_total_s
+        slo.max_total_s is not None and total + ttft_margin + decode * itl_margin > slo.max_total_s
     ):
         reason = f"total {total:.1f}s > {slo.max_total_s:g}s"
     elif request.deadline is not None and now + total > request.deadline:

@@ -74,6 +74,10 @@ class BackendSnapshot:
     ttft_per_prompt_token_s: float = 0.0
     itl_s: float = 0.02
     itl_spread_s: float = 0.0
+    # Local workers: the cost model's relative prediction error (`RelativeError.spread`):
+    # the margin is spread x (prediction + REL_FLOOR_S) for TTFT, spread x prediction for ITL.
+    ttft_rel_spread: float = 0.0
+    itl_rel_spread: float = 0.0
     # Rate-limit headroom and 429 cool-down from the provider's headers.
     headroom: Headroom = NO_HEADROOM
     # Worker metrics (scraped; trusted only when `metrics_fresh`).

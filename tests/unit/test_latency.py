@@ -115,3 +115,27 @@ def test_decaying_rate() -> None:
     for i in range(1, 400):
         steady = steady.add(200, now=i * 0.1)
     assert steady.value(39.9) == pytest.approx(2000, rel=0.05)
+
+
+def test_relative_error_counts_shortfalls_relative_to_the_prediction() -> None:
+    from policies.latency import RelativeError
+
+    # Predicted 1.0 s, took 1.5 s: 0.5 / (1.0 + 0.05) = 0.47619 short.
+    e = RelativeError().update(1.0, 1.5, now=100.0, alpha=0.2)
+    assert e.spread(100.0) == pytest.approx(0.5 / 1.05)
+    # Faster than predicted is no risk: a zero sample. Five seconds later the variance
+    # has halved: 0.8 x (0.226757 / 2) + 0.2 x 0 = 0.090703.
+    e2 = e.update(1.0, 0.2, now=105.0, alpha=0.2)
+    assert e2.var == pytest.approx(0.8 * (0.5 / 1.05) ** 2 / 2)
+    # A 60k-token prompt predicted at 3.0 s that took 6.0 s: 3 / 3.05 = 0.9836 short ...
+    big = RelativeError().update(3.0, 6.0, now=0.0)
+    assert big.spread(0.0) == pytest.approx(3.0 / 3.05)
+
+
+def test_relative_error_fades_while_no_sample_comes() -> None:
+    from policies.latency import TRUST_HALF_LIFE_S, RelativeError
+
+    e = RelativeError().update(3.0, 6.0, now=0.0)
+    # The variance halves every half-life, so the spread halves every two.
+    assert e.spread(2 * TRUST_HALF_LIFE_S) == pytest.approx(e.spread(0.0) / 2)
+    assert e.spread(6 * TRUST_HALF_LIFE_S) == pytest.approx(e.spread(0.0) / 8)

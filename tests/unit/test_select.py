@@ -338,3 +338,18 @@ def test_without_an_external_candidate_the_gpu_prices_its_own_tokens_at_b_star()
     # = 0.016017 s decode; x $2.95/3600 per s = $4.5903e-5; 17/31 of it.
     busy = d.candidates[1]
     assert busy.predicted_cost_usd == pytest.approx(17 / 31 * 0.056017 * 2.95 / 3600, rel=1e-4)
+
+
+def test_a_local_margin_scales_with_the_prediction_it_guards() -> None:
+    # A relative spread of 0.98 (a 60k-token prompt took twice its prediction) on a short
+    # prompt: predicted TTFT 800 / 20k + 1 / 215 = 0.04465 s; margin 2 x 0.98 x (0.04465 +
+    # 0.05) = 0.1855 s: well within 1 s, so the idle GPU is used.
+    gpu = local(ttft_rel_spread=0.98)
+    d = select(request(), [groq(), gpu], COST, NOW)
+    assert d.candidates[0].backend == "gpu-a", d.reason
+    # The same spread on a 60k-token prompt: 3.0 s + 2 x 0.98 x 3.05 s: far past 1 s.
+    long = select(request(prompt=60_000), [groq(), gpu], COST, NOW)
+    assert long.candidates[0].backend == "groq"
+    gpu_c = next(c for c in long.candidates if c.backend == "gpu-a")
+    expected = 2 * 0.98 * (gpu_c.predicted_ttft_s + 0.05)
+    assert f"+{expected:.2f}s" in gpu_c.reason
