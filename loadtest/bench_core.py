@@ -1,9 +1,13 @@
 """Gateway core benchmark: added latency at concurrency 1, max non-streaming throughput at concurrency 32.
 
     python -m loadtest.bench_core [--rounds 3] [--duration 8] [--variants full,no-ledger,pinned]
+    python -m loadtest.bench_core --variants full-3,pinned-3
 
 Variants: full (cost policy, sqlite ledger), no-ledger, pinned, and no-ledger-aiohttp
-(no-ledger with `listen.fast_edge: false`: every connection read by aiohttp).
+(no-ledger with `listen.fast_edge: false`: every connection read by aiohttp). With one
+backend the cost policy has one candidate to rank; `full-3` and `pinned-3` give the model
+three backends at different prices (all on the same static upstream), so `cost` scores
+three candidates per request: `--variants full-3,pinned-3` measures multi-candidate routing.
 
 Starts a fast static upstream (`neogate sim static`) and one gateway process per
 variant (`neogate serve --config ...`, auth with a tenant key, metrics on, an
@@ -44,13 +48,18 @@ BODY = (
 STREAM_BODY = BODY[:-1] + ',"stream":true}'
 
 VARIANTS = {
-    # name: (policy kind, ledger kind, neogate's own HTTP edge)
-    "full": ("cost", "sqlite", True),
-    "no-ledger": ("cost", "none", True),
-    "pinned": ("pinned", "sqlite", True),
+    # name: (policy kind, ledger kind, neogate's own HTTP edge, backends of the model)
+    "full": ("cost", "sqlite", True, 1),
+    "no-ledger": ("cost", "none", True, 1),
+    "pinned": ("pinned", "sqlite", True, 1),
     # every connection read by aiohttp (listen.fast_edge: false): what the edge saves
-    "no-ledger-aiohttp": ("cost", "none", False),
+    "no-ledger-aiohttp": ("cost", "none", False, 1),
+    # three candidates: the cost policy ranks them all on every request
+    "full-3": ("cost", "sqlite", True, 3),
+    "pinned-3": ("pinned", "sqlite", True, 3),
 }
+# (input, output) USD per million tokens of backends static, static-2, static-3
+PRICES = ((0.1, 0.2), (0.12, 0.24), (0.15, 0.3))
 
 
 def free_port() -> int:
@@ -61,23 +70,35 @@ def free_port() -> int:
 
 
 def policy_yaml(
-    upstream: int, port: int, data: Path, policy: str, ledger: str, fast_edge: bool = True
+    upstream: int,
+    port: int,
+    data: Path,
+    policy: str,
+    ledger: str,
+    fast_edge: bool = True,
+    backends: int = 1,
 ) -> str:
-    pol = "{kind: cost}" if policy == "cost" else "{kind: pinned, order: [static]}"
+    names = ["static", *(f"static-{i}" for i in range(2, backends + 1))]
+    order = ", ".join(names)
+    pol = "{kind: cost}" if policy == "cost" else f"{{kind: pinned, order: [{order}]}}"
     edge = "true" if fast_edge else "false"
-    return f"""
-listen: {{host: 127.0.0.1, port: {port}, fast_edge: {edge}}}
-backends:
-  - name: static
+    entries = "".join(
+        f"""
+  - name: {name}
     kind: openai_compatible
     base_url: http://127.0.0.1:{upstream}/v1
     api_key: env:NEOGATE_BENCH_UPSTREAM_KEY
     models: {{m: static-model}}
-    price: {{input_per_million: 0.1, output_per_million: 0.2}}
-    max_concurrency: 4096
+    price: {{input_per_million: {pin}, output_per_million: {pout}}}
+    max_concurrency: 4096"""
+        for name, (pin, pout) in zip(names, PRICES, strict=False)
+    )
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}, fast_edge: {edge}}}
+backends:{entries}
 models:
   - name: m
-    backends: [static]
+    backends: [{order}]
     policy: {pol}
 tenants:
   - name: bench
@@ -184,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             up = free_port()
             procs.append(start([*neogate, "sim", "static", "--port", str(up)], up, "direct", env))
             for name in names:
-                policy, ledger, fast_edge = VARIANTS[name]
+                policy, ledger, fast_edge, backends = VARIANTS[name]
                 data = Path(tmp) / name
                 data.mkdir()
                 port = free_port()
                 cfg = Path(tmp) / f"{name}.yaml"
-                cfg.write_text(policy_yaml(up, port, data, policy, ledger, fast_edge))
+                cfg.write_text(policy_yaml(up, port, data, policy, ledger, fast_edge, backends))
                 procs.append(
                     start(
                         [*neogate, "--log-level", "WARNING", "serve", "--config", str(cfg)],
@@ -249,11 +270,13 @@ def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
         print(
             f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)"
         )
-    if "full" in results and "pinned" in results:
-        f, p = med(results["full"].rps), med(results["pinned"].rps)
-        print(
-            f"cost routing vs pinned: {f:,.0f} vs {p:,.0f} req/s ({(1 - f / p) * 100:.1f}% lower)"
-        )
+    for full, pinned, what in (("full", "pinned", "1 backend"), ("full-3", "pinned-3", "3")):
+        if full in results and pinned in results:
+            f, p = med(results[full].rps), med(results[pinned].rps)
+            print(
+                f"cost routing vs pinned ({what} candidates): {f:,.0f} vs {p:,.0f} req/s "
+                f"({(1 - f / p) * 100:.1f}% lower)"
+            )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ async def run(args: argparse.Namespace, base_url: str) -> dict[str, Samples]:
                 wall, errors = await drive(clients[name], args.requests, args.concurrency, stream)
                 cpu = time.process_time() - cpu0
                 out[name].cpu_us.append(cpu / args.requests * 1e6)
-                out[name].rps.append(args.requests / wall)
+                out[name].rps.append((args.requests - errors) / wall)  # errors excluded
                 out[name].errors += errors
         fast.close()
         return out

@@ -190,15 +190,37 @@ def litellm_version(python: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def litellm_http_stack(python: Path) -> str:
+    """Which HTTP parser and event loop LiteLLM's uvicorn gets in that venv (it picks the
+    C ones, httptools and uvloop, only when they are installed)."""
+    probe = (
+        "import importlib.util as u; "
+        "print('httptools' if u.find_spec('httptools') else 'h11', "
+        "'uvloop' if u.find_spec('uvloop') else 'asyncio')"
+    )
+    try:
+        out = subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    parser, _, loop = out.stdout.strip().partition(" ")
+    return f"uvicorn http={parser}, loop={loop}" if out.returncode == 0 else "unknown"
+
+
 def ensure_litellm(venv: Path) -> tuple[Path, str, bool]:
     """(litellm executable, version, whether it was installed now); installs on first use.
 
-    LiteLLM is never a dependency of neogate: it lives in its own venv, from PyPI.
+    LiteLLM is never a dependency of neogate: it lives in its own venv, from PyPI,
+    installed the way LiteLLM's own installer (scripts/install.sh) and docs do it:
+    `pip install 'litellm[proxy]'`, nothing added. That extra brings uvicorn without its
+    `[standard]` extras, so uvicorn parses HTTP with h11 unless httptools happens to be
+    present; the version string says which parser and loop it got.
     """
     exe, python = venv / "bin" / "litellm", venv / "bin" / "python"
     version = litellm_version(python) if exe.exists() else None
     if version is not None:
-        return exe, version, False
+        return exe, f"{version} ({litellm_http_stack(python)})", False
     print(
         f"installing litellm[proxy] into {venv} (one time; large) ...", file=sys.stderr, flush=True
     )
@@ -208,4 +230,4 @@ def ensure_litellm(venv: Path) -> tuple[Path, str, bool]:
     version = litellm_version(python)
     if version is None or not exe.exists():
         raise RuntimeError(f"litellm did not install into {venv}")
-    return exe, version, True
+    return exe, f"{version} ({litellm_http_stack(python)})", True

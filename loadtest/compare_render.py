@@ -190,9 +190,10 @@ def write_markdown(
             if args.neogate_ledger == "sqlite"
             else "no ledger (`ledger.kind: none`, like LiteLLM without a database)"
         ),
-        "- LiteLLM: `litellm --config litellm.yaml --num_workers 1` (uvicorn with uvloop and "
-        "httptools), master-key auth, no database (so no spend tracking), `openai/<model>` "
-        "with `api_base`",
+        "- LiteLLM: `pip install 'litellm[proxy]'` as its installer does it, then `litellm "
+        "--config litellm.yaml --num_workers 1` (uvicorn's HTTP parser and loop: see the "
+        "LiteLLM version above), master-key auth, no database (so no spend tracking), "
+        "`openai/<model>` with `api_base`",
         f"- logging: both at {args.log_level.upper()} (LiteLLM's uvicorn access log off)",
         f"- load: closed loop, {args.duration:g} s per cell after {args.warmup:g} s warm-up per "
         f"target, levels {args.levels}, prompt {args.prompt_tokens} tokens, max_tokens "

@@ -10,6 +10,12 @@ clients that never read their stream come and go beside a slow reader.
 The report: client-visible errors by cause and phase, RSS over time, upstream
 versus client traffic, and ledger rows against the completions clients received.
 Loopback only; bounded by --minutes.
+
+It ends with a verdict and exits 1 when any check fails: an error a client saw that the
+schedule does not explain (the only expected ones are 429/503 on the 70B model, whose
+one backend rate-limits, while it does and for a cool-down after), a completion without
+its ledger row, a gateway that does not exit 0 on SIGTERM, a Traceback in its log, or
+a fault step that could not be applied.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ SCHEDULE = (
 )
 RELOAD_AT, HUP_AT = 0.50, 0.70
 WARMUP = 0.15
+# Rate limits on the 70B model's only backend are expected from the phase's start until
+# this long after its end (the backend's cool-down and the provider's minute window).
+RATE_LIMIT_COOLDOWN_S = 65.0
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Tally:
     ok: set[str] = field(default_factory=set)  # request ids with a complete answer
     partial: set[str] = field(default_factory=set)  # streams that ended in an error event
     errors: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (phase, model, cause)
+    unexpected: Counter[tuple[str, str, str]] = field(
+        default_factory=Counter
+    )  # the same, unexplained
     cuts: list[tuple[float, bool]] = field(default_factory=list)  # (s until closed, got [DONE])
     slow_reads: list[str] = field(default_factory=list)
     rss: list[tuple[float, int, str]] = field(default_factory=list)  # (t, kB, phase)
@@ -79,6 +91,8 @@ class Soak:
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = out / "soak.yaml"
         self.proc: Proc | None = None
+        self.missing_rows = 0
+        self.tracebacks = 0
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -172,12 +186,25 @@ class Soak:
             }
             self.tally.sent += 1
             phase = self.phase()
+            started = self.now()
             cause = await self._one(session, rid, body, stream)
             if cause is not None:
                 self.tally.errors[(phase, model, cause)] += 1
+                if not self.expected(model, cause, started):
+                    self.tally.unexpected[(phase, model, cause)] += 1
                 if cause.startswith(("429", "503")):
                     await asyncio.sleep(0.2)  # what a polite client does
             await asyncio.sleep(self.rng.uniform(0.01, 0.05))
+
+    def expected(self, model: str, cause: str, started: float) -> bool:
+        """Whether the schedule explains this error: only rate limits on the 70B model (its one
+        backend rate-limits); every fault on the 8B model must be absorbed by failover."""
+        begin, end = SCHEDULE[1][0] * self.duration, SCHEDULE[1][1] * self.duration
+        return (
+            model == LARGE
+            and cause.startswith(("429", "503"))
+            and begin <= started <= end + RATE_LIMIT_COOLDOWN_S
+        )
 
     async def _one(
         self, session: aiohttp.ClientSession, rid: str, body: dict[str, Any], stream: bool
@@ -336,7 +363,25 @@ class Soak:
             for runner in self.runners:
                 await runner.cleanup()
         self.report(upstream, stop_s, metrics)
-        return 0
+        return self.verdict()
+
+    def verdict(self) -> int:
+        """Print every failed check; 1 if any failed."""
+        assert self.proc is not None
+        t = self.tally
+        n = sum(t.unexpected.values())
+        failed = [f"{n} unexpected client-visible error(s): {dict(t.unexpected)}"] if n else []
+        if self.missing_rows:
+            failed.append(f"{self.missing_rows} completion(s) without an 'ok' ledger row")
+        if self.proc.popen.returncode != 0:
+            failed.append(f"gateway exit code {self.proc.popen.returncode} after SIGTERM")
+        if self.tracebacks:
+            failed.append(f"{self.tracebacks} Traceback(s) in the gateway log")
+        failed += [f"fault step failed: {e.strip()}" for e in t.events if "FAILED" in e]
+        print("\nverdict: " + ("PASS" if not failed else "FAIL"))
+        for f in failed:
+            print("  - " + f)
+        return 1 if failed else 0
 
     async def _at(self, t: float, action: Callable[[], Awaitable[None]]) -> None:
         await asyncio.sleep(max(0.0, t - self.now()))
@@ -373,6 +418,7 @@ class Soak:
             n for (ph, m, c), n in t.errors.items() if m == SMALL and not c.startswith("429")
         )
         print(f"  -> errors on {SMALL} (3 backends) other than rate limits: {failover}")
+        print(f"  -> errors the schedule does not explain: {sum(t.unexpected.values())}")
         total_up = sum(upstream.values())
         print(f"\nupstream requests: {upstream} = {total_up}; client requests {t.sent}; "
               f"ratio {total_up / max(1, t.sent):.3f}")  # fmt: skip
@@ -396,6 +442,7 @@ class Soak:
         errors = [
             ln for ln in self.proc.tail(100000).splitlines() if " ERROR " in ln or "Traceback" in ln
         ]
+        self.tracebacks = sum(1 for ln in errors if "Traceback" in ln)
         print(f"\ngateway log: {len(errors)} ERROR/Traceback lines ({self.proc.log_path})")
         for ln in errors[:10]:
             print("  " + ln[:160])
@@ -411,6 +458,7 @@ class Soak:
         outcomes = Counter(r[2] for r in rows)
         soak_rows = {r[0] for r in rows if r[0].startswith("soak-") and r[2] == "ok"}
         missing = self.tally.ok - soak_rows
+        self.missing_rows = len(missing)
         print(f"\nledger: {len(rows)} rows {dict(outcomes)}")
         print(f"  completions received by clients: {ok}; with an 'ok' ledger row: {ok - len(missing)}; "
               f"missing: {len(missing)}")  # fmt: skip

@@ -17,16 +17,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_REQUESTS = re.compile(r"(\d+) requests in")
+_REQUESTS = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
 _LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-_SCALE = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+_SCALE = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
 class WrkResult:
+    """One wrk run. `rps` counts 2xx/3xx answers only: an error is not throughput."""
+
     rps: float
     requests: int
     p50_ms: float | None
@@ -84,20 +86,31 @@ def run_wrk(
         timeout=seconds + timeout_s + 30,
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    text = out.stdout
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return parse_wrk(out.stdout, cpu_s, out.stderr)
+
+
+def parse_wrk(text: str, cpu_s: float, stderr: str = "") -> WrkResult:
+    """What wrk printed (with --latency), as a WrkResult."""
     rps = _RPS.search(text)
-    if rps is None:
-        raise RuntimeError(f"wrk printed no rate:\n{text}\n{out.stderr}")
-    lat = {m.group(1): float(m.group(2)) * _SCALE[m.group(3)] for m in _LAT.finditer(text)}
-    non2xx = _NON2XX.search(text)
-    sock = _SOCKET.search(text)
     total = _REQUESTS.search(text)
+    if rps is None or total is None:
+        raise RuntimeError(f"wrk printed no rate:\n{text}\n{stderr}")
+    lat = {m.group(1): float(m.group(2)) * _SCALE[m.group(3)] for m in _LAT.finditer(text)}
+    non2xx_match = _NON2XX.search(text)
+    non2xx = int(non2xx_match.group(1)) if non2xx_match else 0
+    sock = _SOCKET.search(text)
+    # wrk's own Requests/sec counts every answer, errors too; throughput here is the rate
+    # of good answers (socket errors are not in wrk's request count at all).
+    requests = int(total.group(1))
+    elapsed_s = float(total.group(2)) * _SCALE[total.group(3)] / 1000.0
+    ok = max(0, requests - non2xx)
     return WrkResult(
-        rps=float(rps.group(1)),
-        requests=int(total.group(1)) if total else 0,
+        rps=ok / elapsed_s if elapsed_s > 0 else 0.0,
+        requests=requests,
         p50_ms=lat.get("50"),
         p99_ms=lat.get("99"),
-        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        non2xx=non2xx,
         socket_errors=sum(int(x) for x in sock.groups()) if sock else 0,
-        cpu_s=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        cpu_s=cpu_s,
     )
