@@ -13,6 +13,7 @@ from gateway import endpoints
 from gateway.admin import add_admin_routes, add_usage_routes
 from gateway.background import Background
 from gateway.config import GatewayConfig
+from gateway.edge import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -32,6 +33,7 @@ from gateway.runtime import (
     Runtime,
     RuntimeRef,
 )
+from gateway.server_log import ServerLog
 from gateway.shared import SharedHandle, attach_shared_state
 from gateway.wiring import build_runtime
 
@@ -54,10 +56,12 @@ def create_app(
         # Request bodies are never decompressed (a gzip bomb inflates on the event loop,
         # in aiohttp's parser, before any handler runs): `_errors_middleware` answers 415.
         handler_args={
-            "max_field_size": 16384,
+            "max_field_size": MAX_FIELD_SIZE,
+            "max_headers": MAX_HEADERS,
             "auto_decompress": False,
             # aiohttp's idle timer (also for a connection that never sends a byte).
             "keepalive_timeout": config.listen.keepalive_s,
+            "logger": ServerLog(),  # one line per bad request, never its bytes
         },
     )
     app[REQUEST_IDS] = RequestIds()

@@ -56,6 +56,12 @@ _HEADER_LINE: Final = re.compile(
 _HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade")
 _MAX_REQUEST_LINE: Final = 8192
 _MAX_HEAD: Final = 65536  # a longer head goes to aiohttp, whose limits answer it
+# aiohttp's limits (set in `gateway.app`); a head near them is handed over, so the two
+# roads refuse the same requests with the same status.
+MAX_HEADERS: Final = 128
+MAX_FIELD_SIZE: Final = 16384
+_EDGE_MAX_HEADERS: Final = 100
+_EDGE_MAX_LINE: Final = 8190
 _PIPELINE_PAUSE: Final = 1 << 20  # stop reading while this much waits behind a request
 # After an answer sent before its body was read (413, 415, 401...): half-close, drop what
 # the client still sends for this long, then close (closing at once could reset the
@@ -255,7 +261,7 @@ class EdgeConnection(asyncio.Protocol):
         buf = self._buf
         nl = buf.find(b"\r\n")
         if nl < 0:
-            if len(buf) > _MAX_REQUEST_LINE:
+            if len(buf) > _MAX_REQUEST_LINE or b"\n" in buf:  # too long, or bare LF
                 self._hand_over()
             return
         endpoint = _ROUTES.get(buf[:nl])
@@ -264,17 +270,27 @@ class EdgeConnection(asyncio.Protocol):
             return
         end = buf.find(b"\r\n\r\n", nl)
         if end < 0:
-            if len(buf) > _MAX_HEAD:
+            if len(buf) > _MAX_HEAD or b"\n\n" in buf:  # too long, or a bare-LF end
                 self._hand_over()
             return
         head = buf[nl : end + 2].decode("utf-8", "surrogateescape")
         pairs = _HEADER_LINE.findall(head)
-        if len(pairs) != head.count("\r\n") - 1:
+        if len(pairs) != head.count("\r\n") - 1 or len(pairs) > _EDGE_MAX_HEADERS:
             self._hand_over()
+            return
+        if len(head) > _EDGE_MAX_LINE and any(
+            len(k) + len(v) + 2 > _EDGE_MAX_LINE for k, v in pairs
+        ):
+            self._hand_over()  # aiohttp refuses a field over its limit
             return
         headers: CIMultiDict[str] = CIMultiDict(pairs)
         length = _content_length(headers)
-        if length is None or any(h in headers for h in _HAND_OVER_HEADERS):
+        if (
+            length is None
+            or any(h in headers for h in _HAND_OVER_HEADERS)
+            or len(headers.getall("host", ())) != 1  # HTTP/1.1 needs one Host
+            or len(headers.getall("connection", ())) > 1
+        ):
             self._hand_over()
             return
         connection = headers.get("connection")

@@ -34,7 +34,10 @@ def generate_key() -> str:
 
 def hash_key(secret: bytes, key: str) -> str:
     """The stored form of a key: hex HMAC-SHA256 under the server secret."""
-    return hmac.digest(secret, key.encode(), "sha256").hex()  # one-shot C HMAC, ~5x faster
+    # surrogateescape: a header byte that is not UTF-8 (obs-text) makes a key that matches
+    # nothing (a 401), not an encoding error.
+    raw = key.encode("utf-8", "surrogateescape")
+    return hmac.digest(secret, raw, "sha256").hex()  # one-shot C HMAC, ~5x faster
 
 
 @dataclass(frozen=True, slots=True)

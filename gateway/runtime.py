@@ -63,11 +63,15 @@ class Runtime:
     extra_forward_headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def forward_headers(self, h: Mapping[str, str], rid: str) -> dict[str, str]:
-        """The allow-listed client headers plus our request id."""
+        """The allow-listed client headers plus our request id.
+
+        A value that is not printable ASCII (obs-text bytes such as `caf\xff`, or control
+        characters) is dropped: it cannot be written to an upstream as it came.
+        """
         out = {"X-Request-Id": rid}
         for name in FORWARDED_CLIENT_HEADERS:
             value = h.get(name)
-            if value is not None:
+            if value is not None and value.isascii() and value.isprintable():
                 out[name] = value
         return out
 

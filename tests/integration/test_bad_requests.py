@@ -1,0 +1,167 @@
+"""Malformed and unusual requests: the edge refuses what aiohttp refuses, with the same status;
+no client-chosen header byte is a 500; and no request byte reaches the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory
+from tests.integration.faultkit import SimFactory, Upstream, policy, sim_factory
+
+TENANT_KEY = "ng-tenant-key-for-bad-requests-0123"
+PROMPT = "the secret prompt text 7f3a9"
+BODY = json.dumps(
+    {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+).encode()
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[SimFactory]:
+    async with sim_factory() as start:
+        yield start
+
+
+@pytest.fixture
+async def roads(
+    sims: SimFactory,
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Gateway]:
+    """The same keyed gateway twice: through the edge, and with aiohttp reading every request."""
+    monkeypatch.setenv("NEOGATE_TEST_TENANT_KEY", TENANT_KEY)
+    sim = await sims()
+    out = {}
+    for road, fast in (("edge", True), ("aiohttp", False)):
+        pol = policy(tmp_path / road, [Upstream("sim", sim.v1)])
+        pol["listen"]["fast_edge"] = fast
+        pol["auth"] = {"allow_anonymous_on_loopback": False}
+        pol["tenants"] = [{"name": "t", "api_keys": ["env:NEOGATE_TEST_TENANT_KEY"]}]
+        out[road] = await gateway_factory(pol, anonymous=False)
+    return out
+
+
+def request(headers: list[tuple[str, str]], *, lf: bytes = b"\r\n", body: bytes = BODY) -> bytes:
+    lines = [b"POST /v1/chat/completions HTTP/1.1"]
+    lines += [f"{k}: {v}".encode("utf-8", "surrogateescape") for k, v in headers]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    return lf.join(lines) + lf + lf + body
+
+
+AUTH = ("Authorization", f"Bearer {TENANT_KEY}")
+HOST = ("Host", "gateway.test")
+
+
+async def exchange(gw: Gateway, data: bytes) -> tuple[int, bytes, bool]:
+    """Send raw bytes; the status, the answer, and whether the server then closed."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await asyncio.wait_for(reader.readexactly(length), 10)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 0.5) == b""
+        except TimeoutError:
+            closed = False
+        return status, head + body, closed
+    finally:
+        writer.close()
+
+
+REFUSED = {
+    "2,000 headers": request([HOST, AUTH] + [(f"X-H{i}", "v") for i in range(2000)]),
+    "129 headers": request([HOST, AUTH] + [(f"X-H{i}", "v") for i in range(127)]),
+    "a 20 KB header value": request([HOST, AUTH, ("X-Big", "a" * 20_000)]),
+    "no Host": request([AUTH]),
+    "two Host headers": request([HOST, ("Host", "other.test"), AUTH]),
+    "bare LF line ends": request([HOST, AUTH], lf=b"\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+async def test_the_edge_refuses_what_aiohttp_refuses_with_the_same_status(
+    roads: dict[str, Gateway], case: str
+) -> None:
+    got = {road: (await exchange(gw, REFUSED[case]))[0] for road, gw in roads.items()}
+    assert got == {"edge": 400, "aiohttp": 400}, got
+
+
+async def test_requests_near_the_limits_are_served_on_both_roads(
+    roads: dict[str, Gateway],
+) -> None:
+    for data in (
+        request([HOST, AUTH] + [(f"X-H{i}", "v") for i in range(100)]),
+        request([HOST, AUTH, ("X-Big", "a" * 9000)]),
+    ):
+        got = {road: (await exchange(gw, data))[0] for road, gw in roads.items()}
+        assert got == {"edge": 200, "aiohttp": 200}, got
+
+
+async def test_a_repeated_connection_header_is_read_whole_on_both_roads(
+    roads: dict[str, Gateway],
+) -> None:
+    data = request([HOST, AUTH, ("Connection", "keep-alive"), ("Connection", "close")])
+    got = {road: await exchange(gw, data) for road, gw in roads.items()}
+    assert {r: (s, closed) for r, (s, _, closed) in got.items()} == {
+        "edge": (200, True),
+        "aiohttp": (200, True),
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        (("User-Agent", "caf\udcff"), 200),  # obs-text is dropped, never forwarded
+        (("traceparent", "00-\udcff-01"), 200),
+        (("X-Client-Request-Id", "id-\udcff"), 200),
+        (("X-Neogate-Timeout", "\udcff"), None),  # a bad value: 200 or a 400, never a 500
+        (("Authorization", "Bearer ng-\udcff"), 401),
+    ],
+)
+async def test_obs_text_in_a_header_is_never_a_500(
+    roads: dict[str, Gateway], header: tuple[str, str], status: int | None
+) -> None:
+    headers = [HOST, header] if header[0] == "Authorization" else [HOST, AUTH, header]
+    for road, gw in roads.items():
+        got, raw, _ = await exchange(gw, request(headers))
+        assert got < 500, (road, raw)
+        if status is not None:
+            assert got == status, (road, raw)
+
+
+async def test_a_bad_request_is_one_log_line_without_its_bytes_and_floods_are_capped(
+    roads: dict[str, Gateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    bad = request([HOST, AUTH], lf=b"\n")  # aiohttp logged these raw bytes at ERROR
+    for road, gw in roads.items():
+        caplog.clear()
+        assert (await exchange(gw, bad))[0] == 400
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(lines) == 1, (road, [r.getMessage() for r in lines])
+        logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
+        for secret in (TENANT_KEY, PROMPT, "Authorization", "POST /v1"):
+            assert secret not in logged, (road, secret, logged)
+        caplog.clear()
+        for _ in range(40):
+            await exchange(gw, bad)
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert 1 <= len(lines) <= 12, (road, len(lines))
+        assert TENANT_KEY not in caplog.text and PROMPT not in caplog.text
+        assert "Traceback" not in caplog.text
+    # Still answering the good ones.
+    for gw in roads.values():
+        assert (await exchange(gw, request([HOST, AUTH])))[0] == 200
