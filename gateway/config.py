@@ -70,6 +70,9 @@ class BackendSpec(Model):
     max_concurrency: int = Field(default=256, ge=1)
     # Extra client headers this backend may receive (on top of the gateway's allow-list).
     forward_headers: list[str] = Field(default_factory=list)
+    # Public model -> the embedding model (one vector space) this backend's embeddings are
+    # from, where its backend model id does not say so (providers name one model differently).
+    embeddings: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -109,7 +112,14 @@ class BackendSpec(Model):
             raise ValueError(
                 f"model_prices names models this backend does not map: {sorted(unknown)}"
             )
+        stray = set(self.embeddings) - set(self.models)
+        if stray:
+            raise ValueError(f"embeddings names models this backend does not map: {sorted(stray)}")
         return self
+
+    def embedding_space(self, model: str) -> str:
+        """The vector space of this backend's embeddings for `model`: declared, else its id."""
+        return self.embeddings.get(model) or self.models[model]
 
     def price_for(self, model: str) -> PriceSpec | None:
         """The list price of `model` on this backend (model override, then backend price)."""
@@ -292,6 +302,15 @@ class GatewayConfig(Model):
                     raise ValueError(f"model {m.name!r} names unknown backend {b!r}")
                 if m.name not in by_name[b].models:
                     raise ValueError(f"backend {b!r} has no mapping for model {m.name!r}")
+            declared = {b: by_name[b].embeddings[m.name] for b in m.backends
+                        if m.name in by_name[b].embeddings}  # fmt: skip
+            if len(set(declared.values())) > 1:
+                spaces = ", ".join(f"{b} serves {e}" for b, e in declared.items())
+                raise ValueError(
+                    f"model {m.name!r} mixes embedding models ({spaces}): their vectors are "
+                    "not comparable, so one model name must be one embedding model; "
+                    "split it into one model per embedding model"
+                )
         tenants = [t.name for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError(f"tenant names must be unique: {tenants}")

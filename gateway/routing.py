@@ -84,6 +84,21 @@ class Router:
             for t in config.tenants
             if t.policy is not None
         }
+        # Embeddings of a model are served from one vector space only: the backends whose
+        # embedding model is the first backend's (never by cost across spaces).
+        self._embedding_models = {
+            m.name: m.model_copy(
+                update={
+                    "backends": [
+                        b
+                        for b in m.backends
+                        if self._specs[b].embedding_space(m.name)
+                        == self._specs[m.backends[0]].embedding_space(m.name)
+                    ]
+                }
+            )
+            for m in config.models
+        }
         self._locals = {  # each model's local backends, for explaining a spill
             m.name: frozenset(b for b in m.backends if self._specs[b].is_local)
             for m in config.models
@@ -157,6 +172,8 @@ class Router:
         headers: Mapping[str, str],
     ) -> tuple[list[AttemptPlan], RouteDecision]:
         """Decide, wait for local headroom where the request tolerates it, and build the attempts."""
+        if inbound.endpoint == "embeddings":
+            model = self._embedding_models.get(model.name, model)
         self.reliability.on_request()
         req = self.route_request(inbound, tenant, estimate, headers)
         decision = self.decide(req, model, tenant)
