@@ -13,6 +13,8 @@ import orjson
 
 from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
 from gateway.errors import GatewayError
+from gateway.failures import FailureStreak
+from gateway.ledger.rows import LedgerUnavailable
 from policies.pricebook import (
     FeedError,
     Price,
@@ -27,6 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("neogate.background")
 
 KEY_REFRESH_S = 0.5  # revocations by another process take effect within this
+# Failures that are an outage of something we depend on: logged without a traceback.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    aiohttp.ClientError,
+    GatewayError,
+    MetricsParseError,
+    FeedError,
+    LedgerUnavailable,
+)
 
 
 class Background:
@@ -37,6 +49,10 @@ class Background:
         self._session = session
         self._tasks: list[asyncio.Task[None]] = []
         self._skips_logged: frozenset[tuple[str, str]] = frozenset()
+        feed = rt.config.price_feed
+        self._feed_streak = FailureStreak(
+            log, f"price feed {feed.url if feed else ''} (last good prices kept)", expected=_OUTAGES
+        )
 
     def start(self) -> None:
         rt = self._rt
@@ -56,19 +72,26 @@ class Background:
         self._tasks.clear()
 
     def _spawn(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        # A failing task (its database or endpoint down) logs once per outage, not per try.
+        streak = FailureStreak(log, f"background task {name}", expected=_OUTAGES)
+
         async def loop() -> None:
             while True:
                 try:
                     await step()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("background task %s failed; retrying in %.1fs", name, interval)
+                except Exception as exc:
+                    streak.failed(exc)
+                else:
+                    streak.succeeded()
                 await asyncio.sleep(interval)
 
         self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
 
     def _scraper(self, name: str) -> Callable[[], Awaitable[None]]:
+        streak = FailureStreak(log, f"metrics scrape of {name}", expected=_OUTAGES)
+
         async def scrape() -> None:
             rt = self._rt
             try:
@@ -76,14 +99,13 @@ class Background:
                 if text is None:
                     # Local workers always have a metrics URL, so None is a non-200 answer:
                     # a failure like any other (the worker goes stale on the same clock).
-                    rt.metrics.scrape_failures.labels(name).inc()
-                    log.debug("scrape of %s failed: the endpoint answered an error status", name)
-                    return
+                    raise MetricsParseError("the endpoint answered an error status")
                 metrics = parse_worker_metrics(text, time.time())
             except (GatewayError, MetricsParseError) as exc:
                 rt.metrics.scrape_failures.labels(name).inc()
-                log.debug("scrape of %s failed: %s", name, exc)
+                streak.failed(exc)
                 return
+            streak.succeeded()
             rt.router.live.backends[name].worker = metrics
 
         return scrape
@@ -101,13 +123,9 @@ class Background:
             updates = self._feed_updates(orjson.loads(body))
         except (aiohttp.ClientError, TimeoutError, FeedError, orjson.JSONDecodeError) as exc:
             rt.metrics.price_feed_failures.inc()
-            log.warning(
-                "price feed %s failed, keeping version %d: %s",
-                feed.url,
-                rt.router.live.prices.book.version,
-                exc,
-            )
+            self._feed_streak.failed(exc)  # the last good prices stay in force
             return
+        self._feed_streak.succeeded()
         before = rt.router.live.prices.book.version
         after = rt.router.live.prices.set_many(updates)
         if after != before:

@@ -193,14 +193,19 @@ async def first_attempt_that_answers(
     gate: Gate | None = None,
     options: ForwardOptions | None = None,
     sent: list[SentAttempt] | None = None,
+    broken: list[SentAttempt] | None = None,
 ) -> Attempt:
     """Try the plans in rank order until one answers; raise the final error once spent.
 
     `deadline` is in event-loop time. The returned attempt holds a gate slot:
     the caller must `release()` it when the answer has been relayed. When the caller
     is cancelled (the client left), `sent` holds the attempts whose request was out.
+    `broken` gets every attempt whose whole answer began (a 2xx) and then broke (cut,
+    stalled or not JSON): the backend did the work, so the caller meters it.
     """
     fwd = _Forwarder(plans, path, headers, stream, deadline, hooks, gate, options, sent)
+    if broken is not None:
+        fwd.broken = broken
     opts = fwd.options
     if stream and plans:
         delay = hedge_delay(
@@ -243,6 +248,7 @@ class _Forwarder:
         self.budget_refused = False  # the retry budget said no: the client must not retry
         self.same_backend_retry = len(self.pending) == 1  # one chance left for a lone candidate
         self.sent = sent if sent is not None else []  # attempts out right now
+        self.broken: list[SentAttempt] = []  # 2xx answers whose body broke (metered)
 
     def remaining(self) -> float:
         return self.deadline - self.loop.time()
@@ -412,7 +418,11 @@ class _Forwarder:
                         timeouts,
                         _release=release,
                     )
-                body, answer = await _whole_body(response, name)
+                try:
+                    body, answer = await _whole_body(response, name)
+                except GatewayError:
+                    self.broken.append(SentAttempt(name, plan.backend_model, number))
+                    raise
             except BaseException:
                 response.close()
                 raise

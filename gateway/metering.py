@@ -360,6 +360,24 @@ class Meter:
             if completion.reservation is not None:
                 await self.admission.settle(completion.reservation, tokens, cost)
 
+    async def broken_attempts(
+        self,
+        completion: Completion,
+        broken: list[SentAttempt],
+        batch_seen: Callable[[str], int],
+    ) -> None:
+        """Attempts whose answer broke mid-body (cut, stalled, not JSON): the backend did the
+        work and nothing of it reached the client, so each is the operator's cost.
+
+        The body is lost, so the row holds the prompt (estimated) and no completion.
+        """
+        for out in broken:
+            batch = batch_seen(out.backend)
+            prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+            row = self._sent_row(completion, out, prices, batch, OPERATOR_TENANT, "upstream_cut")
+            if self.ledger is not None:
+                await self.ledger.record(row)
+
     def hedge_prices(
         self, losers: tuple[SentAttempt, ...], model: str, batch_seen: Callable[[str], int]
     ) -> tuple[tuple[SentAttempt, UnitPrices, int], ...]:

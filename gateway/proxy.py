@@ -78,6 +78,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
     completion.client_request_id = client_request_id(ex.headers)
     rel = rt.router.reliability
     sent: list[SentAttempt] = []
+    broken: list[SentAttempt] = []
     try:
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, ex.headers)
         completion.decision = decision
@@ -91,6 +92,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
             gate=rel.gate,
             options=rel.forward_options,
             sent=sent,
+            broken=broken,
         )
     except asyncio.CancelledError:
         # The client left before any answer. An attempt that was out had the prompt
@@ -100,6 +102,9 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
     except BaseException:
         await rt.meter.abandon(completion)
         raise
+    finally:
+        if broken:  # answers that broke mid-body: the operator's cost, failover or not
+            await asyncio.shield(rt.meter.broken_attempts(completion, broken, rt.router.batch_seen))
     batch = rt.router.batch_seen(attempt.backend)
     context = estimate.prompt_tokens + estimate.expected_output_tokens // 2
     prices = rt.meter.unit_prices(

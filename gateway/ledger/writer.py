@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.failures import FailureStreak
 from gateway.ledger.rows import LedgerRow, LedgerStore, LedgerUnavailable
 from gateway.ledger.spool import Spool, adopt_spool
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_EXPECTED = (LedgerUnavailable, OSError, TimeoutError)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
@@ -135,6 +137,9 @@ class LedgerWriter:
         self._written = self._spooled = self._replayed = 0
         self._batches = self._last_batch = self._errors = 0
         self._metrics = _Metrics(registry, self) if registry is not None else None
+        self._db_streak = FailureStreak(
+            log, "ledger database (rows go to the spool)", expected=_EXPECTED, level=logging.ERROR
+        )
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class LedgerWriter:
         except LedgerUnavailable as exc:
             if self._spool is None:
                 raise
-            log.error("ledger database unavailable at start, spooling: %s", exc)
+            self._db_streak.failed(exc)
             self._mark_down()
         if self._spool is not None and self._spool.rows and not self._down:
             await self._replay()
@@ -278,12 +283,13 @@ class LedgerWriter:
                 log.exception("ledger write failed unexpectedly")
                 error = exc
             else:
+                self._db_streak.succeeded()
                 self._done(batch, rows, started, spooled=False)
                 return
             self._errors += 1
             if self._metrics:
                 self._metrics.errors.inc()
-            log.error("ledger database write failed, spooling %d rows: %s", len(rows), error)
+            self._db_streak.failed(error)  # once per outage: the rest go to the spool
             self._mark_down()
         if self._spool is None:
             self._fail(batch, LedgerWriteFailed(f"ledger database unavailable: {error}"))
@@ -338,11 +344,12 @@ class LedgerWriter:
                     await self.store.write(rows[i : i + self._replay_chunk])
                 except Exception as exc:
                     self._errors += 1
-                    log.warning("ledger replay failed (%d rows spooled): %s", spool.rows, exc)
+                    self._db_streak.failed(exc)  # counted; logged once per outage
                     self._mark_down()
                     return moved
                 moved += min(self._replay_chunk, len(rows) - i)
                 if self._down:
+                    self._db_streak.succeeded()
                     log.info("ledger database is back, replaying %d spooled rows", spool.rows)
                     self._down = False
                 # Live rows queued meanwhile go in between chunks, not after the whole spool.

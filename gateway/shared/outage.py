@@ -75,6 +75,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.admission import CounterCheck, LimitStore, MemoryLimitStore, RateCheck, Refusal
 from gateway.errors import GatewayError
+from gateway.failures import FailureStreak
 from gateway.shared.redis_limits import (
     REDIS_DOWN,
     Applied,
@@ -177,6 +178,7 @@ class FailoverLimitStore:
         # Credit (seconds, at the configured rate) each rate used locally in this outage.
         self._rate_used: dict[str, float] = {}
         self._syncing: asyncio.Task[None] | None = None
+        self._reconcile_streak = FailureStreak(log, "reconciling with redis (retried)")
         self.on_outage = on_outage
         self.metrics = metrics if metrics is not None else SharedMetrics(None)
         self._reseed_hook = reseed
@@ -444,8 +446,10 @@ class FailoverLimitStore:
                 await self.reconcile()
             except _DOWN_OR_UNSEEDED:
                 continue
-            except Exception:
-                log.exception("reconciling with redis failed; retrying")
+            except Exception as exc:
+                self._reconcile_streak.failed(exc)  # once per streak, with a count
+            else:
+                self._reconcile_streak.succeeded()
 
     async def reconcile(self) -> None:
         """Bring this process back onto Redis, carrying outage-time deltas over exactly once."""

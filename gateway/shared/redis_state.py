@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.breaker import CircuitBreaker
+from gateway.failures import FailureStreak
 from gateway.keys import KeyStore
 from gateway.live import LiveState
 from gateway.shared.redis_limits import REDIS_DOWN
@@ -122,6 +123,7 @@ class SharedState:
         self._live_of: Callable[[], LiveState] = live if callable(live) else lambda: live
         self._keys_of: Callable[[], KeyStore | None] = keys if callable(keys) else lambda: keys
         self.origin = uuid.uuid4().hex
+        self._tick_streak = FailureStreak(log, "shared state tick")
         self.metrics = StateMetrics(registry)
         self._tick_s = tick_s
         self._snapshot_every = snapshot_every_s
@@ -236,8 +238,10 @@ class SharedState:
             except REDIS_DOWN as exc:
                 self.metrics.errors.inc()
                 log.debug("shared state: redis unreachable: %s", exc)
-            except Exception:
-                log.exception("shared state tick failed")
+            except Exception as exc:
+                self._tick_streak.failed(exc)  # once per streak, with a count
+            else:
+                self._tick_streak.succeeded()
 
     async def _subscriber(self) -> None:
         backoff = 0.1
