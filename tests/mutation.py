@@ -173,20 +173,40 @@ def sync(target: Target) -> Path:
     return work
 
 
+def not_killed(target: Target) -> list[str]:
+    """Mutants of the last run that no test killed (survived, untested, timed out)."""
+    names: list[str] = []
+    for f in target.files:
+        meta = WORK / target.name / "mutants" / f"{f}.meta"
+        if meta.exists():
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+            names += [k for k, c in codes.items() if c not in (1, 3, 37)]
+    return names
+
+
 def run(target: Target, children: int) -> float:
+    """mutmut over one module: new or changed functions are mutated and tested (earlier
+    verdicts of unchanged ones are kept), then every earlier survivor is tested again,
+    since the tests may have grown since."""
     work = sync(target)
     log = work / "mutmut.log"
     started = time.monotonic()
     mutmut = Path(sys.executable).with_name("mutmut")
     with log.open("w") as out:
-        proc = subprocess.run(
-            [str(mutmut), "run", "--max-children", str(children)],
-            cwd=work,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-        )
+        for again in (False, True):
+            names = not_killed(target) if again else []
+            if again and not names:
+                break
+            proc = subprocess.run(
+                [str(mutmut), "run", "--max-children", str(children), *names],
+                cwd=work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            )
+            if proc.returncode != 0:
+                break
     elapsed = time.monotonic() - started
     (work / "seconds").write_text(f"{elapsed:.0f}\n")
     if proc.returncode != 0:
