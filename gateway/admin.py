@@ -30,6 +30,7 @@ from gateway.routing import Router
 from gateway.runtime import RUNTIME, Runtime
 from gateway.wiring import reload_from_file
 from policies.pricebook import Price
+from policies.worker_signals import under_pressure
 
 # How long a worker of `--workers N` waits for its own reload after asking the supervisor.
 _WORKER_RELOAD_WAIT_S = 30.0
@@ -122,7 +123,20 @@ async def backends(request: web.Request) -> web.Response:
                     "kv_usage": w.kv_usage,
                     "age_s": round(now - w.scraped_at, 3),
                     "fresh": w.is_fresh(now, rt.config.routing.metrics_stale_after_s),
+                    # Between the last two scrapes (policies.worker_signals uses them).
+                    "queue_mean_s": b.signals.queue_mean_s,
+                    "preemptions_per_s": b.signals.preemptions_per_s,
+                    "waiting_for_capacity": w.waiting_for_capacity,
+                    "prefix_cache_hit_rate": b.signals.prefix_hit_rate,
+                    "used_tokens": w.used_tokens,
+                    "under_pressure": under_pressure(
+                        b.signals.preemptions_per_s, w.waiting_for_capacity
+                    ),
                 },
+                # A provider's reported queue time (Groq), long-run and recent averages.
+                "queue_s": None
+                if b.gpu is not None
+                else {"long_run": b.queue_slow_s, "recent": b.queue_fast_s},
                 "gpu": None
                 if b.gpu is None
                 else {
@@ -135,8 +149,10 @@ async def backends(request: web.Request) -> web.Response:
                     * 1e6,
                 },
                 "health": {**asdict(breaker), "healthy": b.breaker.available(now)},
+                # As the backend's dialect read its headers (Groq's request headers are
+                # `daily_*`), with our own last-minute traffic filling in what it omits.
                 "headroom": {
-                    **asdict(b.headroom),
+                    **asdict(b.headroom_now(now)),
                     "cooling_down": b.headroom.cooling_down(now),
                 },
             }

@@ -106,7 +106,7 @@ class Background:
                 streak.failed(exc)
                 return
             streak.succeeded()
-            rt.router.live.backends[name].worker = metrics
+            rt.router.live.observe_worker(name, metrics)
 
         return scrape
 

@@ -54,6 +54,13 @@ class PriceSpec(Model):
     cached_input_per_million: float | None = Field(default=None, ge=0)
 
 
+class ProviderLimitSpec(Model):
+    """Per-minute limits a provider enforces but does not send (e.g. Groq's requests per minute)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
 class BackendSpec(Model):
     """One upstream: a local GPU worker or an external provider."""
 
@@ -68,6 +75,8 @@ class BackendSpec(Model):
     metrics_url: str | None = None  # default for vllm/sglang: <base without /v1>/metrics
     timeouts: Timeouts = Timeouts()
     max_concurrency: int = Field(default=256, ge=1)
+    # Limits the provider does not send in its headers; counted against our own traffic.
+    rate_limits: ProviderLimitSpec | None = None
     # Extra client headers this backend may receive (on top of the gateway's allow-list).
     forward_headers: list[str] = Field(default_factory=list)
     # Public model -> the embedding model (one vector space) this backend's embeddings are

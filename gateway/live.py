@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from adapters.worker_metrics import WorkerMetrics
+from adapters.dialects import Dialect, dialect_for
+from adapters.worker_metrics import WorkerMetrics, WorkerSignals, worker_signals
 from gateway.breaker import BreakerConfig, CircuitBreaker
 from gateway.config import BackendSpec, PriceSpec
 from policies.costmodel import GpuModel
-from policies.headroom import Headroom, mark_429
+from policies.headroom import Headroom, KnownLimits, OwnUsage, mark_429, with_own_usage
 from policies.latency import (
     DecayingRate,
     LatencyEstimate,
@@ -24,12 +25,15 @@ from policies.latency import (
 )
 from policies.pricebook import Price, PriceBook, SkippedRow
 from policies.types import BackendSnapshot
+from policies.worker_signals import provider_ttft, under_pressure
 
 # Priors until traffic is measured: a local worker is judged by its cost model,
 # an external provider by a typical hosted-API first token.
 _REMOTE_PRIOR = LatencyEstimate.prior(ttft_s=0.35, itl_s=0.004)
 # Samples before a provider's prompt-aware TTFT fit is trusted over its plain mean.
 _FIT_MIN_SAMPLES = 20
+# Weight of the newest sample in a provider's recent queue-time average.
+_FAST_ALPHA = 0.5
 
 
 @dataclass
@@ -51,6 +55,38 @@ class BackendLive:
     prompt_rate: DecayingRate = field(default_factory=DecayingRate)
     # Local workers, per model: how far the cost model's TTFT and ITL predictions fell short.
     errors: dict[str, tuple[RelativeError, RelativeError]] = field(default_factory=dict)
+    # What we sent a provider over about the last minute: stands in for the remaining
+    # counts a provider does not send (Fireworks' limits, Groq's unsent requests/minute).
+    sent_requests: DecayingRate = field(default_factory=lambda: DecayingRate(tau_s=60.0))
+    sent_prompt: DecayingRate = field(default_factory=lambda: DecayingRate(tau_s=60.0))
+    sent_output: DecayingRate = field(default_factory=lambda: DecayingRate(tau_s=60.0))
+    # What the last two scrapes of a local worker say (queue time, preemptions, cache hits).
+    signals: WorkerSignals = field(default_factory=WorkerSignals)
+    # A provider's reported queue time (Groq `queue_time`): a long-run and a recent EWMA.
+    queue_slow_s: float | None = None
+    queue_fast_s: float | None = None
+
+    @property
+    def dialect(self) -> Dialect:
+        return dialect_for(self.spec.kind)
+
+    def headroom_now(self, now: float) -> Headroom:
+        """The provider's headroom with our own last-minute traffic filling in what it omits."""
+        h = self.headroom
+        limits = self.spec.rate_limits
+        known = (
+            None
+            if limits is None
+            else KnownLimits(limits.requests_per_minute, limits.tokens_per_minute)
+        )
+        if known is None and h.limit_tokens is None and h.limit_output_tokens is None:
+            return h
+        own = OwnUsage(
+            self.sent_requests.value(now) * 60.0,
+            self.sent_prompt.value(now) * 60.0,
+            self.sent_output.value(now) * 60.0,
+        )
+        return with_own_usage(h, own, known)
 
     def estimate(self, model: str) -> LatencyEstimate:
         est = self.latency.get(model)
@@ -154,13 +190,23 @@ class LiveState:
             itl_err = itl_err.update(predicted[1], measured[1], now, self.alpha)
         live.errors[model] = (ttft_err, itl_err)
 
-    def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
-        if "x-ratelimit-remaining-requests" not in headers and (
-            "x-ratelimit-remaining-tokens" not in headers
-        ):
-            return  # local workers and most answers carry none: skip the parse
+    def observe_worker(self, backend: str, metrics: WorkerMetrics) -> None:
+        """A new scrape of a local worker, and the signals of the window since the last one."""
         live = self.backends[backend]
-        live.headroom = Headroom.from_headers(headers, now, live.headroom)
+        live.signals = worker_signals(live.worker, metrics)
+        live.worker = metrics
+
+    def observe_queue(self, backend: str, queue_s: float) -> None:
+        """A provider's reported queue time for one request (Groq usage `queue_time`)."""
+        live = self.backends[backend]
+        slow, fast = live.queue_slow_s, live.queue_fast_s
+        live.queue_slow_s = queue_s if slow is None else slow + self.alpha * (queue_s - slow)
+        live.queue_fast_s = queue_s if fast is None else fast + _FAST_ALPHA * (queue_s - fast)
+
+    def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
+        """Fold a response's rate-limit headers in, as the backend's dialect reads them."""
+        live = self.backends[backend]
+        live.headroom = live.dialect.headroom(headers, now, live.headroom)
 
     def observe_429(self, backend: str, retry_after_s: float | None, now: float) -> None:
         live = self.backends[backend]
@@ -199,6 +245,9 @@ class LiveState:
             errors = live.errors.get(model)
             if errors is not None:
                 ttft_rel, itl_rel = errors[0].spread(now), errors[1].spread(now)
+        if live.gpu is None:
+            ttft = provider_ttft(ttft, live.queue_slow_s, live.queue_fast_s)
+        signals = live.signals
         return BackendSnapshot(
             name=backend,
             backend_model=spec.models[model],
@@ -215,11 +264,16 @@ class LiveState:
             itl_spread_s=itl_spread,
             ttft_rel_spread=ttft_rel,
             itl_rel_spread=itl_rel,
-            headroom=live.headroom,
+            headroom=live.headroom_now(now) if live.gpu is None else live.headroom,
             running=worker.running if fresh and worker else 0,
             queued=worker.waiting if fresh and worker else 0,
             kv_usage=worker.kv_usage if fresh and worker else None,
             metrics_fresh=fresh,
+            queue_wait_s=signals.queue_mean_s if fresh else None,
+            preempting=fresh
+            and under_pressure(
+                signals.preemptions_per_s, worker.waiting_for_capacity if worker else None
+            ),
             inflight=live.inflight + live.starting,
             pending_prefill_tokens=live.pending_prefill,
             # The cap check in `select` keeps counting answered requests only: the gate counts

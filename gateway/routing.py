@@ -305,6 +305,9 @@ class Router:
         live.inflight += 1
         if live.gpu is not None:
             live.prompt_rate = live.prompt_rate.add(prompt_tokens, now)
+        else:
+            live.sent_requests = live.sent_requests.add(1, now)
+            live.sent_prompt = live.sent_prompt.add(prompt_tokens, now)
         live.breaker.on_success(now)
         self._metrics.backend(backend).healthy.set(1)
         self.live.observe_headers(backend, headers, now)
@@ -328,9 +331,14 @@ class Router:
         live = self.live.backends[backend]
         live.inflight -= 1
         self._metrics.backend(backend).inflight.set(live.inflight)
+        if live.gpu is None and completion_tokens:
+            live.sent_output = live.sent_output.add(completion_tokens, self._clock())
         sample: LatencySample | None = None
         if groq_usage is not None:
             sample = sample_from_groq_usage(groq_usage, completion_tokens)
+            queue = groq_usage.get("queue_time")
+            if isinstance(queue, float | int) and not isinstance(queue, bool) and queue >= 0:
+                self.live.observe_queue(backend, float(queue))
         if sample is None and ttft_s is not None:
             itl = (total_s - ttft_s) / (completion_tokens - 1) if completion_tokens > 1 else None
             sample = LatencySample(ttft_s=ttft_s, itl_s=itl, prompt_tokens=prompt_tokens)

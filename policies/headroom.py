@@ -113,7 +113,14 @@ def _reset_at(v: str | None, now: float) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Headroom:
-    """What a provider last told us about its limits; None means unknown (treated as ample)."""
+    """What a provider last told us about its limits; None means unknown (treated as ample).
+
+    `limit_*` / `remaining_*` requests and tokens are the short window a provider enforces
+    per minute (or per second: Together); `*_output_tokens` a separate budget of generated
+    tokens (Fireworks); `daily_*` a requests-per-day bucket (Groq's request headers), which
+    is not the binding per-minute window. `window_s` is the window's length where the
+    provider sends no reset time, so the projection still refills.
+    """
 
     limit_requests: int | None = None
     limit_tokens: int | None = None
@@ -123,12 +130,18 @@ class Headroom:
     reset_tokens_at: float | None = None
     cooldown_until: float | None = None
     observed_at: float | None = None
+    limit_output_tokens: int | None = None
+    remaining_output_tokens: int | None = None
+    daily_limit_requests: int | None = None
+    daily_remaining_requests: int | None = None
+    daily_reset_at: float | None = None
+    window_s: float | None = None
 
     @classmethod
     def from_headers(
         cls, headers: Mapping[str, str], now: float, previous: Headroom | None = None
     ) -> Headroom:
-        """Read `x-ratelimit-*` headers; fields a response omits keep the previous value.
+        """Read OpenAI's `x-ratelimit-*` headers; fields a response omits keep the previous value.
 
         Malformed values are ignored rather than raised: a provider's odd header must never
         fail a request that already succeeded. A cool-down in `previous` is kept.
@@ -137,31 +150,38 @@ class Headroom:
         base = previous if previous is not None else cls()
         if not h:
             return base
-        lr = _int_or_none(h.get("x-ratelimit-limit-requests"))
-        lt = _int_or_none(h.get("x-ratelimit-limit-tokens"))
-        rr = _int_or_none(h.get("x-ratelimit-remaining-requests"))
-        rt = _int_or_none(h.get("x-ratelimit-remaining-tokens"))
-        ar = _reset_at(h.get("x-ratelimit-reset-requests"), now)
-        at = _reset_at(h.get("x-ratelimit-reset-tokens"), now)
-        return cls(
-            limit_requests=lr if lr is not None else base.limit_requests,
-            limit_tokens=lt if lt is not None else base.limit_tokens,
-            remaining_requests=rr if rr is not None else base.remaining_requests,
-            remaining_tokens=rt if rt is not None else base.remaining_tokens,
-            reset_requests_at=ar if ar is not None else base.reset_requests_at,
-            reset_tokens_at=at if at is not None else base.reset_tokens_at,
-            cooldown_until=base.cooldown_until,
-            observed_at=now,
+        return base.updated(
+            now,
+            limit_requests=_int_or_none(h.get("x-ratelimit-limit-requests")),
+            limit_tokens=_int_or_none(h.get("x-ratelimit-limit-tokens")),
+            remaining_requests=_int_or_none(h.get("x-ratelimit-remaining-requests")),
+            remaining_tokens=_int_or_none(h.get("x-ratelimit-remaining-tokens")),
+            reset_requests_at=_reset_at(h.get("x-ratelimit-reset-requests"), now),
+            reset_tokens_at=_reset_at(h.get("x-ratelimit-reset-tokens"), now),
         )
+
+    def updated(self, now: float, **fields: float | int | None) -> Headroom:
+        """A copy observed at `now` with the given fields set; None values keep the old ones."""
+        changes = {k: v for k, v in fields.items() if v is not None}
+        return replace(self, observed_at=now, **changes)  # type: ignore[arg-type]
 
     def cooling_down(self, now: float) -> bool:
         """True while a 429's retry-after has not passed."""
         return self.cooldown_until is not None and now < self.cooldown_until
 
+    def _reset(self, reset_at: float | None) -> float | None:
+        if reset_at is not None or self.window_s is None or self.observed_at is None:
+            return reset_at
+        return self.observed_at + self.window_s
+
     def projected_remaining_tokens(self, now: float) -> float | None:
         """Remaining tokens now, assuming the bucket refills linearly until its reset time."""
         return _project(
-            self.remaining_tokens, self.limit_tokens, self.observed_at, self.reset_tokens_at, now
+            self.remaining_tokens,
+            self.limit_tokens,
+            self.observed_at,
+            self._reset(self.reset_tokens_at),
+            now,
         )
 
     def projected_remaining_requests(self, now: float) -> float | None:
@@ -170,9 +190,90 @@ class Headroom:
             self.remaining_requests,
             self.limit_requests,
             self.observed_at,
-            self.reset_requests_at,
+            self._reset(self.reset_requests_at),
             now,
         )
+
+    def projected_remaining_output_tokens(self, now: float) -> float | None:
+        """Remaining generated-token budget now (linear refill over the window)."""
+        return _project(
+            self.remaining_output_tokens,
+            self.limit_output_tokens,
+            self.observed_at,
+            self._reset(None),
+            now,
+        )
+
+    def projected_daily_remaining(self, now: float) -> float | None:
+        """Requests left today (Groq refills its daily bucket gradually: its reset says when full)."""
+        return _project(
+            self.daily_remaining_requests,
+            self.daily_limit_requests,
+            self.observed_at,
+            self.daily_reset_at,
+            now,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OwnUsage:
+    """What the gateway itself sent one provider over the last minute (its own estimate)."""
+
+    requests_per_min: float = 0.0
+    prompt_tokens_per_min: float = 0.0
+    output_tokens_per_min: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class KnownLimits:
+    """Per-minute limits an operator knows but the provider does not send (Groq's RPM)."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+def with_own_usage(h: Headroom, own: OwnUsage, known: KnownLimits | None = None) -> Headroom:
+    """Fill in what the provider does not say from the gateway's own traffic.
+
+    A limit without a remaining count (Fireworks sends only its limits; an operator's
+    `rate_limits` for Groq's unsent requests per minute) becomes `limit - own use in the
+    last minute`. Counts the provider does send win: they include other clients.
+    """
+    limit_requests, limit_tokens = h.limit_requests, h.limit_tokens
+    remaining_requests, remaining_tokens = h.remaining_requests, h.remaining_tokens
+    if known is not None and remaining_requests is None and known.requests_per_minute:
+        limit_requests = known.requests_per_minute
+    if known is not None and remaining_tokens is None and known.tokens_per_minute:
+        limit_tokens = known.tokens_per_minute
+    if remaining_requests is None and limit_requests is not None:
+        remaining_requests = max(0, int(limit_requests - own.requests_per_min))
+    if remaining_tokens is None and limit_tokens is not None:
+        used = own.prompt_tokens_per_min
+        if h.limit_output_tokens is None:  # one budget for prompt and output tokens
+            used += own.output_tokens_per_min
+        remaining_tokens = max(0, int(limit_tokens - used))
+    remaining_output = h.remaining_output_tokens
+    if remaining_output is None and h.limit_output_tokens is not None:
+        remaining_output = max(0, int(h.limit_output_tokens - own.output_tokens_per_min))
+    if (limit_requests, remaining_requests, limit_tokens, remaining_tokens, remaining_output) == (
+        h.limit_requests,
+        h.remaining_requests,
+        h.limit_tokens,
+        h.remaining_tokens,
+        h.remaining_output_tokens,
+    ):
+        return h
+    return replace(
+        h,
+        limit_requests=limit_requests,
+        remaining_requests=remaining_requests,
+        limit_tokens=limit_tokens,
+        remaining_tokens=remaining_tokens,
+        remaining_output_tokens=remaining_output,
+        # Derived from our own rate: it holds "now", not at the last header.
+        reset_requests_at=None if h.remaining_requests is None else h.reset_requests_at,
+        reset_tokens_at=None if h.remaining_tokens is None else h.reset_tokens_at,
+    )
 
 
 def _project(
@@ -215,23 +316,29 @@ def near_limit(
     now: float,
     *,
     reserve_fraction: float = DEFAULT_RESERVE_FRACTION,
+    output_tokens: int | None = None,
 ) -> bool:
     """True if this request would take the provider into the last `reserve_fraction` of a limit.
 
-    Cooling down after a 429 also counts. Unknown limits never count as near.
+    Cooling down after a 429 also counts. Unknown limits never count as near. A separate
+    output budget (Fireworks) is checked against `output_tokens` (the request's whole
+    `request_tokens` when not given); a daily request bucket only when it is all but spent.
     """
     if headroom.cooldown_until is not None and now < headroom.cooldown_until:
         return True
-    if headroom.remaining_tokens is not None:
-        rt = headroom.projected_remaining_tokens(now)
-        if rt is not None:
-            reserve = reserve_fraction * headroom.limit_tokens if headroom.limit_tokens else 0.0
-            if rt - request_tokens < reserve:
+    checks = (
+        (headroom.projected_remaining_tokens(now), headroom.limit_tokens, request_tokens),
+        (headroom.projected_remaining_requests(now), headroom.limit_requests, 1),
+        (
+            headroom.projected_remaining_output_tokens(now),
+            headroom.limit_output_tokens,
+            request_tokens if output_tokens is None else output_tokens,
+        ),
+    )
+    for remaining, limit, need in checks:
+        if remaining is not None:
+            reserve = reserve_fraction * limit if limit else 0.0
+            if remaining - need < reserve:
                 return True
-    if headroom.remaining_requests is not None:
-        rr = headroom.projected_remaining_requests(now)
-        if rr is not None:
-            reserve = reserve_fraction * headroom.limit_requests if headroom.limit_requests else 0.0
-            if rr - 1 < reserve:
-                return True
-    return False
+    daily = headroom.projected_daily_remaining(now)
+    return daily is not None and daily < 1

@@ -85,6 +85,10 @@ class BackendSnapshot:
     queued: int = 0
     kv_usage: float | None = None
     metrics_fresh: bool = False
+    # Scraped between the last two scrapes: the mean wait before prefill (vLLM, SGLang) and
+    # whether the worker preempts or queues for lack of KV room (policies.worker_signals).
+    queue_wait_s: float | None = None
+    preempting: bool = False
     # What the gateway itself knows instantly: its in-flight requests on this backend and
     # the prompt tokens it sent there that have not produced a first token yet.
     inflight: int = 0

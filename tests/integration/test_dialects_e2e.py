@@ -4,21 +4,31 @@ real gateway on a loopback socket, the official `openai` SDK as client, the SQLi
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
 from openai import AsyncOpenAI
 
 from gateway.runtime import RUNTIME
-from tests.conftest import GatewayFactory
-from tests.integration.wirereplay import Script, one_backend_policy, replay, sse_events, wire_bytes
+from tests.conftest import ADMIN_KEY, GatewayFactory
+from tests.integration.wirereplay import (
+    Script,
+    header_lines,
+    one_backend_policy,
+    replay,
+    sse_events,
+    wire_bytes,
+)
 
 MSG: list[Any] = [{"role": "user", "content": "hi"}]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def _rows(path: Path, rid: str) -> list[dict[str, Any]]:
@@ -186,3 +196,131 @@ async def test_groq_x_groq_usage_becomes_the_standard_usage_chunk(
     assert all(c.usage is None for c in plain_chunks)
     (row,) = _rows(tmp_path / "ledger.db", rid)
     assert row["outcome"] == "ok" and row["completion_tokens"] == 16
+
+
+# --- items 3 and 4: each provider's rate-limit headers --------------------------------
+
+
+async def _backends(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/admin/backends", headers=ADMIN) as r:
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+    return {b["name"]: b for b in body["backends"]}
+
+
+async def test_a_together_429_cools_down_for_its_x_ratelimit_reset(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """Together's 429 has no retry-after: its wait is x-ratelimit-reset (headers_together.txt)."""
+    headers = header_lines("headers_together.txt")
+    assert "retry-after" not in {k.lower() for k in headers}
+    headers["x-ratelimit-remaining"] = "0"
+    body = b'{"error": {"message": "rate limited", "type": "dynamic_request_limited"}}'
+    async with replay({"t": Script(status=429, headers=headers, body=body)}) as up:
+        gw = await gateway_factory(one_backend_policy(tmp_path, "together", up.v1, "t"))
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": "m", "messages": MSG, "max_tokens": 4},
+            ) as r,
+        ):
+            status, retry_ms = r.status, r.headers.get("retry-after-ms")
+        b = (await _backends(gw.url))["b"]
+    assert status == 429
+    assert retry_ms == "2000"  # the provider's own wait, not the 1 s default
+    assert b["headroom"]["cooling_down"]
+    assert b["headroom"]["cooldown_until"] - b["headroom"]["observed_at"] == pytest.approx(2.0)
+
+
+async def test_together_and_groq_headers_feed_headroom_in_their_own_windows(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    ok = wire_bytes("groq_chat_nonstream.json").strip()
+    together = {k: v for k, v in header_lines("headers_together.txt").items() if "reset" not in k}
+    groq = {k: v for k, v in header_lines("headers_groq.txt").items() if k != "retry-after"}
+    async with (
+        replay({"t": Script(headers=together, body=ok)}) as t_up,
+        replay({"g": Script(headers=groq, body=ok)}) as g_up,
+    ):
+        policy = one_backend_policy(tmp_path, "together", t_up.v1, "t")
+        policy["backends"].append(
+            {
+                **policy["backends"][0],
+                "name": "g",
+                "kind": "groq",
+                "base_url": g_up.v1,
+                "models": {"m2": "g"},
+                "rate_limits": {"requests_per_minute": 30},
+            }
+        )
+        policy["models"].append({"name": "m2", "backends": ["g"]})
+        gw = await gateway_factory(policy)
+        async with _client(gw.url) as oai:
+            for model in ("m", "m2"):
+                await oai.chat.completions.create(model=model, messages=MSG, max_tokens=4)
+        backends = await _backends(gw.url)
+    assert (len(t_up.received), len(g_up.received)) == (1, 1)
+    t = backends["b"]["headroom"]
+    assert (t["limit_requests"], t["remaining_requests"]) == (10, 9)
+    assert (t["limit_tokens"], t["remaining_tokens"]) == (200000, 199000)
+    assert t["window_s"] == 1.0
+    g = backends["g"]["headroom"]
+    # Groq's request headers are per day; its per-minute request limit is the configured one.
+    assert (g["daily_limit_requests"], g["daily_remaining_requests"]) == (14400, 14370)
+    assert g["limit_requests"] == 30 and g["remaining_requests"] == 29
+    assert (g["limit_tokens"], g["remaining_tokens"]) == (18000, 17997)
+
+
+# --- item 7: queue time, preemptions, cache hits, Groq queue_time -------------------
+
+
+def _vllm_scrape(queue_sum: float, queue_n: int, preemptions: int, hits: int) -> str:
+    """vLLM V1 /metrics in the recorded shape (vllm_v1_metrics_excerpts.prom: names, `engine`
+    and `model_name` labels) with the queue, preemption and waiting-by-reason series."""
+    lab = 'engine="0",model_name="zai-org/GLM-4.5"'
+    recorded = wire_bytes("vllm_v1_metrics_excerpts.prom").decode()
+    recorded = "\n".join(ln for ln in recorded.splitlines() if "prefix_cache" not in ln)
+    return (
+        recorded
+        + f"\nvllm:num_requests_waiting{{{lab}}} 3.0\n"
+        + f'vllm:num_requests_waiting_by_reason{{{lab},reason="capacity"}} 2.0\n'
+        + f"vllm:request_queue_time_seconds_sum{{{lab}}} {queue_sum}\n"
+        + f"vllm:request_queue_time_seconds_count{{{lab}}} {queue_n}\n"
+        + f"vllm:num_preemptions_total{{{lab}}} {preemptions}\n"
+        + f"vllm:prefix_cache_queries_total{{{lab}}} {1000 + 1000 * queue_n}\n"
+        + f"vllm:prefix_cache_hits_total{{{lab}}} {hits}\n"
+    )
+
+
+async def test_worker_and_provider_queue_signals_in_admin_backends(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    scrapes = [_vllm_scrape(10.0, 10, 5, 0), _vllm_scrape(22.0, 20, 9, 6000)]
+    groq = wire_bytes("groq_chat_nonstream.json").strip()
+    async with (
+        replay({}, metrics=scrapes) as worker,
+        replay({"g": Script(body=groq)}) as provider,
+    ):
+        policy = one_backend_policy(tmp_path, "vllm", worker.v1, "w")
+        policy["routing"] = {"scrape_interval_s": 0.05}
+        policy["backends"].append(
+            {**policy["backends"][0], "name": "g", "kind": "groq", "base_url": provider.v1}
+        )
+        policy["backends"][1]["models"] = {"m2": "g"}
+        policy["models"].append({"name": "m2", "backends": ["g"]})
+        gw = await gateway_factory(policy)
+        async with _client(gw.url) as oai:
+            await oai.chat.completions.create(model="m2", messages=MSG, max_tokens=4)
+        for _ in range(100):
+            backends = await _backends(gw.url)
+            w = backends["b"]["worker"]
+            if w is not None and w["queue_mean_s"] is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert w["waiting"] == 3 and w["waiting_for_capacity"] == 2
+    assert w["queue_mean_s"] == pytest.approx(1.2)  # (22 - 10) s over (20 - 10) requests
+    assert w["preemptions_per_s"] > 0 and w["under_pressure"]
+    assert w["prefix_cache_hit_rate"] == pytest.approx(0.6)
+    g = backends["g"]["queue_s"]
+    assert g["long_run"] == pytest.approx(0.071900347) == g["recent"]  # Groq usage.queue_time

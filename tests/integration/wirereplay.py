@@ -61,9 +61,22 @@ class Replay:
 
 
 @asynccontextmanager
-async def replay(scripts: Mapping[str, Script]) -> AsyncIterator[Replay]:
-    """Serve `scripts` (by backend model id) on a loopback port until the block ends."""
+async def replay(
+    scripts: Mapping[str, Script], metrics: list[str] | None = None
+) -> AsyncIterator[Replay]:
+    """Serve `scripts` (by backend model id) on a loopback port until the block ends.
+
+    `metrics` are the `/metrics` texts of successive scrapes (the last one repeats).
+    """
     received: list[dict[str, Any]] = []
+    scrapes = list(metrics or [])
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        del request
+        if not scrapes:
+            return web.Response(status=404)
+        text = scrapes.pop(0) if len(scrapes) > 1 else scrapes[0]
+        return web.Response(text=text, content_type="text/plain")
 
     async def answer(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
@@ -83,6 +96,7 @@ async def replay(scripts: Mapping[str, Script]) -> AsyncIterator[Replay]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_get("/metrics", serve_metrics)
     runner, port = await start_site(app)
     try:
         yield Replay(f"http://127.0.0.1:{port}/v1", received)
