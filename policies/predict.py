@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from policies.latency import REL_FLOOR_S
 from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
+from policies.worker_signals import pressured_load, ttft_with_queue
 
 # A worker whose KV cache is this full admits nothing new until requests finish.
 KV_FULL = 0.98
@@ -55,7 +56,8 @@ def predict(
     batch = 0
     b_star = 0
     if gpu is not None:
-        load = local_load(s)
+        fresh = s.metrics_fresh
+        load = pressured_load(local_load(s), gpu, request.slo.max_itl_s, fresh and s.preempting)
         queued_prefill = s.pending_prefill_tokens
         if s.metrics_fresh and s.queued:
             # Prompts of requests queued by other clients are unknown; ours stands in for them.
@@ -66,6 +68,9 @@ def predict(
             queued_prefill_tokens=queued_prefill,
             expected_output_tokens=out,
         )
+        if fresh:
+            own_prefill = gpu.prefill_time_s(request.prompt_tokens)
+            ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own_prefill)
         batch = load + 1
         # The request's mean context while it decodes stands for the batch's.
         context = request.prompt_tokens + out / 2
