@@ -57,7 +57,15 @@ def predict(
     b_star = 0
     if gpu is not None:
         fresh = s.metrics_fresh
-        load = pressured_load(local_load(s), gpu, request.slo.max_itl_s, fresh and s.preempting)
+        # The request's mean context while it decodes stands for the batch's.
+        context = request.prompt_tokens + out / 2
+        rate = s.recent_prompt_tokens_per_s
+        target = request.slo.max_itl_s
+        if target is None and guard is not None:
+            target = guard.max_itl_s
+        b_star = gpu.slo_batch(target, rate, context)
+        # A worker that preempts (or queues for KV room) is at the batch its memory holds.
+        load = pressured_load(local_load(s), b_star, fresh and s.preempting)
         queued_prefill = s.pending_prefill_tokens
         if s.metrics_fresh and s.queued:
             # Prompts of requests queued by other clients are unknown; ours stands in for them.
@@ -72,16 +80,9 @@ def predict(
             own_prefill = gpu.prefill_time_s(request.prompt_tokens)
             ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own_prefill)
         batch = load + 1
-        # The request's mean context while it decodes stands for the batch's.
-        context = request.prompt_tokens + out / 2
-        rate = s.recent_prompt_tokens_per_s
         itl = gpu.itl_under_load_s(
             batch if batch <= gpu.max_batch else gpu.max_batch, rate, context
         )
-        target = request.slo.max_itl_s
-        if target is None and guard is not None:
-            target = guard.max_itl_s
-        b_star = gpu.slo_batch(target, rate, context)
         if displaced_usd is None:
             displaced_usd = gpu.amortized_cost(request.prompt_tokens, out, max(b_star, 1), context)
         cost = gpu.marginal_cost(batch, b_star, displaced_usd)

@@ -18,23 +18,8 @@ Scraped worker signals (vLLM `request_queue_time_seconds`, `num_preemptions_tota
 
 from __future__ import annotations
 
-from policies.costmodel import GpuModel
-
 # Preemptions per second above which a worker is under memory pressure.
 PREEMPTION_PRESSURE_PER_S = 0.05
-
-
-def slo_batch(gpu: GpuModel, max_itl_s: float | None) -> int:
-    """b*: the largest batch whose inter-token latency meets `max_itl_s` (max_batch if unbounded)."""
-    if max_itl_s is None:
-        return gpu.max_batch
-    best = 1
-    for b in range(1, gpu.max_batch + 1):
-        if gpu.itl_s(b) <= max_itl_s:
-            best = b
-        else:
-            break
-    return best
 
 
 def under_pressure(preemptions_per_s: float | None, waiting_for_capacity: int | None) -> bool:
@@ -42,11 +27,12 @@ def under_pressure(preemptions_per_s: float | None, waiting_for_capacity: int | 
     return (preemptions_per_s or 0.0) > PREEMPTION_PRESSURE_PER_S or (waiting_for_capacity or 0) > 0
 
 
-def pressured_load(load: int, gpu: GpuModel, max_itl_s: float | None, pressured: bool) -> int:
-    """The load to predict with: at least b* - 1 on a worker under memory pressure."""
+def pressured_load(load: int, b_star: int, pressured: bool) -> int:
+    """The load to predict with: at least b* - 1 on a worker under memory pressure, so
+    this request is predicted at b* (`GpuModel.slo_batch`)."""
     if not pressured:
         return load
-    return max(load, slo_batch(gpu, max_itl_s) - 1)
+    return max(load, b_star - 1)
 
 
 def ttft_with_queue(

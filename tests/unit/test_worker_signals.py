@@ -11,7 +11,6 @@ from policies.types import BackendSnapshot, RouteRequest, Slo
 from policies.worker_signals import (
     pressured_load,
     provider_ttft,
-    slo_batch,
     ttft_with_queue,
     under_pressure,
 )
@@ -37,21 +36,17 @@ def local(**kw: object) -> BackendSnapshot:
     return BackendSnapshot(**base)  # type: ignore[arg-type]
 
 
-def test_slo_batch_is_the_largest_batch_meeting_the_itl() -> None:
-    b = slo_batch(GPU, 0.01)
-    assert 1 < b < GPU.max_batch
-    assert GPU.itl_s(b) <= 0.01 < GPU.itl_s(b + 1)
-    assert slo_batch(GPU, None) == GPU.max_batch
-
-
 def test_a_preempting_worker_is_predicted_at_b_star() -> None:
-    b_star = slo_batch(GPU, SLO.max_itl_s)
+    b_star = GPU.slo_batch(SLO.max_itl_s, 0.0, 512 + 128 / 2)
+    assert 1 < b_star < GPU.max_batch
     calm = predict(req(), local(), 0.0, 0.0)
     pressed = predict(req(), local(preempting=True), 0.0, 0.0)
     assert calm.predicted_batch == 5
     assert pressed.predicted_batch == b_star  # one short of b*, plus this request
     assert pressed.predicted_itl_s > calm.predicted_itl_s
-    assert pressured_load(40, GPU, SLO.max_itl_s, True) == max(40, b_star - 1)
+    assert pressed.slo_batch == b_star
+    assert pressured_load(40, b_star, True) == max(40, b_star - 1)
+    assert pressured_load(40, b_star, False) == 40
     # A stale scrape says nothing about pressure now.
     assert predict(req(), local(preempting=True, metrics_fresh=False), 0.0, 0.0).predicted_batch < 5
 
