@@ -133,10 +133,10 @@ async def backends(request: web.Request) -> web.Response:
                         b.signals.preemptions_per_s, w.waiting_for_capacity
                     ),
                 },
-                # A provider's reported queue time (Groq), long-run and recent averages.
-                "queue_s": None
-                if b.gpu is not None
-                else {"long_run": b.queue_slow_s, "recent": b.queue_fast_s},
+                # A provider's reported queue time (Groq) per model, long-run and recent.
+                "queue_s": {
+                    m: {"long_run": slow, "recent": fast} for m, (slow, fast) in b.queue_s.items()
+                },
                 "gpu": None
                 if b.gpu is None
                 else {

@@ -62,9 +62,8 @@ class BackendLive:
     sent_output: DecayingRate = field(default_factory=lambda: DecayingRate(tau_s=60.0))
     # What the last two scrapes of a local worker say (queue time, preemptions, cache hits).
     signals: WorkerSignals = field(default_factory=WorkerSignals)
-    # A provider's reported queue time (Groq `queue_time`): a long-run and a recent EWMA.
-    queue_slow_s: float | None = None
-    queue_fast_s: float | None = None
+    # A provider's reported queue time per model (Groq `queue_time`): long-run and recent EWMA.
+    queue_s: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def dialect(self) -> Dialect:
@@ -196,12 +195,18 @@ class LiveState:
         live.signals = worker_signals(live.worker, metrics)
         live.worker = metrics
 
-    def observe_queue(self, backend: str, queue_s: float) -> None:
+    def observe_queue(self, backend: str, model: str, queue_s: float) -> None:
         """A provider's reported queue time for one request (Groq usage `queue_time`)."""
         live = self.backends[backend]
-        slow, fast = live.queue_slow_s, live.queue_fast_s
-        live.queue_slow_s = queue_s if slow is None else slow + self.alpha * (queue_s - slow)
-        live.queue_fast_s = queue_s if fast is None else fast + _FAST_ALPHA * (queue_s - fast)
+        old = live.queue_s.get(model)
+        if old is None:
+            live.queue_s[model] = (queue_s, queue_s)
+            return
+        slow, fast = old
+        live.queue_s[model] = (
+            slow + self.alpha * (queue_s - slow),
+            fast + _FAST_ALPHA * (queue_s - fast),
+        )
 
     def observe_headers(self, backend: str, headers: Mapping[str, str], now: float) -> None:
         """Fold a response's rate-limit headers in, as the backend's dialect reads them."""
@@ -245,8 +250,9 @@ class LiveState:
             errors = live.errors.get(model)
             if errors is not None:
                 ttft_rel, itl_rel = errors[0].spread(now), errors[1].spread(now)
-        if live.gpu is None:
-            ttft = provider_ttft(ttft, live.queue_slow_s, live.queue_fast_s)
+        queue = live.queue_s.get(model)
+        if live.gpu is None and queue is not None:
+            ttft = provider_ttft(ttft, *queue)
         signals = live.signals
         return BackendSnapshot(
             name=backend,

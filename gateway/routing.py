@@ -338,7 +338,7 @@ class Router:
             sample = sample_from_groq_usage(groq_usage, completion_tokens)
             queue = groq_usage.get("queue_time")
             if isinstance(queue, float | int) and not isinstance(queue, bool) and queue >= 0:
-                self.live.observe_queue(backend, float(queue))
+                self.live.observe_queue(backend, model, float(queue))
         if sample is None and ttft_s is not None:
             itl = (total_s - ttft_s) / (completion_tokens - 1) if completion_tokens > 1 else None
             sample = LatencySample(ttft_s=ttft_s, itl_s=itl, prompt_tokens=prompt_tokens)

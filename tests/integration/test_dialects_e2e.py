@@ -322,5 +322,5 @@ async def test_worker_and_provider_queue_signals_in_admin_backends(
     assert w["queue_mean_s"] == pytest.approx(1.2)  # (22 - 10) s over (20 - 10) requests
     assert w["preemptions_per_s"] > 0 and w["under_pressure"]
     assert w["prefix_cache_hit_rate"] == pytest.approx(0.6)
-    g = backends["g"]["queue_s"]
+    g = backends["g"]["queue_s"]["m2"]
     assert g["long_run"] == pytest.approx(0.071900347) == g["recent"]  # Groq usage.queue_time
