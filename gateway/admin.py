@@ -25,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.estimate import Estimate
 from gateway.inbound import InboundRequest
+from gateway.ledger.provisioning import PROVISIONING_WINDOW_S, gpu_terms, provisioning
 from gateway.ledger.reports import GROUP_KEYS, pricing_sheet, usage_report
 from gateway.routing import Router
 from gateway.runtime import RUNTIME, Runtime
@@ -80,9 +81,20 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def backends(request: web.Request) -> web.Response:
-    """Each backend's live snapshot: price and version, latency, load, batch, health, headroom."""
+    """Each backend's live snapshot: price and version, latency, load, batch, health, headroom;
+    for local GPUs the provisioning truth over `?window=` seconds (default the last hour)."""
     rt = require_admin(request)
     now = time.time()
+    window = _opt_float(request, "window")
+    if window is not None and not (0 < window <= 366 * 86400):
+        raise InvalidRequest("window must be seconds in (0, 366 days]", param="window")
+    truth: dict[str, Any] = {}
+    ledger = rt.meter.ledger
+    terms = gpu_terms(rt.config)
+    if ledger is not None and terms:
+        span = window if window is not None else PROVISIONING_WINDOW_S
+        rows = await provisioning(ledger.store, terms, since=now - span, until=now, now=now)
+        truth = {r.backend: r.as_dict() for r in rows}
     live = rt.router.live
     out = []
     for name, b in live.backends.items():
@@ -137,6 +149,7 @@ async def backends(request: web.Request) -> web.Response:
                 "queue_s": {
                     m: {"long_run": slow, "recent": fast} for m, (slow, fast) in b.queue_s.items()
                 },
+                "provisioning": truth.get(name),
                 "gpu": None
                 if b.gpu is None
                 else {

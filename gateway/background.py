@@ -1,4 +1,5 @@
-"""Background tasks of one app: worker /metrics scraper, price-feed poller, key-revocation refresh."""
+"""Background tasks of one app: worker /metrics scraper, price-feed poller, key-revocation
+refresh, the provisioning gauges."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ import orjson
 from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
 from gateway.errors import GatewayError
 from gateway.failures import FailureStreak
+from gateway.ledger.provisioning import (
+    PROVISIONING_WINDOW_S,
+    gpu_terms,
+    provisioning,
+    provisioning_gauges_values,
+)
 from gateway.ledger.rows import LedgerUnavailable
 from policies.pricebook import (
     FeedError,
@@ -39,6 +46,7 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     FeedError,
     LedgerUnavailable,
 )
+PROVISIONING_REFRESH_S = 60.0
 
 
 class Background:
@@ -64,6 +72,8 @@ class Background:
         if feed is not None:
             self._spawn("price-feed", feed.interval_s, self.poll_price_feed)
         self._spawn("key-refresh", KEY_REFRESH_S, self._refresh_keys)
+        if rt.meter.ledger is not None and gpu_terms(rt.config):
+            self._spawn("provisioning", PROVISIONING_REFRESH_S, self._provisioning)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -175,6 +185,25 @@ class Background:
                 "; ".join(s.reason for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
             )
         self._skips_logged = seen
+
+    async def _provisioning(self) -> None:
+        """Provisioning truth over the last window into the Prometheus gauges."""
+        rt = self._rt
+        ledger = rt.meter.ledger
+        if ledger is None:
+            return
+        now = time.time()
+        rows = await provisioning(
+            ledger.store,
+            gpu_terms(rt.config),
+            since=now - PROVISIONING_WINDOW_S,
+            until=None,
+            now=now,
+        )
+        gauges = rt.metrics.gpu_provisioning
+        for suffix, values in provisioning_gauges_values(rows).items():
+            for backend, value in values.items():
+                gauges[suffix].labels(backend).set(value)
 
     async def _refresh_keys(self) -> None:
         await self._rt.keys.refresh()

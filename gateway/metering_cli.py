@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from gateway.ledger import DEFAULT_LEDGER_PATH, make_store
+from gateway.ledger.provisioning import gpu_terms, provisioning
 from gateway.ledger.reports import GROUP_KEYS, pricing_sheet, usage_report
 
 if TYPE_CHECKING:
     from gateway.config import RedisSpec
+    from gateway.ledger.rows import LedgerStore
 
 # The lead's gateway.secretfile keeps the server secret beside the ledger under this name.
 SECRET_FILE_NAME = "server.secret"
@@ -163,7 +165,12 @@ def add_usage_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--by", default="day,model", help=f"group by, from: {','.join(GROUP_KEYS)}")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--pricing", action="store_true", help="the pricing sheet per backend")
+    p.add_argument(
+        "--pricing",
+        action="store_true",
+        help="the pricing sheet per backend, and (with --config) the provisioning truth per "
+        "local GPU: does it pay, and above what load",
+    )
     return p
 
 
@@ -185,7 +192,13 @@ async def _usage(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> 
                 "cost_usd", "effective_usd_per_m", "charged_in_usd_per_m",
                 "charged_out_usd_per_m", "list_in_usd_per_m", "list_out_usd_per_m",
             ]  # fmt: skip
+            truth = await _provisioning(args, store, since, until, now)
+            if args.format == "json":
+                json.dump({"pricing": sheet, "provisioning": truth}, out, indent=2)
+                out.write("\n")
+                return
             render(sheet, columns, args.format, out)
+            _render_provisioning(args, truth, out)
             return
         by = [k.strip() for k in args.by.split(",") if k.strip()]
         try:
@@ -204,6 +217,50 @@ async def _usage(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> 
         render(dicts, columns, args.format, out)
     finally:
         await store.close()
+
+
+PROVISIONING_COLUMNS = [
+    "backend", "mode", "hours_held", "gpu_cost_usd", "prompt_tokens", "completion_tokens",
+    "mean_batch", "slo_batch", "utilisation", "attributed_usd_per_m", "held_usd_per_m",
+    "counterfactual_usd", "counterfactual_usd_per_m", "net_saving_usd",
+    "break_even_tokens_per_s",
+]  # fmt: skip
+
+
+async def _provisioning(
+    args: argparse.Namespace,
+    store: LedgerStore,
+    since: float | None,
+    until: float | None,
+    now: float,
+) -> list[dict[str, Any]] | None:
+    """Provisioning truth per local GPU; None without a policy file (no GPU prices known)."""
+    if args.config is None:
+        return None
+    from gateway.config import load_config
+
+    terms = gpu_terms(load_config(args.config))
+    rows = await provisioning(store, terms, since=since, until=until, now=now)
+    return [r.as_dict() for r in rows]
+
+
+def _render_provisioning(
+    args: argparse.Namespace, truth: list[dict[str, Any]] | None, out: TextIO
+) -> None:
+    out.write("\n")
+    if truth is None:
+        if args.format == "table":
+            out.write("provisioning truth per local GPU: pass --config (GPU prices and profiles)\n")
+        return
+    if not truth:
+        if args.format == "table":
+            out.write("provisioning truth: the policy file has no local GPU\n")
+        return
+    render(truth, PROVISIONING_COLUMNS, args.format, out)
+    if args.format == "table":
+        out.write("\n")
+        for r in truth:
+            out.write(f"{r['advice']}\n")
 
 
 def run_usage(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -49,6 +49,19 @@ class BackendChildren:
     inflight: Any
 
 
+PROVISIONING_GAUGES = {
+    "hours_held": "Hours the local GPU was held in the provisioning window (the window).",
+    "tokens": "Prompt + completion tokens the local GPU served in the provisioning window.",
+    "mean_batch": "Token-weighted batch size its requests saw in the provisioning window.",
+    "utilisation_ratio": "Time-averaged requests in flight over b* (its SLO-feasible batch).",
+    "attributed_usd_per_million": "Attributed (ledger) cost per million tokens it served.",
+    "held_usd_per_million": "GPU cost of the hours held per million tokens it served.",
+    "counterfactual_usd": "What the cheapest SLO-meeting external would have charged instead.",
+    "net_saving_usd": "Counterfactual minus the GPU cost held; negative: the GPU does not pay.",
+    "break_even_tokens_per_second": "Tokens/s above which the GPU beats the external price.",
+}
+
+
 class GatewayMetrics:
     """Every metric the gateway exports; labels are bounded (backend, model, outcome, kind)."""
 
@@ -147,6 +160,12 @@ class GatewayMetrics:
             ["backend"],
             registry=r,
         )
+        # Provisioning truth per local GPU over the last PROVISIONING_WINDOW_S (see
+        # gateway.ledger.provisioning), refreshed in the background from the ledger.
+        self.gpu_provisioning = {
+            suffix: Gauge(f"neogate_gpu_{suffix}", text, ["backend"], registry=r)
+            for suffix, text in PROVISIONING_GAUGES.items()
+        }
 
     def route(self, backend: str, model: str) -> RouteChildren:
         """Children of every per-(backend, model) metric."""

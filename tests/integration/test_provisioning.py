@@ -1,0 +1,236 @@
+"""Provisioning truth per local GPU (issue 13 item 3): the numbers by hand on a real SQLite ledger,
+`neogate usage --pricing`, `/admin/backends` and the Prometheus gauges on the real app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import calendar
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import parse_config
+from gateway.ledger.provisioning import gpu_terms, provisioning
+from gateway.ledger.rows import LedgerRow
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.writer import LedgerWriter
+from gateway.metering_cli import add_usage_parser, run_usage
+from gateway.usage import UnitPrices, Usage
+from tests.conftest import ADMIN_KEY, GatewayFactory, Upstreams, base_policy
+
+DAY = calendar.timegm((2025, 6, 15, 0, 0, 0))
+
+POLICY = """
+backends:
+  - name: h100
+    kind: vllm
+    base_url: http://127.0.0.1:9/v1
+    models: {llama-8b: meta-llama/Llama-3.1-8B-Instruct}
+    gpu: {price_per_hour: 3.60, mode: reserved, profile: llama-3.1-8b-h100}
+  - name: idle-h100
+    kind: vllm
+    base_url: http://127.0.0.1:9/v1
+    models: {llama-8b: meta-llama/Llama-3.1-8B-Instruct}
+    gpu: {price_per_hour: 3.60, mode: on_demand, profile: llama-3.1-8b-h100}
+  - name: groq
+    kind: groq
+    base_url: http://127.0.0.1:9/v1
+    models: {llama-8b: llama-3.1-8b-instant}
+    price: {input_per_million: 0.05, output_per_million: 0.08}
+models:
+  - name: llama-8b
+    backends: [h100, idle-h100, groq]
+"""
+
+GROQ = UnitPrices.of("0.05", "0.08", version="groq@1")
+# (request, ts, backend, prompt, completion, batch, total_s, counterfactual)
+ROWS = [
+    ("r1", DAY + 100, "h100", 1000, 1000, 4, 10.0, True),
+    ("r2", DAY + 200, "h100", 3000, 1000, 8, 30.0, True),
+    ("r3", DAY + 300, "groq", 500, 500, None, 2.0, False),
+    ("r4", DAY + 7200, "h100", 9999, 9999, 9, 5.0, True),  # outside the first hour
+]
+
+
+async def write_rows(db: Path) -> None:
+    writer = LedgerWriter(SqliteLedger(db))
+    await writer.start()
+    for rid, ts, backend, p, c, batch, total, cf in ROWS:
+        local = batch is not None
+        prices = UnitPrices.of("0.10", "0.10", version="gpu") if local else GROQ
+        await writer.record(
+            LedgerRow.from_usage(
+                request_id=rid,
+                attempt=1,
+                ts=ts,
+                tenant="acme",
+                model="llama-8b",
+                backend=backend,
+                backend_model="m",
+                usage=Usage(p, c),
+                prices=prices,
+                ttft_s=0.1,
+                total_s=total,
+                stream=True,
+                outcome="ok",
+                batch_size=batch,
+                is_local=local,
+                counterfactual=("groq", GROQ) if cf else None,
+            )
+        )
+    await writer.close()
+
+
+async def test_provisioning_by_hand(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    await write_rows(db)
+    terms = gpu_terms(parse_config(POLICY))
+    # b*: the NIM H100 curve is flat at 13,348 tokens/s past 200; 256 / 13,348 = 19 ms <= 50.
+    assert terms["h100"].slo_batch == 256
+    store = SqliteLedger(db, create=False)
+    rows = {
+        r.backend: r
+        for r in await provisioning(store, terms, since=DAY, until=DAY + 3600, now=DAY + 9000)
+    }
+    await store.close()
+    h = rows["h100"]
+    assert h.hours_held == 1.0 and h.gpu_cost_usd == pytest.approx(3.60)
+    assert (h.requests, h.prompt_tokens, h.completion_tokens) == (2, 4000, 2000)
+    assert h.mean_batch == pytest.approx((1000 * 4 + 1000 * 8) / 2000)  # 6
+    assert h.mean_concurrency == pytest.approx(40 / 3600)
+    assert h.utilisation == pytest.approx(40 / 3600 / 256)
+    # Attributed: both rows at $0.10/M in and out.
+    assert h.attributed_usd == pytest.approx(6000 * 0.10e-6)
+    assert h.attributed_usd_per_m == pytest.approx(0.10)
+    # Counterfactual at Groq: 1000 x 0.05 + 1000 x 0.08 + 3000 x 0.05 + 1000 x 0.08 = 360 u$.
+    assert h.counterfactual_usd == pytest.approx(360e-6)
+    assert h.counterfactual_usd_per_m == pytest.approx(360 / 6000)
+    assert h.counterfactual_coverage == 1.0
+    assert h.held_usd_per_m == pytest.approx(3.60 / 6000 * 1e6)  # $600/M
+    assert h.net_saving_usd == pytest.approx(360e-6 - 3.60)
+    # $0.001 per second / $0.06 per million tokens.
+    assert h.break_even_tokens_per_s == pytest.approx(0.001 / 60e-9)
+    assert h.advice == (
+        "at mean batch 6 h100 costs $600.00/M against $0.06/M external; it pays above "
+        "16.7k tokens/s (served 1.7/s), lost $3.60 over the window"
+    )
+    # A GPU with no traffic: held all the same; the list price stands in for the counterfactual.
+    idle = rows["idle-h100"]
+    assert idle.requests == 0 and idle.gpu_cost_usd == pytest.approx(3.60)
+    assert idle.mean_batch is None and idle.held_usd_per_m is None
+    assert idle.counterfactual_usd_per_m == pytest.approx((0.05 + 0.08) / 2)
+    assert idle.net_saving_usd == pytest.approx(-3.60)
+    assert idle.advice.startswith("idle-h100 served nothing in 1.0 h ($3.60 held); it pays above")
+    assert "groq" not in rows
+
+
+def usage_cli(*argv: str) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_usage_parser(parser.add_subparsers(dest="command"))
+    out = io.StringIO()
+    return run_usage(parser.parse_args(["usage", *argv]), out), out.getvalue()
+
+
+async def test_usage_pricing_shows_the_provisioning_truth(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    await write_rows(db)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    span = ("--since", "2025-06-15", "--until", "2025-06-15")  # one whole UTC day
+    code, out = await asyncio.to_thread(
+        usage_cli, "--config", str(policy), "--ledger", str(db), "--pricing", *span
+    )
+    assert code == 0
+    assert "break_even_tokens_per_s" in out
+    # 24 h held at $3.60: $86.40 over 3 requests' 25,998 tokens on h100, mean batch
+    # (4 x 1000 + 8 x 1000 + 9 x 9999) / 11,999 = 8.49996.
+    assert "at mean batch 8 h100 costs $3323.33/M against $0.06/M external" in out
+    assert "lost $86.40 over the window" in out
+    code, out = await asyncio.to_thread(
+        usage_cli, "--config", str(policy), "--ledger", str(db), "--pricing", "--format", "json"
+    )
+    data = json.loads(out)
+    assert {r["backend"] for r in data["provisioning"]} == {"h100", "idle-h100"}
+    assert {r["backend"] for r in data["pricing"]} == {"h100", "groq"}
+    # Without a policy file neogate does not know what the GPUs cost: it says so.
+    code, out = await asyncio.to_thread(usage_cli, "--ledger", str(db), "--pricing")
+    assert code == 0 and "pass --config" in out
+
+
+async def get_json(url: str, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_admin_backends_and_gauges_on_the_real_app(
+    upstreams: Upstreams, gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    policy = base_policy(upstreams, tmp_path)
+    # Two rows on gpu-a in the last hour, written before the gateway starts.
+    now = time.time()
+    writer = LedgerWriter(SqliteLedger(Path(policy["ledger"]["path"])))
+    await writer.start()
+    for i, (p, c, batch) in enumerate(((1000, 500, 2), (2000, 500, 4))):
+        await writer.record(
+            LedgerRow.from_usage(
+                request_id=f"q{i}",
+                attempt=1,
+                ts=now - 60,
+                tenant="t",
+                model="llama-3.1-8b",
+                backend="gpu-a",
+                backend_model="m",
+                usage=Usage(p, c),
+                prices=UnitPrices.of("0.10", "0.10", version="gpu"),
+                ttft_s=0.1,
+                total_s=3.0,
+                stream=True,
+                outcome="ok",
+                batch_size=batch,
+                is_local=True,
+                counterfactual=("sim-groq", GROQ),
+            )
+        )
+    await writer.close()
+    gw = await gateway_factory(policy)
+    price = next(b for b in policy["backends"] if b["name"] == "gpu-a")["gpu"]["price_per_hour"]
+    status, body = await get_json(gw.url, "/admin/backends?window=600")
+    assert status == 200
+    by = {b["name"]: b for b in body["backends"]}
+    a = by["gpu-a"]["provisioning"]
+    assert a["hours_held"] == pytest.approx(600 / 3600)
+    assert a["gpu_cost_usd"] == pytest.approx(price / 6)
+    assert (a["prompt_tokens"], a["completion_tokens"]) == (3000, 1000)
+    assert a["mean_batch"] == pytest.approx(3.0)
+    cf = (3000 * 0.05 + 1000 * 0.08) / 1e6
+    assert a["counterfactual_usd"] == pytest.approx(cf)
+    assert a["net_saving_usd"] == pytest.approx(cf - price / 6)
+    assert by["gpu-b"]["provisioning"]["requests"] == 0
+    assert by["sim-groq"]["provisioning"] is None
+    for bad in ("abc", "0", "-5", "nan"):
+        status, err = await get_json(gw.url, f"/admin/backends?window={bad}")
+        assert status == 400 and err["error"]["param"] == "window", bad
+    # The background refresh sets the gauges at start (window: the last hour).
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+            text = await r.text()
+        if 'neogate_gpu_tokens{backend="gpu-a"}' in text:
+            break
+        await asyncio.sleep(0.05)
+    assert 'neogate_gpu_tokens{backend="gpu-a"} 4000.0' in text
+    assert 'neogate_gpu_hours_held{backend="gpu-b"} 1.0' in text
+    line = next(
+        x for x in text.splitlines() if x.startswith('neogate_gpu_net_saving_usd{backend="gpu-a"}')
+    )
+    assert float(line.split()[-1]) == pytest.approx(cf * 1 - price, rel=1e-6)
