@@ -223,6 +223,8 @@ class LedgerSpec(Model):
     spool_path: str = "neogate-data/ledger.spool"
     schema_name: str = Field(default="neogate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")  # PostgreSQL
     divergence_threshold: float = Field(default=0.1, ge=0)
+    # Who carries a local GPU's idle time (held cost - attributed): docs/economics.md.
+    idle_cost: Literal["operator", "pro_rata"] = "operator"
 
 
 class TokenizerSpec(Model):

@@ -171,6 +171,11 @@ def add_usage_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the pricing sheet per backend, and (with --config) the provisioning truth per "
         "local GPU: does it pay, and above what load",
     )
+    p.add_argument(
+        "--idle",
+        action="store_true",
+        help="idle GPU time per local GPU over the window, by ledger.idle_cost (needs --config)",
+    )
     return p
 
 
@@ -182,6 +187,9 @@ async def _usage(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> 
         loc.kind, path=loc.path, dsn=loc.dsn, schema=loc.schema, create=loc.kind != "sqlite"
     )
     try:
+        if getattr(args, "idle", False):
+            await _idle(args, store, since, until, now, out)
+            return
         if args.pricing:
             sheet = [
                 r.as_dict()
@@ -261,6 +269,31 @@ def _render_provisioning(
         out.write("\n")
         for r in truth:
             out.write(f"{r['advice']}\n")
+
+
+async def _idle(
+    args: argparse.Namespace,
+    store: Any,
+    since: float | None,
+    until: float | None,
+    now: float,
+    out: TextIO,
+) -> None:
+    """`neogate usage --idle`: held - attributed per local GPU, as its own lines."""
+    from gateway.config import load_config
+    from gateway.ledger.idle import idle_report
+
+    if not args.config:
+        raise CliError("--idle needs --config (the GPUs' prices and ledger.idle_cost)")
+    config = load_config(args.config)
+    gpus = {b.name: b.gpu.price_per_hour for b in config.backends if b.gpu is not None}
+    if since is None:
+        first = await store.fetch("SELECT MIN(ts) FROM ledger")
+        since = float(first[0][0]) if first and first[0][0] is not None else now
+    end = now if until is None else until
+    lines = await idle_report(store, gpus, since, end, config.ledger.idle_cost)
+    columns = ["backend", "tenant", "hours", "held_usd", "attributed_usd", "idle_usd"]
+    render([line.as_dict() for line in lines], columns, args.format, out)
 
 
 def run_usage(args: argparse.Namespace, out: TextIO | None = None) -> int:
