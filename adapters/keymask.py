@@ -30,6 +30,7 @@ import orjson
 
 MASK: Final = b"***"
 HOLD_PREFIX: Final = 4  # shortest key prefix at an event's end that holds the event back
+_MAX_HELD: Final = 256  # a key is shorter than this many events; never hold more
 _TEXT_FIELDS: Final = ("content", "reasoning_content", "reasoning", "text", "refusal")
 
 
@@ -81,7 +82,7 @@ class KeyMask:
 class StreamMask:
     """The key masker of one SSE stream: `feed` each event block, `flush` at the end."""
 
-    __slots__ = ("_held", "_mask", "_pieces", "_released")
+    __slots__ = ("_finished", "_held", "_mask", "_pieces", "_released")
 
     def __init__(self, mask: KeyMask) -> None:
         self._mask = mask
@@ -90,6 +91,7 @@ class StreamMask:
         self._released: dict[tuple[int, str], str] = {}
         self._pieces: dict[tuple[int, str], list[tuple[int, str]]] = {}
         self._held: list[Any] = []  # held events: bytes, or parsed objects once rewritten
+        self._finished: set[int] = set()  # choices that sent their finish_reason
 
     def feed(self, block: bytes) -> list[bytes]:
         """The events to pass on now (none while a key may be under way)."""
@@ -100,8 +102,9 @@ class StreamMask:
         block = mask.mask(block)
         if len(key) < HOLD_PREFIX * 2:
             return [block]  # too short to hold back a prefix of: masked whole only
-        texts = _texts(block)
+        texts, finished = _texts(block)
         if not texts:
+            self._finished.update(finished)
             return [*self.flush(), block] if self._held else [block]
         index = len(self._held)
         self._held.append(block)
@@ -117,8 +120,12 @@ class StreamMask:
                 self._redact(field, pieces, at - len(before), at - len(before) + len(key))
                 joined = before + "".join(t for _, t in pieces)
                 at = joined.find(key)
-        if not hit:
+        self._finished.update(finished)
+        if not hit and len(self._held) < _MAX_HELD:
+            # A choice that ended (finish_reason) on a key's first characters holds nothing.
             for field, pieces in self._pieces.items():
+                if field[0] in self._finished:
+                    continue
                 joined = self._released.get(field, "") + "".join(t for _, t in pieces)
                 if _ends_in_prefix(joined, key):
                     return []
@@ -167,24 +174,28 @@ def _ends_in_prefix(text: str, key: str) -> bool:
     return False
 
 
-def _texts(block: bytes) -> dict[tuple[int, str], str]:
-    """The text fields of one `data: {json}` event, per (choice index, field name)."""
+def _texts(block: bytes) -> tuple[dict[tuple[int, str], str], list[int]]:
+    """The text fields of one `data: {json}` event, per (choice index, field name), and the
+    choices it ends."""
+    out: dict[tuple[int, str], str] = {}
+    finished: list[int] = []
     if not block.startswith(b"data:"):
-        return {}
+        return out, finished
     try:
         obj = orjson.loads(block[5:])
     except orjson.JSONDecodeError:
-        return {}
-    out: dict[tuple[int, str], str] = {}
+        return out, finished
     choices = obj.get("choices") if isinstance(obj, dict) else None
     if not isinstance(choices, list):
-        return out
+        return out, finished
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         idx = choice.get("index", 0)
         if not isinstance(idx, int):
             continue
+        if choice.get("finish_reason") is not None:
+            finished.append(idx)
         delta = choice.get("delta")
         for holder in (delta, choice):
             if not isinstance(holder, dict):
@@ -200,7 +211,7 @@ def _texts(block: bytes) -> dict[tuple[int, str], str]:
                     args = fn.get("arguments") if isinstance(fn, dict) else None
                     if isinstance(args, str) and args:
                         out[(idx, "tool_calls")] = args
-    return out
+    return out, finished
 
 
 def _set_text(obj: Any, field: tuple[int, str], old: str, new: str) -> None:

@@ -42,8 +42,8 @@ def test_a_body_without_the_key_is_the_same_object() -> None:
     assert KeyMask(None).mask(body) is body
 
 
-def _event(content: str, index: int = 0) -> bytes:
-    chunk = {"choices": [{"index": index, "delta": {"content": content}, "finish_reason": None}]}
+def _event(content: str, index: int = 0, finish: str | None = None) -> bytes:
+    chunk = {"choices": [{"index": index, "delta": {"content": content}, "finish_reason": finish}]}
     return b"data: " + json.dumps(chunk).encode()
 
 
@@ -103,3 +103,16 @@ def test_a_held_event_is_released_unchanged_when_the_key_does_not_follow() -> No
     masker = KeyMask(KEY).stream()
     assert masker.feed(first) == []
     assert masker.feed(second) == [first, second]
+
+
+def test_a_choice_that_ends_on_a_key_prefix_does_not_hold_back_the_others() -> None:
+    masker = KeyMask(KEY).stream()
+    ended = _event("the end: sk-c", index=0, finish="stop")
+    assert masker.feed(ended) == [ended]  # its last event: nothing can follow it
+    held = _event("so: sk-c", index=1)
+    assert masker.feed(held) == []
+    done = _event("", index=1, finish="length")
+    assert masker.feed(done) == [held, done]
+    other = _event("more", index=2)
+    for _ in range(3):
+        assert masker.feed(other) == [other]
