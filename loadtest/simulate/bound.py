@@ -8,8 +8,10 @@ is a valid lower bound on the cost of any routing that meets every request's SLO
   them working (the simulator charges every policy the same way); the bound picks the
   cheapest held time on a 30-s grid, rounding in its own favour.
 - A request served externally costs the cheapest external list price at its arrival
-  for its real tokens (ignoring provider latency and TPM limits: both can only raise
-  what a real router pays).
+  for its real tokens (ignoring provider latency: it can only raise what a real router
+  pays). A provider's TPM limit enters as a Lagrangian price on its bucket tokens
+  (prompt + max_tokens) against the most its bucket can admit over the trace: every
+  price >= 0 gives a valid bound (weak duality), and the best of a grid is taken.
 - A request served locally uses GPU-seconds: its own prefill at the measured speed
   (with its real speed noise) plus its output tokens at the GPU's best throughput at
   its context, T(max_batch) (no prefill interference, no queueing, no KV limit: all of
@@ -108,37 +110,102 @@ def external_prices(sc: Scenario, t: float) -> dict[str, tuple[float, float]]:
 
 def hindsight_bound(sc: Scenario, trace: Trace, seed: int, slot_s: float = SLOT_S) -> Bound:
     """The bound for `trace` on `sc`'s fleet (see the module docstring)."""
-    n_gpus = len(sc.locals)
+    reqs = _requests(sc, trace, seed, slot_s)
+    limits = _tpm_capacity(sc, trace)
+    best = _bound_at(sc, trace, reqs, slot_s, 0.0, limits)
+    if limits:
+        # Weak duality: any price `lam` >= 0 on a TPM-limited provider's tokens gives a valid
+        # bound; take the best of a grid spanning the gaps between provider prices.
+        for k in range(21):
+            lam = 1e-9 * 2.0**k
+            b = _bound_at(sc, trace, reqs, slot_s, lam, limits)
+            if b.total_usd > best.total_usd:
+                best = b
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class _Req:
+    costs: tuple[tuple[str, float], ...]  # (provider, $ for its real tokens) at arrival
+    bucket_tokens: int  # what a token bucket takes: prompt + max_tokens
+    need: float  # GPU-seconds locally (inf: cannot be local)
+    slot: int  # the slot it must be served in, or -1: only the pool bounds it
+    tokens: int
+    tail: float  # how far past the trace's end its SLO window reaches
+
+
+def _requests(sc: Scenario, trace: Trace, seed: int, slot_s: float) -> list[_Req]:
     noise = request_noise(len(trace.requests), seed, sc.prefill_noise_sigma)
     n_slots = max(1, math.ceil(trace.duration_s / slot_s))
-    items: list[_Item] = []
-    always_external = 0.0
-    never_local = 0
-    tail = 0.0
-    tokens = 0
+    out = []
     for tr, (_, prefill_noise) in zip(trace.requests, noise, strict=True):
         slo = sc.slo_classes[tr.slo_class]
-        prices = external_prices(sc, tr.t).values()
-        usd = min((pi * tr.prompt_tokens + po * tr.output_tokens) / 1e6 for pi, po in prices)
-        n = tr.prompt_tokens + tr.output_tokens
-        tokens += n
+        costs = tuple(
+            (name, (pi * tr.prompt_tokens + po * tr.output_tokens) / 1e6)
+            for name, (pi, po) in external_prices(sc, tr.t).items()
+        )
         need = min(
             (gpu_seconds(g.physics, tr, slo, prefill_noise) for g in sc.locals), default=math.inf
         )
-        if math.isinf(need):
-            never_local += bool(sc.locals)
-            always_external += usd
-            continue
         window = _window_s(tr, slo)
-        tail = max(tail, min(tr.t + window - trace.duration_s, trace.duration_s))
         slot = min(int(tr.t // slot_s), n_slots - 1)
         in_slot = (
             slo.max_queue_wait_s <= 0
             and tr.t + window <= (slot + 1) * slot_s
             and tr.t + window <= trace.duration_s
         )
-        density = usd / need if need > 0 else math.inf
-        items.append(_Item(density, usd, need, slot if in_slot else -1, n))
+        out.append(
+            _Req(
+                costs,
+                tr.prompt_tokens + tr.max_tokens,
+                need,
+                slot if in_slot else -1,
+                tr.prompt_tokens + tr.output_tokens,
+                min(tr.t + window - trace.duration_s, trace.duration_s),
+            )
+        )
+    return out
+
+
+def _tpm_capacity(sc: Scenario, trace: Trace) -> dict[str, float]:
+    """Tokens each TPM-limited provider can take over the trace: a full bucket, then its
+    refill until the trace ends plus the longest queue wait and a minute of failovers."""
+    wait = max((s.max_queue_wait_s for s in sc.slo_classes.values()), default=0.0)
+    return {
+        p.name: p.tpm_limit * (1.0 + (trace.duration_s + wait + 60.0) / 60.0)
+        for p in sc.providers
+        if p.tpm_limit is not None
+    }
+
+
+def _bound_at(
+    sc: Scenario,
+    trace: Trace,
+    reqs: list[_Req],
+    slot_s: float,
+    lam: float,
+    limits: dict[str, float],
+) -> Bound:
+    n_gpus = len(sc.locals)
+    n_slots = max(1, math.ceil(trace.duration_s / slot_s))
+    items: list[_Item] = []
+    always_external = 0.0
+    never_local = 0
+    tail = 0.0
+    tokens = 0
+    for r in reqs:
+        usd = min(
+            (c + (lam * r.bucket_tokens if name in limits else 0.0) for name, c in r.costs),
+            default=math.inf,
+        )
+        tokens += r.tokens
+        if math.isinf(r.need):
+            never_local += bool(sc.locals)
+            always_external += usd
+            continue
+        tail = max(tail, r.tail)
+        density = usd / r.need if r.need > 0 else math.inf
+        items.append(_Item(density, usd, r.need, r.slot, r.tokens))
     items.sort(key=lambda it: -it.density)
     price_s = min((g.model.price_per_hour for g in sc.locals), default=0.0) / 3600.0
     # GPU-seconds held: at least the trace on every GPU; a router may keep a GPU working
@@ -157,10 +224,12 @@ def hindsight_bound(sc: Scenario, trace: Trace, seed: int, slot_s: float = SLOT_
     best, k = min(candidates)
     external, local_tokens = fills[min(k + 1, steps)]
     gpu_usd = price_s * held[k] if n_gpus else 0.0
+    # The dual price's own term: the capacity the relaxation may use for free.
+    credit = lam * sum(limits.values())
     return Bound(
-        best + always_external,
+        best + always_external - credit,
         gpu_usd,
-        external + always_external,
+        external + always_external - credit,
         tokens,
         local_tokens / tokens if tokens else 0.0,
         never_local,

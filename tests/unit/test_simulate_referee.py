@@ -171,3 +171,19 @@ def test_scenario_file_belief_and_physics_are_separate() -> None:
     prompts = [r.prompt_tokens for r in loaded.trace(60.0).requests if r.slo_class == "interactive"]
     assert 3000 < sorted(prompts)[len(prompts) // 2] < 5500
     assert math.isclose(loaded.scenario.gpu_cost_per_hour(), 7.0)
+
+
+def test_bound_prices_a_tpm_limit() -> None:
+    # No GPUs; provider p at $1e-4 a token admits 1000 bucket tokens a minute (3000 over this
+    # 60-s trace: a full bucket, 60 s of refill, and a minute of slack); q costs $2e-4.
+    # Five requests of 1000 tokens (900 prompt + 100 output, max_tokens 100): the best any
+    # router can do is 3 at p and 2 at q, $0.70. Blind to the limit the bound would be $0.50.
+    sc, _ = _one_gpu(60.0, [])
+    p = ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0, tpm_limit=1000)
+    q = ProviderSpec("q", "m", 200.0, 200.0, 0.1, 0.0, 1e9, 0.001, 0.0)
+    sc = dataclasses.replace(sc, locals=(), providers=(p, q))
+    trace = Trace("t", 60.0, tuple(TraceRequest(i, 900, 100, 100, "interactive") for i in range(5)))
+    b = hindsight_bound(sc, trace, seed=1)
+    assert 0.6 < b.total_usd <= 0.70 + 1e-12
+    unlimited = dataclasses.replace(sc, providers=(dataclasses.replace(p, tpm_limit=None), q))
+    assert hindsight_bound(unlimited, trace, seed=1).total_usd == pytest.approx(0.5)
