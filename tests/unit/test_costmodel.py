@@ -179,3 +179,90 @@ def test_prefill_load_slows_decoding(h100: GpuModel) -> None:
     assert h100.itl_under_load_s(20, 0.0) == h100.itl_s(20)
     # Saturated: capped, so the prediction is "far too slow", not infinite.
     assert h100.itl_under_load_s(20, 1e9) == pytest.approx(h100.itl_s(20) / 0.05)
+
+
+# --- pinned by mutation testing (make mutation): a toy profile with round numbers ----------
+# Two measured contexts; T(b) is a straight line in each: 50 b + 50 tokens/s at 1,000 tokens
+# of context, 20 b + 20 at 4,000. Prefill: 3,600 tokens/s at 512-token prompts, 1,800 at
+# 4,096. 3.6 $/h is 0.001 $/s. max_batch 8, below the last measured point (10).
+TOY = ThroughputProfileSpec(
+    decode_tokens_per_s={1000: {1: 100, 10: 550}, 4000: {1: 40, 10: 220}},
+    prefill_tokens_per_s={512: 3600, 4096: 1800},
+    max_batch=8,
+)
+
+
+@pytest.fixture
+def toy() -> GpuModel:
+    return GpuModel.from_profile(TOY, 3.6)
+
+
+def toy_itl(b: int, per_b: float = 50.0) -> float:
+    """ITL(b) = b / T(b) = b / (per_b (b + 1)), by hand."""
+    return b / (per_b * (b + 1))
+
+
+def test_toy_throughput_cost_and_itl_at_each_context(toy: GpuModel) -> None:
+    assert toy.mode == "reserved"
+    assert (toy.throughput(1), toy.throughput(5), toy.throughput(10)) == (100, 300, 550)
+    assert toy.throughput(11) == 550  # past the table: flat beyond the last point
+    assert toy.throughput(5, 4000) == 120 and toy.throughput(5, 2500) == 210
+    assert toy.cost_per_output_token(5, 4000) == pytest.approx(0.001 / 120)
+    assert toy.itl_s(0.5) == pytest.approx(0.01)  # below one request: as one request
+    assert toy.itl_s(1.5) == pytest.approx(1.5 / 125)
+    assert toy.itl_s(5, 4000) == pytest.approx(5 / 120)
+
+
+def test_toy_itl_under_prefill_load(toy: GpuModel) -> None:
+    assert toy.itl_under_load_s(5, 0, 4000) == pytest.approx(5 / 120)
+    assert toy.itl_under_load_s(5, 1800, 4000) == pytest.approx(5 / 120 / 0.5)
+    assert toy.itl_under_load_s(1, 1.0) == pytest.approx(0.01 / (1 - 1 / 3600))
+    assert toy.prefill_load(3600 * 2) == 0.95  # capped
+
+
+@pytest.mark.parametrize("limit", [0.0099, 0.01, 0.0125, 0.016, 0.0165, 0.0175, 0.02])
+def test_toy_slo_batch_is_the_largest_batch_meeting_the_itl(toy: GpuModel, limit: float) -> None:
+    want = max((b for b in range(9) if b == 0 or toy_itl(b) <= limit), default=0)
+    assert toy.slo_batch(limit) == want
+    want_long = max((b for b in range(9) if b == 0 or toy_itl(b, 20.0) <= limit), default=0)
+    assert toy.slo_batch(limit, context=4000) == want_long
+
+
+def test_toy_slo_batch_boundaries(toy: GpuModel) -> None:
+    assert toy.slo_batch(None) == 8
+    assert toy_itl(4) == 0.016 and toy.slo_batch(0.016) == 4  # exactly at the target: in
+    # One prompt token per second takes 1/3600 of the GPU: the target shrinks by that much.
+    assert toy.slo_batch(0.016, 1.0) == 3
+    assert toy.slo_batch(0.016, 0.0) == 4
+
+
+def test_toy_amortized_and_attributed_costs(toy: GpuModel) -> None:
+    # Past max_batch the rate is the one at max_batch (T(8) = 450), not T(20) = 550.
+    assert toy.amortized_cost(0, 10, 20) == pytest.approx(10 * 0.001 / 450)
+    assert toy.amortized_cost(0, 10, 5, 4000) == pytest.approx(10 * 0.001 / 120)
+    assert toy.attributed_cost(0, 10, 1.5) == pytest.approx(10 * 0.001 / 125)
+    assert toy.attributed_cost(0, 10, 5, context=4000) == pytest.approx(10 * 0.001 / 120)
+    # 512 uncached prompt tokens prefill at 3,600 tokens/s.
+    assert toy.attributed_cost(612, 0, 1, cached_tokens=100) == pytest.approx(512 / 3600 * 0.001)
+
+
+def test_toy_ttft_past_max_batch_waits_for_one_completion(toy: GpuModel) -> None:
+    # 8 already running: one more waits for a slot, freed at T(8) / 1 token = 1/450 s, then
+    # decodes one step at batch 8: 8/450 s. Nothing to prefill.
+    got = toy.predicted_ttft_s(0, load=8, queued_prefill_tokens=0, expected_output_tokens=1)
+    assert got == pytest.approx(9 / 450)
+    got0 = toy.predicted_ttft_s(0, load=8, queued_prefill_tokens=0, expected_output_tokens=0)
+    assert got0 == pytest.approx(9 / 450)
+
+
+def test_toy_most_per_token_is_at_the_slowest_measured_speeds(toy: GpuModel) -> None:
+    prompt, output = toy.most_per_token()
+    assert prompt == pytest.approx(0.001 / 1800) and output == pytest.approx(0.001 / 40)
+
+
+def test_a_cheap_gpu_is_still_a_gpu_and_a_free_one_is_refused() -> None:
+    assert GpuModel.from_profile(TOY, 0.5).price_per_hour == 0.5
+    prof = Profile.from_spec(TOY)
+    assert GpuModel.from_profile(prof, 1.0).profile is prof
+    with pytest.raises(ValueError, match=r"^price per hour must be positive$"):
+        GpuModel.from_profile(TOY, 0.0)
