@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -317,3 +318,57 @@ async def test_one_bad_openrouter_row_is_skipped_and_reported_not_the_whole_feed
     assert skipped["id"] == "broken/model" and "not a number" in skipped["reason"]
     assert metric(samples, "neogate_price_feed_skipped_rows") == 1
     assert metric(samples, "neogate_price_feed_failures_total") == 0
+
+
+async def test_a_long_prompt_is_billed_at_its_openrouter_tier(
+    gateway_factory: GatewayFactory, provider_url: str, tmp_path: Path
+) -> None:
+    """A row shaped like the recorded claude-sonnet-4.5 one (tests/fixtures/wire/
+    openrouter_models.json), its `overrides` tier moved down to 200 prompt tokens so a
+    test prompt can reach it."""
+    row = json.loads((WIRE / "openrouter_models.json").read_text())["data"][0]
+    row["pricing"]["overrides"][0]["min_prompt_tokens"] = 200
+    feed = Feed(openrouter={"data": [row]})
+    feed_runner, port = await start_site(feed.app())
+    try:
+        policy = gateway_policy(
+            provider_url,
+            {
+                "url": f"http://127.0.0.1:{port}/api/v1/models",
+                "format": "openrouter",
+                "map": {row["id"]: f"cheap/{PUBLIC}"},
+            },
+            tmp_path,
+        )
+        policy["models"][0]["policy"] = {"kind": "pinned", "order": ["cheap", "dear"]}
+        gw = await gateway_factory(policy)
+        async with aiohttp.ClientSession() as http:
+
+            async def feed_applied() -> bool:
+                book = await prices(http, gw.url)
+                return any(p["source"] == "openrouter" for p in book["prices"])
+
+            await eventually(feed_applied)
+            for rid, words in (("short-prompt", 10), ("long-prompt", 400)):
+                body = {
+                    "model": PUBLIC,
+                    "messages": [{"role": "user", "content": " ".join(["price"] * words)}],
+                    "max_tokens": 4,
+                }
+                async with http.post(
+                    gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": rid}
+                ) as r:
+                    assert r.status == 200, await r.text()
+    finally:
+        await feed_runner.cleanup()
+    conn = sqlite3.connect(f"file:{tmp_path / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        got = dict(
+            conn.execute(
+                "SELECT client_request_id, price_in_nusd_per_m FROM ledger"
+                " WHERE client_request_id IN ('short-prompt', 'long-prompt')"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    assert got == {"short-prompt": 3_000_000_000, "long-prompt": 6_000_000_000}  # $3 / $6 per M

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import orjson
 import pytest
 
 from adapters.dialects import dialect_for, openai_error_body, stream_error_payload
+from gateway.config import LOCAL_KINDS, BackendKind
 from gateway.usage import StreamMeter, reconcile
 from policies.headroom import Headroom, KnownLimits, OwnUsage, near_limit, with_own_usage
 
@@ -176,3 +178,10 @@ def test_fireworks_limits_only_are_met_by_our_own_traffic() -> None:
     assert not near_limit(quiet, 2000, 0.0, output_tokens=200)
     busy = with_own_usage(small, OwnUsage(1, 1000, 560))
     assert near_limit(busy, 2000, 0.0, output_tokens=200)  # the generated budget binds
+
+
+def test_every_configurable_kind_has_its_own_dialect() -> None:
+    kinds = get_args(BackendKind)
+    assert {dialect_for(k).kind for k in kinds} == set(kinds)
+    assert {k for k in kinds if dialect_for(k).is_local} == set(LOCAL_KINDS)
+    assert dialect_for("something-else").kind == "openai_compatible"
