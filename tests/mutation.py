@@ -92,6 +92,7 @@ TARGETS: tuple[Target, ...] = (
         "relay",
         ("gateway/relay.py",),
         (
+            "tests/unit/test_relay.py",
             "tests/integration/test_openai_api.py",
             "tests/integration/test_metering_e2e.py",
             "tests/integration/test_money_paths.py",

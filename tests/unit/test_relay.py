@@ -1,0 +1,167 @@
+"""The SSE relay's event filter and usage chunk, on plain event blocks (no sockets)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.relay import DONE, EventFilter, is_json_object, usage_object
+from gateway.usage import UpstreamTimings, Usage
+
+CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":"fp","x":1,"choices":[{"index":0,"delta":{"content":"hi"}}]}'
+NULL_USAGE = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
+USAGE_ONLY = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+USAGE_WITH_CHOICES = (
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":3}}'
+)
+GROQ_TAIL = b'data: {"id":"c1","choices":[],"x_groq":{"id":"g","usage":{"prompt_tokens":3}}}'
+
+
+def test_done_is_held_back_and_other_lines_pass() -> None:
+    f = EventFilter(strip_usage=True)
+    assert f.filter(DONE) is None and f.done
+    assert f.filter(b": keep-alive") == b": keep-alive" and f.events == 0
+    assert f.filter(CHUNK) == CHUNK and f.events == 1
+    assert not f.error_seen and f.bad_event is None
+
+
+def test_a_data_event_that_is_not_a_json_object_is_never_relayed() -> None:
+    f = EventFilter(strip_usage=False)
+    for bad in (b"data: [1, 2]", b'data: {"id": "x", "choices": [{"delta": ', b"data: null"):
+        assert f.filter(bad) is None
+        assert f.bad_event == bad
+    assert f.events == 3
+
+
+def test_stripping_removes_every_null_usage_spelling_and_the_usage_only_chunk() -> None:
+    f = EventFilter(strip_usage=True)
+    assert (
+        f.filter(NULL_USAGE)
+        == b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}]}'
+    )
+    spaced = b'data: {"id": "c1", "choices": [], "usage": null}'
+    assert f.filter(spaced) == b'data: {"id": "c1", "choices": []}'
+    mixed = b'data: {"id":"c1","choices":[],"usage": null}'
+    assert f.filter(mixed) == b'data: {"id":"c1","choices":[]}'
+    assert f.filter(USAGE_ONLY) is None
+    assert f.filter(GROQ_TAIL) is None
+    # Usage riding on a chunk with choices: the chunk stays, its usage goes.
+    assert orjson.loads(f.filter(USAGE_WITH_CHOICES)[6:]) == {  # type: ignore[index]
+        "id": "c1",
+        "choices": [{"index": 0, "delta": {}}],
+    }
+
+
+def test_a_client_that_asked_for_usage_gets_the_stream_unchanged() -> None:
+    f = EventFilter(strip_usage=False)
+    assert f.filter(CHUNK) == CHUNK
+    assert f.meta == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "system_fingerprint": "fp",
+    }
+    assert f.filter(NULL_USAGE) == NULL_USAGE and not f.usage_sent
+    assert f.filter(GROQ_TAIL) == GROQ_TAIL and not f.usage_sent  # usage under x_groq only
+    assert f.filter(USAGE_ONLY) == USAGE_ONLY and f.usage_sent
+    assert f.usage_chunk(Usage(3, 2)) is None  # the backend's own usage chunk went out
+
+
+def test_meta_comes_from_the_first_chunk_with_choices() -> None:
+    f = EventFilter(strip_usage=False)
+    f.filter(b'data: {"id":"nochoices"}')
+    assert f.meta is None
+    f.filter(CHUNK)
+    f.filter(b'data: {"id":"later","choices":[]}')
+    assert f.meta is not None and f.meta["id"] == "c1"
+    assert EventFilter(strip_usage=True).meta is None
+
+
+def test_the_usage_chunk_a_groq_stream_did_not_send_is_built_from_the_report() -> None:
+    f = EventFilter(strip_usage=False)
+    f.filter(CHUNK)
+    f.filter(GROQ_TAIL)
+    usage = Usage(
+        10,
+        5,
+        cached_tokens=4,
+        reasoning_tokens=2,
+        upstream_timings=UpstreamTimings(queue_s=0.01, prompt_s=None, completion_s=0.2),
+    )
+    chunk = f.usage_chunk(usage)
+    assert chunk is not None and chunk.startswith(b"data: ")
+    assert orjson.loads(chunk[6:]) == {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "system_fingerprint": "fp",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "total_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 2},
+            "queue_time": 0.01,
+            "completion_time": 0.2,
+        },
+    }
+    assert f.usage_chunk(None) is None
+    assert f.usage_chunk(Usage(1, 1, source="counted")) is None  # never a guess as a report
+    assert EventFilter(strip_usage=True).usage_chunk(usage) is None  # not asked for
+
+
+def test_a_usage_chunk_without_meta_still_has_the_shape() -> None:
+    f = EventFilter(strip_usage=False)
+    chunk = f.usage_chunk(Usage(1, 2, upstream_timings=UpstreamTimings(1.0, 2.0, 3.0, 6.0)))
+    assert chunk is not None
+    assert orjson.loads(chunk[6:]) == {
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 1,
+            "completion_tokens": 2,
+            "total_tokens": 3,
+            "queue_time": 1.0,
+            "prompt_time": 2.0,
+            "completion_time": 3.0,
+            "total_time": 6.0,
+        },
+    }
+
+
+def test_usage_object_leaves_out_zero_details() -> None:
+    assert usage_object(Usage(3, 4)) == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+    }
+
+
+def test_error_events_are_marked_and_put_in_openai_shape() -> None:
+    f = EventFilter(strip_usage=True)
+    openai_shape = b'data: {"error":{"message":"boom","type":"server_error"}}'
+    assert f.filter(openai_shape) == openai_shape and f.error_seen
+    legacy = b'data: {"object":"error","message":"bad","type":"BadRequestError","code":400}'
+    g = EventFilter(strip_usage=True)
+    out = g.filter(legacy)
+    assert g.error_seen and out is not None and out.startswith(b"data: {")
+    assert orjson.loads(out[6:])["error"]["message"] == "bad"
+
+
+@pytest.mark.parametrize(
+    ("payload", "ok"),
+    [
+        (b'{"a": 1}', True),
+        (b"[1]", False),
+        (b"not json", False),
+        (b'{"a":\ndata: 1}', True),  # one event's data over two `data:` lines
+        (b'{"a":\ndata:1}', True),
+        (b'{"a":\ndata: ]', False),
+        (b"[1,\ndata: 2]", False),
+        (b'{"a": 1\n}', True),
+    ],
+)
+def test_is_json_object(payload: bytes, ok: bool) -> None:
+    assert is_json_object(payload) is ok
