@@ -31,7 +31,7 @@ import orjson
 MASK: Final = b"***"
 HOLD_PREFIX: Final = 4  # shortest key prefix at an event's end that holds the event back
 _MAX_HELD: Final = 256  # a key is shorter than this many events; never hold more
-_TEXT_FIELDS: Final = ("content", "reasoning_content", "reasoning", "text", "refusal")
+_TEXT_FIELDS: Final = frozenset(("content", "reasoning_content", "reasoning", "text", "refusal"))
 
 
 def _escaped_pattern(key: str) -> re.Pattern[bytes]:
@@ -106,6 +106,8 @@ class StreamMask:
         if not texts:
             self._finished.update(finished)
             return [*self.flush(), block] if self._held else [block]
+        if not self._held and self._passes(texts, finished, key):
+            return [block]  # the common case: nothing held, no key, no key's start
         index = len(self._held)
         self._held.append(block)
         hit = False
@@ -130,6 +132,20 @@ class StreamMask:
                 if _ends_in_prefix(joined, key):
                     return []
         return self.flush()
+
+    def _passes(self, texts: dict[tuple[int, str], str], finished: list[int], key: str) -> bool:
+        """Whether this event, with nothing held, goes on as it is (and note its text)."""
+        released = self._released
+        joined = [(f, released.get(f, "") + t) for f, t in texts.items()]
+        for field, text in joined:
+            if key in text or (field[0] not in finished and _ends_in_prefix(text, key)):
+                return False
+        keep = 1 - len(key)
+        for field, text in joined:
+            released[field] = text[keep:]
+        if finished:
+            self._finished.update(finished)
+        return True
 
     def flush(self) -> list[bytes]:
         """The events still held (at the end of the stream, or once no key is under way)."""
@@ -196,21 +212,19 @@ def _texts(block: bytes) -> tuple[dict[tuple[int, str], str], list[int]]:
             continue
         if choice.get("finish_reason") is not None:
             finished.append(idx)
-        delta = choice.get("delta")
-        for holder in (delta, choice):
+        for holder in (choice.get("delta"), choice):
             if not isinstance(holder, dict):
                 continue
-            for name in _TEXT_FIELDS:
-                value = holder.get(name)
-                if isinstance(value, str) and value:
-                    out[(idx, name)] = value
-            calls = holder.get("tool_calls")
-            if isinstance(calls, list):
-                for call in calls:
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    args = fn.get("arguments") if isinstance(fn, dict) else None
-                    if isinstance(args, str) and args:
-                        out[(idx, "tool_calls")] = args
+            for name, value in holder.items():  # a handful of keys: cheaper than lookups
+                if name in _TEXT_FIELDS:
+                    if isinstance(value, str) and value:
+                        out[(idx, name)] = value
+                elif name == "tool_calls" and isinstance(value, list):
+                    for call in value:
+                        fn = call.get("function") if isinstance(call, dict) else None
+                        args = fn.get("arguments") if isinstance(fn, dict) else None
+                        if isinstance(args, str) and args:
+                            out[(idx, "tool_calls")] = args
     return out, finished
 
 
