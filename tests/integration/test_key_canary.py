@@ -132,6 +132,11 @@ def echo_app() -> web.Application:
         await resp.write(event[:at])
         await asyncio.sleep(0.02)
         await resp.write(event[at:])
+        if mode == "stream_cut":  # the key's start, then the connection drops
+            await resp.write(_chunk(endpoint, "cut: Bearer " + key[:9]))
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if mode == "stream_error":
             err = {"error": {"message": f"key {auth} was revoked", "type": "auth", "code": "k"}}
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
@@ -276,6 +281,10 @@ async def test_the_canary_key_reaches_no_client_log_metric_admin_answer_or_ledge
                     "POST", "/v1/" + endpoint, json=_request(endpoint, "stream_error", True)
                 )
                 assert b"was revoked" in raw and b"***" in raw
+                raw = await hit(
+                    "POST", "/v1/" + endpoint, json=_request(endpoint, "stream_cut", True)
+                )
+                assert b"***" in raw and b"cut: Bearer" not in raw, raw
         # Last: a 429 cools the backend down.
         await hit("POST", "/v1/chat/completions", json=_request("chat", "error429", False))
         for path in ("/metrics", "/v1/usage", "/v1/models", "/healthz"):
