@@ -7,13 +7,15 @@ neogate's cost policy how long a delay-tolerant request may wait for local headr
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from policies.select import Policy, compile_policy, select
 from policies.spec import CostPolicySpec, LatencyPolicySpec
-from policies.types import BackendSnapshot, RouteRequest, Slo
+from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +46,30 @@ class SelectPolicy:
     name: str
     policy: Policy
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    # Why an idle local GPU was passed over for an external backend: "gpu: reason" -> count.
+    # An idle GPU's marginal cost is 0, so only a predicted SLO miss puts it behind.
+    idle_passed: Counter[str] = field(default_factory=Counter)
+    routed: int = 0
+
+    def _note_idle_passed(
+        self, candidates: Sequence[Candidate], snapshots: Sequence[BackendSnapshot]
+    ) -> None:
+        self.routed += 1
+        if not candidates or any(s.name == candidates[0].backend for s in snapshots if s.is_local):
+            return
+        for s in snapshots:
+            if s.is_local and s.inflight == 0:
+                c = next((c for c in candidates if c.backend == s.name), None)
+                if c is not None and c.reason:
+                    self.idle_passed[f"{s.name}: {_shape(c.reason)}"] += 1
 
     def choose(
         self, request: RouteRequest, snapshots: Sequence[BackendSnapshot], now: float
     ) -> Choice:
         d = select(request, snapshots, self.policy, now, rng_value=self.rng.random())
         top = d.chosen
+        if top is not None and d.wait_for_local is None:
+            self._note_idle_passed(d.candidates, snapshots)
         return Choice(
             tuple(c.backend for c in d.candidates),
             d.wait_for_local,
@@ -148,6 +168,16 @@ def _price_for(request: RouteRequest) -> Callable[[BackendSnapshot], float]:
         )
 
     return price
+
+
+def _shape(reason: str) -> str:
+    """A reason with its numbers rounded, so that near-identical ones count together."""
+
+    def rounded(m: re.Match[str]) -> str:
+        x = float(m.group())
+        return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+    return re.sub(r"\d+\.\d+", rounded, reason)
 
 
 def _list_price(s: BackendSnapshot) -> float:

@@ -71,6 +71,10 @@ class Outcome:
     spill_sweep: list[PolicyResult]
     bound: Bound
     notes: list[str] = field(default_factory=list)
+    # The cost policy's reasons for passing over an idle local GPU ("gpu: reason" -> count)
+    # and how many routing decisions it made.
+    idle_passed: dict[str, int] = field(default_factory=dict)
+    decisions: int = 0
 
     def by(self, policy: str) -> PolicyResult:
         return next(r for r in self.results if r.policy == policy)
@@ -144,6 +148,7 @@ class Outcome:
                 "gpus_lose_to_no_gpus": self.gpus_lose,
             },
             "notes": self.notes,
+            "idle_gpu_passed_over": {"decisions": self.decisions, "reasons": self.idle_passed},
         }
 
 
@@ -179,6 +184,8 @@ def run_scenario(loaded: LoadedScenario, duration_s: float | None = None) -> Out
         results,
         sweep,
         hindsight_bound(sc, trace, seed),
+        idle_passed=dict(cost.idle_passed.most_common()),
+        decisions=cost.routed,
     )
     out.notes = explain(out)
     return out
@@ -218,6 +225,14 @@ def explain(o: Outcome) -> list[str]:
         notes.append(f"{other.policy} is {gap:.1%} cheaper than the cost policy at the SLO target")
     if o.bound_gap > BOUND_GAP:
         notes.append(f"cost policy is {o.bound_gap:.1%} above the hindsight bound")
+    passed = sum(o.idle_passed.values())
+    if passed and (notes or passed >= 0.01 * max(o.decisions, 1)):
+        top, n = next(iter(o.idle_passed.items()))
+        notes.append(
+            f"the router passed over an idle local GPU {passed} times in {o.decisions} "
+            f"decisions, most often '{top}' ({n}x): its prediction plus the learned error margin"
+            " misses the SLO on an empty GPU"
+        )
     return notes
 
 

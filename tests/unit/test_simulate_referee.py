@@ -28,7 +28,7 @@ from loadtest.simulate.traces import Trace, TraceRequest, steady
 from policies.costmodel import GpuModel
 from policies.select import compile_policy
 from policies.spec import CostPolicySpec, ThroughputProfileSpec
-from policies.types import Slo
+from policies.types import BackendSnapshot, RouteRequest, Slo
 
 INTERACTIVE = Slo(max_ttft_s=1.0, max_itl_s=0.05)
 
@@ -187,3 +187,36 @@ def test_bound_prices_a_tpm_limit() -> None:
     assert 0.6 < b.total_usd <= 0.70 + 1e-12
     unlimited = dataclasses.replace(sc, providers=(dataclasses.replace(p, tpm_limit=None), q))
     assert hindsight_bound(unlimited, trace, seed=1).total_usd == pytest.approx(0.5)
+
+
+def test_the_referee_records_why_an_idle_gpu_was_passed_over() -> None:
+    sc = default_scenario()
+    policy = SelectPolicy("cost", compile_policy(CostPolicySpec(), sc.slo_classes))
+    gpu = sc.locals[0].model
+    req = RouteRequest("m", 500, 200, 200, True, "interactive", INTERACTIVE)
+    # An idle GPU whose learned ITL error spread is 30 ms: 2 sigma = 60 ms > the 50 ms target.
+    local = BackendSnapshot("g", "m", is_local=True, itl_spread_s=0.03, gpu=gpu)
+    ext = BackendSnapshot("p", "m", price_in_per_token=5e-8, price_out_per_token=8e-8)
+    choice = policy.choose(req, [local, ext], 0.0)
+    assert choice.order[0] == "p"
+    ((why, n),) = policy.idle_passed.items()
+    assert n == 1 and why.startswith("g: itl ") and "+60ms > 50ms" in why
+    # With no spread the idle GPU wins (its marginal cost is 0) and nothing is recorded.
+    calm = BackendSnapshot("g", "m", is_local=True, gpu=gpu)
+    assert policy.choose(req, [calm, ext], 0.0).order[0] == "g"
+    assert sum(policy.idle_passed.values()) == 1 and policy.routed == 2
+
+
+def test_a_scenario_can_name_an_existing_policy_file(tmp_path: Path) -> None:
+    example = SCENARIO_DIR.parent.parent / "policies" / "examples" / "vllm-groq-together.yaml"
+    (tmp_path / "s.yaml").write_text(
+        f"name: mine\npolicy_file: {example}\n"
+        "simulate:\n  model: llama-3.1-8b\n  trace: {shape: steady, concurrency: 4}\n"
+    )
+    loaded = load_scenario(tmp_path / "s.yaml")
+    by = {g.name: g for g in loaded.scenario.locals}
+    assert by["h100-b"].model.mode == "on_demand" and by["h100-a"].max_concurrency == 128
+    # No physics given: the simulated GPU runs the figures of the router's own profile.
+    assert by["h100-a"].physics.decode_tokens_per_s(200, 1024) == 13348
+    assert {p.name for p in loaded.scenario.providers} == {"groq", "together"}
+    assert len(loaded.trace(30.0).requests) > 0
