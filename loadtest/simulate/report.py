@@ -140,10 +140,11 @@ def _limits(results: list[PolicyResult], check: GoalCheck) -> list[str]:
         "rest is idle time and decode time lost to prefill interference."
     )
     out.append(
-        "- The cost model is only as good as its profile: the simulated GPUs follow the same "
-        "throughput table the router uses, with per-request prefill noise and prefill/decode "
-        "interference the router must learn as prediction error (2-sigma margin). Real "
-        "workers add preemption, KV-cache limits and prefix caching this model does not have."
+        "- The simulated GPUs run the profile's measured figures through the simulator's own "
+        "model of the hardware (loadtest/simulate/physics.py: chunked-prefill steps timed as "
+        "a roofline, per-request prefill speed noise), not the router's cost model: what the "
+        "router mispredicts it must learn as prediction error (2-sigma margin). Real workers "
+        "add preemption and prefix caching this model does not have."
     )
     if not check.met:
         out.append(f"- Goal not met in this run: {check.sentence()}.")
@@ -198,9 +199,10 @@ def markdown(
         "",
         "## Accounting",
         "",
-        "Cost = reserved local GPU-hours for the whole trace duration (paid busy or idle) + "
-        "external spend at list prices. Tokens = prompt + completion tokens served. The same "
-        "GPU cost is charged to every policy, including those that never use the GPUs.",
+        "Cost = local GPU-hours as held (the whole trace, busy or idle, and as long after it "
+        "as a policy keeps a GPU working) + external spend at list prices. Tokens = prompt + "
+        "completion tokens served. The GPUs are charged to every policy, including those "
+        "that never use them (`neogate simulate --suite` adds a no-GPU fleet and a bound).",
         "",
         "## Results",
         "",
