@@ -49,6 +49,8 @@ _PC_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 _HIT_RATE = ("sglang:cache_hit_rate",)
 _USED_TOKENS = ("sglang:num_used_tokens",)
 _WAITING_BY_REASON = "vllm:num_requests_waiting_by_reason"
+# Time constant over which a burst of preemptions stops counting as memory pressure.
+PREEMPTION_MEMORY_S = 10.0
 _TTFT_SUM = tuple(n + "_sum" for n in _TTFT)
 _TTFT_COUNT = tuple(n + "_count" for n in _TTFT)
 _ITL_SUM = tuple(n + "_sum" for n in _ITL)
@@ -301,8 +303,14 @@ class WorkerSignals:
     prefix_hit_rate: float | None = None  # share of prompt tokens served from the prefix cache
 
 
-def worker_signals(previous: WorkerMetrics | None, current: WorkerMetrics) -> WorkerSignals:
-    """The windowed signals between two scrapes (SGLang's hit rate is its own gauge)."""
+def worker_signals(
+    previous: WorkerMetrics | None, current: WorkerMetrics, last: WorkerSignals | None = None
+) -> WorkerSignals:
+    """The windowed signals between two scrapes (SGLang's hit rate is its own gauge).
+
+    A window in which no request left the queue (or queried the prefix cache) says nothing
+    new about those: the `last` values carry over rather than vanish between busy windows.
+    """
     if previous is None:
         return WorkerSignals(prefix_hit_rate=current.cache_hit_rate)
     dt = current.scraped_at - previous.scraped_at
@@ -317,13 +325,17 @@ def worker_signals(previous: WorkerMetrics | None, current: WorkerMetrics) -> Wo
         assert q0 is not None and q1 is not None and h0 is not None and h1 is not None
         if q1 > q0 and h1 >= h0:
             hit = min(1.0, (h1 - h0) / (q1 - q0))
-    return WorkerSignals(
-        queue_mean_s=window_mean(
-            previous.queue_seconds_sum,
-            previous.queue_seconds_count,
-            current.queue_seconds_sum,
-            current.queue_seconds_count,
-        ),
-        preemptions_per_s=preempt,
-        prefix_hit_rate=hit,
+    queue = window_mean(
+        previous.queue_seconds_sum,
+        previous.queue_seconds_count,
+        current.queue_seconds_sum,
+        current.queue_seconds_count,
     )
+    if last is not None:
+        queue = last.queue_mean_s if queue is None else queue
+        hit = last.prefix_hit_rate if hit is None else hit
+        if last.preemptions_per_s and dt >= 0:
+            # Preemptions come in bursts: the pressure fades over seconds, not one scrape.
+            faded = last.preemptions_per_s * math.exp(-dt / PREEMPTION_MEMORY_S)
+            preempt = faded if preempt is None or faded > preempt else preempt
+    return WorkerSignals(queue_mean_s=queue, preemptions_per_s=preempt, prefix_hit_rate=hit)

@@ -192,7 +192,7 @@ class LiveState:
     def observe_worker(self, backend: str, metrics: WorkerMetrics) -> None:
         """A new scrape of a local worker, and the signals of the window since the last one."""
         live = self.backends[backend]
-        live.signals = worker_signals(live.worker, metrics)
+        live.signals = worker_signals(live.worker, metrics, live.signals)
         live.worker = metrics
 
     def observe_queue(self, backend: str, model: str, queue_s: float) -> None:

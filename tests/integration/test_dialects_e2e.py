@@ -275,7 +275,9 @@ async def test_together_and_groq_headers_feed_headroom_in_their_own_windows(
 # --- item 7: queue time, preemptions, cache hits, Groq queue_time -------------------
 
 
-def _vllm_scrape(queue_sum: float, queue_n: int, preemptions: int, hits: int) -> str:
+def _vllm_scrape(
+    queue_sum: float, queue_n: int, preemptions: int, hits: int, for_capacity: int = 2
+) -> str:
     """vLLM V1 /metrics in the recorded shape (vllm_v1_metrics_excerpts.prom: names, `engine`
     and `model_name` labels) with the queue, preemption and waiting-by-reason series."""
     lab = 'engine="0",model_name="zai-org/GLM-4.5"'
@@ -284,7 +286,7 @@ def _vllm_scrape(queue_sum: float, queue_n: int, preemptions: int, hits: int) ->
     return (
         recorded
         + f"\nvllm:num_requests_waiting{{{lab}}} 3.0\n"
-        + f'vllm:num_requests_waiting_by_reason{{{lab},reason="capacity"}} 2.0\n'
+        + f'vllm:num_requests_waiting_by_reason{{{lab},reason="capacity"}} {for_capacity}\n'
         + f"vllm:request_queue_time_seconds_sum{{{lab}}} {queue_sum}\n"
         + f"vllm:request_queue_time_seconds_count{{{lab}}} {queue_n}\n"
         + f"vllm:num_preemptions_total{{{lab}}} {preemptions}\n"
@@ -324,3 +326,43 @@ async def test_worker_and_provider_queue_signals_in_admin_backends(
     assert w["prefix_cache_hit_rate"] == pytest.approx(0.6)
     g = backends["g"]["queue_s"]["m2"]
     assert g["long_run"] == pytest.approx(0.071900347) == g["recent"]  # Groq usage.queue_time
+
+
+async def test_a_preempting_worker_is_routed_as_one_at_b_star(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """Two identical vLLM workers with the same running count; one preempts between its
+    scrapes. The router predicts that one at b* and prefers the calm one."""
+    calm = [_vllm_scrape(10.0, 10, 5, 0, for_capacity=0)]
+    pressed = [_vllm_scrape(10.0, 10, 5, 0), _vllm_scrape(22.0, 20, 9, 6000)]
+    gpu = {"price_per_hour": 2.95, "mode": "reserved", "profile": "llama-3.1-8b-h100"}
+    async with replay({}, metrics=calm) as a, replay({}, metrics=pressed) as b:
+        policy = one_backend_policy(tmp_path, "vllm", a.v1, "w", gpu=gpu)
+        policy["backends"][0]["name"] = "calm"
+        del policy["backends"][0]["price"]
+        policy["backends"].append({**policy["backends"][0], "name": "pressed", "base_url": b.v1})
+        policy["models"] = [{"name": "m", "backends": ["pressed", "calm"]}]
+        policy["routing"] = {"scrape_interval_s": 0.05}
+        gw = await gateway_factory(policy)
+        for _ in range(100):
+            backends = await _backends(gw.url)
+            w = backends["pressed"]["worker"]
+            if w is not None and w["preemptions_per_s"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                gw.url + "/admin/route",
+                params={"model": "m", "prompt_tokens": "256"},
+                headers=ADMIN,
+            ) as r,
+        ):
+            assert r.status == 200
+            decision = await r.json()
+    cands = {c["backend"]: c for c in decision["candidates"]}
+    assert backends["pressed"]["worker"]["under_pressure"]
+    assert not backends["calm"]["worker"]["under_pressure"]
+    assert cands["calm"]["predicted_batch"] == 3 + 8 + 1  # waiting + running + this one
+    assert cands["pressed"]["predicted_batch"] == cands["pressed"]["slo_batch"]
+    assert decision["candidates"][0]["backend"] == "calm"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,10 @@ def test_vllm_queue_preemption_and_waiting_by_reason_signals() -> None:
     assert sig.preemptions_per_s == pytest.approx(2.0)
     assert sig.prefix_hit_rate == pytest.approx(0.5)
     assert worker_signals(None, b).queue_mean_s is None
+    # A quiet window (no request left the queue) keeps what the last busy one said.
+    quiet = worker_signals(b, b, sig)
+    assert quiet.queue_mean_s == pytest.approx(0.5) and quiet.preemptions_per_s == 2.0
+    later = parse_worker_metrics(scrape(22, 8.0, 16, 6, 5000), scraped_at=22.0)
+    faded = worker_signals(b, later, sig)  # no new preemptions in 10 s: the burst fades
+    assert faded.preemptions_per_s == pytest.approx(2.0 * math.exp(-1.0))
+    assert worker_signals(b, b).queue_mean_s is None
