@@ -78,7 +78,14 @@ def create_app(
 
 def create_admin_app(ref: RuntimeRef) -> web.Application:
     """The admin API alone, for a separate admin port, sharing the gateway's runtime."""
-    app = web.Application(middlewares=[_errors_middleware], handler_args={"auto_decompress": False})
+    app = web.Application(
+        middlewares=[_errors_middleware],
+        handler_args={
+            "auto_decompress": False,
+            "keepalive_timeout": ref.current.config.listen.keepalive_s,
+            "logger": ServerLog(),
+        },
+    )
     app[RUNTIME] = ref
     app[REQUEST_IDS] = RequestIds()
     add_admin_routes(app)

@@ -106,9 +106,14 @@ async def _serve(opts: ServeOptions) -> int:
             admin_runner = web.AppRunner(create_admin_app(app[RUNTIME]), access_log=None)
             await admin_runner.setup()
             admin_port = config.admin.port or 0
-            await web.TCPSite(
-                admin_runner, config.admin.host, admin_port, reuse_port=opts.workers > 1
-            ).start()
+            # aiohttp reads the admin port, behind the same connection deadlines.
+            await open_site(
+                admin_runner,
+                config.admin.host,
+                admin_port,
+                fast_edge=False,
+                reuse_port=opts.workers > 1,
+            )
             log.info("admin API on http://%s:%d/admin", config.admin.host, admin_port)
         await _wait_for_signal(on_hangup=lambda: _reload(app))
         log.info("neogate draining in-flight requests (up to %.0fs)", drain_s)

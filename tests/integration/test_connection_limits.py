@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from gateway.app import create_admin_app
+from gateway.edge import open_site
+from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, GatewayFactory
 from tests.integration.faultkit import MESSAGES, SimFactory, Upstream, policy, sim_factory
 from tests.integration.test_edge import Conn
@@ -206,3 +211,30 @@ async def test_a_slow_but_steady_body_within_the_deadline_is_served(gw: Gateway)
     status, _, body = await conn.response()
     conn.close()
     assert status == 200, body
+
+
+async def test_the_separate_admin_port_keeps_the_same_limits(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`admin.port`: aiohttp reads it, behind the same deadlines, 415 and quiet log."""
+    runner = web.AppRunner(create_admin_app(gw.app[RUNTIME]), access_log=None)
+    await runner.setup()
+    try:
+        await open_site(runner, "127.0.0.1", 0, fast_edge=False)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        idle = await Conn.open(url)
+        assert await _cut_within(idle, 5.0) < DEADLINE_S + 1.0
+        idle.close()
+        conn = await Conn.open(url)
+        await conn.send(head("/admin/keys", 2, "Content-Encoding: gzip\r\n") + b"{}")
+        assert (await conn.response())[0] == 415
+        conn.close()
+        caplog.clear()
+        caplog.set_level(logging.DEBUG)
+        conn = await Conn.open(url)
+        await conn.send(b"POST /admin/keys HTTP/1.1\nHost: x\nAuthorization: Bearer ng-x1y2\n\n")
+        assert (await conn.response())[0] == 400
+        conn.close()
+        assert "ng-x1y2" not in caplog.text and "Traceback" not in caplog.text
+    finally:
+        await runner.cleanup()
