@@ -239,9 +239,11 @@ async def test_together_and_groq_headers_feed_headroom_in_their_own_windows(
     ok = wire_bytes("groq_chat_nonstream.json").strip()
     together = {k: v for k, v in header_lines("headers_together.txt").items() if "reset" not in k}
     groq = {k: v for k, v in header_lines("headers_groq.txt").items() if k != "retry-after"}
+    fireworks = header_lines("headers_fireworks.txt")
     async with (
         replay({"t": Script(headers=together, body=ok)}) as t_up,
         replay({"g": Script(headers=groq, body=ok)}) as g_up,
+        replay({"f": Script(headers=fireworks, body=ok)}) as f_up,
     ):
         policy = one_backend_policy(tmp_path, "together", t_up.v1, "t")
         policy["backends"].append(
@@ -255,12 +257,22 @@ async def test_together_and_groq_headers_feed_headroom_in_their_own_windows(
             }
         )
         policy["models"].append({"name": "m2", "backends": ["g"]})
+        policy["backends"].append(
+            {
+                **policy["backends"][0],
+                "name": "f",
+                "kind": "fireworks",
+                "base_url": f_up.v1,
+                "models": {"m3": "f"},
+            }
+        )
+        policy["models"].append({"name": "m3", "backends": ["f"]})
         gw = await gateway_factory(policy)
         async with _client(gw.url) as oai:
-            for model in ("m", "m2"):
+            for model in ("m", "m2", "m3"):
                 await oai.chat.completions.create(model=model, messages=MSG, max_tokens=4)
         backends = await _backends(gw.url)
-    assert (len(t_up.received), len(g_up.received)) == (1, 1)
+    assert (len(t_up.received), len(g_up.received), len(f_up.received)) == (1, 1, 1)
     t = backends["b"]["headroom"]
     assert (t["limit_requests"], t["remaining_requests"]) == (10, 9)
     assert (t["limit_tokens"], t["remaining_tokens"]) == (200000, 199000)
@@ -270,6 +282,12 @@ async def test_together_and_groq_headers_feed_headroom_in_their_own_windows(
     assert (g["daily_limit_requests"], g["daily_remaining_requests"]) == (14400, 14370)
     assert g["limit_requests"] == 30 and g["remaining_requests"] == 29
     assert (g["limit_tokens"], g["remaining_tokens"]) == (18000, 17997)
+    f = backends["f"]["headroom"]
+    # Fireworks sends limits only (tokens per second, enforced per minute): what remains is
+    # the limit less our own last minute (our prompt estimate; the answer's 26 output tokens).
+    assert (f["limit_tokens"], f["limit_output_tokens"]) == (3_600_000 * 60, 36_000 * 60)
+    assert f["remaining_output_tokens"] == 36_000 * 60 - 26
+    assert 3_600_000 * 60 - 60 < f["remaining_tokens"] < 3_600_000 * 60
 
 
 # --- item 7: queue time, preemptions, cache hits, Groq queue_time -------------------
