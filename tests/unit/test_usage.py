@@ -399,3 +399,195 @@ def test_stream_meter_under_its_bound_counts_exactly(tok: Tokenizer) -> None:
     usage = m.finish(True, tok, 5)
     assert (usage.source, usage.completion_tokens, m.kept_chars) == ("counted", 2, 11)
     assert m.saw_done
+
+
+# --- pinned by mutation testing (make mutation): parsing edge cases, exact values ----------
+
+from gateway.usage import UpstreamTimings, parse_usage_object  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("obj", "want"),
+    [
+        (None, None),
+        ([1, 2], None),
+        ({}, None),
+        ({"prompt_tokens": None, "completion_tokens": "3"}, None),
+        # Responses-style names.
+        ({"input_tokens": 7, "output_tokens": 2}, (7, 2, 0, 0, 0)),
+        # Embeddings: prompt and total only; total alone means input.
+        ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0, 0, 0, 0)),
+        ({"total_tokens": 12}, (12, 0, 0, 0, 0)),
+        # Completion and total only: prompt is the remainder.
+        ({"completion_tokens": 4, "total_tokens": 10}, (6, 4, 0, 0, 0)),
+        ({"completion_tokens": 4}, (0, 4, 0, 0, 0)),
+        # Prompt and total only: completion is the remainder.
+        ({"prompt_tokens": 3, "total_tokens": 8}, (3, 5, 0, 0, 0)),
+        ({"prompt_tokens": 3}, (3, 0, 0, 0, 0)),
+        # Negative counts clamp to 0, floats truncate, booleans are not numbers.
+        ({"prompt_tokens": -5, "completion_tokens": 2.9}, (0, 2, 0, 0, 0)),
+        ({"prompt_tokens": True, "completion_tokens": 2, "total_tokens": 2}, (0, 2, 0, 0, 0)),
+        ({"prompt_tokens": -1.5, "completion_tokens": 1, "total_tokens": 4}, (3, 1, 0, 0, 0)),
+        # Details: clamped to what they are part of; cache writes to the uncached rest.
+        (
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 9},
+                "completion_tokens_details": {"reasoning_tokens": 7},
+            },
+            (10, 5, 4, 5, 6),
+        ),
+        (
+            {
+                "input_tokens": 10,
+                "output_tokens": 5,
+                "input_tokens_details": {"cached_tokens": 12},
+                "output_tokens_details": {"reasoning_tokens": 2},
+            },
+            (10, 5, 10, 2, 0),
+        ),
+        (
+            {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": None},
+            (10, 5, 0, 0, 0),
+        ),
+    ],
+)
+def test_parse_usage_object(obj: Any, want: tuple[int, int, int, int, int] | None) -> None:
+    u = parse_usage_object(obj)
+    if want is None:
+        assert u is None
+        return
+    assert u is not None and u.source == "reported"
+    got = (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens)
+    assert (*got, u.cache_write_tokens) == want
+
+
+def test_provider_timings_are_kept_as_given_and_absent_ones_are_none() -> None:
+    u = parse_usage_object(
+        {
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "queue_time": 1,
+            "prompt_time": 0.25,
+            "completion_time": True,
+            "total_time": "2",
+        }
+    )
+    assert u is not None
+    assert u.upstream_timings == UpstreamTimings(queue_s=1.0, prompt_s=0.25)
+    assert isinstance(u.upstream_timings.queue_s, float)
+    u = parse_usage_object({"prompt_tokens": 1, "completion_tokens": 1, "total_time": 0.5})
+    assert u is not None and u.upstream_timings == UpstreamTimings(total_s=0.5)
+    u = parse_usage_object({"prompt_tokens": 1, "completion_tokens": 2, "completion_time": 0})
+    assert u is not None and u.upstream_timings == UpstreamTimings(completion_s=0.0)
+    u = parse_usage_object({"prompt_tokens": 1, "completion_tokens": 2})
+    assert u is not None and u.upstream_timings is None
+
+
+def test_a_response_without_choices_or_usage() -> None:
+    u = usage_from_response({"id": "x"}, prompt_tokens_estimate=None)
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (0, 0, "estimated")
+    assert (u.counted_prompt_tokens, u.counted_completion_tokens) == (None, None)
+
+
+def test_a_response_counts_what_it_delivered_beside_what_was_reported(tok: Tokenizer) -> None:
+    body = {
+        "choices": [
+            {"index": 0, "message": {"content": "hello world", "refusal": None}},
+            {"index": 1, "message": {"content": None, "refusal": "no"}},
+            {"index": 2, "text": "legacy"},
+            {
+                "index": 3,
+                "message": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+            },
+            "not a choice",
+        ],
+        "x_groq": {"usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+    }
+    u = usage_from_response(body, tokenizer=tok, prompt_tokens_estimate=2)
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (3, 4, "reported")
+    counted = (
+        tok.count_text("hello world") + tok.count_text("no") + tok.count_text("legacy")
+        + tok.count_text("f{}")
+    )  # fmt: skip
+    assert (u.counted_prompt_tokens, u.counted_completion_tokens) == (2, counted)
+    body["x_groq"] = "not a mapping"
+    u = usage_from_response(body, tokenizer=tok, prompt_tokens_estimate=2)
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (2, counted, "counted")
+
+
+def test_a_chat_choice_counts_its_message_not_a_text_beside_it(tok: Tokenizer) -> None:
+    body = {"choices": [{"index": 0, "text": "hello world", "message": {"content": "hi"}}]}
+    u = usage_from_response(body, tokenizer=tok)
+    assert u.completion_tokens == tok.count_text("hi")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
+        b'{"choices":[],"usage" :\r\n\t{"prompt_tokens":5,"completion_tokens":6}}',
+        b'id: 1\r\ndata: {"choices":[],\r\ndata: "usage": {"prompt_tokens":5,"completion_tokens":6}}\r',
+        b'data: {"choices":[],"x_groq":{"usage":{"prompt_tokens":5,"completion_tokens":6}},"usage":{"x":1}}',
+    ],
+)
+def test_a_usage_object_is_found_in_every_framing(tok: Tokenizer, block: bytes) -> None:
+    m = StreamMeter()
+    m.feed(block)
+    assert m.reported is not None
+    assert (m.reported.prompt_tokens, m.reported.completion_tokens) == (5, 6)
+    assert m.events_seen == 1 and not m.saw_done
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'{"choices":[],"usage":null}',
+        b'{"choices":[],"usage": 3}',
+        b'{"choices":[],"usage":',
+        b'{"choices":[],"usage"',
+        b"[1, 2]",
+        b"data: not json",
+    ],
+)
+def test_no_usage_object_no_report(block: bytes) -> None:
+    m = StreamMeter()
+    m.feed(block)
+    assert m.reported is None and not m.saw_done
+
+
+def test_done_is_recognised_only_as_the_done_event() -> None:
+    m = StreamMeter()
+    m.feed(b"data: [DONE]")
+    assert m.saw_done and m.events_seen == 1
+    long_text = StreamMeter()
+    long_text.feed(chunk("the text says [DONE] but it is content, long enough"))
+    assert not long_text.saw_done
+
+
+def test_finish_with_reported_usage_keeps_the_count_beside_it(tok: Tokenizer) -> None:
+    m = StreamMeter()
+    feed_all(m, [chunk("hello world"), usage_chunk({"prompt_tokens": 9, "completion_tokens": 3})])
+    u = m.finish(True, tok, 7)
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (9, 3, "reported")
+    assert (u.counted_prompt_tokens, u.counted_completion_tokens) == (7, 2)
+    u = m.finish(True, tok, 7, count_when_reported=False)
+    assert u.counted_completion_tokens is None and u.counted_prompt_tokens == 7
+
+
+def test_text_past_the_meters_limit_is_estimated_at_four_characters_a_token(
+    tok: Tokenizer,
+) -> None:
+    m = StreamMeter(max_chars=10)
+    feed_all(m, [chunk("hello"), chunk("world"), chunk("x" * 9), chunk("yy", index=1)])
+    assert m.kept_chars == 10
+    u = m.finish(False, tok, 1)
+    # Choice 0 keeps "helloworld", 9 more characters are measured: ceil(9 / 4) = 3 tokens;
+    # choice 1's 2 characters came after the limit too: ceil(2 / 4) = 1.
+    assert u.completion_tokens == tok.count_text("helloworld") + 3 + 1
+    assert u.source == "estimated"
+    exact = StreamMeter(max_chars=10)
+    feed_all(exact, [chunk("hello"), chunk("world")])  # exactly at the limit: all kept
+    assert exact.finish(False, tok, 1).source == "counted"
