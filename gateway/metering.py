@@ -444,7 +444,7 @@ class Meter:
             is_local=live.spec.is_local,
             client_request_id=completion.client_request_id,
             marginal_cost_usd=self._marginal(completion),
-            counterfactual=self._counterfactual(completion),
+            counterfactual=self._counterfactual(completion, usage),
         )
 
     @staticmethod
@@ -458,13 +458,16 @@ class Meter:
                 return c.predicted_cost_usd
         return None
 
-    def _counterfactual(self, completion: Completion) -> tuple[str, UnitPrices] | None:
-        """The alternative routing saw (cheapest external meeting the SLO) and its prices now."""
+    def _counterfactual(
+        self, completion: Completion, usage: Usage
+    ) -> tuple[str, UnitPrices] | None:
+        """The alternative routing saw (cheapest external meeting the SLO) and its prices now,
+        at the tier the request's real prompt reaches."""
         decision = completion.decision
         if decision is None or decision.alternative is None:
             return None
         alt = decision.alternative
-        return alt, self.unit_prices(alt, completion.inbound.model, 0)
+        return alt, self.unit_prices(alt, completion.inbound.model, 0, usage.prompt_tokens)
 
     def _observe(
         self, completion: Completion, outcome: str, usage: Usage | None, cost: Decimal

@@ -12,15 +12,17 @@ policies.types
                     price_in_per_token=0.0, price_out_per_token=0.0,
                     price_cached_in_per_token=None, price_version=0,
                     ttft_s=0.5, ttft_spread_s=0.0, ttft_per_prompt_token_s=0.0,
-                    itl_s=0.02, itl_spread_s=0.0, headroom: Headroom = NO_HEADROOM,
+                    itl_s=0.02, itl_spread_s=0.0, ttft_rel_spread=0.0, itl_rel_spread=0.0,
+                    headroom: Headroom = NO_HEADROOM,
                     running=0, queued=0, kv_usage=None, metrics_fresh=False,
                     inflight=0, pending_prefill_tokens=0, recent_prompt_tokens_per_s=0.0,
                     max_concurrency=None, gpu: GpuModel | None = None)
     Candidate(backend, predicted_cost_usd, predicted_ttft_s, predicted_itl_s,
-              predicted_total_s, meets_slo, reason="", predicted_batch=0)
+              predicted_total_s, meets_slo, reason="", predicted_batch=0, slo_batch=0)
     RouteDecision(candidates: tuple[Candidate, ...], reason: str, price_version: int,
                   policy: str, rejected: tuple[tuple[str, str], ...] = (),
-                  wait_for_local: float | None = None)      .chosen -> Candidate | None
+                  wait_for_local: float | None = None, alternative: str | None = None,
+                  alternative_cost_usd: float | None = None)  .chosen -> Candidate | None
 
 policies.select
     compile_policy(spec: PolicySpec, slo_classes: Mapping[str, SloClassSpec | Slo] | None
@@ -28,13 +30,21 @@ policies.select
                                             # PinnedPolicy; once per config, not per request
     select(request, snapshots, policy: PolicySpec | Policy, now, *, rng_value=0.5)
         -> RouteDecision                    # rng_value in [0, 1): the weighted pick
+policies.profile
+    Profile.from_spec(ThroughputProfileSpec) .decode_tokens_per_s(batch, context=None)
+        .prefill_tokens_per_s(prompt) .prefill_time_s(prompt) .reference_context
+    parse_profile(yaml_text) -> ThroughputProfileSpec   # reading files: gateway.profiles
 policies.costmodel
     GpuModel.from_spec(GpuSpec) / GpuModel.from_profile(profile, price_per_hour, mode)
-    .throughput(batch) .itl_s(batch) .itl_under_load_s(batch, prompt_tokens_per_s)
-    .cost_per_output_token(batch) .prefill_time_s(tokens) .prefill_cost(tokens)
-    .amortized_cost(prompt, output, batch) .marginal_cost(prompt, output, batch_after)
+    .throughput(batch, context=None) .itl_s(batch, context=None)
+    .itl_under_load_s(batch, prompt_tokens_per_s, context=None)
+    .slo_batch(max_itl_s, prompt_tokens_per_s=0.0, context=None) -> b*
+    .marginal_cost(batch_after, slo_batch, displaced_usd)     # routing (docs/economics.md)
+    .attributed_cost(prompt, completion, batch_seen, *, cached_tokens=0, context=None)
+    .cost_per_output_token(batch, context=None) .prefill_time_s(tokens) .prefill_cost(tokens)
+    .amortized_cost(prompt, output, batch, context=None) .most_per_token()
     .predicted_ttft_s(prompt, *, load, queued_prefill_tokens, expected_output_tokens)
-    .chargeback_cost(prompt, completion, batch_seen) .knee .ramp(batch_after)
+    opportunity_share(batch_after, slo_batch) -> 0..1
 policies.pricebook
     Price(input_per_token, output_per_token, cached_input_per_token=None, source="config",
           updated_at=0.0); Price.per_million(...); .cost(prompt, completion, cached=0)
@@ -52,6 +62,8 @@ policies.latency
     sample_from_timings(ttft_s, total_s, completion_tokens) -> LatencySample
     sample_from_groq_usage(usage, completion_tokens=None) -> LatencySample | None
     DecayingRate(tau_s=10.0) .add(amount, now) .value(now)   # prompt tokens/s per worker
+    RelativeError() .update(predicted_s, measured_s, now, alpha) .spread(now)
+        # a local worker's relative shortfall, halving its variance every TRUST_HALF_LIFE_S
 policies.headroom
     parse_reset(text) -> float; parse_retry_after(headers) -> float | None
     Headroom.from_headers(headers, now, previous=None) .cooling_down(now)

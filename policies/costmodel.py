@@ -61,13 +61,16 @@ class GpuModel:
     profile: Profile
     # Throughput at integer batch sizes 0..top at the reference context: the hot path indexes it.
     _table: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _one_curve: bool = field(init=False, repr=False, compare=False)
+    _prefill_ref: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.price_per_hour <= 0:
             raise ValueError("price per hour must be positive")
         prof = self.profile
-        ref = prof.contexts.index(prof.reference_context)
-        object.__setattr__(self, "_table", prof._tables[ref])
+        object.__setattr__(self, "_table", prof.tables_at(None)[0])
+        object.__setattr__(self, "_one_curve", len(prof.contexts) == 1)
+        object.__setattr__(self, "_prefill_ref", prof.prefill_tokens_per_s(512))
 
     @classmethod
     def from_spec(cls, spec: GpuSpec) -> GpuModel:
@@ -99,7 +102,7 @@ class GpuModel:
     @property
     def prefill_tokens_per_s(self) -> float:
         """Prefill speed at a typical prompt (512 tokens); see `profile` for others."""
-        return self.profile.prefill_tokens_per_s(512)
+        return self._prefill_ref
 
     @property
     def price_per_second(self) -> float:
@@ -108,7 +111,11 @@ class GpuModel:
 
     def throughput(self, batch: float, context: float | None = None) -> float:
         """Output tokens/s across the whole batch at `batch` concurrent requests (min 1)."""
-        if context is None and isinstance(batch, int) and 1 <= batch < len(self._table):
+        if (
+            (context is None or self._one_curve)
+            and isinstance(batch, int)
+            and 1 <= batch < len(self._table)
+        ):
             return self._table[batch]
         return self.profile.decode_tokens_per_s(batch, context)
 
@@ -119,7 +126,7 @@ class GpuModel:
 
     def prefill_load(self, prompt_tokens_per_s: float) -> float:
         """Share of GPU time prefill takes at this prompt arrival rate (capped at MAX_PREFILL_LOAD)."""
-        rho = prompt_tokens_per_s / self.prefill_tokens_per_s
+        rho = prompt_tokens_per_s / self._prefill_ref
         return rho if rho < MAX_PREFILL_LOAD else MAX_PREFILL_LOAD
 
     def itl_under_load_s(
@@ -151,10 +158,13 @@ class GpuModel:
         limit = max_itl_s
         if prompt_tokens_per_s > 0:
             limit *= 1.0 - self.prefill_load(prompt_tokens_per_s)
+        ta, tb, w = self.profile.tables_at(context)
         lo, hi = 0, self.max_batch
         while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.itl_s(mid, context) <= limit:
+            mid = (lo + hi + 1) >> 1
+            t = ta[mid] if w == 0.0 else ta[mid] + (tb[mid] - ta[mid]) * w
+            # ITL(mid) = mid / T(mid) <= limit
+            if mid <= limit * t:
                 lo = mid
             else:
                 hi = mid - 1

@@ -47,16 +47,6 @@ def _interp_batch(points: tuple[tuple[int, float], ...], xs: list[int], batch: f
     return ta + (tb - ta) * (batch - ca) / (cb - ca)
 
 
-def _interp_clamped(points: tuple[tuple[int, float], ...], x: float) -> float:
-    if x <= points[0][0]:
-        return points[0][1]
-    if x >= points[-1][0]:
-        return points[-1][1]
-    i = bisect_right([p for p, _ in points], x)
-    (xa, ya), (xb, yb) = points[i - 1], points[i]
-    return ya + (yb - ya) * (x - xa) / (xb - xa)
-
-
 @dataclass(frozen=True, slots=True)
 class Profile:
     """Decode throughput T(batch, context) and prefill speed of one worker, as a plain value."""
@@ -72,6 +62,8 @@ class Profile:
     measured: str = ""
     # Throughput by integer batch 0..top for each measured context: the hot path indexes it.
     _tables: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
+    _ref: int = field(init=False, repr=False, compare=False)
+    _prefill_xs: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -85,6 +77,9 @@ class Profile:
         _check_points(self.prefill, "prefill")
         top = max(self.max_batch, *(c[-1][0] for c in self.curves))
         object.__setattr__(self, "_tables", tuple(_curve_table(c, top) for c in self.curves))
+        ref = min(self.contexts, key=lambda c: (abs(c - 1024), c))
+        object.__setattr__(self, "_ref", self.contexts.index(ref))
+        object.__setattr__(self, "_prefill_xs", tuple(x for x, _ in self.prefill))
 
     @classmethod
     def from_spec(cls, spec: ThroughputProfileSpec) -> Profile:
@@ -108,15 +103,31 @@ class Profile:
     @property
     def reference_context(self) -> int:
         """The measured context length used when a caller gives none (the one nearest 1024)."""
-        return min(self.contexts, key=lambda c: (abs(c - 1024), c))
+        return self.contexts[self._ref]
+
+    def tables_at(
+        self, context: float | None
+    ) -> tuple[tuple[float, ...], tuple[float, ...], float]:
+        """(table a, table b, weight): T(b) at `context` is a[b] + (b[b] - a[b]) * weight for
+        integer b up to max_batch (the hot path's form of `decode_tokens_per_s`)."""
+        t = self._tables
+        ctxs = self.contexts
+        if len(t) == 1 or context is None:
+            ref = t[self._ref]
+            return ref, ref, 0.0
+        if context <= ctxs[0]:
+            return t[0], t[0], 0.0
+        if context >= ctxs[-1]:
+            return t[-1], t[-1], 0.0
+        j = bisect_right(ctxs, context)
+        return t[j - 1], t[j], (context - ctxs[j - 1]) / (ctxs[j] - ctxs[j - 1])
 
     def decode_tokens_per_s(self, batch: float, context: float | None = None) -> float:
         """Output tokens/s across the batch at `batch` requests (min 1) of mean `context` tokens."""
         batch = max(batch, 1)
         ctxs = self.contexts
         if len(ctxs) == 1 or context is None:
-            i = 0 if len(ctxs) == 1 else ctxs.index(self.reference_context)
-            return self._at(i, batch)
+            return self._at(self._ref, batch)
         if context <= ctxs[0]:
             return self._at(0, batch)
         if context >= ctxs[-1]:
@@ -135,13 +146,20 @@ class Profile:
 
     def prefill_tokens_per_s(self, prompt_tokens: float) -> float:
         """Prefill speed for a prompt of this many tokens."""
-        return _interp_clamped(self.prefill, prompt_tokens)
+        pts = self.prefill
+        if prompt_tokens <= pts[0][0]:
+            return pts[0][1]
+        if prompt_tokens >= pts[-1][0]:
+            return pts[-1][1]
+        i = bisect_right(self._prefill_xs, prompt_tokens)
+        (xa, ya), (xb, yb) = pts[i - 1], pts[i]
+        return ya + (yb - ya) * (prompt_tokens - xa) / (xb - xa)
 
     def prefill_time_s(self, prompt_tokens: float) -> float:
         """Seconds of GPU time to prefill one prompt of this many tokens (0 for none)."""
         if prompt_tokens <= 0:
             return 0.0
-        return prompt_tokens / _interp_clamped(self.prefill, prompt_tokens)
+        return prompt_tokens / self.prefill_tokens_per_s(prompt_tokens)
 
 
 def _check_points(points: tuple[tuple[int, float], ...], what: str) -> None:

@@ -209,7 +209,13 @@ def select(
     for s, pred in zip(accepted, preds, strict=True):
         c = pred if pred is not None else predict(request, s, now, sigmas, guard, displaced)
         h = s.headroom
-        if near_limit(h, need_tokens, now, output_tokens=request.expected_output_tokens):
+        # Most backends report no limits: skip the projection (cool-downs were rejected above).
+        if (
+            h.remaining_tokens is not None
+            or h.remaining_requests is not None
+            or h.remaining_output_tokens is not None
+            or h.daily_remaining_requests is not None
+        ) and near_limit(h, need_tokens, now, output_tokens=request.expected_output_tokens):
             near.append(_demote(c))
         else:
             usable.append(c)
