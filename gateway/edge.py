@@ -9,13 +9,20 @@ road, and aiohttp keeps everything else.
 The edge serves only a strict, common subset of HTTP/1.1 itself: `POST` to
 one of the three inference paths with `HTTP/1.1`, exactly one decimal
 `Content-Length`, no `Transfer-Encoding`, `Expect` or `Upgrade`, CRLF line
-ends, token header names and values without control characters. A
-`Content-Encoding` is refused (415) by the request path before the body is
-read, on both roads: request bodies are never decompressed. Anything else, at any request boundary, hands the
+ends, one `Host`, at most one `Connection`, at most 100 headers of at most
+8190 bytes each, token header names and values without control characters.
+(A `Content-Encoding` is refused with 415 by the request path before the body
+is read, on both roads: request bodies are never decompressed.) Anything
+else, at any request boundary, hands the
 connection, with every byte not yet answered, to aiohttp's own protocol,
 which serves it from then on: malformed and unusual requests meet aiohttp's
 strict parser, other paths meet their aiohttp routes, and an inference request
 that aiohttp reads is served by the same request path (`gateway.proxy`).
+
+Time limits (`gateway.conn_deadlines`, `listen.*`): the site's one sweeper
+cuts a head not whole within `head_timeout_s` and closes connections idle
+past `keepalive_s`; a body not whole within `body_timeout_s` of its head is a
+408; a connection handed to aiohttp keeps its head deadline.
 """
 
 from __future__ import annotations
