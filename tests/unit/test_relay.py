@@ -161,7 +161,33 @@ def test_error_events_are_marked_and_put_in_openai_shape() -> None:
         (b'{"a":\ndata: ]', False),
         (b"[1,\ndata: 2]", False),
         (b'{"a": 1\n}', True),
+        (b'{"a":\ndata: "x y"}', True),  # a space inside a string on a continuation line
     ],
 )
 def test_is_json_object(payload: bytes, ok: bool) -> None:
     assert is_json_object(payload) is ok
+
+
+def test_a_data_line_without_the_optional_space_is_an_event_too() -> None:
+    f = EventFilter(strip_usage=True)
+    block = b'data:{"id":"x","choices":[{"index":0,"delta":{"content":"a"}}]}'
+    assert f.filter(block) == block and f.bad_event is None
+
+
+def test_a_groq_chunk_without_usage_keeps_its_choices() -> None:
+    f = EventFilter(strip_usage=True)
+    block = b'data: {"id":"c","x_groq":{"id":"g"},"choices":[{"index":0,"delta":{}}]}'
+    out = f.filter(block)
+    assert out is not None and out.startswith(b"data: {")
+    assert orjson.loads(out[6:]) == orjson.loads(block[6:])
+    stripped = f.filter(USAGE_WITH_CHOICES)
+    assert stripped is not None and stripped.startswith(b"data: {")
+
+
+def test_once_the_backend_sent_usage_a_later_groq_tail_does_not_undo_it() -> None:
+    f = EventFilter(strip_usage=False)
+    f.filter(CHUNK)
+    f.filter(USAGE_ONLY)
+    f.filter(GROQ_TAIL)  # usage under x_groq only: not a standard usage object
+    assert f.usage_sent
+    assert f.usage_chunk(Usage(3, 2)) is None  # no second usage chunk
