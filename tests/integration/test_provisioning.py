@@ -9,20 +9,24 @@ import calendar
 import io
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from gateway.config import parse_config
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.provisioning import gpu_terms, provisioning
-from gateway.ledger.rows import LedgerRow
+from gateway.ledger.rows import LedgerRow, LedgerStore
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.writer import LedgerWriter
 from gateway.metering_cli import add_usage_parser, run_usage
 from gateway.usage import UnitPrices, Usage
 from tests.conftest import ADMIN_KEY, GatewayFactory, Upstreams, base_policy
+from tests.integration.test_ledger_postgres import DSN
 
 DAY = calendar.timegm((2025, 6, 15, 0, 0, 0))
 
@@ -58,8 +62,8 @@ ROWS = [
 ]
 
 
-async def write_rows(db: Path) -> None:
-    writer = LedgerWriter(SqliteLedger(db))
+async def write_rows(db: Path | LedgerStore) -> None:
+    writer = LedgerWriter(SqliteLedger(db) if isinstance(db, Path) else db)
     await writer.start()
     for rid, ts, backend, p, c, batch, total, cf in ROWS:
         local = batch is not None
@@ -90,15 +94,37 @@ async def write_rows(db: Path) -> None:
 async def test_provisioning_by_hand(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     await write_rows(db)
+    store = SqliteLedger(db, create=False)
+    try:
+        await check_provisioning(store)
+    finally:
+        await store.close()
+
+
+async def test_provisioning_on_postgres() -> None:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    await write_rows(PostgresLedger(DSN, schema=schema))
+    store = PostgresLedger(DSN, schema=schema, create=False)
+    try:
+        await check_provisioning(store)
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(DSN)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+
+async def check_provisioning(store: LedgerStore) -> None:
+    """The same numbers, derived by hand, on every store."""
     terms = gpu_terms(parse_config(POLICY))
     # b*: the NIM H100 curve is flat at 13,348 tokens/s past 200; 256 / 13,348 = 19 ms <= 50.
     assert terms["h100"].slo_batch == 256
-    store = SqliteLedger(db, create=False)
     rows = {
         r.backend: r
         for r in await provisioning(store, terms, since=DAY, until=DAY + 3600, now=DAY + 9000)
     }
-    await store.close()
     h = rows["h100"]
     assert h.hours_held == 1.0 and h.gpu_cost_usd == pytest.approx(3.60)
     assert (h.requests, h.prompt_tokens, h.completion_tokens) == (2, 4000, 2000)
