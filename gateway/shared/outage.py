@@ -179,6 +179,7 @@ class FailoverLimitStore:
         self._rate_used: dict[str, float] = {}
         self._syncing: asyncio.Task[None] | None = None
         self._reconcile_streak = FailureStreak(log, "reconciling with redis (retried)")
+        self._sync_streak = FailureStreak(log, "syncing limits with redis (retried)")
         self.on_outage = on_outage
         self.metrics = metrics if metrics is not None else SharedMetrics(None)
         self._reseed_hook = reseed
@@ -245,6 +246,10 @@ class FailoverLimitStore:
                 await self.sync()
             except _DOWN_OR_UNSEEDED as exc:
                 await self._enter_outage(exc)
+            except Exception as exc:
+                self._sync_streak.failed(exc)  # the loop goes on; logged once per streak
+            else:
+                self._sync_streak.succeeded()
 
     async def sync(self) -> None:
         """Heartbeat, count the processes, refresh what this process knows of its keys."""
