@@ -4,11 +4,11 @@ The local workers run a deliberately small throughput profile, the same one in t
 gateway's `gpu.profile` and in the simulated worker's options, so the cost model's
 predicted inter-token latency crosses the interactive SLO at a known batch:
 
-    decode tokens/s {1: 40, 3: 115, 6: 120}, max_batch 6  ->  knee 3
-    predicted ITL: batch 3 -> 26.1 ms, batch 4 -> 34.3 ms; the SLO here is 32 ms
+    decode tokens/s {1: 40, 3: 115, 6: 120}, max_batch 6
+    predicted ITL: batch 3 -> 26.1 ms, batch 4 -> 34.3 ms; the SLO here is 32 ms -> b* = 3
 
-so each worker takes three interactive streams, and a reserved GPU is free ($0 marginal)
-up to that batch. The simulated worker runs that profile `time_scale` times faster than
+so each worker takes three interactive streams, and a GPU is free ($0 marginal) while
+it has headroom under b* (docs/economics.md). The simulated worker runs that profile `time_scale` times faster than
 the model says (the gateway predicts in profile seconds; the tests only need the order).
 """
 
