@@ -94,10 +94,18 @@ class Authenticator:
             )
         name = self._keys.authenticate(presented)
         if name is None:
-            if self._anonymous is not None and not presented.startswith("ng-"):
-                # Keyless mode: SDKs insist on sending some key; unknown non-neogate keys are ignored.
+            if self._anonymous is None:
+                raise Unauthenticated("Incorrect API key provided.")
+            # Keyless mode: SDKs insist on sending some key, so the anonymous tenant's name
+            # stands for "no key". Any other key is a mistake (a mistyped tenant key would
+            # otherwise be served, and billed, anonymously).
+            if presented == self._anonymous.name:
                 return self._anonymous
-            raise Unauthenticated("Incorrect API key provided.")
+            raise Unauthenticated(
+                "Incorrect API key provided. This gateway serves loopback clients without "
+                f"a key: send no key, or the key {self._anonymous.name!r}; any other key "
+                "must be a tenant key (`neogate keys create`)."
+            )
         tenant = self._tenants.get(name)
         if tenant is None:
             tenant = Tenant.from_spec(TenantSpec(name=name))

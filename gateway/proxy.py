@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.client_headers import check_client_headers
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
 from gateway.exchange import AiohttpExchange, ClientExchange, refuse_encoded_body
 from gateway.forward import Attempt, SentAttempt, first_attempt_that_answers
@@ -51,6 +52,7 @@ async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> 
     """Authenticate, read and validate one inference request, then serve it."""
     refuse_encoded_body(ex.headers)  # first: a compressed body is never read, keyed or not
     tenant = rt.auth.tenant_for(ex.headers)
+    check_client_headers(ex.headers, rt.config.slo_classes)
     raw = await ex.read_body(tenant.limits.max_body_bytes)
     inbound = parse_request(raw, endpoint, tenant.limits)
     await serve(rt, ex, tenant, inbound)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from adapters.base import AttemptTimeouts, Backend
 from gateway.auth import Tenant
 from gateway.breaker import CircuitBreaker
+from gateway.client_headers import DEADLINE_HEADER, SLO_HEADER
 from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import GatewayError, NoBackendAvailable, UpstreamStatus
 from gateway.estimate import Estimate
@@ -27,9 +28,6 @@ from gateway.reliability import Reliability
 from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import MAX_REASON, Policy, compile_policy, select
 from policies.types import Candidate, RouteDecision, RouteRequest, Slo
-
-SLO_HEADER = "x-neogate-slo-class"
-DEADLINE_HEADER = "x-neogate-deadline-s"
 
 
 def _explain_spill(decision: RouteDecision, locals_: frozenset[str]) -> RouteDecision:
@@ -130,6 +128,8 @@ class Router:
         estimate: Estimate,
         headers: Mapping[str, str],
     ) -> RouteRequest:
+        # The request path checked both headers (gateway.client_headers); the admin
+        # route explainer passes its own, so an unusable value still falls back here.
         slo_class = headers.get(SLO_HEADER) or tenant.slo_class
         if slo_class not in self._slos:
             slo_class = tenant.slo_class

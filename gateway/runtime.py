@@ -15,6 +15,7 @@ from aiohttp import web
 from adapters.base import Backend
 from gateway.admission import LimitStore
 from gateway.auth import Authenticator, Tenant
+from gateway.client_headers import TIMEOUT_HEADER
 from gateway.config import BackendSpec, GatewayConfig, ModelSpec
 from gateway.forward import Attempt
 from gateway.metrics import GatewayMetrics
@@ -40,8 +41,6 @@ __all__ = [
 # Client headers that may reach an upstream; everything else (Authorization,
 # cookies, hop-by-hop headers) stays at the gateway.
 FORWARDED_CLIENT_HEADERS: Final = ("traceparent", "tracestate", "user-agent", "openai-beta")
-# Request header through which a tenant may shorten (never lengthen) its deadline.
-TIMEOUT_HEADER: Final = "x-neogate-timeout"
 
 
 @dataclass
@@ -126,6 +125,9 @@ class AppOptions:
     # spools to its own file; an admin reload in one worker reloads them all.
     worker_index: int | None = None
     workers: int = 1  # how many `serve --workers N` runs: worker 0 adopts the spools of the rest
+    # Backends the file lists as `sim:worker` / `sim:provider` -> the URL of the simulation
+    # the command line started for them: a reload puts the same URLs in again.
+    simulated: Mapping[str, str] = field(default_factory=dict)
 
 
 class RuntimeRef:

@@ -63,7 +63,7 @@ async def test_invalid_requests_are_400(
 
 
 async def test_unknown_model_is_404(gateway: Gateway) -> None:
-    async with AsyncOpenAI(base_url=gateway.v1, api_key="x", max_retries=0) as c:
+    async with AsyncOpenAI(base_url=gateway.v1, api_key="anonymous", max_retries=0) as c:
         with pytest.raises(openai.NotFoundError) as info:
             await c.chat.completions.create(
                 model="gpt-9", messages=[{"role": "user", "content": "x"}]

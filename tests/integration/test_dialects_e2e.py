@@ -42,7 +42,7 @@ def _rows(path: Path, rid: str) -> list[dict[str, Any]]:
 
 
 def _client(url: str) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    return AsyncOpenAI(base_url=url + "/v1", api_key="anonymous", max_retries=0)
 
 
 def _rid() -> str:

@@ -227,7 +227,7 @@ async def test_the_sdk_is_served_with_the_edge_off(
     data = base_policy(upstreams, tmp_path)
     data["listen"] = {**data.get("listen", {}), "fast_edge": False}
     gw = await gateway_factory(data)
-    client = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key="anonymous", max_retries=0)
     raw = await client.chat.completions.with_raw_response.create(
         model="llama-3.1-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )

@@ -147,7 +147,7 @@ async def one_request(oai: AsyncOpenAI, rng: random.Random, served: Served) -> N
 
 async def client_loop(url: str, seed: int, served: Served, stop: asyncio.Event) -> None:
     rng = random.Random(seed)
-    async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="anonymous", max_retries=0) as oai:
         while not stop.is_set():
             try:
                 await one_request(oai, rng, served)
@@ -201,7 +201,7 @@ async def test_sigkill_under_load_loses_no_completed_row(
             assert row["cost_nusd"] > 0 and row["prompt_tokens"] > 0
 
         # The restarted gateway keeps writing to the same ledger.
-        async with AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as oai:
+        async with AsyncOpenAI(base_url=gw.url + "/v1", api_key="anonymous", max_retries=0) as oai:
             raw = await oai.chat.completions.with_raw_response.create(
                 model="groq-8b", messages=MSG, max_tokens=3
             )
@@ -229,7 +229,7 @@ async def test_sigkill_with_rows_in_the_spool_replays_them_once_on_restart(
         served = Served()
         rng = random.Random(7)
         locker.execute("BEGIN EXCLUSIVE")  # the database is down for the gateway
-        async with AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0) as oai:
+        async with AsyncOpenAI(base_url=gw.url + "/v1", api_key="anonymous", max_retries=0) as oai:
             await asyncio.gather(*(one_request(oai, rng, served) for _ in range(6)))
         assert len(served.complete) == 6, "answers do not wait for the database"
         async with (

@@ -310,7 +310,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def oai(env: Env) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=env.v1, api_key="unused", max_retries=0) as c:
+    async with AsyncOpenAI(base_url=env.v1, api_key="anonymous", max_retries=0) as c:
         yield c
 
 
@@ -479,7 +479,7 @@ async def worker_drains(worker: str, since: float, within_s: float = 2.0) -> Non
 
 async def test_client_disconnect_non_stream_cancels_upstream(env: Env) -> None:
     rid = new_rid("leave-whole")
-    async with AsyncOpenAI(base_url=env.v1, api_key="unused", max_retries=0, timeout=0.3) as oai:
+    async with AsyncOpenAI(base_url=env.v1, api_key="anonymous", max_retries=0, timeout=0.3) as oai:
         with pytest.raises(openai.APITimeoutError):
             await oai.chat.completions.create(
                 model="slow-8b",
@@ -875,7 +875,7 @@ async def test_postgres_ledger(tmp_path: Path) -> None:
     }
     runner, url = await start_gateway(policy)
     try:
-        async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
+        async with AsyncOpenAI(base_url=url + "/v1", api_key="anonymous", max_retries=0) as oai:
             rid_whole, rid_stream = new_rid("pg-ns"), new_rid("pg-st")
             reply = await oai.chat.completions.create(
                 model="groq-8b",
@@ -920,7 +920,7 @@ async def test_sqlite_locked_rows_spooled_then_replayed_once(tmp_path: Path) -> 
     try:
         writer = runner.app[RUNTIME].current.meter.ledger
         assert writer is not None
-        async with AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as oai:
+        async with AsyncOpenAI(base_url=url + "/v1", api_key="anonymous", max_retries=0) as oai:
             before = new_rid("pre-lock")
             await oai.chat.completions.create(
                 model="groq-8b", messages=MSG, max_tokens=3, extra_headers={"x-request-id": before}

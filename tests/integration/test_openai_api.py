@@ -16,7 +16,7 @@ from tests.conftest import Gateway
 
 @pytest.fixture
 async def oai(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=gateway.v1, api_key="unused", max_retries=0) as c:
+    async with AsyncOpenAI(base_url=gateway.v1, api_key="anonymous", max_retries=0) as c:
         yield c
 
 
@@ -37,7 +37,7 @@ async def test_chat_non_stream_async(gateway: Gateway, oai: AsyncOpenAI) -> None
 
 async def test_chat_non_stream_sync_client(gateway: Gateway, oai: AsyncOpenAI) -> None:
     def call() -> str | None:
-        with OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0) as sync:
+        with OpenAI(base_url=gateway.v1, api_key="anonymous", max_retries=0) as sync:
             reply = sync.chat.completions.create(
                 model="llama-3.1-8b",
                 messages=MESSAGES,  # type: ignore[arg-type]

@@ -65,7 +65,7 @@ async def test_admin_reload_keeps_open_streams_and_refuses_a_bad_file(
     ref = gw.app[RUNTIME]
     before = ref.current
 
-    async with AsyncOpenAI(base_url=gw.v1, api_key="x", max_retries=0) as oai:
+    async with AsyncOpenAI(base_url=gw.v1, api_key="anonymous", max_retries=0) as oai:
         stream = await oai.chat.completions.create(
             model="m",
             messages=MESSAGES,

@@ -335,7 +335,7 @@ async def test_price_change_at_runtime_moves_traffic(
             )
         )  # fmt: skip
         async with (
-            AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0) as oai,
+            AsyncOpenAI(base_url=gw.v1, api_key="anonymous", max_retries=0) as oai,
             aiohttp.ClientSession() as http,
         ):
 
