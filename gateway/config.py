@@ -28,6 +28,12 @@ from gateway.profiles import load_profile
 from policies.spec import CostPolicySpec, GpuSpec, PolicySpec, SloClassSpec, default_slo_classes
 
 LOCAL_KINDS = frozenset({"vllm", "sglang"})
+# `base_url: sim:worker` / `sim:provider`: a simulated backend that `neogate serve` starts
+# in its own process (loopback, random port) and puts in the file's place; see SIMULATED.
+SIMULATED = {
+    "sim:worker": "a simulated local GPU worker (vLLM wire format, Llama-3.1-8B on H100)",
+    "sim:provider": "a simulated external provider (Groq wire format, rate-limit headers)",
+}
 BackendKind = Literal[
     "vllm", "sglang", "openai_compatible", "openai", "groq", "together", "fireworks", "nebius"
 ]
@@ -92,7 +98,19 @@ class BackendSpec(Model):
             v = {**v, "profile": load_profile(v["profile"], base)}
         return v
 
-    @field_validator("base_url", "metrics_url")
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        if v in SIMULATED:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(
+                "must be an http:// or https:// URL, or sim:worker / sim:provider "
+                "(a simulated backend that neogate serve starts in-process)"
+            )
+        return v.rstrip("/")
+
+    @field_validator("metrics_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
@@ -137,6 +155,11 @@ class BackendSpec(Model):
     @property
     def is_local(self) -> bool:
         return self.kind in LOCAL_KINDS
+
+    @property
+    def simulated(self) -> str | None:
+        """`worker` or `provider` for a `sim:` backend not yet started, else None."""
+        return self.base_url[4:] if self.base_url in SIMULATED else None
 
 
 class ModelSpec(Model):
@@ -298,40 +321,16 @@ class GatewayConfig(Model):
     redis: RedisSpec | None = None
     max_inflight: int = Field(default=4096, ge=1)
 
-    @model_validator(mode="after")
-    def _references(self) -> GatewayConfig:
-        names = [b.name for b in self.backends]
-        if len(set(names)) != len(names):
-            raise ValueError(f"backend names must be unique: {names}")
-        by_name = {b.name: b for b in self.backends}
-        public = [m.name for m in self.models]
-        if len(set(public)) != len(public):
-            raise ValueError(f"model names must be unique: {public}")
-        for m in self.models:
-            for b in m.backends:
-                if b not in by_name:
-                    raise ValueError(f"model {m.name!r} names unknown backend {b!r}")
-                if m.name not in by_name[b].models:
-                    raise ValueError(f"backend {b!r} has no mapping for model {m.name!r}")
-            declared = {b: by_name[b].embeddings[m.name] for b in m.backends
-                        if m.name in by_name[b].embeddings}  # fmt: skip
-            if len(set(declared.values())) > 1:
-                spaces = ", ".join(f"{b} serves {e}" for b, e in declared.items())
-                raise ValueError(
-                    f"model {m.name!r} mixes embedding models ({spaces}): their vectors are "
-                    "not comparable, so one model name must be one embedding model; "
-                    "split it into one model per embedding model"
-                )
-        tenants = [t.name for t in self.tenants]
-        if len(set(tenants)) != len(tenants):
-            raise ValueError(f"tenant names must be unique: {tenants}")
-        for t in self.tenants:
-            if t.slo_class not in self.slo_classes:
-                raise ValueError(f"tenant {t.name!r} uses unknown slo_class {t.slo_class!r}")
-        return self
-
     def backend(self, name: str) -> BackendSpec:
         return next(b for b in self.backends if b.name == name)
+
+    def with_backend_urls(self, urls: Mapping[str, str]) -> GatewayConfig:
+        """The same policy with the named backends' base URLs replaced (started simulations)."""
+        backends = [
+            b.model_copy(update={"base_url": urls[b.name]}) if b.name in urls else b
+            for b in self.backends
+        ]
+        return self.model_copy(update={"backends": backends})
 
 
 @dataclass(frozen=True)
@@ -346,6 +345,10 @@ class ConfigIssue:
         where = f"line {self.line}: " if self.line else ""
         return f"{where}{self.path or '<root>'}: {self.message}"
 
+    def located(self, source: str) -> str:
+        """The issue with the file it is in: `policy.yaml, line 9: models.0.backends.1: ...`."""
+        return f"{source}, {self}" if self.line else f"{source}: {self}"
+
 
 class ConfigError(Exception):
     """A policy file that must not start a server; carries every issue found."""
@@ -357,18 +360,26 @@ class ConfigError(Exception):
 
     def render(self) -> str:
         lines = [f"{self.source}: {len(self.issues)} error(s)"]
-        lines += [f"  {issue}" for issue in self.issues]
+        lines += [f"  {issue.located(self.source)}" for issue in self.issues]
         return "\n".join(lines)
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Read and validate a policy file; raise ConfigError listing every problem."""
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = False
+) -> GatewayConfig:
+    """Read and validate a policy file; raise ConfigError listing every problem.
+
+    `require_env` (check-config, serve, reload) also refuses `env:` secrets whose
+    variable is unset, in the same pass as every other problem.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), [ConfigIssue("", None, f"cannot read file: {exc}")]) from exc
-    return parse_config(text, source=str(p), env=env, base_dir=p.parent)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), [ConfigIssue("", None, f"not UTF-8 text: {exc}")]) from exc
+    return parse_config(text, source=str(p), env=env, require_env=require_env)
 
 
 def parse_config(
@@ -376,49 +387,203 @@ def parse_config(
     *,
     source: str = "<config>",
     env: Mapping[str, str] | None = None,
-    base_dir: Path | None = None,
+    require_env: bool = False,
 ) -> GatewayConfig:
-    """Validate policy YAML text; `env` defaults to the process environment for env: checks.
-
-    `base_dir` is where relative paths in the file (profile files) are looked up.
-    """
+    """Validate policy YAML text: schema, cross-references and (with `require_env`) secrets,
+    every problem in one pass, each with its field path and line."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(source, [ConfigIssue("", line, f"not valid YAML: {exc}")]) from exc
+        raise ConfigError(source, [_yaml_issue(exc)]) from exc
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigIssue("", 1, "the file must be a YAML mapping")])
+    issues: list[ConfigIssue] = []
+    config: GatewayConfig | None = None
     try:
-        config = GatewayConfig.model_validate(data, context={"base_dir": base_dir})
+        config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        issues = [
-            ConfigIssue(
-                ".".join(str(p) for p in err["loc"]),
-                _line_of(node, err["loc"]),
-                err["msg"],
-            )
+        issues += [
+            ConfigIssue(_path(err["loc"]), _line_of(node, err["loc"]), err["msg"])
             for err in exc.errors()
         ]
-        raise ConfigError(source, issues) from exc
+    located = [(loc, msg) for loc, msg in _reference_problems(data)]
+    if require_env:
+        located += _env_problems(data, os.environ if env is None else env)
+    issues += [ConfigIssue(_path(loc), _line_of(node, loc), msg) for loc, msg in located]
+    if issues or config is None:
+        raise ConfigError(source, sorted(issues, key=lambda i: (i.line or 0, i.path)))
     return config
 
 
 def missing_env(config: GatewayConfig, env: Mapping[str, str] | None = None) -> list[ConfigIssue]:
-    """env: references whose variable is unset (a warning for check-config, an error for serve)."""
-    environ = os.environ if env is None else env
-    out: list[ConfigIssue] = []
-    refs: list[tuple[str, str | None]] = [
-        (f"backends.{i}.api_key", b.api_key) for i, b in enumerate(config.backends)
-    ]
-    for i, t in enumerate(config.tenants):
-        refs += [(f"tenants.{i}.api_keys.{j}", k) for j, k in enumerate(t.api_keys)]
-    for where, ref in refs:
-        if ref and ref.startswith("env:") and ref[4:] not in environ:
-            out.append(ConfigIssue(where, None, f"environment variable {ref[4:]} is not set"))
+    """env: references of a validated config whose variable is unset (no lines: no file)."""
+    data = config.model_dump(mode="json")
+    problems = _env_problems(data, os.environ if env is None else env)
+    return [ConfigIssue(_path(loc), None, msg) for loc, msg in problems]
+
+
+Loc = tuple[int | str, ...]
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _yaml_issue(exc: yaml.YAMLError) -> ConfigIssue:
+    """A YAML syntax error by line and column, without PyYAML's `in "<unicode string>"`."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    what = f"{context}, {problem}" if context else problem
+    if mark is None:
+        return ConfigIssue("", None, f"not valid YAML: {what}")
+    return ConfigIssue("", mark.line + 1, f"not valid YAML: {what} (column {mark.column + 1})")
+
+
+def _items(data: dict[str, Any], key: str) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings of a list section, with their index (other shapes are schema errors)."""
+    section = data.get(key)
+    if not isinstance(section, list):
+        return []
+    return [(i, item) for i, item in enumerate(section) if isinstance(item, dict)]
+
+
+def _names(data: dict[str, Any], key: str) -> list[tuple[int, str]]:
+    return [(i, item["name"]) for i, item in _items(data, key) if isinstance(item.get("name"), str)]
+
+
+def _duplicates(data: dict[str, Any], key: str, what: str) -> list[tuple[Loc, str]]:
+    seen: dict[str, int] = {}
+    out: list[tuple[Loc, str]] = []
+    for i, name in _names(data, key):
+        if name in seen:
+            out.append(((key, i, "name"), f"{what} {name!r} is defined twice ({key}.{seen[name]})"))
+        else:
+            seen[name] = i
     return out
+
+
+def _reference_problems(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """Names one part of the file uses that another part must define; works on the raw
+    data so it reports alongside schema errors instead of after them."""
+    out = _duplicates(data, "backends", "backend")
+    out += _duplicates(data, "models", "model")
+    out += _duplicates(data, "tenants", "tenant")
+    backends = {
+        name: item
+        for i, item in _items(data, "backends")
+        if isinstance(name := item.get("name"), str)
+    }
+    known_backends = ", ".join(sorted(backends)) or "none"
+    models = {name for _, name in _names(data, "models")}
+    for i, m in _items(data, "models"):
+        listed = m.get("backends")
+        for j, b in enumerate(listed if isinstance(listed, list) else []):
+            if not isinstance(b, str):
+                continue
+            if b not in backends:
+                out.append(
+                    (
+                        ("models", i, "backends", j),
+                        f"unknown backend {b!r} (backends: {known_backends})",
+                    )
+                )
+                continue
+            mapped = backends[b].get("models")
+            name = m.get("name")
+            if isinstance(mapped, dict) and isinstance(name, str) and name not in mapped:
+                out.append(
+                    (
+                        ("models", i, "backends", j),
+                        f"backend {b!r} has no mapping for model {name!r} (its models: {', '.join(sorted(map(str, mapped)))})",
+                    )
+                )
+    out += _embedding_problems(data, backends)
+    slo = data.get("slo_classes")
+    classes = set(slo) if isinstance(slo, dict) else {"interactive", "batch"}
+    known_models = ", ".join(sorted(models)) or "none"
+    for i, t in _items(data, "tenants"):
+        cls = t.get("slo_class")
+        if isinstance(cls, str) and cls not in classes:
+            out.append(
+                (
+                    ("tenants", i, "slo_class"),
+                    f"unknown slo_class {cls!r} (known: {', '.join(sorted(classes))})",
+                )
+            )
+        allowed = t.get("allowed_models")
+        for j, name in enumerate(allowed if isinstance(allowed, list) else []):
+            if isinstance(name, str) and name not in models:
+                out.append(
+                    (
+                        ("tenants", i, "allowed_models", j),
+                        f"unknown model {name!r} (models: {known_models})",
+                    )
+                )
+    feed = data.get("price_feed")
+    feed_map = feed.get("map") if isinstance(feed, dict) else None
+    for feed_id, target in feed_map.items() if isinstance(feed_map, dict) else []:
+        backend = str(target).partition("/")[0]
+        if backend not in backends:
+            out.append(
+                (
+                    ("price_feed", "map", str(feed_id)),
+                    f"unknown backend {backend!r} (backends: {known_backends})",
+                )
+            )
+    return out
+
+
+def _embedding_problems(
+    data: dict[str, Any], backends: dict[str, dict[str, Any]]
+) -> list[tuple[Loc, str]]:
+    """One public model name must be one embedding model: vectors of two are not comparable."""
+    out: list[tuple[Loc, str]] = []
+    for i, m in _items(data, "models"):
+        name, listed = m.get("name"), m.get("backends")
+        if not isinstance(name, str) or not isinstance(listed, list):
+            continue
+        declared: dict[str, Any] = {}
+        for b in listed:
+            emb = backends.get(b, {}).get("embeddings") if isinstance(b, str) else None
+            if isinstance(emb, dict) and name in emb:
+                declared[b] = emb[name]
+        if len({str(v) for v in declared.values()}) > 1:
+            spaces = ", ".join(f"{b} serves {e}" for b, e in declared.items())
+            out.append(
+                (
+                    ("models", i, "backends"),
+                    f"model {name!r} mixes embedding models ({spaces}): their vectors are "
+                    "not comparable, so one model name must be one embedding model; "
+                    "split it into one model per embedding model",
+                )
+            )
+    return out
+
+
+def _env_problems(data: dict[str, Any], environ: Mapping[str, str]) -> list[tuple[Loc, str]]:
+    """`env:` secrets the gateway needs whose variable is unset."""
+    refs: list[tuple[Loc, Any]] = []
+    for i, b in _items(data, "backends"):
+        refs.append((("backends", i, "api_key"), b.get("api_key")))
+    for i, t in _items(data, "tenants"):
+        keys = t.get("api_keys")
+        refs += [
+            (("tenants", i, "api_keys", j), k)
+            for j, k in enumerate(keys if isinstance(keys, list) else [])
+        ]
+    ledger = data.get("ledger")
+    if isinstance(ledger, dict) and ledger.get("kind") == "postgres":
+        refs.append((("ledger", "dsn"), ledger.get("dsn")))
+    redis = data.get("redis")
+    if isinstance(redis, dict):
+        refs.append((("redis", "password"), redis.get("password")))
+    return [
+        (loc, f"environment variable {ref[4:]} is not set")
+        for loc, ref in refs
+        if isinstance(ref, str) and ref.startswith("env:") and ref[4:] not in environ
+    ]
 
 
 def resolve_secret(ref: str | None, env: Mapping[str, str] | None = None) -> str | None:

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -260,10 +262,32 @@ async def reload_from_file(ref: RuntimeRef) -> Runtime:
         raise ConfigError("<embedded default>", [ConfigIssue("", None, "no policy file to reload")])
     number = ref.reload_started()
     try:
-        config = await asyncio.to_thread(load_config, path)
+        config = await asyncio.to_thread(partial(load_config, path, require_env=True))
+        config = bind_simulated(config, ref.options.simulated, path)
         new = await reload_runtime(ref, config, path)
     except Exception as exc:
         ref.reload_ended(number, None, exc)
         raise
     ref.reload_ended(number, new, None)
     return new
+
+
+def bind_simulated(config: GatewayConfig, urls: Mapping[str, str], source: str) -> GatewayConfig:
+    """Put the running simulations' URLs in place of the file's `sim:` base URLs.
+
+    A reload may keep, drop or re-point simulated backends, not add new ones: those
+    are started by the command line, at start-up.
+    """
+    issues = [
+        ConfigIssue(
+            f"backends.{i}.base_url",
+            None,
+            f"{b.base_url} for backend {b.name!r} is not running: a new simulated backend "
+            "needs a restart",
+        )
+        for i, b in enumerate(config.backends)
+        if b.simulated is not None and b.name not in urls
+    ]
+    if issues:
+        raise ConfigError(source, issues)
+    return config.with_backend_urls({b.name: urls[b.name] for b in config.backends if b.simulated})

@@ -264,11 +264,12 @@ class _Run:
 
     async def bursts(self) -> None:
         for t, count in burst_times(self.cfg.schedule):
-            if t >= self.cfg.time_bound or not await self.sleep_until(t):
+            # A burst at the schedule's end (or a schedule of bursts only) still fires.
+            if t > self.cfg.time_bound or not await self.sleep_until(t):
                 return
             now = _perf()
             for _ in range(count):
-                n = self.take()
+                n = self.take(check_time=False)
                 if n is None:
                     return
                 self.spawn(n, now)
@@ -299,9 +300,10 @@ class _Run:
             wake.set()
             wake = asyncio.Event()
         await self.sleep_until(self.cfg.time_bound)
+        await bursts
         self.stop.set()
         wake.set()
-        await asyncio.gather(*workers, bursts)
+        await asyncio.gather(*workers)
 
     async def open_loop(self) -> None:
         bursts = asyncio.create_task(self.bursts())
@@ -326,8 +328,8 @@ class _Run:
                 break
             self.spawn(n, self.t0 + t)
         await self.sleep_until(bound)
-        self.stop.set()
         await bursts
+        self.stop.set()
 
 
 def machine_info() -> dict[str, Any]:

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import orjson
 
-from loadtest.loadgen import LoadConfig, Progress, RunOutput, UrlError, run_load
+from loadtest.loadgen import LoadConfig, Progress, RunOutput, UrlError, parse_target, run_load
 from loadtest.results import format_summary, save_results, summarize
 from loadtest.schedule import (
     Schedule,
@@ -53,8 +54,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     p.add_argument(
         "--schedule",
-        help='steps "LEVEL:DUR,A-B:DUR,burst:N" e.g. "1:10s,32:20s,1:10s" '
-        "(levels are concurrency, or req/s with --mode open)",
+        help='steps "LEVEL:DUR,A-B:DUR,burst:N" e.g. "1:10s,32:20s,1:10s" or "burst:400" '
+        "(levels are concurrency, whole numbers, or req/s with --mode open; a burst fires "
+        "N requests at once at that point)",
     )
     p.add_argument("--mode", choices=("closed", "open"), help="default: open with --rate")
     p.add_argument("--stream-ratio", type=float, default=0.0, help="share streamed, 0..1")
@@ -62,7 +64,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--prompt-tokens", default="const:128", help="const:N | uniform:A-B | lognormal:MEAN,SIGMA"
     )
     p.add_argument("--max-tokens", default="const:64", help="distribution of max_tokens")
-    p.add_argument("--model", default="default", help="model name in every request")
+    p.add_argument(
+        "--model", help="model name in every request (default: the first of GET /v1/models)"
+    )
     p.add_argument("--keys", default="", help="tenant API keys, comma-separated, used round-robin")
     p.add_argument("--usage-key", help="key for GET /v1/usage (default: the first tenant key)")
     p.add_argument("--no-usage", action="store_true", help="do not query GET /v1/usage")
@@ -96,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         schedule = parse_schedule(args.schedule)
         if args.duration is not None:
             schedule = _truncate(schedule, args.duration)
+        check_schedule(schedule, mode)
     else:
         if args.duration is not None:
             duration = args.duration
@@ -126,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         stream_ratio=args.stream_ratio,
         prompt_tokens=parse_distribution(args.prompt_tokens),
         max_tokens=parse_distribution(args.max_tokens),
-        model=args.model,
+        model=args.model or "",
         keys=keys,
         seed=args.seed,
         timeout=args.timeout,
@@ -136,6 +141,49 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         allow_remote=args.allow_remote,
         usage_key=args.usage_key,
     )
+
+
+def check_schedule(schedule: Schedule, mode: Literal["closed", "open"]) -> None:
+    """Refuse a schedule that would run differently from how it reads, or send nothing."""
+    for s in schedule.steps:
+        if s.burst or mode == "open":
+            continue
+        for level in (s.start_level, s.end_level):
+            if level != int(level):
+                raise ScheduleError(
+                    f"level {level:g}: closed-loop levels are concurrency, a whole number of "
+                    "requests in flight; for a rate in req/s add --mode open"
+                )
+    if not schedule.burst_total and schedule.max_level <= 0:
+        raise ScheduleError("the schedule sends nothing: every level is 0 and it has no burst")
+    if not schedule.burst_total and schedule.duration <= 0:
+        raise ScheduleError("the schedule lasts 0 s and has no burst")
+
+
+def default_model(url: str, keys: tuple[str, ...], timeout_s: float = 10.0) -> str:
+    """The first model of the target's `GET /v1/models` (a ScheduleError says why not)."""
+    import httpx
+
+    target = parse_target(url, allow_remote=True)
+    models_url = target.origin + target.path.removesuffix("/chat/completions") + "/models"
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    try:
+        resp = httpx.get(models_url, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ScheduleError(f"no --model given and GET {models_url} failed: {exc}") from exc
+    try:
+        data = resp.json().get("data") if resp.status_code == 200 else None
+    except ValueError:
+        data = None
+    ids: list[str] = [
+        m["id"] for m in data or [] if isinstance(m, dict) and isinstance(m.get("id"), str)
+    ]
+    if not ids:
+        raise ScheduleError(
+            f"no --model given and GET {models_url} listed none "
+            f"(HTTP {resp.status_code}: {resp.text[:200]}); pass --model"
+        )
+    return ids[0]
 
 
 def _truncate(schedule: Schedule, limit: float) -> Schedule:
@@ -226,6 +274,10 @@ def run_loadtest(args: argparse.Namespace) -> int:
     """Entry point of `neogate loadtest`; returns the exit status."""
     try:
         cfg = config_from_args(args)
+        if args.model is None:
+            parse_target(cfg.url, cfg.allow_remote)  # the URL's own error comes first
+            cfg = replace(cfg, model=default_model(cfg.url, cfg.keys))
+            print(f"model         {cfg.model} (the first of GET /v1/models)", file=sys.stderr)
         pricing = None
         if args.pricing:
             from loadtest.report_cost import pricing_sheet_from_config
@@ -252,7 +304,16 @@ def run_loadtest(args: argparse.Namespace) -> int:
             print(describe_usage(out.meta))
         if args.out:
             print(f"results       {args.out}")
-    return 0 if summary.ok > 0 else 1
+    if summary.mostly_failed:
+        why = "no request was sent"
+        if summary.dominant_error is not None:
+            kind, count, detail = summary.dominant_error
+            why = f"{summary.requests - summary.ok} of {summary.requests} requests failed; " + (
+                f"most with {kind} ({count})" + (f": {detail}" if detail else "")
+            )
+        print(f"neogate loadtest: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

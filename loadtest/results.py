@@ -31,6 +31,7 @@ FIELDS = (
     "backend",
     "tenant",
     "lag",
+    "detail",
 )
 
 
@@ -57,6 +58,7 @@ class RequestRecord:
     backend: str | None = None
     tenant: str = ""
     lag: float = 0.0
+    detail: str | None = None  # a failed request: the error message the server gave
 
     @property
     def latency(self) -> float:
@@ -126,6 +128,7 @@ def _record_from_csv(row: dict[str, str]) -> RequestRecord:
         backend=row["backend"] or None,
         tenant=row["tenant"],
         lag=float(row["lag"] or 0.0),
+        detail=row.get("detail") or None,
     )
 
 
@@ -201,12 +204,31 @@ class Summary:
     itl: Dist | None
     backends: dict[str, int]
     max_lag_s: float
+    # The most frequent error: (kind, count, one message the server gave for it).
+    dominant_error: tuple[str, int, str | None] | None = None
+
+    @property
+    def mostly_failed(self) -> bool:
+        """No request was sent, or more than half of them failed."""
+        return self.requests == 0 or (self.requests - self.ok) * 2 > self.requests
 
 
 def summarize(records: Sequence[RequestRecord]) -> Summary:
     """Throughput over the window from the first start to the last end; latencies of OK requests."""
     ok = [r for r in records if r.ok]
     errors = Counter(r.error or f"http_{r.status}" for r in records if not r.ok)
+    dominant: tuple[str, int, str | None] | None = None
+    if errors:
+        kind, count = errors.most_common(1)[0]
+        detail = next(
+            (
+                r.detail
+                for r in records
+                if not r.ok and (r.error or f"http_{r.status}") == kind and r.detail
+            ),
+            None,
+        )
+        dominant = (kind, count, detail)
     window = (max(r.end for r in records) - min(r.start for r in records)) if records else 0.0
     # Streams without usage still produced events: count those as output tokens (approximation).
     out_tokens = sum(
@@ -230,6 +252,7 @@ def summarize(records: Sequence[RequestRecord]) -> Summary:
         itl=Dist.of(r.itl for r in ok if r.itl is not None),
         backends=dict(Counter(r.backend or "-" for r in ok).most_common()),
         max_lag_s=max((r.lag for r in records), default=0.0),
+        dominant_error=dominant,
     )
 
 
@@ -255,6 +278,11 @@ def format_summary(s: Summary) -> str:
     ]
     if s.errors:
         lines.append("errors        " + ", ".join(f"{k}: {v}" for k, v in s.errors.items()))
+    if s.dominant_error is not None:
+        kind, count, detail = s.dominant_error
+        lines.append(
+            f"most common   {kind} ({count} of {s.requests})" + (f": {detail}" if detail else "")
+        )
     if len(s.backends) > 1 or "-" not in s.backends:
         lines.append("backends      " + ", ".join(f"{k}: {v}" for k, v in s.backends.items()))
     if s.max_lag_s > 0.05:

@@ -89,6 +89,9 @@ def parse_usage(body: Any) -> dict[str, UsageTotals]:
     if not isinstance(body, dict):
         return {}
     groups: dict[str, UsageTotals] = {}
+    # neogate's own shape: {"object": "usage", "data": [{"backend": ..., "cost_usd": ...}]};
+    # an empty `data` is a run that cost nothing (every request failed), not an unknown shape.
+    known = body.get("object") == "usage" and isinstance(body.get("data"), list)
     for key in _ROWS:
         rows = body.get(key)
         items: list[tuple[str | None, Any]] = []
@@ -112,7 +115,7 @@ def parse_usage(body: Any) -> dict[str, UsageTotals]:
     for key in ("total", "totals", "summary"):
         if total is None and isinstance(body.get(key), dict):
             total = _row(body[key])
-    if total is None and groups:
+    if total is None and (groups or known):
         total = UsageTotals()
         for t in groups.values():
             total = total + t

@@ -29,6 +29,7 @@ class ResponseReader:
     __slots__ = (
         "_body",
         "_done",
+        "_error_event",
         "_first",
         "_last",
         "_n",
@@ -53,6 +54,7 @@ class ResponseReader:
         self._n = 0
         self._done = False
         self._stream_error = False
+        self._error_event = b""
         self._usage: bytes | None = None
 
     def headers(self, status: int, content_type: bytes, backend: str | None) -> None:
@@ -89,6 +91,7 @@ class ResponseReader:
         if b'"choices"' not in payload:
             if b'"error"' in payload:
                 self._stream_error = True
+                self._error_event = payload
             elif b'"usage"' in payload:
                 self._usage = payload
             return
@@ -116,6 +119,7 @@ class ResponseReader:
             self._finish_stream()
             if self._stream_error:
                 rec.error = "stream_error"
+                rec.detail = _error_message(self._error_event)
             elif not self._done:
                 rec.error = "stream_incomplete"
             return
@@ -127,7 +131,12 @@ class ResponseReader:
         if not 200 <= rec.status < 300:
             etype = None
             if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-                etype = obj["error"].get("type") or obj["error"].get("code")
+                err = obj["error"]
+                etype = err.get("code") or err.get("type")
+                if isinstance(err.get("message"), str):
+                    rec.detail = err["message"][:300]
+            elif raw:
+                rec.detail = raw[:300].decode("utf-8", "replace")
             rec.error = f"http_{rec.status}:{etype}" if etype else f"http_{rec.status}"
             return
         if not isinstance(obj, dict):
@@ -244,3 +253,14 @@ class AiohttpClient:
         """Close the session."""
         with contextlib.suppress(Exception):
             await self._session.close()
+
+
+def _error_message(payload: bytes) -> str | None:
+    """The message of a `data: {"error": {...}}` event, if it has one."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload[:300].decode("utf-8", "replace") or None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    return message[:300] if isinstance(message, str) else None

@@ -66,9 +66,10 @@ def base_policy(urls: Upstreams, tmp_path: Path) -> dict[str, Any]:
     """The embedded default's shape pointed at the test upstreams, with its ledger in tmp_path."""
     root = Path(__file__).resolve().parents[1]
     text = (root / "policies" / "examples" / "default.yaml").read_text()
-    for name, url in urls.items():
-        text = text.replace("{sim:" + name + "}", url)
     data: dict[str, Any] = yaml.safe_load(text)
+    by_backend = {"gpu-a": urls["gpu-a"], "gpu-b": urls["gpu-b"], "sim-groq": urls["provider"]}
+    for backend in data["backends"]:
+        backend["base_url"] = by_backend[backend["name"]]
     data["ledger"] = {
         "kind": "sqlite",
         "path": str(tmp_path / "ledger.db"),

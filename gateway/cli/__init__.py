@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 
-from gateway.config import ConfigError, load_config, missing_env
+from gateway.config import ConfigError, load_config
 
 log = logging.getLogger("neogate")
 
@@ -30,8 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="gateway processes sharing the port")
     serve.set_defaults(func=_run_serve)
 
-    check = sub.add_parser("check-config", help="validate a policy YAML")
-    check.add_argument("path")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a policy YAML",
+        description="Validate a policy file exactly as `neogate serve --config` does: the "
+        "schema, cross-references (backends a model lists, models a tenant may use, "
+        "duplicate names) and env: secrets whose variable is unset. Every error is "
+        "printed at once with the file, line and field path. Exit 0 when the file is "
+        "good, 2 when it is not (the same status serve exits with).",
+    )
+    check.add_argument(
+        "path", metavar="PATH", help="the policy YAML file, e.g. policies/examples/default.yaml"
+    )
     check.set_defaults(func=_run_check)
 
     for hook in _plugin_parsers():
@@ -55,27 +65,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO; a command's own output says what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.func(args)
     return result
 
 
 def _run_check(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.path)
+        config = load_config(args.path, require_env=True)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    for issue in missing_env(config):
-        print(f"warning: {issue}", file=sys.stderr)
+    simulated = [b.name for b in config.backends if b.simulated]
+    note = f"; simulated by neogate serve: {', '.join(simulated)}" if simulated else ""
     print(
         f"{args.path}: ok ({len(config.backends)} backends, {len(config.models)} models, "
-        f"{len(config.tenants)} tenants)"
+        f"{len(config.tenants)} tenants{note})"
     )
     return 0
 
 
 def default_policy_text() -> str:
-    """The embedded default policy (with `{sim:...}` placeholders for the simulated backends)."""
+    """The embedded default policy (its backends are `sim:` simulations)."""
     return resources.files("policies").joinpath("examples/default.yaml").read_text("utf-8")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import re
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -20,7 +19,6 @@ from gateway.config import (
     GatewayConfig,
     is_loopback,
     load_config,
-    missing_env,
     parse_config,
     resolve_secret,
 )
@@ -68,12 +66,12 @@ async def _serve(opts: ServeOptions) -> int:
     sims: list[web.AppRunner] = []
     try:
         if opts.config_path:
-            config = load_config(opts.config_path)
-            problems = missing_env(config)
-            if problems:
-                raise ConfigError(opts.config_path, problems)
+            config = load_config(opts.config_path, require_env=True)
         else:
-            config, sims = await start_embedded_default()
+            from gateway.cli import default_policy_text
+
+            config = parse_config(default_policy_text(), source="<embedded default>")
+        config, sims, urls = await start_simulated(config)
         host = opts.host or config.listen.host
         port = opts.port if opts.port is not None else config.listen.port
         app_opts = _app_options(config, host, embedded=not opts.config_path)
@@ -82,6 +80,7 @@ async def _serve(opts: ServeOptions) -> int:
             config_path=opts.config_path,
             worker_index=opts.worker_index,
             workers=opts.workers,
+            simulated=urls,
         )
         separate_admin = config.admin.port is not None
         app = create_app(config, app_opts, admin_routes=not separate_admin)
@@ -160,38 +159,44 @@ def _app_options(config: GatewayConfig, host: str, *, embedded: bool) -> AppOpti
     )
 
 
-async def start_embedded_default() -> tuple[GatewayConfig, list[web.AppRunner]]:
-    """Start the simulated workers and provider in-process and fill their URLs into the default."""
-    from gateway.cli import default_policy_text
+async def start_simulated(
+    config: GatewayConfig,
+) -> tuple[GatewayConfig, list[web.AppRunner], dict[str, str]]:
+    """Start a simulated backend for every `sim:worker` / `sim:provider` base URL.
+
+    Each runs in this process on a random loopback port; the config gets its URL.
+    Workers are seeded by their order, so two simulated GPUs do not move in step.
+    """
     from loadtest.sim.common import start_site
     from loadtest.sim.provider import ProviderOptions, create_provider_app
     from loadtest.sim.worker import WorkerOptions, create_worker_app
 
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
-    # The simulated workers run the profile the default policy gives each GPU.
-    template = parse_config(
-        re.sub(r"\{sim:[^}]+\}", "http://127.0.0.1:9/v1", default_policy_text()),
-        source="<embedded default>",
-    )
-    for name, seed in (("gpu-a", 1), ("gpu-b", 2)):
-        gpu = template.backend(name).gpu
-        opts = WorkerOptions(seed=seed)
-        if gpu is not None:
-            opts = WorkerOptions(seed=seed, profile=gpu.profile, max_batch=gpu.profile.max_batch)
-        runner, port = await start_site(create_worker_app(opts))
-        runners.append(runner)
-        urls[name] = f"http://127.0.0.1:{port}/v1"
-    runner, port = await start_site(create_provider_app(ProviderOptions()))
-    runners.append(runner)
-    urls["provider"] = f"http://127.0.0.1:{port}/v1"
-    text = default_policy_text()
-    for name, url in urls.items():
-        text = text.replace("{sim:" + name + "}", url)
-    log.info(
-        "embedded default: simulated backends %s", ", ".join(f"{k}={v}" for k, v in urls.items())
-    )
-    return parse_config(text, source="<embedded default>"), runners
+    seed = 0
+    try:
+        for spec in config.backends:
+            if spec.simulated == "worker":
+                seed += 1
+                opts = WorkerOptions(seed=seed)
+                if spec.gpu is not None:  # the simulation runs the profile the policy gives
+                    profile = spec.gpu.profile
+                    opts = WorkerOptions(seed=seed, profile=profile, max_batch=profile.max_batch)
+                app = create_worker_app(opts)
+            elif spec.simulated == "provider":
+                app = create_provider_app(ProviderOptions())
+            else:
+                continue
+            runner, port = await start_site(app)
+            runners.append(runner)
+            urls[spec.name] = f"http://127.0.0.1:{port}/v1"
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
+    if urls:
+        log.info("simulated backends: %s", ", ".join(f"{k}={v}" for k, v in urls.items()))
+    return config.with_backend_urls(urls), runners, urls
 
 
 async def _reload(app: web.Application) -> None:

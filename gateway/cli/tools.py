@@ -66,10 +66,7 @@ def _run_route(args: argparse.Namespace) -> int:
         else:
             from gateway.cli import default_policy_text
 
-            text = default_policy_text()
-            for name in ("gpu-a", "gpu-b", "provider"):
-                text = text.replace("{sim:" + name + "}", "http://127.0.0.1:1/v1")
-            config = parse_config(text, source="<embedded default>")
+            config = parse_config(default_policy_text(), source="<embedded default>")
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
@@ -94,25 +91,32 @@ def _run_route(args: argparse.Namespace) -> int:
 
 def _route_remote(args: argparse.Namespace) -> int:
     import os
-    import urllib.parse
-    import urllib.request
+
+    import httpx
 
     key = args.admin_key or os.environ.get("NEOGATE_ADMIN_KEY", "")
-    query = urllib.parse.urlencode(
-        {
-            "model": args.model,
-            "prompt_tokens": args.prompt_tokens,
-            "max_tokens": args.max_tokens,
-            "slo_class": args.slo_class,
-        }
-    )
-    req = urllib.request.Request(
-        f"{args.url.rstrip('/')}/admin/route?{query}", headers={"Authorization": f"Bearer {key}"}
-    )
+    params = {
+        "model": args.model,
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "slo_class": args.slo_class,
+    }
+    url = f"{args.url.rstrip('/')}/admin/route"
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            print(json.dumps(json.loads(resp.read()), indent=2))
-            return 0
-    except OSError as exc:
-        print(f"route: {exc}", file=sys.stderr)
+        resp = httpx.get(
+            url, params=params, headers={"Authorization": f"Bearer {key}"}, timeout=10.0
+        )
+    except httpx.HTTPError as exc:
+        print(f"route: {url}: {exc}", file=sys.stderr)
         return 1
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.status_code != 200:
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err.get("message") if isinstance(err, dict) else resp.text[:300]
+        print(f"route: HTTP {resp.status_code}: {message}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0

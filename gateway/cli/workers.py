@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -41,7 +40,6 @@ from gateway.config import (
     ConfigIssue,
     GatewayConfig,
     load_config,
-    missing_env,
     parse_config,
 )
 
@@ -105,17 +103,12 @@ def serve_workers(
 def _load(config_path: str | None) -> GatewayConfig:
     """The policy (for the listen address and drain timeout); errors surface here, once."""
     if config_path:
-        config = load_config(config_path)
-        problems = missing_env(config)
-        if problems:
-            raise ConfigError(config_path, problems)
-        return config
+        # Simulated (`sim:`) backends are started by each worker; only the listen and
+        # reliability sections matter here.
+        return load_config(config_path, require_env=True)
     from gateway.cli import default_policy_text
 
-    # The embedded default's backends are started by each worker; only its listen
-    # and reliability sections matter here, so any URL stands in for them.
-    text = re.sub(r"\{sim:[^}]+\}", "http://127.0.0.1:9/v1", default_policy_text())
-    return parse_config(text, source="<embedded default>")
+    return parse_config(default_policy_text(), source="<embedded default>")
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from gateway.cli.serve import start_embedded_default
+from gateway.cli import default_policy_text
+from gateway.cli.serve import start_simulated
+from gateway.config import parse_config
 from loadtest.sim.worker import WORKER
 
 
 async def test_embedded_workers_run_the_configured_profile() -> None:
-    config, runners = await start_embedded_default()
+    config, runners, _ = await start_simulated(parse_config(default_policy_text()))
     try:
         workers = [r.app[WORKER] for r in runners if WORKER in r.app]
         assert len(workers) == 2

@@ -50,7 +50,7 @@ async def test_embeddings_route_only_within_the_first_backends_space(
             tmp_path,
         )  # fmt: skip
         gw = await gateway_factory(data)
-        async with AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0) as oai:
+        async with AsyncOpenAI(base_url=gw.v1, api_key="anonymous", max_retries=0) as oai:
             chat = await oai.chat.completions.with_raw_response.create(
                 model=PUBLIC, messages=[{"role": "user", "content": "hi"}], max_tokens=4
             )

@@ -352,6 +352,8 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
                 "loadtest",
                 "--url",
                 srv.url,
+                "--model",
+                "m",
                 "--schedule",
                 "2:0.3s,4:0.3s",
                 "--stream-ratio",

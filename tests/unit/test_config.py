@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,21 +110,21 @@ def test_loopback_detection() -> None:
     "name", sorted(p.name for p in (ROOT / "policies" / "examples").glob("*.yaml"))
 )
 def test_shipped_examples_are_valid(name: str, tmp_path: Path) -> None:
-    text = (ROOT / "policies" / "examples" / name).read_text()
-    text = (
-        text.replace("{sim:gpu-a}", "http://127.0.0.1:1/v1")
-        .replace("{sim:gpu-b}", "http://127.0.0.1:2/v1")
-        .replace("{sim:provider}", "http://127.0.0.1:3/v1")
+    """Each shipped file as it is, with the secrets it references set."""
+    path = ROOT / "policies" / "examples" / name
+    env = dict(os.environ)
+    env.update(
+        {ref: "set-for-the-test" for ref in re.findall(r"env:([A-Z0-9_]+)", path.read_text())}
     )
-    path = tmp_path / name
-    path.write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "check-config", str(path)],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{path}: ok")
 
 
 def test_check_config_cli_fails_with_location(tmp_path: Path) -> None:
@@ -136,3 +138,109 @@ def test_check_config_cli_fails_with_location(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "line 9" in proc.stderr and "backends.1.kind" in proc.stderr
+
+
+def _check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k not in ("GROQ_API_KEY", "ACME_KEY")}
+        | (env or {}),
+    )
+
+
+MANY_WRONG = """
+backends:
+  - name: gpu-a
+    kind: vllm
+    base_url: http://127.0.0.1:8001/v1
+    models: {llama: meta-llama/Llama-3.1-8B-Instruct}
+    gpu: {price_per_hour: 2.95}
+  - name: groq
+    kind: grok
+    base_url: https://api.groq.com/openai/v1
+    api_key: env:GROQ_API_KEY
+    models: {llama: llama-3.1-8b-instant}
+    price: {input_per_million: 0.05, output_per_million: 0.08}
+models:
+  - name: llama
+    backends: [gpu-a, nope]
+  - name: llama
+    backends: [gpu-a]
+tenants:
+  - name: acme
+    api_keys: [env:ACME_KEY]
+    allowed_models: [llama, zzz]
+    slo_class: fastest
+"""
+
+
+def test_every_error_in_one_pass_with_file_path_and_line(tmp_path: Path) -> None:
+    """Schema, cross-references, duplicates and unset secrets together, each located."""
+    path = tmp_path / "many.yaml"
+    path.write_text(MANY_WRONG)
+    proc = _check(path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == f"{path}: 7 error(s)", proc.stderr
+    expected = [
+        (9, "backends.1.kind", "'vllm', 'sglang'"),
+        (11, "backends.1.api_key", "environment variable GROQ_API_KEY is not set"),
+        (16, "models.0.backends.1", "unknown backend 'nope' (backends: gpu-a, groq)"),
+        (17, "models.1.name", "model 'llama' is defined twice (models.0)"),
+        (21, "tenants.0.api_keys.0", "environment variable ACME_KEY is not set"),
+        (22, "tenants.0.allowed_models.1", "unknown model 'zzz' (models: llama)"),
+        (23, "tenants.0.slo_class", "unknown slo_class 'fastest' (known: batch, interactive)"),
+    ]
+    for line, (no, field, message) in zip(lines[1:], expected, strict=True):
+        assert line.startswith(f"  {path}, line {no}: {field}: "), line
+        assert message in line, line
+
+
+def test_check_config_and_serve_agree(tmp_path: Path) -> None:
+    """The same validator and exit status: a missing secret is an error in both."""
+    path = tmp_path / "secret.yaml"
+    path.write_text(GOOD.replace("listen:", "") + "listen: {port: 0}\n")
+    check = _check(path, {"ACME_KEY": "x"})
+    serve = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "GROQ_API_KEY"} | {"ACME_KEY": "x"},
+    )
+    assert check.returncode == serve.returncode == 2
+    message = f"{path}, line 11: backends.1.api_key: environment variable GROQ_API_KEY is not set"
+    assert message in check.stderr and message in serve.stderr
+    assert _check(path, {"ACME_KEY": "x", "GROQ_API_KEY": "y"}).returncode == 0
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("backends:\n  - name: a\n    models: {x: y\n")
+    proc = _check(path)
+    assert proc.returncode == 2
+    assert f"{path}, line " in proc.stderr and "not valid YAML" in proc.stderr
+    assert "<unicode string>" not in proc.stderr
+
+
+def test_check_config_help_explains_path() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "PATH" in proc.stdout and "the policy YAML file" in proc.stdout
+    assert "exit" in proc.stdout.lower()
+
+
+def test_sim_base_urls_are_validated() -> None:
+    cfg = parse_config(GOOD.replace("http://127.0.0.1:8001/v1", "sim:worker"))
+    assert cfg.backends[0].simulated == "worker"
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD.replace("http://127.0.0.1:8001/v1", "sim:gpu"))
+    assert "sim:worker / sim:provider" in info.value.render()
