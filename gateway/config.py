@@ -379,7 +379,7 @@ def load_config(
         raise ConfigError(str(p), [ConfigIssue("", None, f"cannot read file: {exc}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(str(p), [ConfigIssue("", None, f"not UTF-8 text: {exc}")]) from exc
-    return parse_config(text, source=str(p), env=env, require_env=require_env)
+    return parse_config(text, source=str(p), env=env, require_env=require_env, base_dir=p.parent)
 
 
 def parse_config(
@@ -388,9 +388,13 @@ def parse_config(
     source: str = "<config>",
     env: Mapping[str, str] | None = None,
     require_env: bool = False,
+    base_dir: Path | None = None,
 ) -> GatewayConfig:
     """Validate policy YAML text: schema, cross-references and (with `require_env`) secrets,
-    every problem in one pass, each with its field path and line."""
+    every problem in one pass, each with its field path and line.
+
+    `base_dir` is where relative paths in the file (profile files) are looked up.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -401,7 +405,7 @@ def parse_config(
     issues: list[ConfigIssue] = []
     config: GatewayConfig | None = None
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         issues += [
             ConfigIssue(_path(err["loc"]), _line_of(node, err["loc"]), err["msg"])

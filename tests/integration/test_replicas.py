@@ -741,7 +741,7 @@ async def test_workers_share_a_port_restart_after_a_crash_and_drain_on_sigterm(
 
             # SIGTERM while requests are in flight: every one is answered, then all exit.
             workers = children(proc.pid)
-            inflight = [asyncio.create_task(chat(http, url, "none")) for _ in range(6)]
+            inflight = [asyncio.create_task(chat(http, url, "anonymous")) for _ in range(6)]
             await asyncio.sleep(0.3)
             os.kill(proc.pid, signal.SIGTERM)
             results = await asyncio.gather(*inflight)

@@ -159,10 +159,13 @@ async def test_client_credentials_and_hop_by_hop_headers_stay_at_the_gateway(
     stream: bool,
 ) -> None:
     monkeypatch.setenv("NEOGATE_TEST_UPSTREAM_KEY", "sk-upstream-configured")
+    # The client's key is a real tenant key: a key the gateway does not know is a 401.
+    monkeypatch.setenv("NEOGATE_TEST_CLIENT_KEY", "client-secret-key-123")
     gw = await gateway_factory(
         policy(
             tmp_path,
             [Upstream("cap", capture.url, api_key="env:NEOGATE_TEST_UPSTREAM_KEY")],
+            tenants=[{"name": "sec", "api_keys": ["env:NEOGATE_TEST_CLIENT_KEY"]}],
         )
     )
     headers = {
