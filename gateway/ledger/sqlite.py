@@ -267,7 +267,7 @@ class SqliteLedger:
         conn = self._conn
         assert conn is not None
         for _ in range(_PASSIVE_ROUNDS):
-            _, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            ((_, frames, done),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             if frames <= 0 or done >= frames:
                 break
         conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
