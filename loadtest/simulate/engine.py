@@ -22,7 +22,13 @@ from loadtest.simulate.routers import SimPolicy
 from loadtest.simulate.scenario import Scenario, default_scenario
 from loadtest.simulate.traces import Trace, TraceRequest
 from policies.headroom import Headroom, mark_429
-from policies.latency import DecayingRate, Ewma, LatencyEstimate, LatencySample, update
+from policies.latency import (
+    DecayingRate,
+    LatencyEstimate,
+    LatencySample,
+    RelativeError,
+    update,
+)
 from policies.pricebook import Price
 from policies.types import NO_HEADROOM, BackendSnapshot, RouteRequest
 
@@ -64,8 +70,10 @@ class Engine:
         self.headroom: dict[str, Headroom] = {p.name: NO_HEADROOM for p in scenario.providers}
         self.inflight = dict.fromkeys([*self.gpus, *self.providers], 0)
         self.pending_prefill = dict.fromkeys(self.gpus, 0)
-        self.ttft_error = {n: Ewma(0.0) for n in self.gpus}
-        self.itl_error = {n: Ewma(0.0) for n in self.gpus}
+        # The gateway's own learning (gateway/live.py): the cost model's relative error,
+        # fading while a worker gets no traffic.
+        self.ttft_error = {n: RelativeError() for n in self.gpus}
+        self.itl_error = {n: RelativeError() for n in self.gpus}
         self.prompt_rate = {n: DecayingRate() for n in self.gpus}
         self.queue: list[SimRequest] = []
         self.queued_total = 0
@@ -113,15 +121,17 @@ class Engine:
         """The routing inputs right now."""
         out: list[BackendSnapshot] = []
         for name, spec in self.local_specs.items():
-            # Spread of the cost model's prediction error, biased up if it under-predicts.
-            te, ie = self.ttft_error[name], self.itl_error[name]
+            # As the gateway builds it: the margin is the relative error of the cost
+            # model's predictions (shortfalls only), scaled by each request's prediction.
             out.append(
                 BackendSnapshot(
                     name,
                     spec.backend_model,
                     is_local=True,
-                    ttft_spread_s=max(te.mean, 0.0) + te.spread,
-                    itl_spread_s=max(ie.mean, 0.0) + ie.spread,
+                    ttft_spread_s=0.0,
+                    itl_spread_s=0.0,
+                    ttft_rel_spread=self.ttft_error[name].spread(now),
+                    itl_rel_spread=self.itl_error[name].spread(now),
                     inflight=self.inflight[name],
                     pending_prefill_tokens=self.pending_prefill[name],
                     recent_prompt_tokens_per_s=self.prompt_rate[name].value(now),
@@ -228,15 +238,20 @@ class Engine:
                 r.first_token_at = now
                 self.pending_prefill[name] -= r.tr.prompt_tokens
                 if r.predicted_ttft_s is not None:
-                    err = (now - r.dispatched_at) - r.predicted_ttft_s
-                    self.ttft_error[name] = self.ttft_error[name].update(err, self.sc.ewma_alpha)
+                    self.ttft_error[name] = self.ttft_error[name].update(
+                        r.predicted_ttft_s, now - r.dispatched_at, now, self.sc.ewma_alpha
+                    )
             else:
                 r.done_at = now
                 self.inflight[name] -= 1
                 n = r.tr.output_tokens
                 if r.predicted_itl_s is not None and n > 1 and r.first_token_at is not None:
-                    err = (now - r.first_token_at) / (n - 1) - r.predicted_itl_s
-                    self.itl_error[name] = self.itl_error[name].update(err, self.sc.ewma_alpha)
+                    self.itl_error[name] = self.itl_error[name].update(
+                        r.predicted_itl_s,
+                        (now - r.first_token_at) / (n - 1),
+                        now,
+                        self.sc.ewma_alpha,
+                    )
                 r.chargeback_usd = self.local_specs[name].model.attributed_cost(
                     r.tr.prompt_tokens,
                     r.tr.output_tokens,
