@@ -17,6 +17,7 @@ from gateway.config import BackendSpec, PriceSpec
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom, KnownLimits, OwnUsage, mark_429, with_own_usage
 from policies.latency import (
+    ITL_REL_FLOOR_S,
     DecayingRate,
     LatencyEstimate,
     LatencySample,
@@ -186,7 +187,7 @@ class LiveState:
         if measured[0] is not None:
             ttft_err = ttft_err.update(predicted[0], measured[0], now, self.alpha)
         if measured[1] is not None:
-            itl_err = itl_err.update(predicted[1], measured[1], now, self.alpha)
+            itl_err = itl_err.update(predicted[1], measured[1], now, self.alpha, ITL_REL_FLOOR_S)
         live.errors[model] = (ttft_err, itl_err)
 
     def observe_worker(self, backend: str, metrics: WorkerMetrics) -> None:

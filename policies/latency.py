@@ -99,6 +99,10 @@ class TtftFit:
 # Below this many seconds a prediction's error is judged against this floor (a 2 ms
 # prediction that takes 4 ms is not "100% off" in any way that matters to an SLO).
 REL_FLOOR_S = 0.05
+# The same floor for inter-token latency, whose predictions are milliseconds: judged
+# against the 50 ms TTFT floor, a 5 ms ITL prediction that took 15 ms counted as an 18%
+# error, and the margin built from it (18% x 5 ms) covered a tenth of the real shortfall.
+ITL_REL_FLOOR_S = 0.002
 # Half-life of a local worker's prediction-error variance while no sample arrives: an idle
 # worker is trusted again within seconds (its std halves every two half-lives).
 TRUST_HALF_LIFE_S = 5.0
@@ -108,7 +112,7 @@ TRUST_HALF_LIFE_S = 5.0
 class RelativeError:
     """How far a model's predictions fell short, relative to their size, fading with time.
 
-    Each sample's shortfall `max(0, measured - predicted) / (predicted + REL_FLOOR_S)` is
+    Each sample's shortfall `max(0, measured - predicted) / (predicted + floor_s)` is
     folded into an exponentially weighted mean square; `spread(now)` is its root, decayed
     by TRUST_HALF_LIFE_S since the last sample. Only shortfalls count: a request that came
     back faster than predicted never makes the worker look riskier. A margin built from
@@ -121,13 +125,19 @@ class RelativeError:
     count: int = 0
 
     def update(
-        self, predicted_s: float, measured_s: float, now: float, alpha: float = DEFAULT_ALPHA
+        self,
+        predicted_s: float,
+        measured_s: float,
+        now: float,
+        alpha: float = DEFAULT_ALPHA,
+        floor_s: float = REL_FLOOR_S,
     ) -> RelativeError:
-        """Fold one (predicted, measured) pair in at time `now`."""
+        """Fold one (predicted, measured) pair in at time `now`; the margin that reads it
+        back must scale by the same `predicted + floor_s`."""
         if not (math.isfinite(predicted_s) and math.isfinite(measured_s)) or predicted_s < 0:
             return self
         short = measured_s - predicted_s
-        e = short / (predicted_s + REL_FLOOR_S) if short > 0 else 0.0
+        e = short / (predicted_s + floor_s) if short > 0 else 0.0
         if self.count == 0:
             return RelativeError(e * e, now, 1)
         var = self.decayed_var(now)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.latency import REL_FLOOR_S
+from policies.latency import ITL_REL_FLOOR_S, REL_FLOOR_S
 from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 from policies.worker_signals import pressured_load, ttft_with_queue
 
@@ -100,7 +100,7 @@ def predict(
     if s.ttft_rel_spread:
         ttft_margin += sigmas * s.ttft_rel_spread * (ttft + REL_FLOOR_S)
     if s.itl_rel_spread:
-        itl_margin += sigmas * s.itl_rel_spread * itl
+        itl_margin += sigmas * s.itl_rel_spread * (itl + ITL_REL_FLOOR_S)
     if slo.max_ttft_s is not None and ttft + ttft_margin > slo.max_ttft_s:
         reason = f"ttft {ttft:.2f}+{ttft_margin:.2f}s > {slo.max_ttft_s:g}s"
     elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s:

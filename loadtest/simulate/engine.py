@@ -23,6 +23,7 @@ from loadtest.simulate.scenario import Scenario, default_scenario
 from loadtest.simulate.traces import Trace, TraceRequest
 from policies.headroom import Headroom, mark_429
 from policies.latency import (
+    ITL_REL_FLOOR_S,
     DecayingRate,
     LatencyEstimate,
     LatencySample,
@@ -251,6 +252,7 @@ class Engine:
                         (now - r.first_token_at) / (n - 1),
                         now,
                         self.sc.ewma_alpha,
+                        ITL_REL_FLOOR_S,
                     )
                 r.chargeback_usd = self.local_specs[name].model.attributed_cost(
                     r.tr.prompt_tokens,

@@ -353,3 +353,28 @@ def test_a_local_margin_scales_with_the_prediction_it_guards() -> None:
     gpu_c = next(c for c in long.candidates if c.backend == "gpu-a")
     expected = 2 * 0.98 * (gpu_c.predicted_ttft_s + 0.05)
     assert f"+{expected:.2f}s" in gpu_c.reason
+
+
+def test_an_itl_margin_covers_the_shortfall_it_learned_from() -> None:
+    from policies.latency import ITL_REL_FLOOR_S, RelativeError
+
+    # One request predicted at 5 ms per token took 15 ms: 10 / (5 + 2) = 1.428571 short.
+    learned = RelativeError().update(0.005, 0.015, now=NOW, alpha=0.2, floor_s=ITL_REL_FLOOR_S)
+    assert learned.spread(NOW) == pytest.approx(0.010 / 0.007)
+    # Read back for this request's own predicted ITL p: margin 2 x 1.428571 x (p + 2 ms).
+    # (Judged against the 50 ms TTFT floor the same sample read 10 / 55 = 0.18, and the
+    # margin 2 x 0.18 x p covered a tenth of the shortfall: the ITL misses in the suite.)
+    p = select(request(), [local()], COST, NOW).candidates[0].predicted_itl_s
+    assert p is not None
+    margin = 2 * (0.010 / 0.007) * (p + ITL_REL_FLOOR_S)
+    slo = Slo(max_ttft_s=5.0, max_itl_s=p + margin / 2)
+    req = RouteRequest("llama-8b", 800, 512, 200, True, "tight", slo, None, "t1")
+    d = select(req, [groq(), local(itl_rel_spread=learned.spread(NOW))], COST, NOW)
+    gpu = next(c for c in d.candidates if c.backend == "gpu-a")
+    assert d.candidates[0].backend == "groq"
+    assert f"+{margin * 1000:.1f}ms" in gpu.reason, gpu.reason
+    # With the margin under the target the GPU serves.
+    roomy = dataclasses.replace(slo, max_itl_s=p + margin * 1.01)
+    req2 = dataclasses.replace(req, slo=roomy)
+    d2 = select(req2, [groq(), local(itl_rel_spread=learned.spread(NOW))], COST, NOW)
+    assert d2.candidates[0].backend == "gpu-a", d2.reason

@@ -212,12 +212,6 @@ def bursty_results() -> list[PolicyResult]:
     return simulate(bursty(1), default_policies(1, sc.slo_classes), 1, sc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression, issue 13 open: with the gateway's recovering error margins "
-    "(modelled in the simulator since 2026-12-04) the cost policy keeps 98.9% interactive "
-    "SLO on the bursty trace, under the 99% goal; see docs/benchmarks.md",
-)
 def test_goal_on_the_bursty_trace(bursty_results: list[PolicyResult]) -> None:
     by = {r.policy: r for r in bursty_results}
     cost = by["cost"]

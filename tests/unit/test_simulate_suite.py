@@ -29,6 +29,7 @@ SHORT_S = 180.0
 # that makes another hold does not (add it). The misses are reported by the suite itself.
 CHEAPEST_AT_SLO = {
     "bursty-8b",
+    "diurnal-8b",
     "flat-4-8b",
     "long-context-8b",
     "on-demand-8b",
