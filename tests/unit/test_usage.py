@@ -529,6 +529,8 @@ def test_a_chat_choice_counts_its_message_not_a_text_beside_it(tok: Tokenizer) -
         b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
         b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
         b'{"choices":[],"usage" :\r\n\t{"prompt_tokens":5,"completion_tokens":6}}',
+        b'data:{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
+        b' {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
         b'id: 1\r\ndata: {"choices":[],\r\ndata: "usage": {"prompt_tokens":5,"completion_tokens":6}}\r',
         b'data: {"choices":[],"x_groq":{"usage":{"prompt_tokens":5,"completion_tokens":6}},"usage":{"x":1}}',
     ],
@@ -591,3 +593,10 @@ def test_text_past_the_meters_limit_is_estimated_at_four_characters_a_token(
     exact = StreamMeter(max_chars=10)
     feed_all(exact, [chunk("hello"), chunk("world")])  # exactly at the limit: all kept
     assert exact.finish(False, tok, 1).source == "counted"
+
+
+def test_every_fed_event_is_counted() -> None:
+    m = StreamMeter()
+    assert m.events_seen == 0 and not m.saw_done
+    feed_all(m, [chunk("a"), b"data: not json", b"data: [DONE]"])
+    assert m.events_seen == 3
