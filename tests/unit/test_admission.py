@@ -269,8 +269,8 @@ async def test_the_store_forgets_expired_entries_every_4096_writes() -> None:
 
     store = MemoryLimitStore()
     await store.reserve([CounterCheck("old", 1, None, 1.0)], [RateCheck("r", 1, 1.0)], 0.0)
-    for _ in range(4094):
-        await store.adjust([CounterCheck("live", 1, None, None)], [], 0.5)
+    for _ in range(4094):  # at 1.0 everything above has expired: only the sweep's turn is missing
+        await store.adjust([CounterCheck("live", 1, None, None)], [], 1.0)
     assert "old" in store._counters and "r" in store._tat  # 4095 writes: not swept yet
     await store.adjust([CounterCheck("live", 1, None, None)], [], 1.0)  # the 4096th, at 1.0
     assert "old" not in store._counters and "r" not in store._tat  # expired exactly at 1.0
@@ -402,3 +402,28 @@ async def test_a_settlement_after_the_period_ended_expires_with_it() -> None:
     await adm.settle(r, 10, 0)
     key = f"acme:tok:d:{TODAY}"
     assert store.has(key, clock.now) and not store.has(key, clock.now + 2 * DAY)
+
+
+async def test_budget_tokens_are_held_instead_of_the_rate_estimate() -> None:
+    store = MemoryLimitStore()
+    adm = Admission({"acme": TenantLimits.of(tokens_per_day=100)}, store, clock=Clock())
+    r = await adm.reserve("acme", 10, 0, budget_tokens=60)
+    assert r.tokens == 60 and store.value(f"acme:tok:d:{TODAY}", NOON) == 60
+    with pytest.raises(AdmissionRejected):
+        await adm.reserve("acme", 10, 0, budget_tokens=41)
+
+
+async def test_seeded_spend_expires_with_its_period() -> None:
+    store = MemoryLimitStore()
+    adm = Admission({"acme": TenantLimits.of(tokens_per_day=100)}, store, clock=Clock())
+    await adm.seed({"acme": TenantSpend(day_nusd=5, day_tokens=7, total_tokens=9)})
+    for key in (f"acme:usd:d:{TODAY}", f"acme:tok:d:{TODAY}"):
+        assert store.has(key, NOON + 2 * DAY - 1) and not store.has(key, NOON + 2 * DAY), key
+    assert store.value(f"acme:tok:d:{TODAY}", NOON) == 7
+    assert store.has("acme:tok:t", 1e12) and store.value("acme:tok:t", NOON) == 9
+
+
+def test_rates_can_be_seeded_with_their_timestamps() -> None:
+    store = MemoryLimitStore()
+    store.seed_rates({"acme:rpm": 123.5})
+    assert store.tat("acme:rpm") == 123.5
