@@ -266,3 +266,11 @@ def test_a_cheap_gpu_is_still_a_gpu_and_a_free_one_is_refused() -> None:
     assert GpuModel.from_profile(prof, 1.0).profile is prof
     with pytest.raises(ValueError, match=r"^price per hour must be positive$"):
         GpuModel.from_profile(TOY, 0.0)
+
+
+@pytest.mark.parametrize("limit", [0.0099, 0.0143, 0.016, 0.0222, 0.024, 0.05])
+def test_toy_slo_batch_between_measured_contexts(toy: GpuModel, limit: float) -> None:
+    # Halfway between 1,000 and 4,000 tokens: T(b) = (50 b + 50 + 20 b + 20) / 2 = 35 (b + 1).
+    want = max((b for b in range(9) if b == 0 or toy_itl(b, 35.0) <= limit), default=0)
+    assert toy.slo_batch(limit, context=2500) == want
+    assert toy.itl_s(3, 2500) == pytest.approx(toy_itl(3, 35.0))
