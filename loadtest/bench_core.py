@@ -270,11 +270,14 @@ def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
         print(
             f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)"
         )
-    for full, pinned, what in (("full", "pinned", "1 backend"), ("full-3", "pinned-3", "3")):
+    for full, pinned, what in (
+        ("full", "pinned", "1 candidate"),
+        ("full-3", "pinned-3", "3 candidates"),
+    ):
         if full in results and pinned in results:
             f, p = med(results[full].rps), med(results[pinned].rps)
             print(
-                f"cost routing vs pinned ({what} candidates): {f:,.0f} vs {p:,.0f} req/s "
+                f"cost routing vs pinned ({what}): {f:,.0f} vs {p:,.0f} req/s "
                 f"({(1 - f / p) * 100:.1f}% lower)"
             )
 

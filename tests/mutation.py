@@ -31,6 +31,7 @@ WORK = ROOT / ".mutation"
 PACKAGES = ("gateway", "policies", "adapters", "loadtest")
 EQUIVALENT_DOC = ROOT / "docs" / "testing.md"
 TARGET = 0.90
+KILLED = frozenset({1, 3, 37, 36, 24, -24, 152, 255})
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def not_killed(target: Target) -> list[str]:
         meta = WORK / target.name / "mutants" / f"{f}.meta"
         if meta.exists():
             codes = json.loads(meta.read_text())["exit_code_by_key"]
-            names += [k for k, c in codes.items() if c not in (1, 3, 37)]
+            names += [k for k, c in codes.items() if c not in KILLED]
     return names
 
 
@@ -223,10 +224,11 @@ def score(target: Target, equivalent: set[str]) -> Score | None:
         if not meta.exists():
             return None
         codes.update(json.loads(meta.read_text())["exit_code_by_key"])
-    # mutmut's exit codes: 1 and 3 are a kill, 37 a kill by the type checker; the rest count
-    # against the score (0 survived, 33/5 no test reached it, 36 timeout, None not run).
-    killed = sum(1 for c in codes.values() if c in (1, 3, 37))
-    not_killed = sorted(k for k, c in codes.items() if c not in (1, 3, 37))
+    # mutmut's exit codes: 1 and 3 are a kill, 37 a kill by the type checker, a timeout (36,
+    # or the CPU-limit signals) too: the tests did not pass. The rest count against the
+    # score (0 survived, 33/5 no test reached it, None not run).
+    killed = sum(1 for c in codes.values() if c in KILLED)
+    not_killed = sorted(k for k, c in codes.items() if c not in KILLED)
     eq = sum(1 for k in not_killed if k in equivalent)
     seconds_file = work / "seconds"
     seconds = float(seconds_file.read_text()) if seconds_file.exists() else None
