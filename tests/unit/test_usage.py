@@ -600,3 +600,58 @@ def test_every_fed_event_is_counted() -> None:
     assert m.events_seen == 0 and not m.saw_done
     feed_all(m, [chunk("a"), b"data: not json", b"data: [DONE]"])
     assert m.events_seen == 3
+
+
+def test_cache_writes_are_priced_at_their_own_rate_by_hand() -> None:
+    u = Usage(
+        prompt_tokens=1_000_000,
+        completion_tokens=0,
+        cached_tokens=200_000,
+        cache_write_tokens=300_000,
+    )
+    prices = UnitPrices.of(1.0, 2.0, 0.1, cache_write_input_per_m=1.25)
+    assert prices.version == ""
+    # 500k uncached x 1.0 + 200k cached x 0.1 + 300k written x 1.25, per million.
+    assert cost_usd(u, prices) == Decimal("0.5") + Decimal("0.02") + Decimal("0.375")
+    # Without a write price, writes cost the input price.
+    assert cost_usd(u, UnitPrices.of(1.0, 2.0, 0.1)) == Decimal("0.5") + Decimal("0.02") + Decimal(
+        "0.3"
+    )
+    # Writes are clamped to the uncached part of the prompt: 40 of 80 here.
+    clamped = Usage(prompt_tokens=100, completion_tokens=0, cached_tokens=60, cache_write_tokens=80)
+    assert cost_usd(clamped, prices) == (60 * Decimal("0.1") + 40 * Decimal("1.25")) / 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("reported", "counted", "min_tokens", "diverges"),
+    [
+        (100, 109, 8, False),  # gap 9 > 8 tokens, but not more than 10% of 100
+        (100, 111, 8, True),  # gap 11 > 8 and > 10
+        (100, 110, 8, False),  # gap 10: not more than 10% of 100
+        (20, 28, 8, False),  # gap 8: not more than min_tokens
+        (20, 29, 8, True),
+        (0, 9, 8, True),  # nothing reported: 9 > 0.1 x max(0, 1)
+        (1, 10, 8, True),
+    ],
+)
+def test_reconcile_boundaries(reported: int, counted: int, min_tokens: int, diverges: bool) -> None:
+    u = Usage(reported, reported, counted_prompt_tokens=counted, counted_completion_tokens=counted)
+    assert reconcile(u, 0.1, min_tokens=min_tokens) is diverges
+    assert reconcile(u, 0.1, min_tokens=min_tokens, include_prompt=True) is diverges
+
+
+def test_reconcile_default_slack_is_eight_tokens() -> None:
+    u = Usage(20, 20, counted_completion_tokens=29)
+    assert reconcile(u, 0.1)
+    assert not reconcile(Usage(20, 20, counted_completion_tokens=28), 0.1)
+    # A missing count on one side is skipped, the other still compared.
+    assert reconcile(
+        Usage(20, 20, counted_prompt_tokens=None, counted_completion_tokens=29),
+        0.1,
+        include_prompt=True,
+    )
+    assert reconcile(
+        Usage(20, 20, counted_prompt_tokens=29, counted_completion_tokens=None),
+        0.1,
+        include_prompt=True,
+    )
