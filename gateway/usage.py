@@ -325,7 +325,7 @@ class StreamMeter:
         event = _parse_event(block)
         if event is None:
             return
-        if at >= 0 and _object_follows(block, at + 7):  # not "usage": null
+        if at >= 0 and _usage_object_at_or_after(block, at):  # not only "usage": null
             usage = _usage_in_event(event)
             if usage is not None:
                 self._usage = usage
@@ -387,6 +387,16 @@ def _parse_event(block: bytes) -> Mapping[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return event if isinstance(event, Mapping) else None
+
+
+def _usage_object_at_or_after(payload: bytes, at: int) -> bool:
+    """True if some `"usage"` key from `at` on holds an object: a top-level `"usage": null`
+    may come before `x_groq.usage` in the same event."""
+    while at >= 0:
+        if _object_follows(payload, at + 7):
+            return True
+        at = payload.find(b'"usage"', at + 7)
+    return False
 
 
 def _object_follows(payload: bytes, pos: int) -> bool:

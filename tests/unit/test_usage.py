@@ -171,6 +171,20 @@ def test_stream_usage_with_spaces_and_data_prefix(tok: Tokenizer) -> None:
     assert m.reported is not None and m.reported.completion_tokens == 2
 
 
+def test_stream_usage_null_before_x_groq_usage_is_still_reported(tok: Tokenizer) -> None:
+    # One event with a top-level "usage": null and the counts under x_groq.usage (both
+    # keys in one chunk): the null must not hide the object that follows it.
+    last = {
+        "choices": [],
+        "usage": None,
+        "x_groq": {"usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}},
+    }
+    m = StreamMeter()
+    feed_all(m, [chunk("hello"), json.dumps(last).encode(), b"[DONE]"])
+    u = m.finish(True, tok, 3)
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (12, 5, "reported")
+
+
 def test_stream_explicit_zero_stays_zero(tok: Tokenizer) -> None:
     m = StreamMeter()
     feed_all(m, [chunk("hello world"), usage_chunk({"prompt_tokens": 0, "completion_tokens": 0})])
