@@ -93,7 +93,8 @@ _RATE_HEADERS = (
 )
 
 
-def _int_or_none(v: str | None) -> int | None:
+def int_or_none(v: str | None) -> int | None:
+    """A header's integer value (a float is truncated); None if absent or not a number."""
     if v is None:
         return None
     try:
@@ -102,7 +103,8 @@ def _int_or_none(v: str | None) -> int | None:
         return None
 
 
-def _reset_at(v: str | None, now: float) -> float | None:
+def reset_at(v: str | None, now: float) -> float | None:
+    """When a reset header's window ends (`now` + its duration); None if absent or unreadable."""
     if v is None:
         return None
     try:
@@ -152,12 +154,12 @@ class Headroom:
             return base
         return base.updated(
             now,
-            limit_requests=_int_or_none(h.get("x-ratelimit-limit-requests")),
-            limit_tokens=_int_or_none(h.get("x-ratelimit-limit-tokens")),
-            remaining_requests=_int_or_none(h.get("x-ratelimit-remaining-requests")),
-            remaining_tokens=_int_or_none(h.get("x-ratelimit-remaining-tokens")),
-            reset_requests_at=_reset_at(h.get("x-ratelimit-reset-requests"), now),
-            reset_tokens_at=_reset_at(h.get("x-ratelimit-reset-tokens"), now),
+            limit_requests=int_or_none(h.get("x-ratelimit-limit-requests")),
+            limit_tokens=int_or_none(h.get("x-ratelimit-limit-tokens")),
+            remaining_requests=int_or_none(h.get("x-ratelimit-remaining-requests")),
+            remaining_tokens=int_or_none(h.get("x-ratelimit-remaining-tokens")),
+            reset_requests_at=reset_at(h.get("x-ratelimit-reset-requests"), now),
+            reset_tokens_at=reset_at(h.get("x-ratelimit-reset-tokens"), now),
         )
 
     def updated(self, now: float, **fields: float | int | None) -> Headroom:

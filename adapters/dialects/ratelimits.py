@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from policies.headroom import Headroom, parse_reset, parse_retry_after
+from policies.headroom import Headroom, int_or_none, parse_reset, parse_retry_after, reset_at
 
 HeadroomReader = Callable[[Mapping[str, str], float, Headroom], Headroom]
 
@@ -36,24 +36,6 @@ def _lower(headers: Mapping[str, str], prefix: tuple[str, ...]) -> dict[str, str
     return out
 
 
-def _int(v: str | None) -> int | None:
-    if v is None:
-        return None
-    try:
-        return int(float(v))
-    except ValueError:
-        return None
-
-
-def _after(v: str | None, now: float) -> float | None:
-    if v is None:
-        return None
-    try:
-        return now + parse_reset(v)
-    except ValueError:
-        return None
-
-
 def openai_headroom(headers: Mapping[str, str], now: float, previous: Headroom) -> Headroom:
     """OpenAI's per-minute `x-ratelimit-*` names (OpenAI, Nebius, any generic upstream)."""
     return Headroom.from_headers(headers, now, previous)
@@ -66,12 +48,12 @@ def groq_headroom(headers: Mapping[str, str], now: float, previous: Headroom) ->
         return previous
     return previous.updated(
         now,
-        limit_tokens=_int(h.get("x-ratelimit-limit-tokens")),
-        remaining_tokens=_int(h.get("x-ratelimit-remaining-tokens")),
-        reset_tokens_at=_after(h.get("x-ratelimit-reset-tokens"), now),
-        daily_limit_requests=_int(h.get("x-ratelimit-limit-requests")),
-        daily_remaining_requests=_int(h.get("x-ratelimit-remaining-requests")),
-        daily_reset_at=_after(h.get("x-ratelimit-reset-requests"), now),
+        limit_tokens=int_or_none(h.get("x-ratelimit-limit-tokens")),
+        remaining_tokens=int_or_none(h.get("x-ratelimit-remaining-tokens")),
+        reset_tokens_at=reset_at(h.get("x-ratelimit-reset-tokens"), now),
+        daily_limit_requests=int_or_none(h.get("x-ratelimit-limit-requests")),
+        daily_remaining_requests=int_or_none(h.get("x-ratelimit-remaining-requests")),
+        daily_reset_at=reset_at(h.get("x-ratelimit-reset-requests"), now),
     )
 
 
@@ -80,13 +62,13 @@ def together_headroom(headers: Mapping[str, str], now: float, previous: Headroom
     h = _lower(headers, ("x-ratelimit-", "x-tokenlimit-"))
     if not h:
         return previous
-    reset = _after(h.get("x-ratelimit-reset"), now)
+    reset = reset_at(h.get("x-ratelimit-reset"), now)
     return previous.updated(
         now,
-        limit_requests=_int(h.get("x-ratelimit-limit")),
-        remaining_requests=_int(h.get("x-ratelimit-remaining")),
-        limit_tokens=_int(h.get("x-tokenlimit-limit")),
-        remaining_tokens=_int(h.get("x-tokenlimit-remaining")),
+        limit_requests=int_or_none(h.get("x-ratelimit-limit")),
+        remaining_requests=int_or_none(h.get("x-ratelimit-remaining")),
+        limit_tokens=int_or_none(h.get("x-tokenlimit-limit")),
+        remaining_tokens=int_or_none(h.get("x-tokenlimit-remaining")),
         reset_requests_at=reset,
         reset_tokens_at=reset,
         window_s=_TOGETHER_WINDOW_S,
@@ -97,8 +79,8 @@ def fireworks_headroom(headers: Mapping[str, str], now: float, previous: Headroo
     """Fireworks: the effective prompt and generated token limits (per second), no remaining
     counts: the gateway's own use over the enforced minute stands in (`with_own_usage`)."""
     h = _lower(headers, ("x-ratelimit-limit-tokens-",))
-    prompt = _int(h.get("x-ratelimit-limit-tokens-prompt"))
-    generated = _int(h.get("x-ratelimit-limit-tokens-generated"))
+    prompt = int_or_none(h.get("x-ratelimit-limit-tokens-prompt"))
+    generated = int_or_none(h.get("x-ratelimit-limit-tokens-generated"))
     if prompt is None and generated is None:
         return previous
     per_min = _FIREWORKS_WINDOW_S
