@@ -6,25 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.integration.faultkit import SimFactory, Upstream, policy, sim_factory
+from tests.integration.faultkit import SimFactory, Upstream, policy
 
 TENANT_KEY = "ng-tenant-key-for-bad-requests-0123"
 PROMPT = "the secret prompt text 7f3a9"
 BODY = json.dumps(
     {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
 ).encode()
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 @pytest.fixture

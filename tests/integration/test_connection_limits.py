@@ -8,7 +8,6 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +18,7 @@ from gateway.app import create_admin_app
 from gateway.edge import open_site
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, GatewayFactory
-from tests.integration.faultkit import MESSAGES, SimFactory, Upstream, policy, sim_factory
+from tests.integration.faultkit import MESSAGES, SimFactory, Upstream, policy
 from tests.integration.test_edge import Conn
 
 TENANT_KEY = "ng-tenant-key-for-connection-limits"
@@ -36,12 +35,6 @@ def gzip_bomb() -> bytes:
     out = [packer.compress(zeros) for _ in range(1024)]
     out.append(packer.flush())
     return b"".join(out)
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 @pytest.fixture(params=[True, False], ids=["edge", "aiohttp"])

@@ -34,23 +34,10 @@ from tests.integration.faultkit import (
     metric,
     metrics_text,
     policy,
-    sim_factory,
 )
 
 SLOW_FIRST_BYTE = {"first_byte_s": 0.3}
 NO_EJECTION = {"breaker_consecutive_failures": 1000, "breaker_failure_rate": 1.0}
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def free_port() -> int:

@@ -32,23 +32,10 @@ from tests.integration.faultkit import (
     Upstream,
     call,
     policy,
-    sim_factory,
 )
 
 NO_EJECTION = {"breaker_consecutive_failures": 1000, "breaker_failure_rate": 1.0}
 TENANT_KEY = "ng-tenant-key-money-paths-0001"
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 # --- a failed request gives its budget reservation back ------------------------------------

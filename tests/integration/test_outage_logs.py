@@ -25,19 +25,12 @@ from tests.integration.faultkit import (
     metric,
     metrics_text,
     policy,
-    sim_factory,
 )
 from tests.integration.test_redis_limits import TcpProxy
 
 pytestmark = pytest.mark.asyncio
 
 PG = "postgresql://postgres@127.0.0.1:{port}/test"
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,11 @@ from tests.integration.faultkit import (
     SimFactory,
     Upstream,
     policy,
-    sim_factory,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "gateway.cli", "serve"]
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 def _write(path: Path, doc: dict[str, Any]) -> None:

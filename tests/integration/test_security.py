@@ -33,7 +33,6 @@ from tests.integration.faultkit import (
     Upstream,
     is_openai_error,
     policy,
-    sim_factory,
 )
 
 PRICE = {"input_per_million": 0.1, "output_per_million": 0.2}
@@ -47,12 +46,6 @@ COMPLETION = {
     ],
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
 }
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 @dataclass

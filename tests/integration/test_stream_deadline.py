@@ -16,16 +16,10 @@ from adapters.base import AttemptTimeouts, Backend
 from adapters.fast_backend import FastBackend
 from adapters.openai_compat import OpenAICompatBackend
 from gateway.errors import UpstreamTimeout
-from tests.integration.faultkit import MESSAGES, PROVIDER_MODEL, SimFactory, sim_factory
+from tests.integration.faultkit import MESSAGES, PROVIDER_MODEL, SimFactory
 
 SHORT_TOTAL = AttemptTimeouts(connect_s=5.0, first_byte_s=5.0, idle_s=5.0, total_s=0.6)
 ADAPTERS = [FastBackend, OpenAICompatBackend]
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 def _body(stream: bool) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,11 @@ import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.integration.faultkit import SimFactory, Upstream, call, policy, sim_factory
+from tests.integration.faultkit import SimFactory, Upstream, call, policy
 
 pytestmark = pytest.mark.asyncio
 
 NO_EJECTION = {"breaker_consecutive_failures": 1000, "breaker_failure_rate": 1.0}
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[SimFactory]:
-    async with sim_factory() as start:
-        yield start
 
 
 def ledger_rows(path: Path, rid: str) -> list[dict[str, Any]]:
