@@ -44,6 +44,8 @@ def snapshots() -> tuple[BackendSnapshot, ...]:
             kv_usage=0.3,
             metrics_fresh=True,
             pending_prefill_tokens=2000 * i,
+            # Prompts arriving (a loaded worker): the prefill-load path of the prediction runs.
+            recent_prompt_tokens_per_s=3000.0 + 2000.0 * i,
             ttft_spread_s=0.02,
         )
         for i in range(2)

@@ -29,6 +29,9 @@ GpuMode = Literal["reserved", "on_demand"]
 MAX_PREFILL_LOAD = 0.95
 # The marginal cost starts rising this share of b* below b* (at least one request below).
 RAMP_FRACTION = 0.25
+# The quantile at which a request's prefill interference is predicted (2.33: 99%, the
+# interactive SLO target).
+TAIL_Z = 2.33
 
 
 def opportunity_share(batch_after: int, slo_batch: int) -> float:
@@ -128,6 +131,24 @@ class GpuModel:
         """Share of GPU time prefill takes at this prompt arrival rate (capped at MAX_PREFILL_LOAD)."""
         rho = prompt_tokens_per_s / self._prefill_ref
         return rho if rho < MAX_PREFILL_LOAD else MAX_PREFILL_LOAD
+
+    def tail_prompt_rate(
+        self, prompt_tokens_per_s: float, burst_s: float, horizon_s: float
+    ) -> float:
+        """The prompt rate whose prefill load is the TAIL_Z quantile of the load one request
+        sees over its decode (see docs/economics.md, "prefill interference").
+
+        Prompts arrive one by one and each stalls every running decode for its whole
+        prefill (`burst_s`, one prompt's prefill time): over a decode lasting `horizon_s`
+        the share of time spent prefilling is a compound-Poisson count with mean `load`
+        and variance `load x burst_s / horizon_s`. The SLO is judged per request, so the
+        ITL is predicted at that share's upper quantile, not at its mean.
+        """
+        if prompt_tokens_per_s <= 0 or burst_s <= 0 or horizon_s <= 0:
+            return prompt_tokens_per_s
+        load = prompt_tokens_per_s / self._prefill_ref
+        tail = load + TAIL_Z * math.sqrt(load * burst_s / horizon_s)
+        return tail * self._prefill_ref
 
     def itl_under_load_s(
         self, batch: float, prompt_tokens_per_s: float, context: float | None = None

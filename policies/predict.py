@@ -60,6 +60,14 @@ def predict(
         # The request's mean context while it decodes stands for the batch's.
         context = request.prompt_tokens + out / 2
         rate = s.recent_prompt_tokens_per_s
+        if rate > 0:
+            # The prompts prefilled while this request decodes stall it; its own prompt
+            # stands for their size, its mean decode time at the mean load for how long
+            # it is exposed.
+            exposed = max(out - 1, 1) * gpu.itl_under_load_s(
+                min(local_load(s) + 1, gpu.max_batch), rate, context
+            )
+            rate = gpu.tail_prompt_rate(rate, gpu.prefill_time_s(request.prompt_tokens), exposed)
         target = request.slo.max_itl_s
         if target is None and guard is not None:
             target = guard.max_itl_s

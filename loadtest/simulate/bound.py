@@ -13,12 +13,21 @@ is a valid lower bound on the cost of any routing that meets every request's SLO
   (prompt + max_tokens) against the most its bucket can admit over the trace: every
   price >= 0 gives a valid bound (weak duality), and the best of a grid is taken.
 - A request served locally uses GPU-seconds: its own prefill at the measured speed
-  (with its real speed noise) plus its output tokens at the GPU's best throughput at
-  its context, T(max_batch) (no prefill interference, no queueing, no KV limit: all of
-  these only add GPU time). Not T(b*) of the class's ITL bound: the SLO bounds a
-  request's mean ITL, which a router could meet with some steps above b*; for every
-  shipped profile b* at a 50 ms ITL is the max batch anyway. A request whose prefill
-  alone breaks its TTFT bound, or whose ITL bound even batch 1 misses, cannot be local.
+  (with its real speed noise) plus each output token at the least GPU time a decode
+  token can take, 1 / max(T(max_batch) at the shortest measured context, the fastest
+  measured prefill speed) (`decode_rate_ceiling`). Why both: a step of the simulated
+  worker lasts max(memory part b / T(b, mean context), compute part (chunk + b) /
+  prefill speed). Charging the chunk's prefill tokens at the prefill speed (as the
+  prefill term does) leaves at least b / prefill speed of a mixed step to its b decode
+  tokens, and a pure decode step b / T(b) >= b / T(max_batch); T falls with context, so
+  the shortest context's curve bounds every batch's mean context. (Until 2026-12-04 the
+  bound charged decode at T(max_batch) at the request's own context, which over-charged
+  decode tokens that ride in compute-bound prefill steps for free: not a valid lower
+  bound whenever prefill is faster than T(max_batch), as for every shipped profile.)
+  No queueing, no KV limit, no ITL tail: all of these only add GPU time. Not T(b*) of
+  the class's ITL bound: the SLO bounds a request's mean ITL, which a router could meet
+  with some steps above b*. A request whose prefill alone breaks its TTFT bound, or
+  whose ITL bound even batch 1 misses, cannot be local.
 - Capacity: requests of a class that may not wait whose SLO window (arrival + max
   TTFT + (output - 1) x max ITL) ends inside their arrival slot (and inside the trace)
   must be served inside that slot: the slot's GPU-seconds bound them. Everything else
@@ -87,8 +96,15 @@ def gpu_seconds(physics: GpuPhysics, tr: TraceRequest, slo: Slo, prefill_noise: 
     context = tr.prompt_tokens + tr.output_tokens / 2
     if b_star(physics, slo.max_itl_s, context) < 1:
         return math.inf
-    decode = max(tr.output_tokens - 1, 0) / physics.decode_tokens_per_s(physics.max_batch, context)
+    decode = max(tr.output_tokens - 1, 0) / decode_rate_ceiling(physics)
     return prefill_s + decode
+
+
+def decode_rate_ceiling(physics: GpuPhysics) -> float:
+    """Most decode tokens one GPU-second can carry, in any step (see the module docstring)."""
+    shortest = physics.decode[0][0]
+    fastest_prefill = max(v for _, v in physics.prefill)
+    return max(physics.decode_tokens_per_s(physics.max_batch, shortest), fastest_prefill)
 
 
 def _window_s(tr: TraceRequest, slo: Slo) -> float:

@@ -13,10 +13,11 @@ from gateway.config import ConfigError
 from gateway.profiles import load_profile, shipped_profiles
 from loadtest.simulate import suite_report
 from loadtest.simulate.engine import simulate
+from loadtest.simulate.heldout import DEFAULT_COUNT, heldout_suite
 from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
 from loadtest.simulate.routers import default_policies
 from loadtest.simulate.scenario import default_scenario
-from loadtest.simulate.scenario_file import load_scenario
+from loadtest.simulate.scenario_file import LoadedScenario, load_scenario
 from loadtest.simulate.suite import (
     SCENARIO_DIR,
     run_scenario,
@@ -67,7 +68,15 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         const=SCENARIO_DIR,
         type=Path,
         metavar="DIR",
-        help=f"every *.yaml scenario in DIR (default: the shipped {SCENARIO_DIR.name}/)",
+        help=f"every *.yaml scenario in DIR (default: the shipped {SCENARIO_DIR.name}/); "
+        "`--suite heldout --seed N`: scenarios drawn from seed N at run time "
+        "(loadtest/simulate/heldout.py)",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=DEFAULT_COUNT,
+        help="with --suite heldout: how many scenarios to draw",
     )
     p.add_argument(
         "--short",
@@ -143,9 +152,15 @@ def _run_referee(args: argparse.Namespace) -> int:
     if args.scenario is not None and args.suite is not None:
         print("neogate simulate: give --scenario or --suite, not both", file=sys.stderr)
         return 2
+    heldout = args.suite is not None and args.suite == Path("heldout") and not args.suite.is_dir()
     if args.scenario is not None:
         paths = [args.scenario]
         command = f"neogate simulate --scenario {args.scenario}"
+    elif heldout:
+        paths = []
+        command = f"neogate simulate --suite heldout --seed {args.seed}"
+        if args.count != DEFAULT_COUNT:
+            command += f" --count {args.count}"
     else:
         paths = scenario_files(args.suite)
         command = "neogate simulate --suite" + (
@@ -156,14 +171,18 @@ def _run_referee(args: argparse.Namespace) -> int:
             return 2
     if args.short is not None:
         command += f" --short {args.short:g}"
-    outcomes = []
+    loaded: list[LoadedScenario] = []
+    if heldout:
+        loaded = heldout_suite(args.seed, args.count)
     for path in paths:
         try:
-            loaded = load_scenario(path)
+            loaded.append(load_scenario(path))
         except ConfigError as e:
             print(f"neogate simulate: {e.render()}", file=sys.stderr)
             return 2
-        outcome = run_scenario(loaded, args.short)
+    outcomes = []
+    for one in loaded:
+        outcome = run_scenario(one, args.short)
         print(
             f"{outcome.name}: {len(outcome.trace.requests)} requests over "
             f"{outcome.trace.duration_s:.0f} s",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.costmodel import GpuModel, opportunity_share
+from policies.costmodel import TAIL_Z, GpuModel, opportunity_share
 from policies.profile import Profile
 from policies.spec import LLAMA_8B_H100, GpuSpec, ThroughputProfileSpec
 
@@ -274,3 +274,25 @@ def test_toy_slo_batch_between_measured_contexts(toy: GpuModel, limit: float) ->
     want = max((b for b in range(9) if b == 0 or toy_itl(b, 35.0) <= limit), default=0)
     assert toy.slo_batch(limit, context=2500) == want
     assert toy.itl_s(3, 2500) == pytest.approx(toy_itl(3, 35.0))
+
+
+def test_tail_prompt_rate_is_the_quantile_of_the_load_one_request_sees(h100: GpuModel) -> None:
+    # 5,000 prompt tokens/s on a 20,000 tokens/s prefill: mean load 0.25. Prompts of 0.16 s
+    # of prefill each, over a 1-s decode: variance 0.25 x 0.16 / 1 = 0.04, sd 0.2. At
+    # TAIL_Z = 2.33 the load is 0.25 + 0.466 = 0.716, i.e. 14,320 prompt tokens/s.
+    assert TAIL_Z == 2.33
+    assert h100.tail_prompt_rate(5_000, 0.16, 1.0) == pytest.approx(14_320)
+    # A longer decode averages the bursts out: over 100 s, 0.25 + 2.33 x 0.02 = 0.2966.
+    assert h100.tail_prompt_rate(5_000, 0.16, 100.0) == pytest.approx(5_932)
+    # No prompts arriving, or nothing to average: the mean as it is.
+    assert h100.tail_prompt_rate(0.0, 0.16, 1.0) == 0.0
+    assert h100.tail_prompt_rate(5_000, 0.0, 1.0) == 5_000
+
+
+def test_the_tail_load_lowers_b_star_for_a_short_exposure(h100: GpuModel) -> None:
+    # ITL target 10 ms: at the mean load 0.25 the limit is 7.5 ms. On the NIM table between
+    # batch 50 (8018/s) and 100 (12215/s), T(b) = 3821 + 83.94 b, and b / T(b) <= 7.5 ms
+    # up to b = 28.66 / 0.3704 = 77.4: b* 77. At the tail load 0.716 of a 1-s exposure the
+    # limit is 2.84 ms, below even batch 1 (1 / 215 = 4.65 ms): b* 0.
+    assert h100.slo_batch(0.010, 5_000) == 77
+    assert h100.slo_batch(0.010, h100.tail_prompt_rate(5_000, 0.16, 1.0)) == 0
