@@ -103,16 +103,18 @@ TARGETS: tuple[Target, ...] = (
         "masking",
         (
             "adapters/keymask.py",
-            "adapters/openai_compat.py",
-            "adapters/fast_backend.py",
+            "adapters/backend.py",
+            "adapters/sse.py",
             "adapters/errors.py",
         ),
         (
             "tests/unit/test_keymask.py",
+            "tests/unit/test_sse.py",
             "tests/integration/test_money_paths.py",
             "tests/integration/test_key_canary.py",
             "tests/integration/test_security.py",
             "tests/integration/test_fasthttp.py",
+            "tests/integration/test_sse_transports.py",
         ),
     ),
     Target(
