@@ -58,10 +58,17 @@ class AiohttpTransport:
     # refuses to send: every one is mapped (the aiohttp road has always mapped them all).
     errors: Final = (Exception,)
 
-    def __init__(self, name: str, base_url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.name = name
         self._base = base_url.rstrip("/")
         self._session = session
+        self._fixed = tuple(headers)
 
     async def send(
         self,
@@ -76,7 +83,10 @@ class AiohttpTransport:
         )
         async with asyncio.timeout(timeouts.first_byte_s):
             resp = await self._session.post(
-                self._base + path, data=body, headers=headers, timeout=client_timeout
+                self._base + path,
+                data=body,
+                headers=[*self._fixed, *headers],
+                timeout=client_timeout,
             )
         return AiohttpReceived(self.name, resp)
 

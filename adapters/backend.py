@@ -13,8 +13,8 @@ sends can change them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from typing import Final
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Final, Literal
 
 import aiohttp
 from yarl import URL
@@ -43,20 +43,33 @@ _OWN_HEADERS: Final = frozenset(
 )
 
 
+def caller_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A caller's headers but those the backend writes itself (in any spelling)."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in _OWN_HEADERS]
+
+
+Road = Literal["auto", "pooled", "aiohttp"]
+
+
 def transport_for(
     name: str,
     base_url: str,
     session: aiohttp.ClientSession,
+    headers: Sequence[tuple[str, str]],
     *,
+    road: Road = "auto",
     max_connections: int = 256,
     keepalive_s: float = 15.0,
 ) -> Transport:
-    """The own pool for a plain http:// origin, the shared aiohttp session for any other URL."""
-    if pooled_origin(URL(base_url)):
+    """The own pool for a plain http:// origin, the shared aiohttp session for any other URL.
+
+    `road` forces one (tests and benchmarks reach the https road over plain http this way).
+    """
+    if road == "pooled" or (road == "auto" and pooled_origin(URL(base_url))):
         return PooledTransport(
-            name, base_url, max_connections=max_connections, keepalive_s=keepalive_s
+            name, base_url, headers, max_connections=max_connections, keepalive_s=keepalive_s
         )
-    return AiohttpTransport(name, base_url, session)
+    return AiohttpTransport(name, base_url, session, headers)
 
 
 class BackendResponse:
@@ -149,20 +162,25 @@ class OpenAICompatBackend:
         max_connections: int = 256,
         keepalive_s: float = 15.0,
         dialect: Dialect | None = None,
-        transport: Transport | None = None,
+        road: Road = "auto",
     ) -> None:
         self.name = name
         self.is_local = is_local
         self.dialect = dialect or dialect_for("vllm" if is_local else "openai_compatible")
-        self.transport: Transport = transport or transport_for(
-            name, base_url, session, max_connections=max_connections, keepalive_s=keepalive_s
-        )
         self.mask = KeyMask(api_key)  # masked in every byte relayed from this backend
+        # Plain bytes (identity): every answer is read for metering and key masking.
         own = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
-        # Plain bytes: every answer is read for metering and key masking.
         if api_key:
             own.append(("Authorization", f"Bearer {api_key}"))
-        self._own = tuple(own)
+        self.transport: Transport = transport_for(
+            name,
+            base_url,
+            session,
+            own,
+            road=road,
+            max_connections=max_connections,
+            keepalive_s=keepalive_s,
+        )
         self._session = session  # for /metrics scrapes only
         self._metrics_url = metrics_url
 
@@ -179,7 +197,7 @@ class OpenAICompatBackend:
     ) -> BackendResponse:
         transport = self.transport
         try:
-            received = await transport.send(path, self.request_headers(headers), body, timeouts)
+            received = await transport.send(path, caller_headers(headers), body, timeouts)
         except GatewayError:
             raise
         except transport.errors as exc:
@@ -187,12 +205,6 @@ class OpenAICompatBackend:
         if received.status >= 400:
             raise await self._status_error(received, timeouts)
         return BackendResponse(self.name, transport, received, self.mask)
-
-    def request_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        """Ours (content type, identity encoding, the key), then the caller's others."""
-        out = list(self._own)
-        out += [(k, v) for k, v in headers.items() if k.lower() not in _OWN_HEADERS]
-        return out
 
     async def _status_error(self, received: Received, timeouts: AttemptTimeouts) -> GatewayError:
         """The error status as a `GatewayError`, its body read within one idle timeout."""

@@ -36,7 +36,13 @@ class PooledTransport:
     errors: Final = (HttpClientError,)
 
     def __init__(
-        self, name: str, base_url: str, *, max_connections: int = 256, keepalive_s: float = 15.0
+        self,
+        name: str,
+        base_url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        max_connections: int = 256,
+        keepalive_s: float = 15.0,
     ) -> None:
         url = URL(base_url)
         if not pooled_origin(url):
@@ -47,7 +53,9 @@ class PooledTransport:
             url.raw_host, url.port or 80, limit=max_connections, keepalive_s=keepalive_s
         )
         self._target = "POST " + url.raw_path.rstrip("/")
-        self._host = f"Host: {url.raw_authority}\r\n"
+        fixed = [("Host", url.raw_authority), *headers]
+        self._fixed = "".join([f"{k}: {v}\r\n" for k, v in fixed])
+        self._lines = len(fixed) + 3  # request line, Content-Length, the blank line
 
     async def send(
         self,
@@ -74,15 +82,15 @@ class PooledTransport:
         return resp
 
     def serialize(self, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
-        """The request's bytes: request line, Host, `headers`, Content-Length, body."""
-        lines = "".join([f"{k}: {v}\r\n" for k, v in headers])
+        """The request's bytes: request line, Host, the fixed headers, `headers`, Content-Length, body."""
+        extra = [f"{k}: {v}\r\n" for k, v in headers]
         head = (
-            f"{self._target}{path} HTTP/1.1\r\n{self._host}{lines}"
+            f"{self._target}{path} HTTP/1.1\r\n{self._fixed}{''.join(extra)}"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         # Every line ends in the one CRLF we wrote: a CR or LF inside a name, value or
         # path would let a caller frame a request of its own.
-        n = len(headers) + 4
+        n = self._lines + len(extra)
         if head.count("\n") != n or head.count("\r") != n:
             raise BadRequestHeader("a header or path contains a line break")
         return head.encode() + body

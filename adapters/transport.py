@@ -60,7 +60,11 @@ class Transport(Protocol):
         body: bytes,
         timeouts: AttemptTimeouts,
     ) -> Received:
-        """POST `body` to the base URL + `path` with exactly `headers`; return at the head."""
+        """POST `body` to the base URL + `path` with the transport's headers, then `headers`.
+
+        A transport is built with the headers its backend sends on every request (content
+        type, encoding, the key): it may keep them serialised. Returns at the answer's head.
+        """
         ...
 
     def map_error(self, exc: BaseException, phase: str) -> GatewayError:

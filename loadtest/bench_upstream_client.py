@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from adapters.aiohttp_transport import AiohttpTransport
 from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts, Backend
 
@@ -110,7 +109,7 @@ async def run(args: argparse.Namespace, base_url: str) -> dict[str, Samples]:
             api_key="sk-bench",
             session=session,
             is_local=True,
-            transport=AiohttpTransport("aiohttp", base_url, session),
+            road="aiohttp",
         )
         clients: dict[str, Backend] = {"aiohttp": slow, "fasthttp": fast}
         stream = args.mode == "stream"

@@ -797,15 +797,15 @@ async def test_the_app_session_reads_plain_bytes_from_https_style_upstreams(
     port = await site(compressing_app(seen, always=always))
     session = upstream_session(16)
     try:
-        url = f"http://127.0.0.1:{port}/v1"
         b = OpenAICompatBackend(
             name="up",
-            base_url=url,
+            base_url=f"http://127.0.0.1:{port}/v1",
             api_key=KEY,
             session=session,
             is_local=False,
-            transport=AiohttpTransport("up", url, session),  # the https road, over http
+            road="aiohttp",  # the https road, over http
         )
+        assert isinstance(b.transport, AiohttpTransport)
         resp = await b.open("/chat/completions", BODY, {}, T)
         assert await resp.read() == b'{"ok":true}'
         resp = await b.open("/chat/completions", BODY, {"X-Kind": "sse"}, T)

@@ -12,10 +12,8 @@ import aiohttp
 import orjson
 import pytest
 
-from adapters.aiohttp_transport import AiohttpTransport
 from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts, Backend
-from adapters.http_transport import PooledTransport
 from gateway.errors import UpstreamTimeout
 from tests.integration.faultkit import MESSAGES, PROVIDER_MODEL, SimFactory
 
@@ -40,11 +38,7 @@ async def slow_backend(sims: SimFactory, road: str) -> AsyncIterator[Backend]:
             api_key=None,
             session=session,
             is_local=False,
-            transport=(
-                PooledTransport("slow", slow.v1)
-                if road == "pooled"
-                else AiohttpTransport("slow", slow.v1, session)
-            ),
+            road=road,  # type: ignore[arg-type]
         )
         try:
             yield backend
@@ -55,6 +49,7 @@ async def slow_backend(sims: SimFactory, road: str) -> AsyncIterator[Backend]:
 @pytest.mark.parametrize("road", ROADS)
 async def test_total_limit_cuts_a_stream_that_keeps_sending(sims: SimFactory, road: str) -> None:
     async with slow_backend(sims, road) as backend:
+        assert type(backend.transport).__name__.lower().startswith(road)  # type: ignore[attr-defined]
         t0 = time.monotonic()
         response = await backend.open("/chat/completions", _body(True), {}, SHORT_TOTAL)
         got = 0
@@ -71,6 +66,7 @@ async def test_total_limit_bounds_a_slow_whole_answer(sims: SimFactory, road: st
     # The simulated provider sends its head at once and the body when it is done (~10 s);
     # whichever the adapter waits on, the total limit ends it.
     async with slow_backend(sims, road) as backend:
+        assert type(backend.transport).__name__.lower().startswith(road)  # type: ignore[attr-defined]
         t0 = time.monotonic()
         with pytest.raises(UpstreamTimeout):
             response = await backend.open("/chat/completions", _body(False), {}, SHORT_TOTAL)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.aiohttp_transport import AiohttpTransport
-from adapters.backend import BackendResponse, OpenAICompatBackend
+from adapters.backend import BackendResponse, OpenAICompatBackend, caller_headers
 from adapters.base import AttemptTimeouts
 from adapters.errors import map_http_error
 from adapters.fasthttp import (
@@ -308,7 +308,8 @@ async def test_request_bytes() -> None:
         "Content-Length": "999",
         "accept-encoding": "br",
     }
-    data = pooled(b).serialize("/chat/completions", b.request_headers(headers), b'{"x":1}')
+    data = pooled(b).serialize("/chat/completions", caller_headers(headers), b'{"x":1}')
+    assert b"Bearer client" not in data
     head, _, body = data.partition(b"\r\n\r\n")
     assert body == b'{"x":1}'
     lines = head.decode().split("\r\n")
@@ -335,7 +336,7 @@ async def test_request_bytes() -> None:
 async def test_line_breaks_cannot_frame_a_request(path: str, headers: dict[str, str]) -> None:
     b = await backend()
     with pytest.raises(BadRequestHeader) as info:
-        pooled(b).serialize(path, b.request_headers(headers), b"{}")
+        pooled(b).serialize(path, caller_headers(headers), b"{}")
     assert KEY not in str(info.value)
     assert isinstance(map_http_error(info.value, "b", "sending"), InvalidRequest)
     with pytest.raises(InvalidRequest):  # and through the backend, before any connect
