@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 from gateway.admission import Admission, AdmissionRejected, Reservation, TenantLimits
 from gateway.auth import Tenant
 from gateway.config import ModelSpec, parse_config
+from gateway.counting import CountingPool
 from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.estimate import Estimate
 from gateway.forward import SentAttempt
@@ -90,25 +93,33 @@ backends:
     gpu: {price_per_hour: 3.6, profile: llama-3.1-8b-h200}
   - name: prov
     base_url: http://127.0.0.1:9/v1
-    models: {m: prov-m}
+    models: {m: prov-m, pm: prov-m}
     price: {input_per_million: 1.0, output_per_million: 2.0}
 models:
   - name: m
     backends: [gpu, prov]
+  - name: pm
+    backends: [prov]
 tenants:
   - name: t
 """
 
 
 async def _meter_with_ledger(
-    tmp_path: Path, limits: TenantLimits
+    tmp_path: Path,
+    limits: TenantLimits,
+    *,
+    clock: Callable[[], float] = time.time,
+    counting: CountingPool | None = None,
 ) -> tuple[Meter, Admission, LedgerWriter, Tenant, ModelSpec]:
     config = parse_config(TWO)
     live = LiveState({b.name: b for b in config.backends}, 0.0)
-    admission = Admission({"t": limits})
+    admission = Admission({"t": limits}, clock=clock)
     ledger = LedgerWriter(SqliteLedger(tmp_path / "ledger.db"))
     await ledger.start()
-    meter = Meter(Tokenizer.estimate(), GatewayMetrics(), ledger, admission, live)
+    meter = Meter(
+        Tokenizer.estimate(), GatewayMetrics(), ledger, admission, live, counting=counting
+    )
     return meter, admission, ledger, Tenant.from_spec(config.tenants[0]), config.models[0]
 
 
@@ -273,3 +284,56 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
         3_000_000,
     )
     assert (gpu["tenant"], gpu["batch_size"]) == ("(operator)", 4)
+
+
+async def test_a_provider_only_model_reserves_at_its_list_price(tmp_path: Path) -> None:
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    held = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
+    # 1000 x $1/M + 50 x $2/M = $0.0011
+    assert held.cost_usd == Decimal("0.0011")
+    await ledger.close()
+
+
+async def test_a_budget_that_resets_soon_says_retry_after_and_should_retry(
+    tmp_path: Path,
+) -> None:
+    half_past_23 = datetime(2026, 12, 4, 23, 30, tzinfo=UTC).timestamp()
+    meter, admission, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_per_day=Decimal("0.002")), clock=lambda: half_past_23
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    first = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))  # $0.0011 held
+    with pytest.raises(BudgetExceeded) as refused:
+        await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
+    # It would fit the day's empty budget, which starts again in 30 minutes.
+    assert refused.value.should_retry is True and refused.value.retry_after_s == 1800
+    assert refused.value.headers()["x-should-retry"] == "true"
+    await admission.release(first)
+    await ledger.close()
+
+
+async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: Path) -> None:
+    # Counting off (every count estimated): the pool given is the one used.
+    pool = CountingPool(inline_bytes=-1, max_count_bytes=-1)
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1)), counting=pool
+    )
+    completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.unit_prices("prov", "m", 1)
+    # 400 completion tokens reported for a two-character answer: off by far more than 10%.
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 400, "total_tokens": 410},
+    }
+    usage = await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=100)
+    await ledger.close()
+    assert pool.estimated == 1
+    assert usage is not None and usage.completion_tokens == 400
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["divergent"] == 1 and row["completion_tokens"] == 400
+    # 10 x $1/M + 400 x $2/M = $0.00081
+    assert row["cost_nusd"] == 810_000
