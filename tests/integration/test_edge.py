@@ -144,6 +144,18 @@ async def test_a_body_arriving_in_pieces_is_read_whole(conn: Conn) -> None:
     assert status == 200 and is_edge(headers), body
 
 
+async def test_a_head_arriving_a_byte_at_a_time_is_parsed_whole_by_the_edge(conn: Conn) -> None:
+    """llhttp is fed each piece as it comes; the head's end is found across pieces."""
+    raw = post(extra="X-Odd:   spaced value  \r\n")
+    head_end = raw.index(b"\r\n\r\n") + 4
+    for i in range(head_end):
+        await conn.send(raw[i : i + 1])
+        await asyncio.sleep(0.001)
+    await conn.send(raw[head_end:])
+    status, headers, body = await conn.response()
+    assert status == 200 and is_edge(headers), body
+
+
 async def test_a_body_over_the_cap_is_refused_before_it_is_read(conn: Conn) -> None:
     length = 64 * 1024 * 1024
     head = (
