@@ -66,6 +66,7 @@ class GpuModel:
     _table: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _one_curve: bool = field(init=False, repr=False, compare=False)
     _prefill_ref: float = field(init=False, repr=False, compare=False)
+    _mixed_step_s: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.price_per_hour <= 0:
@@ -74,6 +75,7 @@ class GpuModel:
         object.__setattr__(self, "_table", prof.tables_at(None)[0])
         object.__setattr__(self, "_one_curve", len(prof.contexts) == 1)
         object.__setattr__(self, "_prefill_ref", prof.prefill_tokens_per_s(512))
+        object.__setattr__(self, "_mixed_step_s", prof.step_token_budget / self._prefill_ref)
 
     @classmethod
     def from_spec(cls, spec: GpuSpec) -> GpuModel:
@@ -153,14 +155,28 @@ class GpuModel:
     def itl_under_load_s(
         self, batch: float, prompt_tokens_per_s: float, context: float | None = None
     ) -> float:
-        """Mean ITL at this batch while prompts arrive at this rate.
-
-        Prefill and decode share the GPU: decoding gets the time prefill leaves, so the
-        mean ITL is ITL(b) / (1 - prefill load).
-        """
+        """Mean ITL at this batch while prompts arrive at this rate (`mixed_itl`)."""
+        itl = self.itl_s(batch, context)
         if prompt_tokens_per_s <= 0:
-            return self.itl_s(batch, context)
-        return self.itl_s(batch, context) / (1.0 - self.prefill_load(prompt_tokens_per_s))
+            return itl
+        return self.mixed_itl(itl, self.prefill_load(prompt_tokens_per_s))
+
+    @property
+    def mixed_step_s(self) -> float:
+        """Seconds of one chunked-prefill step: the step token budget at the prefill speed."""
+        return self._mixed_step_s
+
+    def mixed_itl(self, itl: float, load: float) -> float:
+        """Mean ITL when a share `load` of the time goes to chunked prefill.
+
+        Under chunked prefill the running requests keep decoding while a prompt is
+        prefilled, one token per mixed step (`mixed_step_s`, or the decode step if that is
+        longer); the rest of the time one token per decode step `itl`. Tokens per second
+        per request: load / mixed step + (1 - load) / itl; the mean ITL is its inverse. It
+        never exceeds the mixed step, however loaded the worker.
+        """
+        step = self._mixed_step_s if self._mixed_step_s > itl else itl
+        return 1.0 / (load / step + (1.0 - load) / itl)
 
     def slo_batch(
         self,
@@ -175,17 +191,15 @@ class GpuModel:
         """
         if max_itl_s is None:
             return self.max_batch
-        # ITL(b) / (1 - load) <= target  <=>  ITL(b) <= target * (1 - load)
-        limit = max_itl_s
-        if prompt_tokens_per_s > 0:
-            limit *= 1.0 - self.prefill_load(prompt_tokens_per_s)
+        load = self.prefill_load(prompt_tokens_per_s) if prompt_tokens_per_s > 0 else 0.0
         ta, tb, w = self.profile.tables_at(context)
         lo, hi = 0, self.max_batch
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             t = ta[mid] if w == 0.0 else ta[mid] + (tb[mid] - ta[mid]) * w
-            # ITL(mid) = mid / T(mid) <= limit
-            if mid <= limit * t:
+            # The mixed ITL rises with ITL(mid) = mid / T(mid).
+            itl = mid / t
+            if (self.mixed_itl(itl, load) if load else itl) <= max_itl_s:
                 lo = mid
             else:
                 hi = mid - 1

@@ -60,6 +60,8 @@ class Profile:
     name: str = ""
     source: str = ""
     measured: str = ""
+    # Tokens per step of chunked prefill (see `ThroughputProfileSpec.step_token_budget`).
+    step_token_budget: int = 2048
     # Throughput by integer batch 0..top for each measured context: the hot path indexes it.
     _tables: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     _ref: int = field(init=False, repr=False, compare=False)
@@ -98,6 +100,7 @@ class Profile:
             spec.name or "",
             spec.source or "",
             spec.measured or "",
+            spec.step_token_budget,
         )
 
     @property

@@ -62,6 +62,10 @@ class ThroughputProfileSpec(Spec):
         default_factory=lambda: {DEFAULT_PROMPT_TOKENS: 10_000.0}
     )
     max_batch: int = Field(default=256, ge=1)
+    # The serving engine's chunked-prefill token budget per step (vLLM's
+    # `max_num_batched_tokens`, 2048 by default for online serving): while a prompt is
+    # prefilled, each step of the running decodes lasts about this many tokens of prefill.
+    step_token_budget: int = Field(default=2048, ge=2)
 
     @field_validator("measured", mode="before")
     @classmethod

@@ -54,10 +54,13 @@ def test_slo_batch_is_the_largest_batch_meeting_the_itl_target(h100: GpuModel) -
 
 
 def test_slo_batch_counts_prefill_interference(h100: GpuModel) -> None:
-    # 10k prompt tokens/s on a 20k tokens/s prefill halves decoding: 10 ms -> 5 ms per step,
-    # T(b) >= 200 b. Between 5 (1077) and 25 (4679) T rises 180.1 per request:
-    # 1077 + 180.1 (b - 5) >= 200 b  <=>  b <= 176.5 / 19.9 = 8.87 -> b* = 8.
-    assert h100.slo_batch(0.010, prompt_tokens_per_s=10_000) == 8
+    # 10k prompt tokens/s on a 20k tokens/s prefill: half the time goes to chunked prefill,
+    # whose steps (2048 tokens at 20k/s: 102.4 ms) still give each request one token. Mean
+    # ITL 1 / (0.5 / 0.1024 + 0.5 / ITL(b)) <= 10 ms  <=>  0.5 / ITL(b) >= 100 - 4.8828
+    # <=> ITL(b) <= 5.2567 ms. Between 5 (1077) and 25 (4679) T = 1077 + 180.1 (b - 5):
+    # b 17: 17 / 3238.2 = 5.2498 ms; b 18: 18 / 3418.3 = 5.2658 ms -> b* = 17.
+    # (The old model, ITL(b) / (1 - load), gave 8: it forgot the tokens of mixed steps.)
+    assert h100.slo_batch(0.010, prompt_tokens_per_s=10_000) == 17
 
 
 def test_slo_batch_falls_with_context_length() -> None:
@@ -175,10 +178,16 @@ def test_profile_spec_default_is_the_nim_table() -> None:
 def test_prefill_load_slows_decoding(h100: GpuModel) -> None:
     # 10k prompt tokens/s on a 20k tokens/s prefill: half the GPU goes to prefill.
     assert h100.prefill_load(10_000) == 0.5
-    assert h100.itl_under_load_s(20, 10_000) == pytest.approx(2 * h100.itl_s(20))
+    # ITL(20) = 20 / (1077 + 180.1 x 15) = 20 / 3778.5 = 5.2931 ms; a mixed step 102.4 ms.
+    # 1 / (0.5 / 0.1024 + 0.5 / 0.0052931) = 1 / 99.348 = 10.066 ms.
+    assert h100.mixed_step_s == pytest.approx(0.1024)
+    assert h100.itl_s(20) == pytest.approx(0.0052931, rel=1e-4)
+    assert h100.itl_under_load_s(20, 10_000) == pytest.approx(0.010066, rel=1e-4)
     assert h100.itl_under_load_s(20, 0.0) == h100.itl_s(20)
-    # Saturated: capped, so the prediction is "far too slow", not infinite.
-    assert h100.itl_under_load_s(20, 1e9) == pytest.approx(h100.itl_s(20) / 0.05)
+    # Saturated (load capped at 0.95): 1 / (9.2773 + 9.4463) = 53.41 ms, never more than a
+    # mixed step, however loaded: the running requests still get one token per step.
+    assert h100.itl_under_load_s(20, 1e9) == pytest.approx(0.05341, rel=1e-3)
+    assert h100.mixed_itl(0.2, 0.5) == pytest.approx(0.2)  # decode step longer than a chunk
 
 
 # --- pinned by mutation testing (make mutation): a toy profile with round numbers ----------
@@ -215,8 +224,13 @@ def test_toy_throughput_cost_and_itl_at_each_context(toy: GpuModel) -> None:
 
 def test_toy_itl_under_prefill_load(toy: GpuModel) -> None:
     assert toy.itl_under_load_s(5, 0, 4000) == pytest.approx(5 / 120)
-    assert toy.itl_under_load_s(5, 1800, 4000) == pytest.approx(5 / 120 / 0.5)
-    assert toy.itl_under_load_s(1, 1.0) == pytest.approx(0.01 / (1 - 1 / 3600))
+    # Half the time in chunked prefill, whose steps take 2048 / 3600 = 0.56889 s: tokens per
+    # second 0.5 / 0.56889 + 0.5 / (5 / 120) = 0.87891 + 12 -> ITL 1 / 12.87891 = 77.647 ms.
+    assert toy.mixed_step_s == pytest.approx(2048 / 3600)
+    assert toy.itl_under_load_s(5, 1800, 4000) == pytest.approx(1 / 12.87891, rel=1e-5)
+    assert toy.itl_under_load_s(1, 1.0) == pytest.approx(
+        1 / ((1 / 3600) / (2048 / 3600) + (1 - 1 / 3600) / 0.01)
+    )
     assert toy.prefill_load(3600 * 2) == 0.95  # capped
 
 
@@ -290,9 +304,11 @@ def test_tail_prompt_rate_is_the_quantile_of_the_load_one_request_sees(h100: Gpu
 
 
 def test_the_tail_load_lowers_b_star_for_a_short_exposure(h100: GpuModel) -> None:
-    # ITL target 10 ms: at the mean load 0.25 the limit is 7.5 ms. On the NIM table between
-    # batch 50 (8018/s) and 100 (12215/s), T(b) = 3821 + 83.94 b, and b / T(b) <= 7.5 ms
-    # up to b = 28.66 / 0.3704 = 77.4: b* 77. At the tail load 0.716 of a 1-s exposure the
-    # limit is 2.84 ms, below even batch 1 (1 / 215 = 4.65 ms): b* 0.
-    assert h100.slo_batch(0.010, 5_000) == 77
+    # ITL target 10 ms. At the mean load 0.25 (mixed steps of 102.4 ms):
+    # 0.25 / 0.1024 + 0.75 / ITL(b) >= 100  <=>  ITL(b) <= 0.75 / 97.559 = 7.6876 ms. On the
+    # NIM table between batch 50 (8018/s) and 100 (12215/s), T(b) = 3821 + 83.94 b, and
+    # b / T(b) <= 7.6876 ms up to b = 29.374 / 0.35471 = 82.8: b* 82. At the tail load 0.716
+    # of a 1-s exposure: 0.284 / ITL(b) >= 100 - 6.9922  <=>  ITL(b) <= 3.0535 ms, below
+    # even batch 1 (1 / 215 = 4.65 ms): b* 0.
+    assert h100.slo_batch(0.010, 5_000) == 82
     assert h100.slo_batch(0.010, h100.tail_prompt_rate(5_000, 0.16, 1.0)) == 0
