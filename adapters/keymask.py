@@ -110,7 +110,6 @@ class StreamMask:
             return [block]  # the common case: nothing held, no key, no key's start
         index = len(self._held)
         self._held.append(block)
-        hit = False
         for field, text in texts.items():
             pieces = self._pieces.setdefault(field, [])
             pieces.append((index, text))
@@ -118,12 +117,12 @@ class StreamMask:
             joined = before + "".join(t for _, t in pieces)
             at = joined.find(key)
             while at >= 0:
-                hit = True
                 self._redact(field, pieces, at - len(before), at - len(before) + len(key))
                 joined = before + "".join(t for _, t in pieces)
                 at = joined.find(key)
         self._finished.update(finished)
-        if not hit and len(self._held) < _MAX_HELD:
+        if len(self._held) < _MAX_HELD:
+            # Even after a key was starred here: the text may end in the next key's start.
             # A choice that ended (finish_reason) on a key's first characters holds nothing.
             for field, pieces in self._pieces.items():
                 if field[0] in self._finished:

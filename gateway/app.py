@@ -14,6 +14,7 @@ from gateway.admin import add_admin_routes, add_usage_routes
 from gateway.background import Background
 from gateway.config import GatewayConfig
 from gateway.edge import MAX_FIELD_SIZE, MAX_HEADERS
+from gateway.edge_site import add_listeners
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -65,6 +66,7 @@ def create_app(
         },
     )
     app[REQUEST_IDS] = RequestIds()
+    add_listeners(app)
     app.cleanup_ctx.append(_runtime_ctx(config, opts))
     app.router.add_post("/v1/chat/completions", handler("chat"))
     app.router.add_post("/v1/completions", handler("completions"))
@@ -88,6 +90,7 @@ def create_admin_app(ref: RuntimeRef) -> web.Application:
     )
     app[RUNTIME] = ref
     app[REQUEST_IDS] = RequestIds()
+    add_listeners(app)
     add_admin_routes(app)
     return app
 

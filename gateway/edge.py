@@ -6,18 +6,21 @@ against ~9 us for a bare asyncio protocol: a tenth of the gateway's whole CPU
 per request. So the inference requests, nearly all the traffic, take a short
 road, and aiohttp keeps everything else.
 
-The edge serves only a strict, common subset of HTTP/1.1 itself: `POST` to
-one of the three inference paths with `HTTP/1.1`, exactly one decimal
-`Content-Length`, no `Transfer-Encoding`, `Expect` or `Upgrade`, CRLF line
-ends, one `Host`, at most one `Connection`, at most 100 headers of at most
-8190 bytes each, token header names and values without control characters.
-(A `Content-Encoding` is refused with 415 by the request path before the body
-is read, on both roads: request bodies are never decompressed.) Anything
-else, at any request boundary, hands the
+Heads are parsed by llhttp (httptools, the parser of Node.js and uvicorn, in
+its strict mode), fed as the bytes arrive, each head only up to its blank line;
+the body is then taken by its length. The edge serves only a strict, common
+subset itself: `POST` to one of the three inference paths, `HTTP/1.1`, exactly
+one `Content-Length`, no `Transfer-Encoding`, `Expect` or `Upgrade`, one
+`Host`, at most one `Connection`, at most 100 headers of at most 8190 bytes
+each. (A `Content-Encoding` is refused with 415 by the request path before the
+body is read, on both roads: request bodies are never decompressed.) Anything
+else, at any request boundary, and anything llhttp refuses, hands the
 connection, with every byte not yet answered, to aiohttp's own protocol,
 which serves it from then on: malformed and unusual requests meet aiohttp's
-strict parser, other paths meet their aiohttp routes, and an inference request
-that aiohttp reads is served by the same request path (`gateway.proxy`).
+parser (llhttp too) and its answer, other paths meet their aiohttp routes, and
+an inference request that aiohttp reads is served by the same request path
+(`gateway.proxy`). The listening socket and what its connections share are in
+`gateway.edge_site`.
 
 Time limits (`gateway.conn_deadlines`, `listen.*`): the site's one sweeper
 cuts a head not whole within `head_timeout_s` and closes connections idle
@@ -29,39 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
-import re
 import socket
 import time
-from collections.abc import Callable, Mapping
-from email.utils import formatdate
-from typing import Final, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final, cast
 
-from aiohttp import web
+import httptools
 from multidict import CIMultiDict
 
-from gateway.conn_deadlines import ConnectionLimits, RequestDeadlines
+from gateway.conn_deadlines import RequestDeadlines
 from gateway.errors import GatewayError, RequestTimeout
 from gateway.exchange import too_large
 from gateway.inbound import PATHS, Endpoint
 from gateway.proxy import serve_request
-from gateway.runtime import REQUEST_IDS, RUNTIME
+
+if TYPE_CHECKING:
+    from gateway.edge_site import Edge
 
 log = logging.getLogger("neogate")
 
 _ROUTES: Final[dict[bytes, Endpoint]] = {
-    b"POST /v1/chat/completions HTTP/1.1": "chat",
-    b"POST /v1/completions HTTP/1.1": "completions",
-    b"POST /v1/embeddings HTTP/1.1": "embeddings",
+    b"/v1/chat/completions": "chat",
+    b"/v1/completions": "completions",
+    b"/v1/embeddings": "embeddings",
 }
-# One header line, with the CRLF before it: a token name, then a value without
-# control characters (CR and LF among them). Every line of a head must match.
-_HEADER_LINE: Final = re.compile(
-    r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*(?=\r\n)"
-)
 _HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade")
-_MAX_REQUEST_LINE: Final = 8192
 _MAX_HEAD: Final = 65536  # a longer head goes to aiohttp, whose limits answer it
 # aiohttp's limits (set in `gateway.app`); a head near them is handed over, so the two
 # roads refuse the same requests with the same status.
@@ -76,102 +72,6 @@ _PIPELINE_PAUSE: Final = 1 << 20  # stop reading while this much waits behind a 
 _LINGER_S: Final = 2.0
 
 
-class Edge:
-    """The connections of one listening socket and what they share."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        fallback: Callable[[], asyncio.BaseProtocol],
-        *,
-        limits: ConnectionLimits,
-        fast_edge: bool = True,
-    ) -> None:
-        self.ref = app[RUNTIME]
-        self.ids = app[REQUEST_IDS]
-        self.fallback = fallback
-        self.limits = limits
-        self.fast_edge = fast_edge
-        self.connections: set[EdgeConnection] = set()
-        self.busy = 0
-        self.closing = False
-        self._drained = asyncio.Event()
-        self._sweeper: asyncio.Task[None] | None = None
-        self._date_at = 0
-        self._tail = b""
-        self._status_lines: dict[int, bytes] = {}
-
-    def protocol(self) -> asyncio.BaseProtocol:
-        if not self.fast_edge:
-            return RequestDeadlines(self.fallback(), self.limits)
-        return EdgeConnection(self)
-
-    def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    def status_line(self, status: int) -> bytes:
-        line = self._status_lines.get(status)
-        if line is None:
-            try:
-                reason = http.HTTPStatus(status).phrase
-            except ValueError:
-                reason = "Unknown"
-            line = self._status_lines[status] = f"HTTP/1.1 {status} {reason}\r\n".encode()
-        return line
-
-    def tail(self) -> bytes:
-        """The `Date` and `Server` lines and the head's end, formatted once a second."""
-        now = int(time.time())
-        if now != self._date_at:
-            self._date_at = now
-            # The last lines of every head, with the blank line that ends it.
-            self._tail = f"Date: {formatdate(now, usegmt=True)}\r\nServer: neogate\r\n\r\n".encode()
-        return self._tail
-
-    def request_done(self) -> None:
-        self.busy -= 1
-        if self.closing and self.busy == 0:
-            self._drained.set()
-
-    async def _sweep(self) -> None:
-        """Cut heads slower than the head deadline and close connections idle past the
-        keep-alive time (one timer per site; bodies have their deadline in `wait_body`)."""
-        limits = self.limits
-        while True:
-            await asyncio.sleep(limits.sweep_s)
-            now = time.monotonic()
-            idle_cutoff = now - limits.keepalive_s
-            head_cutoff = now - limits.head_timeout_s
-            for conn in list(self.connections):
-                if conn.busy:
-                    continue
-                since = conn.head_since
-                if since is not None:
-                    if since < head_cutoff:
-                        conn.abort()
-                elif conn.last_active < idle_cutoff:
-                    conn.close()
-
-    async def shutdown(self, drain_s: float) -> None:
-        """Close idle connections, let requests in flight finish for up to `drain_s`, then cut."""
-        self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for conn in list(self.connections):
-            if not conn.busy:
-                conn.close()
-        if self.busy:
-            try:
-                await asyncio.wait_for(self._drained.wait(), drain_s)
-            except TimeoutError:
-                log.warning("%d requests still in flight after %.0fs: cut", self.busy, drain_s)
-        tasks = [c.task for c in self.connections if c.task is not None]
-        for conn in list(self.connections):
-            conn.abort()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
-
-
 class EdgeConnection(asyncio.Protocol):
     """One client connection while the edge serves it."""
 
@@ -183,8 +83,13 @@ class EdgeConnection(asyncio.Protocol):
         "_discarding",
         "_drain",
         "_edge",
+        "_fed",
+        "_head_done",
         "_need",
+        "_pairs",
+        "_parser",
         "_read_paused",
+        "_url",
         "_write_paused",
         "busy",
         "current",
@@ -213,6 +118,12 @@ class EdgeConnection(asyncio.Protocol):
         self._body_deadline = 0.0
         self._discarding = False
         self.transport: asyncio.Transport | None = None
+        # The head in progress: llhttp's state, the bytes of `_buf` fed to it, what it read.
+        self._parser = httptools.HttpRequestParser(self)
+        self._fed = 0
+        self._url = b""
+        self._pairs: list[tuple[bytes, bytes]] = []
+        self._head_done = False
 
     # -- asyncio.Protocol --
 
@@ -265,52 +176,43 @@ class EdgeConnection(asyncio.Protocol):
     # -- requests --
 
     def _next_request(self) -> None:
+        """Feed the head in progress to llhttp; serve it when it is whole and in the subset."""
         buf = self._buf
-        nl = buf.find(b"\r\n")
-        if nl < 0:
-            if len(buf) > _MAX_REQUEST_LINE or b"\n" in buf:  # too long, or bare LF
-                self._hand_over()
+        fed = self._fed
+        end = buf.find(b"\r\n\r\n", max(fed - 3, 0))
+        stop = end + 4 if end >= 0 else len(buf)
+        if stop > _MAX_HEAD:
+            self._hand_over()  # aiohttp's limits answer a head this long
             return
-        endpoint = _ROUTES.get(buf[:nl])
-        if endpoint is None:
-            self._hand_over()
+        try:
+            self._parser.feed_data(buf if fed == 0 and stop == len(buf) else buf[fed:stop])
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_over()  # malformed or an upgrade: aiohttp's to answer
             return
-        end = buf.find(b"\r\n\r\n", nl)
+        self._fed = stop
         if end < 0:
-            if len(buf) > _MAX_HEAD or b"\n\n" in buf:  # too long, or a bare-LF end
-                self._hand_over()
             return
-        head = buf[nl : end + 2].decode("utf-8", "surrogateescape")
-        pairs = _HEADER_LINE.findall(head)
-        if len(pairs) != head.count("\r\n") - 1 or len(pairs) > _EDGE_MAX_HEADERS:
+        request = self._request() if self._head_done else None
+        if request is None:
             self._hand_over()
             return
-        if len(head) > _EDGE_MAX_LINE and any(
-            len(k) + len(v) + 2 > _EDGE_MAX_LINE for k, v in pairs
-        ):
-            self._hand_over()  # aiohttp refuses a field over its limit
-            return
-        headers: CIMultiDict[str] = CIMultiDict(pairs)
-        length = _content_length(headers)
-        if (
-            length is None
-            or any(h in headers for h in _HAND_OVER_HEADERS)
-            or len(headers.getall("host", ())) != 1  # HTTP/1.1 needs one Host
-            or len(headers.getall("connection", ())) > 1
-        ):
-            self._hand_over()
-            return
-        connection = headers.get("connection")
-        keep_alive = connection is None or "close" not in connection.lower()
+        endpoint, headers, length = request
         self.head_since = None
         self._body_deadline = time.monotonic() + self._edge.limits.body_timeout_s
-        ex = EdgeExchange(self, self._edge.ids.next(), headers, length, keep_alive)
-        start = end + 4
-        if len(buf) - start >= length:
-            ex.body = buf[start : start + length]
-            self._buf = buf[start + length :]
+        ex = EdgeExchange(
+            self, self._edge.ids.next(), headers, length, self._parser.should_keep_alive()
+        )
+        # The next head starts afresh (this parser would expect the body next).
+        self._parser = httptools.HttpRequestParser(self)
+        self._fed = 0
+        self._url = b""
+        self._pairs = []
+        self._head_done = False
+        if len(buf) - stop >= length:
+            ex.body = buf[stop : stop + length]
+            self._buf = buf[stop + length :]
         else:
-            self._body = bytearray(buf[start:])
+            self._body = bytearray(buf[stop:])
             self._need = length - len(self._body)
             self._buf = b""
         self.busy = True
@@ -319,6 +221,47 @@ class EdgeConnection(asyncio.Protocol):
         task = self.task = asyncio.get_running_loop().create_task(self._serve(ex, endpoint))
         # A callback, not a `finally`: a task cancelled before its first step never runs one.
         task.add_done_callback(self._served)
+
+    def _request(self) -> tuple[Endpoint, CIMultiDict[str], int] | None:
+        """The parsed head when the edge serves it itself; None hands it to aiohttp."""
+        parser = self._parser
+        endpoint = _ROUTES.get(self._url)
+        pairs = self._pairs
+        if (
+            endpoint is None
+            or parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or len(pairs) > _EDGE_MAX_HEADERS
+        ):
+            return None
+        if any(len(name) + len(value) + 2 > _EDGE_MAX_LINE for name, value in pairs):
+            return None  # aiohttp refuses a field over its limit
+        headers: CIMultiDict[str] = CIMultiDict(
+            [
+                (name.decode("latin-1"), value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
+                for name, value in pairs
+            ]
+        )
+        length = _content_length(headers)
+        if (
+            length is None
+            or any(h in headers for h in _HAND_OVER_HEADERS)
+            or len(headers.getall("host", ())) != 1  # HTTP/1.1 needs one Host
+            or len(headers.getall("connection", ())) > 1
+        ):
+            return None
+        return endpoint, headers, length
+
+    # -- llhttp callbacks (httptools) --
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # in pieces when the request line arrives in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._pairs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
 
     def _take_body(self, data: bytes) -> bytes:
         """Add to the body in progress; return what follows it."""
@@ -551,89 +494,3 @@ def _content_length(headers: CIMultiDict[str]) -> int | None:
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)
-
-
-class EdgeSite(web.BaseSite):
-    """A TCP site whose connections start at the edge, or (`fast_edge` off) at aiohttp
-    behind the same connection deadlines."""
-
-    __slots__ = ("_drain_s", "_edge", "_fast_edge", "_host", "_limits", "_port", "_reuse_port")
-
-    def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        backlog: int = 128,
-        reuse_port: bool = False,
-        drain_s: float = 60.0,
-        limits: ConnectionLimits | None = None,
-        fast_edge: bool = True,
-    ) -> None:
-        super().__init__(runner, backlog=backlog)
-        self._host = host
-        self._port = port
-        self._reuse_port = reuse_port
-        self._drain_s = drain_s
-        self._limits = limits
-        self._fast_edge = fast_edge
-        self._edge: Edge | None = None
-
-    @property
-    def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        runner = cast(web.AppRunner, self._runner)
-        assert runner.server is not None
-        limits = self._limits or ConnectionLimits.from_spec(
-            runner.app[RUNTIME].current.config.listen
-        )
-        edge = Edge(runner.app, runner.server, limits=limits, fast_edge=self._fast_edge)
-        self._server = await asyncio.get_running_loop().create_server(
-            edge.protocol,
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_port=self._reuse_port or None,
-        )
-        self._edge = edge
-        edge.start()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()  # no new connections while the open ones drain
-        if self._edge is not None:
-            await self._edge.shutdown(self._drain_s)
-        await super().stop()
-
-
-async def open_site(
-    runner: web.AppRunner,
-    host: str,
-    port: int,
-    *,
-    fast_edge: bool = True,
-    backlog: int = 128,
-    reuse_port: bool = False,
-    drain_s: float = 60.0,
-    limits: ConnectionLimits | None = None,
-) -> web.BaseSite:
-    """Listen on host:port for `runner`'s app, through the edge unless `fast_edge` is off.
-
-    `limits` defaults to the app's `listen.*` time limits; both roads keep them.
-    """
-    site = EdgeSite(
-        runner,
-        host,
-        port,
-        backlog=backlog,
-        reuse_port=reuse_port,
-        drain_s=drain_s,
-        limits=limits,
-        fast_edge=fast_edge,
-    )
-    await site.start()
-    return site

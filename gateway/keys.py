@@ -213,11 +213,19 @@ class SqliteKeyBackend:
             raise
         return conn
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool = True) -> Any:
+        """Run `fn` in one transaction on a thread: a write one (BEGIN IMMEDIATE) or a read.
+
+        Reads never take the write lock: the refresh asks for the version every 0.5 s,
+        and a write lock held by a thread that waits for the GIL turned the ledger's
+        quick commits on the loop away for milliseconds (busy: queued on its thread).
+        In WAL mode a read runs beside the writer and sees the last commit.
+        """
+
         def go() -> Any:
             conn = self._connect()
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
                 try:
                     result = fn(conn)
                     conn.execute("COMMIT")
@@ -262,12 +270,13 @@ class SqliteKeyBackend:
         return bool(await self._call(go))
 
     async def rows(self) -> builtins.list[tuple[KeyRecord, str]]:
-        rows = await self._call(lambda conn: conn.execute(_SELECT).fetchall())
+        rows = await self._call(lambda conn: conn.execute(_SELECT).fetchall(), write=False)
         return [_record(r) for r in rows]
 
     async def version(self) -> int:
         rows = await self._call(
-            lambda conn: conn.execute("SELECT version FROM api_keys_version").fetchall()
+            lambda conn: conn.execute("SELECT version FROM api_keys_version").fetchall(),
+            write=False,
         )
         return int(rows[0][0]) if rows else 0
 

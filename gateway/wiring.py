@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
+from adapters.backend import OpenAICompatBackend
 from adapters.base import Backend
 from adapters.dialects import dialect_for
-from adapters.fast_backend import FastBackend
 from gateway.admission import Admission, TenantLimits
 from gateway.auth import Authenticator
 from gateway.background import Background
@@ -219,15 +219,15 @@ def _backends(
 def make_backend(spec: BackendSpec, session: aiohttp.ClientSession) -> Backend:
     """The adapter for one configured backend; every kind speaks the OpenAI protocol.
 
-    Plain-http upstreams (local workers, simulators) go through neogate's own keep-alive
-    client (about 30% less gateway CPU per request than aiohttp's); https ones through
-    the shared aiohttp session.
+    One backend over the transport its URL calls for: plain-http upstreams (local
+    workers, simulators) through neogate's own keep-alive client (about 30% less gateway
+    CPU per request than aiohttp's), https ones through the shared aiohttp session.
     """
     metrics_url = spec.metrics_url
     if metrics_url is None and spec.is_local:
         base = spec.base_url.removesuffix("/v1")
         metrics_url = f"{base}/metrics"
-    return FastBackend(
+    return OpenAICompatBackend(
         name=spec.name,
         base_url=spec.base_url,
         api_key=resolve_secret(spec.api_key),

@@ -1,11 +1,11 @@
-"""Upstream client benchmark: CPU time per request of the aiohttp adapter vs the hot-path client.
+"""Upstream client benchmark: CPU time per request of the backend on its two transports.
 
     python -m loadtest.bench_upstream_client [--requests 20000] [--concurrency 32] [--repeats 5]
                                               [--mode whole|stream] [--loop uvloop|asyncio]
 
 Starts `neogate sim static` in a subprocess, then in this process drives the same requests
-through `OpenAICompatBackend` (aiohttp, the shared-session adapter) and `FastBackend`
-(`adapters.fasthttp`), closed loop at the given concurrency, interleaved repeat by repeat
+through `OpenAICompatBackend` over `AiohttpTransport` (the shared session, the https road)
+and over `PooledTransport` (`adapters.fasthttp`, the plain-http road), closed loop at the given concurrency, interleaved repeat by repeat
 (the order alternates). For each client it prints the median over repeats of this process's
 CPU time (user + system) per request and of the requests per second. The upstream runs in
 its own process, so the CPU figure is the client side alone: what the gateway pays per
@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts, Backend
-from adapters.fast_backend import FastBackend
-from adapters.openai_compat import OpenAICompatBackend
 
 BODY = (
     b'{"model":"static-model","messages":[{"role":"user","content":"Hello there, how are you'
@@ -101,11 +100,16 @@ async def run(args: argparse.Namespace, base_url: str) -> dict[str, Samples]:
     async with aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
     ) as session:
-        fast = FastBackend(
+        fast = OpenAICompatBackend(
             name="fast", base_url=base_url, api_key="sk-bench", session=session, is_local=True
         )
         slow = OpenAICompatBackend(
-            name="aiohttp", base_url=base_url, api_key="sk-bench", session=session, is_local=True
+            name="aiohttp",
+            base_url=base_url,
+            api_key="sk-bench",
+            session=session,
+            is_local=True,
+            road="aiohttp",
         )
         clients: dict[str, Backend] = {"aiohttp": slow, "fasthttp": fast}
         stream = args.mode == "stream"

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.app import AppOptions, create_app
 from gateway.config import GatewayConfig, parse_config
-from gateway.edge import open_site
+from gateway.edge_site import open_site
 from loadtest.sim.common import start_site
 from loadtest.sim.provider import ProviderOptions, create_provider_app
 from loadtest.sim.worker import WorkerOptions, create_worker_app
@@ -100,9 +100,9 @@ async def gateway_factory() -> AsyncIterator[GatewayFactory]:
         )
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
-        await open_site(runner, "127.0.0.1", 0, fast_edge=config.listen.fast_edge)
+        site = await open_site(runner, "127.0.0.1", 0, fast_edge=config.listen.fast_edge)
         started.append(runner)
-        port = runner.addresses[0][1]
+        port = site.port
         return Gateway(f"http://127.0.0.1:{port}", config, app, runner)
 
     yield start

@@ -22,7 +22,7 @@ from gateway.config import (
     parse_config,
     resolve_secret,
 )
-from gateway.edge import open_site
+from gateway.edge_site import open_site
 from gateway.runtime import RUNTIME
 from gateway.wiring import reload_from_file
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_admin_app
-from gateway.edge import open_site
+from gateway.edge_site import open_site
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, GatewayFactory
 from tests.integration.faultkit import MESSAGES, SimFactory, Upstream, policy
@@ -213,8 +213,7 @@ async def test_the_separate_admin_port_keeps_the_same_limits(
     runner = web.AppRunner(create_admin_app(gw.app[RUNTIME]), access_log=None)
     await runner.setup()
     try:
-        await open_site(runner, "127.0.0.1", 0, fast_edge=False)
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        url = (await open_site(runner, "127.0.0.1", 0, fast_edge=False)).name
         idle = await Conn.open(url)
         assert await _cut_within(idle, 5.0) < DEADLINE_S + 1.0
         idle.close()

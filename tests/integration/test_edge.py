@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.app import AppOptions, create_app
 from gateway.config import parse_config
 from gateway.conn_deadlines import ConnectionLimits
-from gateway.edge import open_site
+from gateway.edge_site import open_site
 from loadtest.sim.common import start_site
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_policy
 from tests.integration.faultkit import Upstream, policy, sim_factory
@@ -140,6 +140,18 @@ async def test_a_body_arriving_in_pieces_is_read_whole(conn: Conn) -> None:
     for i in range(head_end + 5, len(raw), 7):
         await asyncio.sleep(0.005)
         await conn.send(raw[i : i + 7])
+    status, headers, body = await conn.response()
+    assert status == 200 and is_edge(headers), body
+
+
+async def test_a_head_arriving_a_byte_at_a_time_is_parsed_whole_by_the_edge(conn: Conn) -> None:
+    """llhttp is fed each piece as it comes; the head's end is found across pieces."""
+    raw = post(extra="X-Odd:   spaced value  \r\n")
+    head_end = raw.index(b"\r\n\r\n") + 4
+    for i in range(head_end):
+        await conn.send(raw[i : i + 1])
+        await asyncio.sleep(0.001)
+    await conn.send(raw[head_end:])
     status, headers, body = await conn.response()
     assert status == 200 and is_edge(headers), body
 
@@ -313,7 +325,7 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_and_metered(
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
             sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
+            await loop.sock_connect(sock, ("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
             body = json.dumps(
                 {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
             )
@@ -347,8 +359,7 @@ async def test_idle_connections_are_closed_after_the_keep_alive_time(
     await runner.setup()
     try:
         limits = ConnectionLimits(head_timeout_s=0.3, body_timeout_s=0.3, keepalive_s=0.3)
-        await open_site(runner, "127.0.0.1", 0, limits=limits)
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        url = (await open_site(runner, "127.0.0.1", 0, limits=limits)).name
         idle, used = await Conn.open(url), await Conn.open(url)
         await used.send(post())
         assert (await used.response())[0] == 200

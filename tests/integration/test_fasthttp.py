@@ -1,4 +1,4 @@
-"""The hot-path client (`FastBackend` over `adapters.fasthttp`) against real loopback servers.
+"""The hot-path client (`OpenAICompatBackend` over `PooledTransport`, `adapters.fasthttp`) against real loopback servers.
 
 aiohttp servers for well-formed answers; scripted raw asyncio servers where the bytes on
 the wire, their splitting or the connection's fate must be exact.
@@ -17,9 +17,11 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from adapters.aiohttp_transport import AiohttpTransport
+from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts
-from adapters.fast_backend import FastBackend
-from adapters.openai_compat import OpenAICompatBackend
+from adapters.fasthttp import ConnectionPool
+from adapters.http_transport import PooledTransport
 from gateway.app import upstream_session
 from gateway.errors import (
     GatewayError,
@@ -121,14 +123,20 @@ async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[Raw]]]:
         await server.wait_closed()
 
 
+def pool_of(b: OpenAICompatBackend) -> ConnectionPool:
+    """The keep-alive pool of a backend on the plain-http road."""
+    assert isinstance(b.transport, PooledTransport), "the plain-http road is used"
+    return b.transport.pool
+
+
 @pytest.fixture
-async def make() -> AsyncIterator[Callable[..., FastBackend]]:
-    """FastBackends on a shared (unused for http) session; pools are closed at the end."""
-    made: list[FastBackend] = []
+async def make() -> AsyncIterator[Callable[..., OpenAICompatBackend]]:
+    """Backends on a shared (unused for http) session; pools are closed at the end."""
+    made: list[OpenAICompatBackend] = []
     async with aiohttp.ClientSession() as session:
 
-        def build(port: int, **kw: object) -> FastBackend:
-            b = FastBackend(
+        def build(port: int, **kw: object) -> OpenAICompatBackend:
+            b = OpenAICompatBackend(
                 name="up",
                 base_url=f"http://127.0.0.1:{port}/v1",
                 api_key=KEY,
@@ -259,7 +267,7 @@ async def test_sequential_requests_reuse_one_connection(site, make) -> None:
             await resp.read()
         resp.close()
     assert len(peers) == 1
-    assert b.pool is not None and b.pool.size == 1 and b.pool.idle == 1
+    assert pool_of(b).size == 1 and pool_of(b).idle == 1
 
 
 async def test_error_statuses_carry_body_and_retry_after(site, make) -> None:
@@ -277,7 +285,7 @@ async def test_error_statuses_carry_body_and_retry_after(site, make) -> None:
     assert e400.value.upstream_status == 400 and e400.value.upstream_body.startswith(b'{"error"')
     for exc in (e429.value, e503.value, e400.value):
         no_key(exc)
-    assert b.pool is not None and b.pool.size == 1  # the error bodies were read: reused
+    assert pool_of(b).size == 1  # the error bodies were read: reused
 
 
 async def test_metrics_are_scraped_through_aiohttp(site) -> None:
@@ -288,7 +296,7 @@ async def test_metrics_are_scraped_through_aiohttp(site) -> None:
     app.router.add_get("/metrics", metrics)
     port = await site(app)
     async with aiohttp.ClientSession() as session:
-        b = FastBackend(
+        b = OpenAICompatBackend(
             name="w",
             base_url=f"http://127.0.0.1:{port}/v1",
             api_key=None,
@@ -356,7 +364,7 @@ async def test_connection_close_answer_is_not_reused(raw_server, make) -> None:
         resp = await b.open("/chat/completions", BODY, {}, T)
         assert await resp.read() == b"ok"
     assert raw.connections == 2
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
 
 
 async def test_garbage_instead_of_http_is_a_protocol_error(raw_server, make) -> None:
@@ -414,7 +422,7 @@ async def test_refused_port_is_unavailable(make) -> None:
     with pytest.raises(UpstreamUnavailable) as info:
         await b.open("/chat/completions", BODY, {}, T)
     no_key(info.value)
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
 
 
 async def test_slow_first_byte_times_out_and_closes_the_socket(raw_server, make) -> None:
@@ -430,7 +438,7 @@ async def test_slow_first_byte_times_out_and_closes_the_socket(raw_server, make)
     assert 0.15 < time.monotonic() - t0 < 2.0
     no_key(info.value)
     await asyncio.wait_for(raw.gone.wait(), GONE_S)
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -490,7 +498,7 @@ async def test_a_slow_consumer_pauses_reading_without_tripping_the_idle_timeout(
     resp = await make(raw.port).open(
         "/chat/completions", BODY, {}, AttemptTimeouts(2.0, 5.0, 0.3, 10.0)
     )
-    inner = resp._resp  # type: ignore[attr-defined]
+    inner = resp._received  # type: ignore[attr-defined]
     for _ in range(200):
         if inner._paused:
             break
@@ -518,7 +526,7 @@ async def test_a_connection_paused_at_its_last_byte_is_reused_reading(
     b = make(raw.port)
     for _ in range(3):
         resp = await b.open("/chat/completions", BODY, {}, AttemptTimeouts(2.0, 1.0, 1.0, 5.0))
-        inner = resp._resp  # type: ignore[attr-defined]
+        inner = resp._received  # type: ignore[attr-defined]
         for _ in range(200):  # let the body arrive before anything is consumed
             if inner.complete or inner._paused:
                 break
@@ -539,7 +547,7 @@ async def test_a_large_whole_body_is_read_without_pausing(site, make) -> None:
     b = make(await site(app))
     resp = await b.open("/chat/completions", BODY, {}, T)
     assert await resp.read() == big
-    assert b.pool is not None and b.pool.idle == 1
+    assert pool_of(b).idle == 1
 
 
 # -- the pool ----------------------------------------------------------------------------
@@ -569,7 +577,7 @@ async def test_concurrency_beyond_the_pool_waits_for_a_connection(raw_server, ma
     tasks = [asyncio.create_task(one()) for _ in range(6)]
     while raw.requests < 2:
         await asyncio.sleep(0.01)
-    assert b.pool is not None and b.pool.size == 2
+    assert pool_of(b).size == 2
     go.set()
     assert await asyncio.gather(*tasks) == [b"ok"] * 6
     assert peak == 2 and raw.connections == 2 and raw.requests == 6
@@ -593,7 +601,7 @@ async def test_waiting_for_a_full_pool_is_bounded_by_the_first_byte_timeout(
     with pytest.raises(asyncio.CancelledError):
         await held
     await asyncio.wait_for(raw.gone.wait(), GONE_S)
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
 
 
 async def test_close_mid_stream_closes_the_socket(raw_server, make) -> None:
@@ -613,7 +621,7 @@ async def test_close_mid_stream_closes_the_socket(raw_server, make) -> None:
     assert await anext(events) == b'data: {"a":1}'
     resp.close()
     await asyncio.wait_for(raw.gone.wait(), GONE_S)
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
     await events.aclose()
 
 
@@ -631,7 +639,7 @@ async def test_cancelling_before_the_head_closes_the_socket(raw_server, make) ->
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.wait_for(raw.gone.wait(), GONE_S)
-    assert b.pool is not None and b.pool.size == 0
+    assert pool_of(b).size == 0
 
 
 async def test_keepalive_race_is_retried_once_on_a_fresh_connection(raw_server, make) -> None:
@@ -668,9 +676,9 @@ async def test_idle_connections_expire_and_close_releases_them(raw_server, make)
     b = make(raw.port, keepalive_s=0.2)
     resp = await b.open("/chat/completions", BODY, {}, T)
     await resp.read()
-    assert b.pool is not None and b.pool.idle == 1
+    assert pool_of(b).idle == 1
     await asyncio.wait_for(raw.gone.wait(), GONE_S)
-    assert b.pool.size == 0
+    assert pool_of(b).size == 0
 
     raw2 = await raw_server(script)
     b2 = make(raw2.port)
@@ -706,7 +714,7 @@ def test_on_uvloop() -> None:
         runner, port = await start_site(app)
         try:
             async with aiohttp.ClientSession() as session:
-                b = FastBackend(
+                b = OpenAICompatBackend(
                     name="u",
                     base_url=f"http://127.0.0.1:{port}/v1",
                     api_key=KEY,
@@ -717,9 +725,9 @@ def test_on_uvloop() -> None:
                 assert await resp.read() == b'{"ok": true}'
                 resp = await b.open("/chat/completions", BODY, {"X-Kind": "sse"}, T)
                 assert [e async for e in resp.events()] == [b'data: {"i":0}', b"data: [DONE]"]
-                assert b.pool is not None and b.pool.size == 1
+                assert pool_of(b).size == 1
                 b.close()
-                closed = FastBackend(
+                closed = OpenAICompatBackend(
                     name="u",
                     base_url="http://127.0.0.1:9/v1",
                     api_key=KEY,
@@ -795,7 +803,9 @@ async def test_the_app_session_reads_plain_bytes_from_https_style_upstreams(
             api_key=KEY,
             session=session,
             is_local=False,
+            road="aiohttp",  # the https road, over http
         )
+        assert isinstance(b.transport, AiohttpTransport)
         resp = await b.open("/chat/completions", BODY, {}, T)
         assert await resp.read() == b'{"ok":true}'
         resp = await b.open("/chat/completions", BODY, {"X-Kind": "sse"}, T)

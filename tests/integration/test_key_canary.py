@@ -1,13 +1,13 @@
-"""A canary upstream key through every place a careless provider can echo it, on both adapters.
+"""A canary upstream key through every place a careless provider can echo it, on both transports.
 
 The echo provider repeats the `Authorization` header it received in everything it
 can: whole 200 bodies (chat, completions, embeddings), error bodies of every
 status, stream events (whole, JSON `\\u`-escaped, split over two events, spread
 token by token, split over two TCP writes), error events, and its response
-headers. It runs twice: over plain http (the hot-path adapter,
-`adapters.fast_backend`) and over TLS (the aiohttp adapter,
-`adapters.openai_compat`). The canary must reach no client answer, no log line
-(DEBUG on), no /metrics or admin answer and no ledger file.
+headers. It runs twice, through the one `adapters.backend`: over plain http (the
+hot-path pool, `adapters.http_transport`) and over TLS (`adapters.aiohttp_transport`).
+The canary must reach no client answer, no log line (DEBUG on), no /metrics or admin
+answer and no ledger file.
 """
 
 from __future__ import annotations
@@ -251,8 +251,9 @@ async def test_the_canary_key_reaches_no_client_log_metric_admin_answer_or_ledge
     pol["reliability"] = {"breaker_consecutive_failures": 1000, "breaker_failure_rate": 1.0}
     gw = await gateway_factory(pol)
     backend = gw.app[RUNTIME].current.backends["echo"]
-    assert type(backend).__name__ == "FastBackend"
-    assert (backend.pool is not None) == (road == "http"), "the road under test is used"
+    assert type(backend).__name__ == "OpenAICompatBackend"
+    transport = type(backend.transport).__name__
+    assert transport == ("PooledTransport" if road == "http" else "AiohttpTransport"), transport
     # The app's one client session, told to trust the test CA (a real provider's is public).
     gw.app[RUNTIME].session.connector._ssl = client_tls  # type: ignore[union-attr]
     answers: list[tuple[str, bytes]] = []

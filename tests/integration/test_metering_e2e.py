@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import AppOptions, create_app
 from gateway.config import parse_config
-from gateway.edge import open_site
+from gateway.edge_site import open_site
 from gateway.ledger import make_store
 from gateway.ledger.rows import COLUMNS
 from gateway.runtime import RUNTIME
@@ -287,8 +287,8 @@ async def start_gateway(policy: dict[str, Any], **opts: Any) -> tuple[web.AppRun
     )
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await open_site(runner, "127.0.0.1", 0, fast_edge=config.listen.fast_edge)
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    site = await open_site(runner, "127.0.0.1", 0, fast_edge=config.listen.fast_edge)
+    return runner, site.name
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

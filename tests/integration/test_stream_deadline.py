@@ -1,4 +1,4 @@
-"""The Backend contract on timeouts, on real sockets, for both adapters: the attempt's total
+"""The Backend contract on timeouts, on real sockets, on both transports: the attempt's total
 limit bounds a stream that keeps sending and a whole answer that comes too slowly, so the
 forwarder needs no timer of its own around reads."""
 
@@ -12,14 +12,13 @@ import aiohttp
 import orjson
 import pytest
 
+from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts, Backend
-from adapters.fast_backend import FastBackend
-from adapters.openai_compat import OpenAICompatBackend
 from gateway.errors import UpstreamTimeout
 from tests.integration.faultkit import MESSAGES, PROVIDER_MODEL, SimFactory
 
 SHORT_TOTAL = AttemptTimeouts(connect_s=5.0, first_byte_s=5.0, idle_s=5.0, total_s=0.6)
-ADAPTERS = [FastBackend, OpenAICompatBackend]
+ROADS = ["pooled", "aiohttp"]
 
 
 def _body(stream: bool) -> bytes:
@@ -29,14 +28,17 @@ def _body(stream: bool) -> bytes:
 
 
 @asynccontextmanager
-async def slow_backend(
-    sims: SimFactory, adapter: type[FastBackend] | type[OpenAICompatBackend]
-) -> AsyncIterator[Backend]:
+async def slow_backend(sims: SimFactory, road: str) -> AsyncIterator[Backend]:
     """An adapter to a provider at 20 tokens/s: 200 tokens take ten seconds, each gap short."""
     slow = await sims(time_scale=1.0, tokens_per_s=20.0, ttft_s_mean=0.01, ttft_s_jitter=0.0)
     async with aiohttp.ClientSession() as session:
-        backend: Backend = adapter(
-            name="slow", base_url=slow.v1, api_key=None, session=session, is_local=False
+        backend: Backend = OpenAICompatBackend(
+            name="slow",
+            base_url=slow.v1,
+            api_key=None,
+            session=session,
+            is_local=False,
+            road=road,  # type: ignore[arg-type]
         )
         try:
             yield backend
@@ -44,11 +46,10 @@ async def slow_backend(
             backend.close()
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_total_limit_cuts_a_stream_that_keeps_sending(
-    sims: SimFactory, adapter: type[FastBackend] | type[OpenAICompatBackend]
-) -> None:
-    async with slow_backend(sims, adapter) as backend:
+@pytest.mark.parametrize("road", ROADS)
+async def test_total_limit_cuts_a_stream_that_keeps_sending(sims: SimFactory, road: str) -> None:
+    async with slow_backend(sims, road) as backend:
+        assert type(backend.transport).__name__.lower().startswith(road)  # type: ignore[attr-defined]
         t0 = time.monotonic()
         response = await backend.open("/chat/completions", _body(True), {}, SHORT_TOTAL)
         got = 0
@@ -60,13 +61,12 @@ async def test_total_limit_cuts_a_stream_that_keeps_sending(
         assert 3 <= got < 40, "events until the deadline came through, then it stopped"
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_total_limit_bounds_a_slow_whole_answer(
-    sims: SimFactory, adapter: type[FastBackend] | type[OpenAICompatBackend]
-) -> None:
+@pytest.mark.parametrize("road", ROADS)
+async def test_total_limit_bounds_a_slow_whole_answer(sims: SimFactory, road: str) -> None:
     # The simulated provider sends its head at once and the body when it is done (~10 s);
     # whichever the adapter waits on, the total limit ends it.
-    async with slow_backend(sims, adapter) as backend:
+    async with slow_backend(sims, road) as backend:
+        assert type(backend.transport).__name__.lower().startswith(road)  # type: ignore[attr-defined]
         t0 = time.monotonic()
         with pytest.raises(UpstreamTimeout):
             response = await backend.open("/chat/completions", _body(False), {}, SHORT_TOTAL)

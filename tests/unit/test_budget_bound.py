@@ -1,17 +1,30 @@
-"""A budget reservation is an upper bound of the attributed cost it settles to (local GPU)."""
+"""A budget reservation is an upper bound of the attributed cost it settles to (local GPU);
+what a request that never answered settles to, and the rows it leaves."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.admission import Admission, AdmissionRejected, TenantLimits
+from gateway.admission import Admission, AdmissionRejected, Reservation, TenantLimits
 from gateway.auth import Tenant
-from gateway.config import parse_config
+from gateway.config import ModelSpec, parse_config
+from gateway.counting import CountingPool
+from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.estimate import Estimate
+from gateway.forward import SentAttempt
+from gateway.inbound import InboundRequest
+from gateway.ledger import LedgerWriter
+from gateway.ledger.sqlite import SqliteLedger
 from gateway.live import LiveState
-from gateway.metering import Meter
+from gateway.metering import Completion, Meter
 from gateway.metrics import GatewayMetrics
 from gateway.tokenizer import Tokenizer
 from gateway.usage import Usage, cost_usd
@@ -67,3 +80,260 @@ async def test_reservation_bounds_the_attributed_cost_and_settles_to_it() -> Non
     await admission.release(fits)
     with pytest.raises(AdmissionRejected):
         await admission.reserve("t", 0, left + Decimal("0.000000001"))
+
+
+# --- what a request that never answered settles to, and the rows it leaves ------------------
+
+TWO = """
+backends:
+  - name: gpu
+    kind: vllm
+    base_url: http://127.0.0.1:9/v1
+    models: {m: m}
+    gpu: {price_per_hour: 3.6, profile: llama-3.1-8b-h200}
+  - name: prov
+    base_url: http://127.0.0.1:9/v1
+    models: {m: prov-m, pm: prov-m}
+    price: {input_per_million: 1.0, output_per_million: 2.0}
+models:
+  - name: m
+    backends: [gpu, prov]
+  - name: pm
+    backends: [prov]
+tenants:
+  - name: t
+"""
+
+
+async def _meter_with_ledger(
+    tmp_path: Path,
+    limits: TenantLimits,
+    *,
+    clock: Callable[[], float] = time.time,
+    counting: CountingPool | None = None,
+) -> tuple[Meter, Admission, LedgerWriter, Tenant, ModelSpec]:
+    config = parse_config(TWO)
+    live = LiveState({b.name: b for b in config.backends}, 0.0)
+    admission = Admission({"t": limits}, clock=clock)
+    ledger = LedgerWriter(SqliteLedger(tmp_path / "ledger.db"))
+    await ledger.start()
+    meter = Meter(
+        Tokenizer.estimate(), GatewayMetrics(), ledger, admission, live, counting=counting
+    )
+    return meter, admission, ledger, Tenant.from_spec(config.tenants[0]), config.models[0]
+
+
+def _completion(held: Reservation | None, prompt: int) -> Completion:
+    inbound = InboundRequest("chat", {}, "m", stream=True, include_usage=False, max_tokens=50, n=1)
+    return Completion(
+        "rid-1",
+        "t",
+        inbound,
+        Estimate(prompt, 50, 50, True),
+        held,
+        time.monotonic(),
+        client_request_id="client-1",
+    )
+
+
+def _ledger_rows(path: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY attempt")]
+    finally:
+        conn.close()
+
+
+async def _fits(admission: Admission, cost: Decimal, tokens: int = 0) -> bool:
+    try:
+        held = await admission.reserve("t", tokens, cost, budget_tokens=tokens)
+    except AdmissionRejected:
+        return False
+    await admission.release(held)
+    return True
+
+
+async def test_a_client_that_left_pays_the_prompt_of_its_first_attempt_and_the_hedge_is_ours(
+    tmp_path: Path,
+) -> None:
+    budget = Decimal("0.01")
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget, tokens_per_day=5000)
+    )
+    est = Estimate(1000, 50, 50, True)
+    held = await meter.reserve(tenant, model, est)
+    completion = _completion(held, 1000)
+    # Handed over in any order: attempt 1 (the provider) is the tenant's, the hedge (2, the
+    # GPU, at batch 8) the operator's.
+    sent = [SentAttempt("gpu", "m", 2), SentAttempt("prov", "prov-m", 1)]
+    await meter.left_before_answer(completion, sent, lambda b: 8 if b == "gpu" else 3)
+    await ledger.close()
+    first, hedge = _ledger_rows(tmp_path / "ledger.db")
+    # 1000 prompt tokens at $1 per million: $0.001; nothing delivered, nothing else charged.
+    assert (first["tenant"], first["backend"], first["backend_model"]) == ("t", "prov", "prov-m")
+    assert first["cost_nusd"] == 1_000_000
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (1000, 0)
+    assert (first["token_source"], first["counted_prompt_tokens"]) == ("estimated", 1000)
+    assert first["outcome"] == "client_disconnect" and first["divergent"] == 0
+    assert first["batch_size"] is None and first["is_local"] == 0
+    assert first["client_request_id"] == "client-1" and first["stream"] == 1
+    assert 0 <= first["total_s"] < 60
+    assert (hedge["tenant"], hedge["backend"], hedge["attempt"]) == ("(operator)", "gpu", 2)
+    assert hedge["batch_size"] == 8 and hedge["is_local"] == 1 and hedge["divergent"] == 0
+    assert hedge["outcome"] == "client_disconnect"
+    # The tenant's budget now holds exactly its row: $0.001 and 1000 tokens.
+    assert await _fits(admission, budget - Decimal("0.001"))
+    assert not await _fits(admission, budget - Decimal("0.001") + Decimal("0.000000001"))
+    assert await _fits(admission, Decimal(0), 4000)
+    assert not await _fits(admission, Decimal(0), 4001)
+
+
+async def test_a_client_that_left_before_any_attempt_went_out_gets_it_all_back(
+    tmp_path: Path,
+) -> None:
+    budget = Decimal("0.01")
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget, tokens_per_day=5000)
+    )
+    held = await meter.reserve(tenant, model, Estimate(1000, 50, 50, True))
+    await meter.left_before_answer(_completion(held, 1000), [], lambda b: 1)
+    await ledger.close()
+    assert _ledger_rows(tmp_path / "ledger.db") == []
+    assert await _fits(admission, budget, 5000)
+
+
+async def test_a_row_that_could_not_be_priced_still_hands_the_reservation_back(
+    tmp_path: Path,
+) -> None:
+    budget = Decimal("0.01")
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget, tokens_per_day=5000)
+    )
+    held = await meter.reserve(tenant, model, Estimate(1000, 50, 50, True))
+    with pytest.raises(KeyError):  # a backend the live state no longer knows
+        await meter.left_before_answer(
+            _completion(held, 1000), [SentAttempt("gone", "x", 1)], lambda b: 1
+        )
+    await ledger.close()
+    assert await _fits(admission, budget, 5000)
+
+
+async def test_a_rate_limit_is_a_rate_limit_and_a_budget_a_budget(tmp_path: Path) -> None:
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal("0.0001"), tokens_per_minute=500)
+    )
+    with pytest.raises(LimitExceeded) as rate:
+        await meter.reserve(tenant, model, Estimate(1000, 50, 50, True))
+    assert not isinstance(rate.value, BudgetExceeded)
+    assert rate.value.code == "tokens_per_minute"
+    with pytest.raises(BudgetExceeded) as budget:
+        await meter.reserve(tenant, model, Estimate(100, 50, 50, True))
+    assert budget.value.code == "usd_total"
+    await ledger.close()
+
+
+async def test_attempts_cut_mid_answer_are_the_operators_prompt(tmp_path: Path) -> None:
+    budget = Decimal("0.01")
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget)
+    )
+    held = await meter.reserve(tenant, model, Estimate(2000, 50, 50, True))
+    completion = _completion(held, 2000)
+    broken = [SentAttempt("prov", "prov-m", 1), SentAttempt("gpu", "m", 2)]
+    await meter.broken_attempts(completion, broken, lambda b: 5 if b == "gpu" else 7)
+    await ledger.close()
+    prov, gpu = _ledger_rows(tmp_path / "ledger.db")
+    # 2000 prompt tokens at $1 per million: $0.002, the operator's.
+    assert (prov["tenant"], prov["outcome"], prov["cost_nusd"]) == (
+        "(operator)",
+        "upstream_cut",
+        2_000_000,
+    )
+    assert (prov["prompt_tokens"], prov["completion_tokens"], prov["batch_size"]) == (2000, 0, None)
+    assert prov["price_in_nusd_per_m"] == 1_000_000_000
+    assert (gpu["tenant"], gpu["attempt"], gpu["batch_size"]) == ("(operator)", 2, 5)
+    # Not the tenant's: its reservation is still held whole (released here, all back).
+    assert not await _fits(admission, budget)
+    await admission.release(held)
+    assert await _fits(admission, budget)
+
+
+async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
+    tmp_path: Path,
+) -> None:
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal("0.01"))
+    )
+    loser = SentAttempt("prov", "prov-m", 2)
+    gpu_loser = SentAttempt("gpu", "m", 3)
+    losers = meter.hedge_prices((loser, gpu_loser), "m", lambda b: 4 if b == "gpu" else 9)
+    assert [(s, b) for s, _, b in losers] == [(loser, 9), (gpu_loser, 4)]
+    prov_prices = losers[0][1]
+    assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(1), Decimal(2))
+    assert losers[1][1] == meter.unit_prices("gpu", "m", 4)
+    assert losers[1][1] != meter.unit_prices("gpu", "m", 9)
+    completion = _completion(await meter.reserve(tenant, model, Estimate(3000, 50, 50, True)), 3000)
+    completion.hedge_losers = losers
+    await meter.finish(completion, outcome="ok")  # the winner delivered nothing metered here
+    await ledger.close()
+    prov, gpu = _ledger_rows(tmp_path / "ledger.db")
+    assert (prov["tenant"], prov["outcome"], prov["cost_nusd"]) == (
+        "(operator)",
+        "hedge_cancelled",
+        3_000_000,
+    )
+    assert (gpu["tenant"], gpu["batch_size"]) == ("(operator)", 4)
+
+
+async def test_a_provider_only_model_reserves_at_its_list_price(tmp_path: Path) -> None:
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    held = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
+    # 1000 x $1/M + 50 x $2/M = $0.0011
+    assert held.cost_usd == Decimal("0.0011")
+    await ledger.close()
+
+
+async def test_a_budget_that_resets_soon_says_retry_after_and_should_retry(
+    tmp_path: Path,
+) -> None:
+    half_past_23 = datetime(2026, 12, 4, 23, 30, tzinfo=UTC).timestamp()
+    meter, admission, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_per_day=Decimal("0.002")), clock=lambda: half_past_23
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    first = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))  # $0.0011 held
+    with pytest.raises(BudgetExceeded) as refused:
+        await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
+    # It would fit the day's empty budget, which starts again in 30 minutes.
+    assert refused.value.should_retry is True and refused.value.retry_after_s == 1800
+    assert refused.value.headers()["x-should-retry"] == "true"
+    await admission.release(first)
+    await ledger.close()
+
+
+async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: Path) -> None:
+    # Counting off (every count estimated): the pool given is the one used.
+    pool = CountingPool(inline_bytes=-1, max_count_bytes=-1)
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1)), counting=pool
+    )
+    completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.unit_prices("prov", "m", 1)
+    # 400 completion tokens reported for a two-character answer: off by far more than 10%.
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 400, "total_tokens": 410},
+    }
+    usage = await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=100)
+    await ledger.close()
+    assert pool.estimated == 1
+    assert usage is not None and usage.completion_tokens == 400
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["divergent"] == 1 and row["completion_tokens"] == 400
+    # 10 x $1/M + 400 x $2/M = $0.00081
+    assert row["cost_nusd"] == 810_000

@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.aiohttp_transport import AiohttpTransport
+from adapters.backend import BackendResponse, OpenAICompatBackend, caller_headers
+from adapters.base import AttemptTimeouts
 from adapters.errors import map_http_error
-from adapters.fast_backend import FastBackend, FastResponse
 from adapters.fasthttp import (
     BadRequestHeader,
     BadResponse,
@@ -24,6 +26,7 @@ from adapters.fasthttp import (
     _Conn,
     parse_head,
 )
+from adapters.http_transport import PooledTransport
 from adapters.keymask import KeyMask
 from gateway.errors import (
     InvalidRequest,
@@ -33,6 +36,7 @@ from gateway.errors import (
 )
 
 KEY = "sk-unit-canary-3f9a"
+UPSTREAM = PooledTransport("b", "http://upstream.test/v1")  # maps errors; never connects
 
 # -- response heads ---------------------------------------------------------------------
 
@@ -190,7 +194,7 @@ SSE_EVENTS = [
 
 
 async def events_of(resp: Response) -> list[bytes]:
-    return [e async for e in FastResponse("b", resp, KeyMask(None)).events()]
+    return [e async for e in BackendResponse("b", UPSTREAM, resp, KeyMask(None)).events()]
 
 
 @settings(max_examples=150, derandomize=True, deadline=None)
@@ -258,7 +262,7 @@ async def test_a_cut_stream_yields_whole_events_then_fails() -> None:
     resp._conn.connection_lost(None)
     got = []
     with pytest.raises(UpstreamProtocolError):
-        async for event in FastResponse("b", resp, KeyMask(None)).events():
+        async for event in BackendResponse("b", UPSTREAM, resp, KeyMask(None)).events():
             got.append(event)
     assert got == [b"data: 1"]
 
@@ -281,28 +285,31 @@ async def test_early_close_releases_the_slot_and_is_idempotent() -> None:
 # -- request serialization and the error mapping -----------------------------------------
 
 
-async def backend(base_url: str = "http://127.0.0.1:9/v1", **kw: object) -> FastBackend:
+async def backend(base_url: str = "http://127.0.0.1:9/v1", **kw: object) -> OpenAICompatBackend:
     import aiohttp
 
     session = aiohttp.ClientSession()
     await session.close()  # never used: only https and metrics scrapes go through it
-    return FastBackend(
+    return OpenAICompatBackend(
         name="b", base_url=base_url, api_key=KEY, session=session, is_local=False, **kw
     )
 
 
+def pooled(b: OpenAICompatBackend) -> PooledTransport:
+    assert isinstance(b.transport, PooledTransport)
+    return b.transport
+
+
 async def test_request_bytes() -> None:
     b = await backend("http://[::1]:8000/v1/")
-    data = b._serialize(
-        "/chat/completions",
-        b'{"x":1}',
-        {
-            "X-Request-Id": "r1",
-            "authorization": "Bearer client",
-            "Content-Length": "999",
-            "accept-encoding": "br",
-        },
-    )
+    headers = {
+        "X-Request-Id": "r1",
+        "authorization": "Bearer client",
+        "Content-Length": "999",
+        "accept-encoding": "br",
+    }
+    data = pooled(b).serialize("/chat/completions", caller_headers(headers), b'{"x":1}')
+    assert b"Bearer client" not in data
     head, _, body = data.partition(b"\r\n\r\n")
     assert body == b'{"x":1}'
     lines = head.decode().split("\r\n")
@@ -329,21 +336,23 @@ async def test_request_bytes() -> None:
 async def test_line_breaks_cannot_frame_a_request(path: str, headers: dict[str, str]) -> None:
     b = await backend()
     with pytest.raises(BadRequestHeader) as info:
-        b._serialize(path, b"{}", headers)
+        pooled(b).serialize(path, caller_headers(headers), b"{}")
     assert KEY not in str(info.value)
     assert isinstance(map_http_error(info.value, "b", "sending"), InvalidRequest)
+    with pytest.raises(InvalidRequest):  # and through the backend, before any connect
+        await b.open(path, b"{}", headers, AttemptTimeouts(1, 1, 1, 1))
 
 
 @pytest.mark.parametrize(
     "url", ["https://api.example.com/v1", "http://user:pw@127.0.0.1:9/v1", "http://h:9/v1?x=1"]
 )
 async def test_non_plain_http_goes_through_aiohttp(url: str) -> None:
-    assert (await backend(url)).pool is None
+    assert isinstance((await backend(url)).transport, AiohttpTransport)
 
 
 async def test_plain_http_gets_a_bounded_pool() -> None:
-    b = await backend("http://localhost/v1", max_connections=7)
-    assert b.pool is not None and b.pool.port == 80 and b.pool.limit == 7
+    pool = pooled(await backend("http://localhost/v1", max_connections=7)).pool
+    assert pool.port == 80 and pool.limit == 7
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,31 @@ async def test_other_process_sees_creation_and_revocation_after_refresh(tmp_path
     assert gateway.authenticate(key) is None
 
 
+async def test_refresh_reads_beside_a_writer_without_taking_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    # The refresh runs every 0.5 s against the ledger's file: it must not take the write
+    # lock the ledger's commits need. Another connection holds that lock here; a refresh
+    # that asked for it (BEGIN IMMEDIATE) fails as "database is locked" after its timeout.
+    db = tmp_path / "ledger.db"
+    admin = await sqlite_store(db)
+    gateway = KeyStore(SqliteKeyBackend(db, busy_timeout_s=0.05), SECRET, clock=Clock())
+    await gateway.open()
+    _, key = await admin.create("acme")
+    writer = sqlite3.connect(db, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("CREATE TABLE held (x)")  # an uncommitted write: the lock is held
+        assert await gateway.refresh()  # the committed key is read beside the writer
+        assert gateway.authenticate(key) == "acme"
+        assert not await gateway.refresh()
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+    await admin.close()
+    await gateway.close()
+
+
 async def test_a_different_secret_accepts_nothing(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     store = await sqlite_store(db)
