@@ -94,7 +94,18 @@ TARGETS: tuple[Target, ...] = (
             "tests/integration/test_money_paths.py",
             "tests/integration/test_faults.py",
         ),
-        ("tests/integration/test_faults.py::test_breaker_ejects_then_probes_back_in",),
+        tuple(
+            f"tests/integration/test_faults.py::{t}"
+            for t in (
+                "test_breaker_ejects_then_probes_back_in",
+                "test_queue_wait_then_429_with_retry_after",
+                "test_queued_request_is_served_when_a_slot_frees",
+                "test_idle_gap_timeout_cuts_a_stalled_stream",
+                "test_request_timeout_header_bounds_a_long_stream_and_a_whole_answer",
+                "test_deadline_bounds_failover",
+                "test_client_that_stops_reading_is_cut",
+            )
+        ),
     ),
     Target(
         "relay",

@@ -95,6 +95,7 @@ backends:
     base_url: http://127.0.0.1:9/v1
     models: {m: prov-m, pm: prov-m}
     price: {input_per_million: 1.0, output_per_million: 2.0}
+    model_prices: {pm: {input_per_million: 3.0, output_per_million: 4.0}}
 models:
   - name: m
     backends: [gpu, prov]
@@ -123,8 +124,10 @@ async def _meter_with_ledger(
     return meter, admission, ledger, Tenant.from_spec(config.tenants[0]), config.models[0]
 
 
-def _completion(held: Reservation | None, prompt: int) -> Completion:
-    inbound = InboundRequest("chat", {}, "m", stream=True, include_usage=False, max_tokens=50, n=1)
+def _completion(held: Reservation | None, prompt: int, model: str = "m") -> Completion:
+    inbound = InboundRequest(
+        "chat", {}, model, stream=True, include_usage=False, max_tokens=50, n=1
+    )
     return Completion(
         "rid-1",
         "t",
@@ -163,16 +166,16 @@ async def test_a_client_that_left_pays_the_prompt_of_its_first_attempt_and_the_h
     )
     est = Estimate(1000, 50, 50, True)
     held = await meter.reserve(tenant, model, est)
-    completion = _completion(held, 1000)
+    completion = _completion(held, 1000, "pm")
     # Handed over in any order: attempt 1 (the provider) is the tenant's, the hedge (2, the
     # GPU, at batch 8) the operator's.
     sent = [SentAttempt("gpu", "m", 2), SentAttempt("prov", "prov-m", 1)]
     await meter.left_before_answer(completion, sent, lambda b: 8 if b == "gpu" else 3)
     await ledger.close()
     first, hedge = _ledger_rows(tmp_path / "ledger.db")
-    # 1000 prompt tokens at $1 per million: $0.001; nothing delivered, nothing else charged.
+    # 1000 prompt tokens at pm's $3 per million: $0.003; nothing delivered, nothing else charged.
     assert (first["tenant"], first["backend"], first["backend_model"]) == ("t", "prov", "prov-m")
-    assert first["cost_nusd"] == 1_000_000
+    assert first["cost_nusd"] == 3_000_000
     assert (first["prompt_tokens"], first["completion_tokens"]) == (1000, 0)
     assert (first["token_source"], first["counted_prompt_tokens"]) == ("estimated", 1000)
     assert first["outcome"] == "client_disconnect" and first["divergent"] == 0
@@ -182,9 +185,9 @@ async def test_a_client_that_left_pays_the_prompt_of_its_first_attempt_and_the_h
     assert (hedge["tenant"], hedge["backend"], hedge["attempt"]) == ("(operator)", "gpu", 2)
     assert hedge["batch_size"] == 8 and hedge["is_local"] == 1 and hedge["divergent"] == 0
     assert hedge["outcome"] == "client_disconnect"
-    # The tenant's budget now holds exactly its row: $0.001 and 1000 tokens.
-    assert await _fits(admission, budget - Decimal("0.001"))
-    assert not await _fits(admission, budget - Decimal("0.001") + Decimal("0.000000001"))
+    # The tenant's budget now holds exactly its row: $0.003 and 1000 tokens.
+    assert await _fits(admission, budget - Decimal("0.003"))
+    assert not await _fits(admission, budget - Decimal("0.003") + Decimal("0.000000001"))
     assert await _fits(admission, Decimal(0), 4000)
     assert not await _fits(admission, Decimal(0), 4001)
 
@@ -239,19 +242,19 @@ async def test_attempts_cut_mid_answer_are_the_operators_prompt(tmp_path: Path) 
         tmp_path, TenantLimits.of(usd_total=budget)
     )
     held = await meter.reserve(tenant, model, Estimate(2000, 50, 50, True))
-    completion = _completion(held, 2000)
+    completion = _completion(held, 2000, "pm")
     broken = [SentAttempt("prov", "prov-m", 1), SentAttempt("gpu", "m", 2)]
     await meter.broken_attempts(completion, broken, lambda b: 5 if b == "gpu" else 7)
     await ledger.close()
     prov, gpu = _ledger_rows(tmp_path / "ledger.db")
-    # 2000 prompt tokens at $1 per million: $0.002, the operator's.
+    # 2000 prompt tokens at pm's $3 per million: $0.006, the operator's.
     assert (prov["tenant"], prov["outcome"], prov["cost_nusd"]) == (
         "(operator)",
         "upstream_cut",
-        2_000_000,
+        6_000_000,
     )
     assert (prov["prompt_tokens"], prov["completion_tokens"], prov["batch_size"]) == (2000, 0, None)
-    assert prov["price_in_nusd_per_m"] == 1_000_000_000
+    assert prov["price_in_nusd_per_m"] == 3_000_000_000
     assert (gpu["tenant"], gpu["attempt"], gpu["batch_size"]) == ("(operator)", 2, 5)
     # Not the tenant's: its reservation is still held whole (released here, all back).
     assert not await _fits(admission, budget)
@@ -267,12 +270,12 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
     )
     loser = SentAttempt("prov", "prov-m", 2)
     gpu_loser = SentAttempt("gpu", "m", 3)
-    losers = meter.hedge_prices((loser, gpu_loser), "m", lambda b: 4 if b == "gpu" else 9)
+    losers = meter.hedge_prices((loser, gpu_loser), "pm", lambda b: 4 if b == "gpu" else 9)
     assert [(s, b) for s, _, b in losers] == [(loser, 9), (gpu_loser, 4)]
     prov_prices = losers[0][1]
-    assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(1), Decimal(2))
-    assert losers[1][1] == meter.unit_prices("gpu", "m", 4)
-    assert losers[1][1] != meter.unit_prices("gpu", "m", 9)
+    assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(3), Decimal(4))
+    assert losers[1][1] == meter.unit_prices("gpu", "pm", 4)
+    assert losers[1][1] != meter.unit_prices("gpu", "pm", 9)
     completion = _completion(await meter.reserve(tenant, model, Estimate(3000, 50, 50, True)), 3000)
     completion.hedge_losers = losers
     await meter.finish(completion, outcome="ok")  # the winner delivered nothing metered here
@@ -281,7 +284,7 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
     assert (prov["tenant"], prov["outcome"], prov["cost_nusd"]) == (
         "(operator)",
         "hedge_cancelled",
-        3_000_000,
+        9_000_000,  # 3000 prompt tokens at pm's $3 per million, priced when the race ended
     )
     assert (gpu["tenant"], gpu["batch_size"]) == ("(operator)", 4)
 
@@ -292,8 +295,8 @@ async def test_a_provider_only_model_reserves_at_its_list_price(tmp_path: Path) 
     )
     pm = next(m for m in parse_config(TWO).models if m.name == "pm")
     held = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
-    # 1000 x $1/M + 50 x $2/M = $0.0011
-    assert held.cost_usd == Decimal("0.0011")
+    # pm's own price on prov: 1000 x $3/M + 50 x $4/M = $0.0032
+    assert held.cost_usd == Decimal("0.0032")
     await ledger.close()
 
 
@@ -302,10 +305,10 @@ async def test_a_budget_that_resets_soon_says_retry_after_and_should_retry(
 ) -> None:
     half_past_23 = datetime(2026, 12, 4, 23, 30, tzinfo=UTC).timestamp()
     meter, admission, ledger, tenant, _ = await _meter_with_ledger(
-        tmp_path, TenantLimits.of(usd_per_day=Decimal("0.002")), clock=lambda: half_past_23
+        tmp_path, TenantLimits.of(usd_per_day=Decimal("0.005")), clock=lambda: half_past_23
     )
     pm = next(m for m in parse_config(TWO).models if m.name == "pm")
-    first = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))  # $0.0011 held
+    first = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))  # $0.0032 held
     with pytest.raises(BudgetExceeded) as refused:
         await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
     # It would fit the day's empty budget, which starts again in 30 minutes.

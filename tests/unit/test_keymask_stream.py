@@ -254,3 +254,16 @@ def test_a_key_starting_with_the_placeholder_letters_is_told_from_fresh_text() -
     assert masker.feed(e3) == []
     e4 = _chunk(_c(1, "!"), _c(3, "a"))
     assert masker.feed(e4) == [e3, e4]
+
+
+def test_released_text_of_a_fresh_choice_is_only_its_own() -> None:
+    # Choice 1's first text comes out in a flush: what is remembered of it is "ab", so its
+    # next text "cdefgh" is no key (only "XXXX" + "ab" + "cdefgh" would be).
+    key = "XXXXabcdefgh"
+    masker = KeyMask(key).stream()
+    e1 = _chunk(_c(0, "q XXXX"))
+    assert masker.feed(e1) == []
+    e2 = _chunk(_c(0, "!"), _c(1, "ab"))
+    assert masker.feed(e2) == [e1, e2]
+    e3 = _chunk(_c(1, "cdefgh"))
+    assert masker.feed(e3) == [e3]
