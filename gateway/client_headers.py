@@ -19,21 +19,35 @@ TIMEOUT_HEADER: Final = "x-neogate-timeout"
 _PREFIX: Final = "x-neogate-"
 
 
+_READ: Final = (SLO_HEADER, TIMEOUT_HEADER, DEADLINE_HEADER)
+
+
 def check_client_headers(headers: Mapping[str, str], slo_classes: Collection[str]) -> None:
     """Raise InvalidRequest for an `x-neogate-*` header whose value the gateway cannot use."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        # A case-insensitive multidict (both roads): look up the three names the gateway
+        # reads, every copy of each, instead of lowercasing every header of every request.
+        for name in _READ:
+            if name in headers:
+                for value in getall(name):
+                    _check(name, value, slo_classes)
+        return
     for name in headers:
         if len(name) <= len(_PREFIX) or name[: len(_PREFIX)].lower() != _PREFIX:
             continue
-        lower = name.lower()
-        value = headers[name]
-        if lower == SLO_HEADER and value not in slo_classes:
-            raise _bad(lower, f"unknown SLO class {value!r}", ", ".join(sorted(slo_classes)))
-        if lower == TIMEOUT_HEADER and _seconds(value, allow_zero=False) is None:
-            raise _bad(lower, f"{value!r} is not a number of seconds", "a number > 0")
-        if lower == DEADLINE_HEADER and _seconds(value, allow_zero=True) is None:
-            raise _bad(lower, f"{value!r} is not a number of seconds", "a number >= 0")
-        # Other x-neogate-* names pass unread: clients and proxies echo the gateway's own
-        # response headers (x-neogate-backend, ...), and those must not fail a request.
+        _check(name.lower(), headers[name], slo_classes)
+    # Other x-neogate-* names pass unread: clients and proxies echo the gateway's own
+    # response headers (x-neogate-backend, ...), and those must not fail a request.
+
+
+def _check(lower: str, value: str, slo_classes: Collection[str]) -> None:
+    if lower == SLO_HEADER and value not in slo_classes:
+        raise _bad(lower, f"unknown SLO class {value!r}", ", ".join(sorted(slo_classes)))
+    if lower == TIMEOUT_HEADER and _seconds(value, allow_zero=False) is None:
+        raise _bad(lower, f"{value!r} is not a number of seconds", "a number > 0")
+    if lower == DEADLINE_HEADER and _seconds(value, allow_zero=True) is None:
+        raise _bad(lower, f"{value!r} is not a number of seconds", "a number >= 0")
 
 
 def _bad(header: str, problem: str, accepted: str) -> InvalidRequest:

@@ -49,6 +49,11 @@ class CountingPool:
         self.offloaded = 0
         self.estimated = 0
 
+    def fits_inline(self, size: int) -> bool:
+        """True when `run` would count an input of `size` inline (callers may count it
+        themselves and skip the coroutine and closures)."""
+        return size <= self.inline_bytes
+
     async def run(self, count: Callable[[], T], size: int, estimate: Callable[[], T]) -> T:
         """`count()` inline, on the worker, or `estimate()` instead, by `size` (bytes or chars)."""
         if size <= self.inline_bytes:

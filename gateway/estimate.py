@@ -56,14 +56,18 @@ class Estimator:
         the expected output let a burst of such requests overspend a budget 2.5x.
         """
         exact = [self.tokenizer.exact]
+        if self.counting.fits_inline(inbound.size):
+            # The common case, counted here: no closures, no hand-off.
+            prompt = self.tokenizer.count_prompt(inbound.body)
+        else:
 
-        def rough() -> int:
-            exact[0] = False
-            return self._rough.count_prompt(inbound.body)
+            def rough() -> int:
+                exact[0] = False
+                return self._rough.count_prompt(inbound.body)
 
-        prompt = await self.counting.run(
-            lambda: self.tokenizer.count_prompt(inbound.body), inbound.size, rough
-        )
+            prompt = await self.counting.run(
+                lambda: self.tokenizer.count_prompt(inbound.body), inbound.size, rough
+            )
         if inbound.endpoint == "embeddings":
             return Estimate(prompt, 0, 0, exact[0])
         per_choice = inbound.max_tokens or model.expected_output_tokens

@@ -54,6 +54,8 @@ def refuse_encoded_body(headers: Mapping[str, str]) -> None:
     Request bodies are never decompressed: a small gzip body can inflate to gigabytes
     (a stall of the event loop, or memory), and no OpenAI client compresses requests.
     """
+    if "content-encoding" not in headers:  # the common case, both roads case-insensitive
+        return
     codings: list[str]
     if isinstance(headers, MultiMapping):
         codings = list(headers.getall("content-encoding", ()))

@@ -323,6 +323,10 @@ class Meter:
         if answer is None:
             return None
         body = answer
+        if self._counting.fits_inline(answer_bytes):  # the common case: no closures, no hop
+            return usage_from_response(
+                body, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt
+            )
         return await self._counting.run(
             lambda: usage_from_response(
                 body, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt
