@@ -94,6 +94,13 @@ def add_sim_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     provider.add_argument("--tokens-per-s", type=float, default=pr.tokens_per_s)
     provider.add_argument("--prefill-tokens-per-s", type=float, default=pr.prefill_tokens_per_s)
     provider.add_argument("--rpm-limit", type=int, default=None)
+    provider.add_argument(
+        "--rpd-limit",
+        type=int,
+        default=None,
+        help="requests per day; with Groq timings (the default) the x-ratelimit-*-requests "
+        "headers report this budget, as Groq does, and never the per-minute one",
+    )
     provider.add_argument("--tpm-limit", type=int, default=None)
     provider.add_argument("--no-groq-timings", dest="groq_timings", action="store_false")
     provider.add_argument("--prompt-cache", action="store_true")
@@ -147,6 +154,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
             prefill_tokens_per_s=args.prefill_tokens_per_s,
             rpm_limit=args.rpm_limit,
             tpm_limit=args.tpm_limit,
+            rpd_limit=args.rpd_limit,
             groq_timings=args.groq_timings,
             prompt_cache=args.prompt_cache,
             api_key=args.api_key,

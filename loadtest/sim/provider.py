@@ -58,6 +58,8 @@ class ProviderOptions:
     prefill_tokens_per_s: float = 50000.0
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    # Requests per day (Groq reports this one in its x-ratelimit-*-requests headers).
+    rpd_limit: int | None = None
     groq_timings: bool = True
     fault: str | None = None
     time_scale: float = 1.0
@@ -74,7 +76,7 @@ class ProviderOptions:
                 raise ValueError(f"{name} must be > 0")
         if self.ttft_s_mean < 0 or self.ttft_s_jitter < 0:
             raise ValueError("ttft_s_mean and ttft_s_jitter must be >= 0")
-        for name in ("rpm_limit", "tpm_limit"):
+        for name in ("rpm_limit", "tpm_limit", "rpd_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None")
@@ -134,27 +136,31 @@ def _bad_request(exc: RequestError) -> web.Response:
 def _rate_limited(
     model: str, which: str, wait: float, limits: RateLimits, tokens: int
 ) -> web.Response:
-    bucket = limits.requests if which == "requests" else limits.tokens
+    bucket = limits.bucket(which)
+    kind = "tokens" if which == "tokens" else "requests"  # the error type, per day or minute
     assert bucket is not None
-    unit = "requests per minute (RPM)" if which == "requests" else "tokens per minute (TPM)"
+    unit = {
+        "requests": "requests per minute (RPM)",
+        "requests_per_day": "requests per day (RPD)",
+    }.get(which, "tokens per minute (TPM)")
     if math.isinf(wait):
         return error_response(
             413,
             f"Request too large for model `{model}` on {unit}: Limit {bucket.limit}, "
             f"Requested {tokens}. Please reduce your message size and try again.",
-            which,
+            kind,
             "rate_limit_exceeded",
         )
     headers = {
         "retry-after": str(max(1, math.ceil(wait))),
         "retry-after-ms": str(math.ceil(wait * 1000)),
     }
-    requested = 1 if which == "requests" else tokens
+    requested = tokens if which == "tokens" else 1
     return error_response(
         429,
         f"Rate limit reached for model `{model}` in organization `org_sim` on {unit}: "
         f"Limit {bucket.limit}, Requested {requested}. Please try again in {format_duration(wait)}.",
-        which,
+        kind,
         "rate_limit_exceeded",
         headers=headers,
     )
@@ -376,8 +382,10 @@ async def _limit_headers(request: web.Request, response: web.StreamResponse) -> 
 def create_provider_app(opts: ProviderOptions) -> web.Application:
     """The simulated provider."""
     app = base_app()
-    limits = RateLimits(time.monotonic, 60.0 * opts.time_scale)
+    # Groq-like (groq_timings) answers carry Groq's rate-limit headers too.
+    limits = RateLimits(time.monotonic, 60.0 * opts.time_scale, groq_headers=opts.groq_timings)
     limits.set_limits(opts.rpm_limit, opts.tpm_limit)
+    limits.set_daily(opts.rpd_limit)
     cache = PrefixCache() if opts.prompt_cache else None
     app[PROVIDER] = ProviderState(
         opts, TextSource(opts.seed), limits, random.Random(opts.seed), cache

@@ -1,8 +1,16 @@
-"""Per-minute request and token budgets of a simulated provider, and its x-ratelimit-* headers.
+"""Request and token budgets of a simulated provider, and its x-ratelimit-* headers.
 
-Each budget is a bucket that refills continuously at `limit` per window (60 s x time_scale),
-as OpenAI and Groq describe theirs: `remaining` is what the bucket holds, `reset` the time
-until it is full again, formatted like `7.66s`, `12ms` or `1m0s`.
+Each budget is a bucket that refills continuously at `limit` per window (60 s x time_scale
+for the per-minute ones, a day for requests per day), as OpenAI and Groq describe theirs:
+`remaining` is what the bucket holds, `reset` the time until it is full again, formatted
+like `7.66s`, `12ms` or `2m59.56s`.
+
+Which budgets the headers describe depends on the provider (tests/fixtures/wire/):
+
+- OpenAI-style (and Together): `x-ratelimit-*-requests` is the per-minute request budget;
+- Groq (`groq_headers`): `x-ratelimit-*-requests` is the per-DAY request budget (RPD) and
+  `x-ratelimit-*-tokens` the per-minute token budget; a per-minute request limit is
+  enforced (429 with retry-after) but never reported in headers, as Groq does.
 """
 
 from __future__ import annotations
@@ -80,35 +88,53 @@ class RateLimits:
     window_s: float
     requests: Bucket | None = None
     tokens: Bucket | None = None
+    # Requests per day; its window is a day at the same time scale as `window_s`.
+    daily: Bucket | None = None
+    # Groq's header semantics (see the module docstring).
+    groq_headers: bool = False
 
     def set_limits(self, rpm: int | None, tpm: int | None) -> None:
-        """(Re)configure the budgets; None removes one."""
+        """(Re)configure the per-minute budgets; None removes one."""
         now = self.clock()
         self.requests = Bucket(rpm, self.window_s, updated=now) if rpm else None
         self.tokens = Bucket(tpm, self.window_s, updated=now) if tpm else None
 
+    def set_daily(self, rpd: int | None) -> None:
+        """(Re)configure the requests-per-day budget; None removes it."""
+        day_s = self.window_s * 1440.0
+        self.daily = Bucket(rpd, day_s, updated=self.clock()) if rpd else None
+
     def check(self, tokens: int) -> tuple[str, float] | None:
         """None if the request fits (and is charged), else (which budget, seconds to wait)."""
         now = self.clock()
-        if self.requests is not None:
-            wait = self.requests.wait_s(1, now)
-            if wait > 0:
-                return "requests", wait
-        if self.tokens is not None:
-            wait = self.tokens.wait_s(tokens, now)
-            if wait > 0:
-                return "tokens", wait
+        for name, bucket, amount in (
+            ("requests", self.requests, 1),
+            ("requests_per_day", self.daily, 1),
+            ("tokens", self.tokens, tokens),
+        ):
+            if bucket is not None:
+                wait = bucket.wait_s(amount, now)
+                if wait > 0:
+                    return name, wait
         if self.requests is not None:
             self.requests.take(1, now)
+        if self.daily is not None:
+            self.daily.take(1, now)
         if self.tokens is not None:
             self.tokens.take(tokens, now)
         return None
+
+    def bucket(self, name: str) -> Bucket | None:
+        """The budget `check` named."""
+        return {"requests": self.requests, "requests_per_day": self.daily}.get(name, self.tokens)
 
     def headers(self) -> dict[str, str]:
         """x-ratelimit-* headers for every configured budget."""
         now = self.clock()
         out: dict[str, str] = {}
-        for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+        # Groq reports its day budget under the requests names; OpenAI its minute budget.
+        reqs = self.daily if self.groq_headers else self.requests
+        for name, bucket in (("requests", reqs), ("tokens", self.tokens)):
             if bucket is None:
                 continue
             out[f"x-ratelimit-limit-{name}"] = str(bucket.limit)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,11 +16,15 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from adapters.dialects.ratelimits import groq_headroom
 from loadtest.sim.cli import add_sim_parser, build_app
 from loadtest.sim.common import start_site
 from loadtest.sim.provider import ProviderOptions, create_provider_app
 from loadtest.sim.ratelimit import format_duration
 from loadtest.sim.static import create_static_app
+from policies.headroom import Headroom, parse_reset
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 
 MODEL = "llama-3.1-8b-instant"
 
@@ -218,7 +223,10 @@ async def test_api_key_required_when_configured(serve: Serve) -> None:
 
 
 async def test_rpm_budget_gives_429_with_headers(serve: Serve, http: aiohttp.ClientSession) -> None:
-    base = await serve(create_provider_app(quick(rpm_limit=3, tpm_limit=100_000)))
+    # OpenAI-style headers (not Groq): x-ratelimit-*-requests is the per-minute budget.
+    base = await serve(
+        create_provider_app(quick(rpm_limit=3, tpm_limit=100_000, groq_timings=False))
+    )
     remaining = []
     for _ in range(3):
         status, headers, _ = await post(http, base + "/v1/chat/completions", chat_body())
@@ -264,7 +272,39 @@ async def test_tpm_budget_and_control_of_remaining(
     await control(http, base, tpm_limit=None, rpm_limit=1)
     status, headers, _ = await post(http, base + "/v1/chat/completions", chat_body())
     assert status == 200 and "x-ratelimit-limit-tokens" not in headers
-    assert headers["x-ratelimit-remaining-requests"] == "0"
+    # Groq-like: a per-minute request budget is enforced but never reported in headers.
+    assert "x-ratelimit-remaining-requests" not in headers
+    status, headers, _ = await post(http, base + "/v1/chat/completions", chat_body())
+    assert status == 429 and int(headers["retry-after"]) >= 1
+
+
+async def test_groq_headers_are_what_groq_sends_and_the_groq_dialect_reads_them(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    """Groq reports requests per DAY and tokens per minute under x-ratelimit-*
+    (tests/fixtures/wire/headers_groq.txt); its per-minute request limit shows only as a 429.
+    The simulated Groq sends the same, and the `groq` dialect reads it as the real thing."""
+    fixture = (FIXTURES / "headers_groq.txt").read_text().splitlines()
+    wanted = {line.split(":")[0] for line in fixture if line.startswith("x-ratelimit-")}
+    base = await serve(create_provider_app(quick(rpm_limit=2, rpd_limit=14_400, tpm_limit=18_000)))
+    status, headers, _ = await post(http, base + "/v1/chat/completions", chat_body())
+    assert status == 200
+    assert {k.lower() for k in headers if k.lower().startswith("x-ratelimit-")} == wanted
+    assert headers["x-ratelimit-limit-requests"] == "14400"
+    assert headers["x-ratelimit-remaining-requests"] == "14399"
+    # A day's bucket refills in about 6 s per request: the reset reads like Groq's 2m59.56s.
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
+    assert 5.0 < parse_reset(headers["x-ratelimit-reset-requests"]) < 7.0
+    h = groq_headroom(headers, 100.0, Headroom())
+    assert (h.daily_limit_requests, h.daily_remaining_requests) == (14_400, 14_399)
+    assert (h.limit_requests, h.remaining_requests) == (None, None)
+    assert h.limit_tokens == 18_000 and h.remaining_tokens is not None
+    assert 18_000 - 16 <= h.remaining_tokens < 18_000  # 16 taken, refilling at 300/s
+    await post(http, base + "/v1/chat/completions", chat_body())
+    status, headers, raw = await post(http, base + "/v1/chat/completions", chat_body())
+    assert status == 429 and headers["x-ratelimit-remaining-requests"] == "14398"
+    error = orjson.loads(raw)["error"]
+    assert error["type"] == "requests" and "requests per minute (RPM)" in error["message"]
 
 
 def test_reset_durations_format() -> None:
@@ -486,7 +526,7 @@ async def test_cli_builds_each_backend(serve: Serve, http: aiohttp.ClientSession
         assert [m["id"] for m in (await resp.json())["data"]] == ["a", "b"]
     async with http.get(base + "/metrics") as resp:
         assert "sglang:num_running_reqs" in await resp.text()
-    args = parser.parse_args(["sim", "provider", "--rpm-limit", "5", "--fault", "error503"])
+    args = parser.parse_args(["sim", "provider", "--rpd-limit", "5", "--fault", "error503"])
     base = await serve(build_app(args))
     status, headers, _ = await post(http, base + "/v1/chat/completions", chat_body())
     assert status == 503 and headers["x-ratelimit-limit-requests"] == "5"
