@@ -98,6 +98,15 @@ class GpuModel:
         """Most sequences the worker runs at once."""
         return self.profile.max_batch
 
+    def batch_cap(self, tokens_per_sequence: float) -> int:
+        """Most sequences of this many tokens (prompt + output, what each holds by its end)
+        the worker runs at once: max_batch, or fewer when the KV cache holds fewer (>= 1)."""
+        kv = self.profile.kv_capacity_tokens
+        if kv is None or tokens_per_sequence <= 0:
+            return self.max_batch
+        fit = int(kv // tokens_per_sequence)
+        return max(1, fit if fit < self.max_batch else self.max_batch)
+
     @property
     def points(self) -> tuple[tuple[int, float], ...]:
         """The measured (batch, tokens/s) points at the reference context."""
@@ -237,19 +246,22 @@ class GpuModel:
         load: int,
         queued_prefill_tokens: int,
         expected_output_tokens: int,
+        slots: int | None = None,
     ) -> float:
         """TTFT of one more request given `load` requests already on the worker.
 
         Queued prefill and our own prefill run at the prefill speed; then one decode step at
-        the new batch. Requests beyond `max_batch` wait for slots, which free at the rate
-        requests complete (throughput at max_batch / expected output length).
+        the new batch. Requests beyond the worker's slots (`max_batch`, or `slots` when the
+        KV cache holds fewer: `batch_cap`) wait for one, and slots free at the rate requests
+        complete (throughput at that batch / expected output length).
         """
+        top = self.max_batch if slots is None or slots > self.max_batch else max(slots, 1)
         after = load + 1
         wait = 0.0
-        if after > self.max_batch:
-            per_completion = max(expected_output_tokens, 1) / self._table[self.max_batch]
-            wait = (after - self.max_batch) * per_completion
-            after = self.max_batch
+        if after > top:
+            per_completion = max(expected_output_tokens, 1) / self._table[top]
+            wait = (after - top) * per_completion
+            after = top
         prefill = self.prefill_time_s(queued_prefill_tokens) + self.prefill_time_s(prompt_tokens)
         return wait + prefill + after / self._table[after]
 

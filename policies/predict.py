@@ -71,7 +71,9 @@ def predict(
         target = request.slo.max_itl_s
         if target is None and guard is not None:
             target = guard.max_itl_s
-        b_star = gpu.slo_batch(target, rate, context)
+        # The KV cache may hold fewer sequences of this size than max_batch.
+        slots = gpu.batch_cap(request.prompt_tokens + out)
+        b_star = min(gpu.slo_batch(target, rate, context), slots)
         # A worker that preempts (or queues for KV room) is at the batch its memory holds.
         load = pressured_load(local_load(s), b_star, fresh and s.preempting)
         queued_prefill = s.pending_prefill_tokens
@@ -83,14 +85,13 @@ def predict(
             load=load,
             queued_prefill_tokens=queued_prefill,
             expected_output_tokens=out,
+            slots=slots,
         )
         if fresh:
             own_prefill = gpu.prefill_time_s(request.prompt_tokens)
             ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own_prefill)
         batch = load + 1
-        itl = gpu.itl_under_load_s(
-            batch if batch <= gpu.max_batch else gpu.max_batch, rate, context
-        )
+        itl = gpu.itl_under_load_s(batch if batch <= slots else slots, rate, context)
         if displaced_usd is None:
             displaced_usd = gpu.amortized_cost(request.prompt_tokens, out, max(b_star, 1), context)
         cost = gpu.marginal_cost(batch, b_star, displaced_usd)

@@ -62,6 +62,8 @@ class Profile:
     measured: str = ""
     # Tokens per step of chunked prefill (see `ThroughputProfileSpec.step_token_budget`).
     step_token_budget: int = 2048
+    # KV cache tokens across all sequences (see `ThroughputProfileSpec.kv_capacity_tokens`).
+    kv_capacity_tokens: int | None = None
     # Throughput by integer batch 0..top for each measured context: the hot path indexes it.
     _tables: tuple[tuple[float, ...], ...] = field(init=False, repr=False, compare=False)
     _ref: int = field(init=False, repr=False, compare=False)
@@ -101,6 +103,7 @@ class Profile:
             spec.source or "",
             spec.measured or "",
             spec.step_token_budget,
+            spec.kv_capacity_tokens,
         )
 
     @property

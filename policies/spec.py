@@ -66,6 +66,9 @@ class ThroughputProfileSpec(Spec):
     # `max_num_batched_tokens`, 2048 by default for online serving): while a prompt is
     # prefilled, each step of the running decodes lasts about this many tokens of prefill.
     step_token_budget: int = Field(default=2048, ge=2)
+    # Tokens the KV cache holds across all sequences (None: only max_batch limits the batch):
+    # at a context of c tokens per sequence at most kv_capacity_tokens // c run at once.
+    kv_capacity_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("measured", mode="before")
     @classmethod

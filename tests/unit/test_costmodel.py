@@ -312,3 +312,31 @@ def test_the_tail_load_lowers_b_star_for_a_short_exposure(h100: GpuModel) -> Non
     # even batch 1 (1 / 215 = 4.65 ms): b* 0.
     assert h100.slo_batch(0.010, 5_000) == 82
     assert h100.slo_batch(0.010, h100.tail_prompt_rate(5_000, 0.16, 1.0)) == 0
+
+
+def test_a_kv_cap_limits_the_batch_per_context() -> None:
+    # 412,000 KV tokens (an 8B H100's cache): sequences of 2,000 tokens fit 206 at once;
+    # of 1,000, 412, so max_batch (256) binds; one larger than the cache still runs alone.
+    nim = dict(LLAMA_8B_H100.curve())
+    gpu = GpuModel.from_profile(
+        ThroughputProfileSpec(
+            decode_tokens_per_s=nim, prefill_tokens_per_s=20_000, kv_capacity_tokens=412_000
+        ),
+        2.95,
+    )
+    assert (gpu.batch_cap(2_000), gpu.batch_cap(1_000), gpu.batch_cap(500_000)) == (206, 256, 1)
+    # Without a cap, max_batch.
+    assert GpuModel.from_profile(LLAMA_8B_H100, 2.95).batch_cap(2_000) == 256
+
+
+def test_ttft_waits_for_a_slot_past_the_kv_cap(h100: GpuModel) -> None:
+    # 10 on the worker and room for 8: the 11th waits for 3 completions, each 200 tokens
+    # at T(8) = 1077 + 180.1 x 3 = 1617.3 tokens/s: 3 x 0.12366 = 0.37099 s; then its own
+    # 1,000-token prefill at 20k/s (0.05 s) and one decode step at 8, 8 / 1617.3 = 4.946 ms.
+    ttft = h100.predicted_ttft_s(
+        1000, load=10, queued_prefill_tokens=0, expected_output_tokens=200, slots=8
+    )
+    assert ttft == pytest.approx(0.37099 + 0.05 + 0.004946, rel=1e-4)
+    # Without the cap 11 fit: no wait.
+    free = h100.predicted_ttft_s(1000, load=10, queued_prefill_tokens=0, expected_output_tokens=200)
+    assert free == pytest.approx(0.05 + 11 / h100.throughput(11), rel=1e-6)

@@ -11,6 +11,7 @@ from policies.headroom import Headroom, mark_429
 from policies.queueing import wait_decision
 from policies.select import compile_policy, select
 from policies.spec import (
+    LLAMA_8B_H100,
     CostPolicySpec,
     GpuSpec,
     LatencyPolicySpec,
@@ -380,3 +381,22 @@ def test_an_itl_margin_covers_the_shortfall_it_learned_from() -> None:
     req2 = dataclasses.replace(req, slo=roomy)
     d2 = select(req2, [groq(), local(itl_rel_spread=learned.spread(NOW))], COST, NOW)
     assert d2.candidates[0].backend == "gpu-a", d2.reason
+
+
+def test_a_kv_cap_caps_b_star_and_the_batch_predicted() -> None:
+    # A cache of 10,000 tokens holds 10 sequences of 800 prompt + 200 output tokens.
+    small = GpuModel.from_profile(
+        ThroughputProfileSpec(
+            decode_tokens_per_s=dict(LLAMA_8B_H100.curve()),
+            prefill_tokens_per_s=20_000,
+            kv_capacity_tokens=10_000,
+        ),
+        2.95,
+    )
+    d = select(request(), [local(gpu=small, inflight=3), groq()], COST, NOW)
+    top = d.candidates[0]
+    assert top.backend == "gpu-a" and top.slo_batch == 10 and top.predicted_batch == 4
+    # Full: the next request waits for a slot, and its TTFT says so.
+    full = select(request(), [local(gpu=small, inflight=12)], COST, NOW).candidates[0]
+    roomy = select(request(), [local(inflight=12)], COST, NOW).candidates[0]
+    assert full.predicted_ttft_s > roomy.predicted_ttft_s + 0.1
