@@ -58,6 +58,19 @@ _ROUTES: Final[dict[bytes, Endpoint]] = {
     b"/v1/embeddings": "embeddings",
 }
 _HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade")
+# Headers aiohttp refuses to see twice (its singletons; two Content-Length never get this
+# far, llhttp refuses them) and Connection, which the edge reads as one value: a head with
+# two goes to aiohttp, which answers it.
+_AT_MOST_ONCE: Final = (
+    "connection",
+    "content-type",
+    "user-agent",
+    "content-location",
+    "content-range",
+    "etag",
+    "max-forwards",
+    "server",
+)
 _MAX_HEAD: Final = 65536  # a longer head goes to aiohttp, whose limits answer it
 # aiohttp's limits (set in `gateway.app`); a head near them is handed over, so the two
 # roads refuse the same requests with the same status.
@@ -243,13 +256,14 @@ class EdgeConnection(asyncio.Protocol):
             ]
         )
         length = _content_length(headers)
-        if (
-            length is None
-            or any(h in headers for h in _HAND_OVER_HEADERS)
-            or len(headers.getall("host", ())) != 1  # HTTP/1.1 needs one Host
-            or len(headers.getall("connection", ())) > 1
-        ):
+        if length is None or len(headers.getall("host", ())) != 1:  # HTTP/1.1 needs one Host
             return None
+        for name in _HAND_OVER_HEADERS:
+            if name in headers:
+                return None
+        for name in _AT_MOST_ONCE:
+            if len(headers.getall(name, ())) > 1:
+                return None
         return endpoint, headers, length
 
     # -- llhttp callbacks (httptools) --

@@ -80,6 +80,11 @@ REFUSED = {
     "a 20 KB header value": request([HOST, AUTH, ("X-Big", "a" * 20_000)]),
     "no Host": request([AUTH]),
     "two Host headers": request([HOST, ("Host", "other.test"), AUTH]),
+    # aiohttp's singletons: it refuses a second one, and the edge hands such a head over
+    "two Content-Type headers": request(
+        [HOST, AUTH, ("Content-Type", "application/json"), ("Content-Type", "text/plain")]
+    ),
+    "two User-Agent headers": request([HOST, AUTH, ("User-Agent", "a"), ("User-Agent", "b")]),
     "bare LF line ends": request([HOST, AUTH], lf=b"\n"),
 }
 
