@@ -16,15 +16,12 @@ timer, set from `keepalive_s`, covers idle connections between requests).
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import cast
+
+import httptools
 
 from gateway.config import ListenSpec
-
-_CONTENT_LENGTH: Final = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*\r?\n", re.I)
-_CHUNKED: Final = re.compile(rb"\ntransfer-encoding[ \t]*:[^\n]*chunked", re.I)
-_CHUNKED_END: Final = re.compile(rb"(?:^|\n)0[ \t;]*[^\n]*\r?\n(?:[^\n]+\r?\n)*\r?\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +45,11 @@ class ConnectionLimits:
 class RequestDeadlines(asyncio.Protocol):
     """Sits in front of aiohttp's protocol and cuts a connection whose head or body is too slow.
 
-    It follows the request framing just far enough to know where a head ends and
-    how long its body is (Content-Length, or chunked up to its last chunk); every
-    byte is passed on unchanged. A malformed request is aiohttp's to refuse.
+    It follows the request framing with llhttp (httptools, the parser aiohttp's
+    own is built on) just far enough to know where a head begins and ends and
+    where its body ends (Content-Length or chunked); every byte is passed on
+    unchanged. A malformed request is aiohttp's to refuse: the guard stops
+    following and the deadline in force stays.
     """
 
     def __init__(
@@ -63,26 +62,29 @@ class RequestDeadlines(asyncio.Protocol):
         self._limits = limits
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._head = b""  # the head so far (state "head")
-        self._state = "idle"  # idle -> head -> body | chunked -> idle
-        self._left = 0  # body bytes still to come (state "body")
-        self._tail = b""  # the end of the chunked body so far (state "chunked")
         self._first_deadline = head_deadline
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
 
     # -- asyncio.Protocol, forwarded --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
         deadline = self._first_deadline
         if deadline is None:
-            deadline = loop.time() + self._limits.head_timeout_s
-        self._state = "head"
-        self._arm(deadline)
+            deadline = asyncio.get_running_loop().time() + self._limits.head_timeout_s
+        self._arm(deadline)  # the first head runs from the connection's opening
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self._follow(data)
+        parser = self._parser
+        if parser is not None:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._parser = None  # no longer HTTP/1.1 requests: nothing to follow
+                self._disarm()
+            except httptools.HttpParserError:
+                self._parser = None  # aiohttp answers it; the deadline in force stays
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -98,67 +100,16 @@ class RequestDeadlines(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._inner.resume_writing()
 
-    # -- framing --
+    # -- llhttp callbacks: a head begins, the head is whole, the message is whole --
 
-    def _follow(self, data: bytes) -> None:
-        while data:
-            state = self._state
-            if state == "idle":
-                self._state = "head"
-                self._head = b""
-                self._arm(asyncio.get_running_loop().time() + self._limits.head_timeout_s)
-                continue
-            if state == "head":
-                data = self._in_head(data)
-            elif state == "body":
-                take = min(self._left, len(data))
-                self._left -= take
-                data = data[take:]
-                if not self._left:
-                    self._idle()
-            else:  # chunked: up to the last chunk and its blank line
-                tail = self._tail + data
-                end = _CHUNKED_END.search(tail)
-                if end is None:
-                    self._tail = tail[-4096:]
-                    return
-                consumed = end.end() - len(self._tail)
-                self._tail = b""
-                data = data[max(consumed, 0) :]
-                self._idle()
+    def on_message_begin(self) -> None:
+        if self._timer is None:  # not the first head, which runs from the opening
+            self._arm(asyncio.get_running_loop().time() + self._limits.head_timeout_s)
 
-    def _in_head(self, data: bytes) -> bytes:
-        head = self._head + data
-        if not self._head:
-            head = head.lstrip(b"\r\n")  # blank lines between requests
-            if not head:
-                return b""
-        at = head.find(b"\n\r\n")
-        at2 = head.find(b"\n\n")
-        ends = [i for i in (at + 3 if at >= 0 else -1, at2 + 2 if at2 >= 0 else -1) if i >= 0]
-        if not ends:
-            self._head = head[-65536:]  # aiohttp refuses a longer head
-            return b""
-        end = min(ends)
-        rest_len = len(head) - end
-        head = head[:end]
-        self._head = b""
-        loop = asyncio.get_running_loop()
-        if _CHUNKED.search(head):
-            self._state, self._tail = "chunked", b"\n"
-            self._arm(loop.time() + self._limits.body_timeout_s)
-        else:
-            m = _CONTENT_LENGTH.search(head)
-            length = int(m.group(1)) if m else 0
-            if length:
-                self._state, self._left = "body", length
-                self._arm(loop.time() + self._limits.body_timeout_s)
-            else:
-                self._idle()
-        return data[len(data) - rest_len :] if rest_len else b""
+    def on_headers_complete(self) -> None:
+        self._arm(asyncio.get_running_loop().time() + self._limits.body_timeout_s)
 
-    def _idle(self) -> None:
-        self._state = "idle"
+    def on_message_complete(self) -> None:
         self._disarm()  # aiohttp's keep-alive timer covers the wait for the next request
 
     # -- the one timer --

@@ -230,3 +230,53 @@ async def test_the_separate_admin_port_keeps_the_same_limits(
         assert "ng-x1y2" not in caplog.text and "Traceback" not in caplog.text
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("fast_edge", [True, False], ids=["edge", "aiohttp"])
+async def test_a_chunked_body_holding_a_last_chunk_lookalike_keeps_its_body_deadline(
+    sims: SimFactory,
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_edge: bool,
+) -> None:
+    """aiohttp reads chunked bodies (the edge hands them over); the deadline guard in front
+    follows the framing with llhttp. JSON may hold `\\n0\\r\\n\\r\\n` as whitespace around a
+    number: a pattern-matching follower took it for the last chunk and cut the slow rest of
+    the body at the head deadline."""
+    monkeypatch.setenv("NEOGATE_TEST_TENANT_KEY", TENANT_KEY)
+    sim = await sims()
+    pol = policy(tmp_path, [Upstream("sim", sim.v1)])
+    pol["listen"].update(fast_edge=fast_edge, head_timeout_s=0.5, body_timeout_s=5.0)
+    pol["auth"] = {"allow_anonymous_on_loopback": False}
+    pol["tenants"] = [{"name": "t", "api_keys": ["env:NEOGATE_TEST_TENANT_KEY"]}]
+    gw = await gateway_factory(pol, anonymous=False)
+    first = b'{"model": "m", "messages": ' + json.dumps(MESSAGES).encode()
+    first += b', "max_tokens": 4, "temperature":\n0\r\n\r\n'
+    conn = await Conn.open(gw.url)
+    await conn.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TENANT_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"%x\r\n%b\r\n" % (len(first), first)
+    )
+    await asyncio.sleep(1.0)  # past the head deadline, well within the body's
+    await conn.send(b"1\r\n}\r\n0\r\n\r\n")
+    status, _, body = await conn.response()
+    conn.close()
+    assert status == 200, body
+
+
+async def test_a_chunked_body_that_stalls_after_a_last_chunk_lookalike_is_cut(gw: Gateway) -> None:
+    """The pattern-matching follower took the lookalike for the body's end and disarmed:
+    the stalled rest was then held with no deadline at all (aiohttp has none of its own)."""
+    first = b'{"model": "m", "messages": ' + json.dumps(MESSAGES).encode()
+    first += b', "max_tokens": 4, "temperature":\n0\r\n\r\n'
+    conn = await Conn.open(gw.url)
+    await conn.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TENANT_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"%x\r\n%b\r\n" % (len(first), first)
+    )
+    took = await _cut_within(conn, 5.0)
+    conn.close()
+    assert took < DEADLINE_S + 1.0, f"cut after {took:.2f}s"
