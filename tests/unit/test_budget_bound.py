@@ -28,6 +28,7 @@ from gateway.metering import Completion, Meter
 from gateway.metrics import GatewayMetrics
 from gateway.tokenizer import Tokenizer
 from gateway.usage import Usage, cost_usd
+from policies.pricebook import Price
 
 POLICY = """
 backends:
@@ -93,13 +94,17 @@ backends:
     gpu: {price_per_hour: 3.6, profile: llama-3.1-8b-h200}
   - name: prov
     base_url: http://127.0.0.1:9/v1
-    models: {m: prov-m, pm: prov-m}
+    models: {m: prov-m, pm: prov-m, odd: prov-m}
     price: {input_per_million: 1.0, output_per_million: 2.0}
-    model_prices: {pm: {input_per_million: 3.0, output_per_million: 4.0}}
+    model_prices:
+      pm: {input_per_million: 3.0, output_per_million: 4.0}
+      odd: {input_per_million: 0.1234567891, output_per_million: 0.9876543216}
 models:
   - name: m
     backends: [gpu, prov]
   - name: pm
+    backends: [prov]
+  - name: odd
     backends: [prov]
 tenants:
   - name: t
@@ -340,3 +345,56 @@ async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: 
     assert row["divergent"] == 1 and row["completion_tokens"] == 400
     # 10 x $1/M + 400 x $2/M = $0.00081
     assert row["cost_nusd"] == 810_000
+
+
+async def test_gpu_prices_at_the_profiles_figures(tmp_path: Path) -> None:
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(100))
+    )
+    # At the reference prompt (512 tokens: 41,900 tokens/s), $0.001 per GPU-second:
+    # 0.001 / 41900 x 1e6 = $0.023866348 per million prompt tokens.
+    plain = meter.unit_prices("gpu", "m", 8)
+    assert plain.input_per_m == Decimal("0.023866348")
+    assert plain.version.endswith("/gpu@b8")
+    # A one-token context is bucket 1, priced at its own prefill speed and named so.
+    assert meter.unit_prices("gpu", "m", 8, context=1).version.endswith("/gpu@b8c1")
+    assert meter.unit_prices("gpu", "m", 8, context=9050).version.endswith("/gpu@b8c16384")
+    # The most a token can cost here (what budgets hold): prefill at 39,900/s and decoding
+    # at 190/s: $0.025062657 and $5.263157895 per million (rounded to the nano-dollar).
+    # 10M prompt and 10M output tokens: 10 x 0.025062657 + 10 x 5.263157895 = $52.88220552.
+    held = await meter.reserve(tenant, model, Estimate(10_000_000, 10_000_000, 1, True))
+    assert held.cost_usd == Decimal("52.88220552")
+    await ledger.close()
+
+
+async def test_prices_in_force_are_whole_nano_dollars_per_million(tmp_path: Path) -> None:
+    """The price a ledger row stores (integer nano-dollars per million) is the very price
+    its cost was computed with: prices are rounded to 9 decimals of a dollar per million."""
+    meter, _, ledger, _, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    odd = meter.unit_prices("prov", "odd", 0)
+    assert (odd.input_per_m, odd.output_per_m) == (Decimal("0.123456789"), Decimal("0.987654322"))
+    for prices in (
+        odd,
+        meter.unit_prices("gpu", "m", 1),
+        meter.unit_prices("gpu", "m", 8, context=9050),
+        meter.unit_prices("gpu", "m", 3, context=700),
+    ):
+        assert Decimal(prices.nusd[0]) == prices.input_per_m * 10**9
+        assert Decimal(prices.nusd[1]) == prices.output_per_m * 10**9
+    await ledger.close()
+
+
+async def test_a_fed_cache_write_price_is_in_force(tmp_path: Path) -> None:
+    meter, _, ledger, _, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    assert meter.unit_prices("prov", "pm", 0).cache_write_input_per_m is None
+    meter._live.prices.set(
+        "prov", Price(3e-6, 4e-6, cache_write_input_per_token=3.75e-6), model="pm"
+    )
+    fed = meter.unit_prices("prov", "pm", 0)
+    assert fed.cache_write_input_per_m == Decimal("3.75")
+    assert (fed.input_per_m, fed.output_per_m) == (Decimal(3), Decimal(4))
+    await ledger.close()
