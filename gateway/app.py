@@ -13,7 +13,7 @@ from gateway import endpoints
 from gateway.admin import add_admin_routes, add_usage_routes
 from gateway.background import Background
 from gateway.config import GatewayConfig
-from gateway.edge import MAX_FIELD_SIZE, MAX_HEADERS
+from gateway.edge_head import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.edge_site import add_listeners
 from gateway.errors import (
     GatewayError,

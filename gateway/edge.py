@@ -6,19 +6,15 @@ against ~9 us for a bare asyncio protocol: a tenth of the gateway's whole CPU
 per request. So the inference requests, nearly all the traffic, take a short
 road, and aiohttp keeps everything else.
 
-Heads are parsed by llhttp (httptools, the parser of Node.js and uvicorn, in
-its strict mode), fed as the bytes arrive, each head only up to its blank line;
-the body is then taken by its length. The edge serves only a strict, common
-subset itself: `POST` to one of the three inference paths, `HTTP/1.1`, exactly
-one `Content-Length`, no `Transfer-Encoding`, `Expect` or `Upgrade`, one
-`Host`, at most one `Connection`, at most 100 headers of at most 8190 bytes
-each. (A `Content-Encoding` is refused with 415 by the request path before the
-body is read, on both roads: request bodies are never decompressed.) Anything
-else, at any request boundary, and anything llhttp refuses, hands the
-connection, with every byte not yet answered, to aiohttp's own protocol,
-which serves it from then on: malformed and unusual requests meet aiohttp's
-parser (llhttp too) and its answer, other paths meet their aiohttp routes, and
-an inference request that aiohttp reads is served by the same request path
+Heads are read by `gateway.edge_head` (llhttp, through httptools, in its strict
+mode), which says whether the edge serves one itself: a strict, common subset
+of HTTP/1.1 `POST`s to the three inference paths. (A `Content-Encoding` is
+refused with 415 by the request path before the body is read, on both roads.)
+Anything else, at any request boundary, and anything llhttp refuses, hands the
+connection, with every byte not yet answered, to aiohttp's own protocol, which
+serves it from then on: malformed and unusual requests meet aiohttp's parser
+(llhttp too) and its answer, other paths meet their aiohttp routes, and an
+inference request that aiohttp reads is served by the same request path
 (`gateway.proxy`). The listening socket and what its connections share are in
 `gateway.edge_site`.
 
@@ -38,10 +34,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, cast
 
-import httptools
-from multidict import CIMultiDict
-
 from gateway.conn_deadlines import RequestDeadlines
+from gateway.edge_head import HandOver, HeadReader
 from gateway.errors import GatewayError, RequestTimeout
 from gateway.exchange import too_large
 from gateway.inbound import PATHS, Endpoint
@@ -52,32 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("neogate")
 
-_ROUTES: Final[dict[bytes, Endpoint]] = {
-    b"/v1/chat/completions": "chat",
-    b"/v1/completions": "completions",
-    b"/v1/embeddings": "embeddings",
-}
-_HAND_OVER_HEADERS: Final = ("transfer-encoding", "expect", "upgrade")
-# Headers aiohttp refuses to see twice (its singletons; two Content-Length never get this
-# far, llhttp refuses them) and Connection, which the edge reads as one value: a head with
-# two goes to aiohttp, which answers it.
-_AT_MOST_ONCE: Final = (
-    "connection",
-    "content-type",
-    "user-agent",
-    "content-location",
-    "content-range",
-    "etag",
-    "max-forwards",
-    "server",
-)
-_MAX_HEAD: Final = 65536  # a longer head goes to aiohttp, whose limits answer it
-# aiohttp's limits (set in `gateway.app`); a head near them is handed over, so the two
-# roads refuse the same requests with the same status.
-MAX_HEADERS: Final = 128
-MAX_FIELD_SIZE: Final = 16384
-_EDGE_MAX_HEADERS: Final = 100
-_EDGE_MAX_LINE: Final = 8190
 _PIPELINE_PAUSE: Final = 1 << 20  # stop reading while this much waits behind a request
 # After an answer sent before its body was read (413, 415, 401...): half-close, drop what
 # the client still sends for this long, then close (closing at once could reset the
@@ -96,13 +64,9 @@ class EdgeConnection(asyncio.Protocol):
         "_discarding",
         "_drain",
         "_edge",
-        "_fed",
-        "_head_done",
+        "_head",
         "_need",
-        "_pairs",
-        "_parser",
         "_read_paused",
-        "_url",
         "_write_paused",
         "busy",
         "current",
@@ -131,12 +95,7 @@ class EdgeConnection(asyncio.Protocol):
         self._body_deadline = 0.0
         self._discarding = False
         self.transport: asyncio.Transport | None = None
-        # The head in progress: llhttp's state, the bytes of `_buf` fed to it, what it read.
-        self._parser = httptools.HttpRequestParser(self)
-        self._fed = 0
-        self._url = b""
-        self._pairs: list[tuple[bytes, bytes]] = []
-        self._head_done = False
+        self._head = HeadReader()  # the head in progress, from the first byte of `_buf`
 
     # -- asyncio.Protocol --
 
@@ -189,93 +148,32 @@ class EdgeConnection(asyncio.Protocol):
     # -- requests --
 
     def _next_request(self) -> None:
-        """Feed the head in progress to llhttp; serve it when it is whole and in the subset."""
+        """Read on in the head in progress; serve it when it is whole and the edge's."""
         buf = self._buf
-        fed = self._fed
-        end = buf.find(b"\r\n\r\n", max(fed - 3, 0))
-        stop = end + 4 if end >= 0 else len(buf)
-        if stop > _MAX_HEAD:
-            self._hand_over()  # aiohttp's limits answer a head this long
-            return
         try:
-            self._parser.feed_data(buf if fed == 0 and stop == len(buf) else buf[fed:stop])
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._hand_over()  # malformed or an upgrade: aiohttp's to answer
-            return
-        self._fed = stop
-        if end < 0:
-            return
-        request = self._request() if self._head_done else None
-        if request is None:
+            head = self._head.feed(buf)
+        except HandOver:
             self._hand_over()
             return
-        endpoint, headers, length = request
+        if head is None:
+            return
         self.head_since = None
         self._body_deadline = time.monotonic() + self._edge.limits.body_timeout_s
-        ex = EdgeExchange(
-            self, self._edge.ids.next(), headers, length, self._parser.should_keep_alive()
-        )
-        # The next head starts afresh (this parser would expect the body next).
-        self._parser = httptools.HttpRequestParser(self)
-        self._fed = 0
-        self._url = b""
-        self._pairs = []
-        self._head_done = False
-        if len(buf) - stop >= length:
-            ex.body = buf[stop : stop + length]
-            self._buf = buf[stop + length :]
+        ex = EdgeExchange(self, self._edge.ids.next(), head.headers, head.length, head.keep_alive)
+        start, length = head.end, head.length
+        if len(buf) - start >= length:
+            ex.body = buf[start : start + length]
+            self._buf = buf[start + length :]
         else:
-            self._body = bytearray(buf[stop:])
+            self._body = bytearray(buf[start:])
             self._need = length - len(self._body)
             self._buf = b""
         self.busy = True
         self.current = ex
         self._edge.busy += 1
-        task = self.task = asyncio.get_running_loop().create_task(self._serve(ex, endpoint))
+        task = self.task = asyncio.get_running_loop().create_task(self._serve(ex, head.endpoint))
         # A callback, not a `finally`: a task cancelled before its first step never runs one.
         task.add_done_callback(self._served)
-
-    def _request(self) -> tuple[Endpoint, CIMultiDict[str], int] | None:
-        """The parsed head when the edge serves it itself; None hands it to aiohttp."""
-        parser = self._parser
-        endpoint = _ROUTES.get(self._url)
-        pairs = self._pairs
-        if (
-            endpoint is None
-            or parser.get_method() != b"POST"
-            or parser.get_http_version() != "1.1"
-            or len(pairs) > _EDGE_MAX_HEADERS
-        ):
-            return None
-        if any(len(name) + len(value) + 2 > _EDGE_MAX_LINE for name, value in pairs):
-            return None  # aiohttp refuses a field over its limit
-        headers: CIMultiDict[str] = CIMultiDict(
-            [
-                (name.decode("latin-1"), value.rstrip(b" \t").decode("utf-8", "surrogateescape"))
-                for name, value in pairs
-            ]
-        )
-        length = _content_length(headers)
-        if length is None or len(headers.getall("host", ())) != 1:  # HTTP/1.1 needs one Host
-            return None
-        for name in _HAND_OVER_HEADERS:
-            if name in headers:
-                return None
-        for name in _AT_MOST_ONCE:
-            if len(headers.getall(name, ())) > 1:
-                return None
-        return endpoint, headers, length
-
-    # -- llhttp callbacks (httptools) --
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url  # in pieces when the request line arrives in pieces
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._pairs.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self._head_done = True
 
     def _take_body(self, data: bytes) -> bytes:
         """Add to the body in progress; return what follows it."""
@@ -498,13 +396,3 @@ class EdgeExchange:
 
     def abort(self) -> None:
         self._conn.abort()
-
-
-def _content_length(headers: CIMultiDict[str]) -> int | None:
-    values = headers.getall("content-length", None)
-    if values is None or len(values) != 1:
-        return None
-    value = values[0]
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        return None
-    return int(value)

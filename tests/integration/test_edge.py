@@ -186,6 +186,14 @@ async def test_connection_close_is_honoured(conn: Conn) -> None:
     assert await conn.closed_by_server()
 
 
+async def test_connection_close_is_honoured_without_a_body(conn: Conn) -> None:
+    """llhttp ends a body-less message at its head and forgets the head's flags then."""
+    await conn.send(post(body=b"", extra="Connection: close\r\n"))
+    status, headers, _ = await conn.response()
+    assert status == 400 and is_edge(headers) and headers["connection"] == "close"
+    assert await conn.closed_by_server()
+
+
 async def test_a_stream_is_chunked_ends_with_done_and_keeps_the_connection(conn: Conn) -> None:
     body = json.dumps({**json.loads(BODY), "stream": True}).encode()
     for _ in range(2):
