@@ -110,13 +110,14 @@ class BackendResponse:
         """The SSE stream's event blocks as they complete (see `adapters.sse`), key masked."""
         received = self._received
         splitter = EventSplitter()
+        split, next_chunk = splitter.feed, received.next_chunk
         masker = self._mask.stream() if self._mask.active else None
         try:
             while True:
-                chunk = await received.next_chunk()
+                chunk = await next_chunk()
                 if not chunk:
                     break
-                for block in splitter.feed(chunk):
+                for block in split(chunk):
                     if masker is None:
                         yield block
                     else:

@@ -54,12 +54,16 @@ class EventSplitter:
                 raise EventTooLarge(f"an event longer than {self._max} bytes")
             self._buf = buf
             return []
-        *complete, rest = buf.split(b"\n\n")
+        blocks = buf.split(b"\n\n")
+        rest = blocks.pop()
         if len(rest) > self._max:
             raise EventTooLarge(f"an event longer than {self._max} bytes")
         self._buf = rest
+        if len(blocks) == 1 and blocks[0] and blocks[0][0] != 10:
+            return blocks  # the common case: one whole event
         # A run of three or more line ends leaves LFs at a block's start: blank lines.
-        return [b.lstrip(b"\n") if b[:1] == b"\n" else b for b in complete if b.strip(b"\n")]
+        trimmed = (b.lstrip(b"\n") if b[:1] == b"\n" else b for b in blocks)
+        return [b for b in trimmed if b]
 
     def finish(self) -> bytes | None:
         """The last event if the stream ended without its blank line (None if nothing is left)."""
