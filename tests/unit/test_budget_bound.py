@@ -28,7 +28,7 @@ from gateway.metering import Completion, Meter
 from gateway.metrics import GatewayMetrics
 from gateway.tokenizer import Tokenizer
 from gateway.usage import Usage, cost_usd
-from policies.pricebook import Price
+from policies.pricebook import Price, PriceTier
 
 POLICY = """
 backends:
@@ -398,3 +398,64 @@ async def test_a_fed_cache_write_price_is_in_force(tmp_path: Path) -> None:
     assert fed.cache_write_input_per_m == Decimal("3.75")
     assert (fed.input_per_m, fed.output_per_m) == (Decimal(3), Decimal(4))
     await ledger.close()
+
+
+@pytest.mark.parametrize("counting_off", [False, True])
+async def test_a_stream_is_counted_by_the_pool_given_or_a_default_one(
+    tmp_path: Path, counting_off: bool
+) -> None:
+    pool = CountingPool(inline_bytes=-1, max_count_bytes=-1) if counting_off else None
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1)), counting=pool
+    )
+    completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.unit_prices("prov", "m", 1)
+    stream = completion.stream_meter()
+    stream.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "hello world"}}]}')
+    usage = await meter.finish(completion, outcome="ok", meter=stream)
+    await ledger.close()
+    # No usage reported: "hello world" is 11 characters, about 4 per token: 3 tokens.
+    assert usage is not None and usage.completion_tokens == 3
+    assert usage.source == "estimated"
+    if pool is not None:
+        assert pool.estimated == 1
+
+
+async def test_a_long_prompt_is_billed_at_the_tier_it_reached(tmp_path: Path) -> None:
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    # pm on prov: $3/$4 per M, from 200,000 prompt tokens $6/$8, from 1M $9 input (and the
+    # base output rate: a tier's None keeps the base rate, not the tier below's).
+    tiers = (PriceTier(200_000, 6e-6, 8e-6), PriceTier(1_000_000, 9e-6))
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = base = meter.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    assert (base.input_per_m, base.output_per_m) == (Decimal(3), Decimal(4))
+    assert meter.tiered_prices(completion, Usage(199_999, 5, source="reported")) is None
+    at_200k = meter.tiered_prices(completion, Usage(200_000, 5, source="reported"))
+    assert at_200k is not None
+    assert (at_200k.input_per_m, at_200k.output_per_m) == (Decimal(6), Decimal(8))
+    at_1m = meter.tiered_prices(completion, Usage(1_000_000, 5, source="reported"))
+    assert at_1m is not None
+    assert (at_1m.input_per_m, at_1m.output_per_m) == (Decimal(9), Decimal(4))  # None: base
+    # The row of a request whose estimate missed the tier: 200,000 x $6/M + 5 x $8/M.
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 200_000, "completion_tokens": 5, "total_tokens": 200_005},
+    }
+    await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=200)
+    await ledger.close()
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["cost_nusd"] == 1_200_040_000
+    assert row["price_in_nusd_per_m"] == 6_000_000_000
+    # A price from another book version (the book moved on) is not re-tiered.
+    completion.prices = base
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    assert meter.tiered_prices(completion, Usage(200_000, 5, source="reported")) is None
+    # A GPU is not tiered.
+    completion.backend = "gpu"
+    assert meter.tiered_prices(completion, Usage(200_000, 5, source="reported")) is None
