@@ -214,10 +214,10 @@ class TenantSpec(Model):
 class ListenSpec(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    # Inference requests are read by neogate's own HTTP/1.1 edge (gateway.edge);
+    # Inference requests are read by neogate's own HTTP/1.1 edge (gateway.http.edge);
     # false leaves every connection to aiohttp (slower, for comparison or a suspected edge bug).
     fast_edge: bool = True
-    # Per-connection time limits (gateway.conn_deadlines), on both roads: a request head
+    # Per-connection time limits (gateway.http.conn_deadlines), on both roads: a request head
     # must be whole within head_timeout_s of its first byte, its body within body_timeout_s
     # of the head; a connection without a request in progress closes after keepalive_s.
     head_timeout_s: float = Field(default=10.0, gt=0, le=3600)

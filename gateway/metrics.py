@@ -161,7 +161,7 @@ class GatewayMetrics:
             registry=r,
         )
         # Provisioning truth per local GPU over the last PROVISIONING_WINDOW_S (see
-        # gateway.ledger.provisioning), refreshed in the background from the ledger.
+        # gateway.metering.ledger.provisioning), refreshed in the background from the ledger.
         self.gpu_provisioning = {
             suffix: Gauge(f"neogate_gpu_{suffix}", text, ["backend"], registry=r)
             for suffix, text in PROVISIONING_GAUGES.items()

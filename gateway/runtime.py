@@ -13,19 +13,19 @@ import aiohttp
 from aiohttp import web
 
 from adapters.base import Backend
-from gateway.admission import LimitStore
-from gateway.auth import Authenticator, Tenant
-from gateway.client_headers import TIMEOUT_HEADER
 from gateway.config import BackendSpec, GatewayConfig, ModelSpec
-from gateway.forward import Attempt
+from gateway.flow.admission import LimitStore
+from gateway.flow.forward import Attempt
+from gateway.http.auth import Authenticator, Tenant
+from gateway.http.client_headers import TIMEOUT_HEADER
 from gateway.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
-    from gateway.background import Background
-    from gateway.estimate import Estimator
-    from gateway.keys import KeyStore
-    from gateway.metering import Completion, Meter
-    from gateway.routing import Router
+    from gateway.flow.estimate import Estimator
+    from gateway.flow.routing import Router
+    from gateway.metering.meter import Completion, Meter
+    from gateway.state.background import Background
+    from gateway.state.keys import KeyStore
 
 __all__ = [
     "REQUEST_ID",

@@ -22,9 +22,6 @@ import aiohttp
 from adapters.backend import OpenAICompatBackend
 from adapters.base import Backend
 from adapters.dialects import dialect_for
-from gateway.admission import Admission, TenantLimits
-from gateway.auth import Authenticator
-from gateway.background import Background
 from gateway.config import (
     BackendSpec,
     ConfigError,
@@ -33,16 +30,19 @@ from gateway.config import (
     load_config,
     resolve_secret,
 )
-from gateway.counting import CountingPool
-from gateway.estimate import Estimator
-from gateway.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
-from gateway.ledger import build_writer
-from gateway.live import LiveState
-from gateway.metering import Meter
+from gateway.flow.admission import Admission, TenantLimits
+from gateway.flow.estimate import Estimator
+from gateway.flow.routing import Router
+from gateway.http.auth import Authenticator
+from gateway.metering.counting import CountingPool
+from gateway.metering.ledger import build_writer
+from gateway.metering.meter import Meter
+from gateway.metering.tokenizer import Tokenizer
 from gateway.metrics import GatewayMetrics
-from gateway.routing import Router
 from gateway.runtime import AppOptions, Runtime, RuntimeRef
-from gateway.tokenizer import Tokenizer
+from gateway.state.background import Background
+from gateway.state.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
+from gateway.state.live import LiveState
 
 log = logging.getLogger("neogate")
 

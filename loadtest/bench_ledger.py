@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.ledger import LedgerRow, LedgerWriter, Spool, make_store
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool, make_store
+from gateway.metering.usage import UnitPrices, Usage
 
 
 def _row(i: int, run: str) -> LedgerRow:

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.app import AppOptions, create_app
 from gateway.config import GatewayConfig, parse_config
-from gateway.edge_site import open_site
+from gateway.http.app import AppOptions, create_app
+from gateway.http.edge_site import open_site
 from loadtest.sim.common import start_site
 from loadtest.sim.provider import ProviderOptions, create_provider_app
 from loadtest.sim.worker import WorkerOptions, create_worker_app

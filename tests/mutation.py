@@ -51,7 +51,7 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target(
         "admission",
-        ("gateway/admission.py",),
+        ("gateway/flow/admission.py",),
         (
             "tests/unit/test_admission.py",
             "tests/unit/test_budget_bound.py",
@@ -61,7 +61,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "usage",
-        ("gateway/usage.py",),
+        ("gateway/metering/usage.py",),
         (
             "tests/unit/test_usage.py",
             "tests/unit/test_dialects.py",
@@ -72,7 +72,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "metering",
-        ("gateway/metering.py",),
+        ("gateway/metering/meter.py",),
         (
             "tests/unit/test_budget_bound.py",
             "tests/integration/test_metering_e2e.py",
@@ -88,7 +88,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "forward",
-        ("gateway/forward.py",),
+        ("gateway/flow/forward.py",),
         (
             "tests/unit/test_hedging.py",
             "tests/integration/test_money_paths.py",
@@ -109,7 +109,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "relay",
-        ("gateway/relay.py",),
+        ("gateway/flow/relay.py",),
         (
             "tests/unit/test_relay.py",
             "tests/integration/test_openai_api.py",
@@ -146,7 +146,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "ledger_writer",
-        ("gateway/ledger/writer.py",),
+        ("gateway/metering/ledger/writer.py",),
         ("tests/integration/test_ledger_sqlite.py", "tests/integration/test_spool_replay.py"),
     ),
 )

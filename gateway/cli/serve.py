@@ -12,8 +12,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import secretfile
-from gateway.app import AppOptions, create_admin_app, create_app
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -22,8 +20,10 @@ from gateway.config import (
     parse_config,
     resolve_secret,
 )
-from gateway.edge_site import open_site
+from gateway.http.app import AppOptions, create_admin_app, create_app
+from gateway.http.edge_site import open_site
 from gateway.runtime import RUNTIME
+from gateway.state import secretfile
 from gateway.wiring import reload_from_file
 
 log = logging.getLogger("neogate")

@@ -13,7 +13,7 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def add_tool_parsers(sub: SubParsers) -> None:
     """Register every tool subcommand; each sets `func` on its namespace."""
-    from gateway.metering_cli import add_keys_parser, add_usage_parser, run_keys, run_usage
+    from gateway.cli.usage import add_keys_parser, add_usage_parser, run_keys, run_usage
     from loadtest.loadgen_cli import add_loadtest_parser, run_loadtest
     from loadtest.report import add_report_parser, run_report
     from loadtest.sim.cli import add_sim_parser, run_sim
@@ -77,10 +77,10 @@ def _run_route(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from gateway.admin import route_explanation
-    from gateway.live import LiveState
+    from gateway.flow.routing import Router
+    from gateway.http.admin import route_explanation
     from gateway.metrics import GatewayMetrics
-    from gateway.routing import Router
+    from gateway.state.live import LiveState
 
     specs = {b.name: b for b in config.backends}
     router = Router(config, {}, LiveState(specs, time.time()), GatewayMetrics())

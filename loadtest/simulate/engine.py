@@ -71,7 +71,7 @@ class Engine:
         self.headroom: dict[str, Headroom] = {p.name: NO_HEADROOM for p in scenario.providers}
         self.inflight = dict.fromkeys([*self.gpus, *self.providers], 0)
         self.pending_prefill = dict.fromkeys(self.gpus, 0)
-        # The gateway's own learning (gateway/live.py): the cost model's relative error,
+        # The gateway's own learning (gateway/state/live.py): the cost model's relative error,
         # fading while a worker gets no traffic.
         self.ttft_error = {n: RelativeError() for n in self.gpus}
         self.itl_error = {n: RelativeError() for n in self.gpus}

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import create_admin_app
-from gateway.edge_site import open_site
+from gateway.http.app import create_admin_app
+from gateway.http.edge_site import open_site
 from gateway.runtime import RUNTIME
 from tests.conftest import Gateway, GatewayFactory
 from tests.integration.faultkit import MESSAGES, SimFactory, Upstream, policy

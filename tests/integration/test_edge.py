@@ -19,10 +19,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.app import AppOptions, create_app
 from gateway.config import parse_config
-from gateway.conn_deadlines import ConnectionLimits
-from gateway.edge_site import open_site
+from gateway.http.app import AppOptions, create_app
+from gateway.http.conn_deadlines import ConnectionLimits
+from gateway.http.edge_site import open_site
 from loadtest.sim.common import start_site
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_policy
 from tests.integration.faultkit import Upstream, policy, sim_factory

@@ -22,7 +22,6 @@ from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts
 from adapters.fasthttp import ConnectionPool
 from adapters.http_transport import PooledTransport
-from gateway.app import upstream_session
 from gateway.errors import (
     GatewayError,
     UpstreamProtocolError,
@@ -30,6 +29,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.http.app import upstream_session
 from loadtest.sim.common import start_site
 
 KEY = "sk-fasthttp-canary-7d1c0b"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import LedgerRow, LedgerWriter
-from gateway.ledger.idle import OPERATOR, split_idle
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.ledger.idle import OPERATOR, split_idle
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.usage import UnitPrices, Usage
 from tests.integration.test_ledger_sqlite import usage_cli
 
 

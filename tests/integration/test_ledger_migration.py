@@ -11,13 +11,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.ledger import LedgerRow, LedgerWriter
-from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.postgres import _column_sql as pg_column
-from gateway.ledger.rows import COLUMNS
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.ledger.sqlite import _column_sql as sqlite_column
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.ledger.postgres import PostgresLedger
+from gateway.metering.ledger.postgres import _column_sql as pg_column
+from gateway.metering.ledger.rows import COLUMNS
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.ledger.sqlite import _column_sql as sqlite_column
+from gateway.metering.usage import UnitPrices, Usage
 
 NEW = ("marginal_cost_nusd", "counterfactual_cost_nusd", "counterfactual_backend")
 OLD = [c for c in COLUMNS if c not in NEW]

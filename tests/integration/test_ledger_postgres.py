@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.ledger import LedgerRow, LedgerWriter, Spool
-from gateway.ledger.postgres import PostgresLedger, to_dollar_params
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool
+from gateway.metering.ledger.postgres import PostgresLedger, to_dollar_params
+from gateway.metering.usage import UnitPrices, Usage
 from tests.integration.test_ledger_sqlite import check_reports, dataset_rows
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432

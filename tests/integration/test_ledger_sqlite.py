@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import TenantSpend
-from gateway.ledger import DEFAULT_LEDGER_PATH, LedgerRow, LedgerStore, LedgerWriter, Spool
-from gateway.ledger.reports import pricing_sheet, spend_by_tenant, usage_report
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.metering_cli import add_usage_parser, run_usage
-from gateway.usage import UnitPrices, Usage
+from gateway.cli.usage import add_usage_parser, run_usage
+from gateway.flow.admission import TenantSpend
+from gateway.metering.ledger import DEFAULT_LEDGER_PATH, LedgerRow, LedgerStore, LedgerWriter, Spool
+from gateway.metering.ledger.reports import pricing_sheet, spend_by_tenant, usage_report
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.usage import UnitPrices, Usage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,9 +167,9 @@ async def test_record_after_close_is_refused(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from gateway.ledger import LedgerRow, LedgerWriter, Spool
-    from gateway.ledger.sqlite import SqliteLedger
-    from gateway.usage import UnitPrices, Usage
+    from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool
+    from gateway.metering.ledger.sqlite import SqliteLedger
+    from gateway.metering.usage import UnitPrices, Usage
 
     async def one(writer, i):
         row = LedgerRow.from_usage(
@@ -427,7 +427,7 @@ def test_switching_a_new_file_to_wal_waits_for_another_connection(tmp_path: Path
     """Two processes opening a new file together: the switch to WAL is retried, not fatal."""
     import threading
 
-    from gateway.ledger.sqlite import ensure_wal
+    from gateway.metering.ledger.sqlite import ensure_wal
 
     db = tmp_path / "new.db"
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)

@@ -30,13 +30,13 @@ from aiohttp import web
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import AppOptions, create_app
 from gateway.config import parse_config
-from gateway.edge_site import open_site
-from gateway.ledger import make_store
-from gateway.ledger.rows import COLUMNS
+from gateway.http.app import AppOptions, create_app
+from gateway.http.edge_site import open_site
+from gateway.metering.ledger import make_store
+from gateway.metering.ledger.rows import COLUMNS
+from gateway.metering.usage import usd_to_nusd
 from gateway.runtime import RUNTIME
-from gateway.usage import usd_to_nusd
 from loadtest.sim.common import start_site
 from loadtest.sim.faults import TOKENS_BEFORE_MIDSTREAM_FAULT
 from loadtest.sim.provider import ProviderOptions, create_provider_app

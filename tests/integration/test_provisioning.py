@@ -17,14 +17,14 @@ import aiohttp
 import asyncpg
 import pytest
 
+from gateway.cli.usage import add_usage_parser, run_usage
 from gateway.config import parse_config
-from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.provisioning import gpu_terms, provisioning
-from gateway.ledger.rows import LedgerRow, LedgerStore
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.ledger.writer import LedgerWriter
-from gateway.metering_cli import add_usage_parser, run_usage
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger.postgres import PostgresLedger
+from gateway.metering.ledger.provisioning import gpu_terms, provisioning
+from gateway.metering.ledger.rows import LedgerRow, LedgerStore
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.ledger.writer import LedgerWriter
+from gateway.metering.usage import UnitPrices, Usage
 from tests.conftest import ADMIN_KEY, GatewayFactory, Upstreams, base_policy
 from tests.integration.test_ledger_postgres import DSN
 

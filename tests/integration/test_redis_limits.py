@@ -17,7 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import (
+from gateway.config import RedisSpec
+from gateway.flow.admission import (
     Admission,
     AdmissionRejected,
     CounterCheck,
@@ -28,8 +29,7 @@ from gateway.admission import (
     TenantLimits,
     TenantSpend,
 )
-from gateway.config import RedisSpec
-from gateway.shared.outage import (
+from gateway.state.shared.outage import (
     FailoverLimitStore,
     OutageDeltas,
     SharedMetrics,
@@ -37,7 +37,7 @@ from gateway.shared.outage import (
     epoch_cutoff,
     make_epoch,
 )
-from gateway.shared.redis_limits import (
+from gateway.state.shared.redis_limits import (
     Applied,
     CounterDelta,
     EpochMissing,
@@ -45,7 +45,7 @@ from gateway.shared.redis_limits import (
     connect,
     connect_fast,
 )
-from gateway.shared.resp import RespClient, encode, read_reply
+from gateway.state.shared.resp import RespClient, encode, read_reply
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,9 +213,9 @@ async def test_two_admissions_share_one_budget_and_rate(prefix: str) -> None:
 _RACER = textwrap.dedent(
     """
     import asyncio, sys
-    from gateway.admission import Admission, AdmissionRejected, TenantLimits
+    from gateway.flow.admission import Admission, AdmissionRejected, TenantLimits
     from gateway.config import RedisSpec
-    from gateway.shared.redis_limits import RedisLimitStore, connect
+    from gateway.state.shared.redis_limits import RedisLimitStore, connect
 
     async def main(url, prefix, n):
         client = connect(RedisSpec(url=url), timeout_s=10.0)

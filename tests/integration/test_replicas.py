@@ -29,11 +29,11 @@ import yaml
 from multidict import CIMultiDict
 
 from gateway.config import GatewayConfig, RedisSpec, parse_config
-from gateway.keys import KeyStore, SqliteKeyBackend
-from gateway.live import LiveState
-from gateway.shared import publish_keys_changed
-from gateway.shared.redis_limits import connect
-from gateway.shared.redis_state import SharedState
+from gateway.state.keys import KeyStore, SqliteKeyBackend
+from gateway.state.live import LiveState
+from gateway.state.shared import publish_keys_changed
+from gateway.state.shared.redis_limits import connect
+from gateway.state.shared.redis_state import SharedState
 from policies.latency import LatencySample
 from policies.pricebook import Price
 from tests.integration.test_redis_limits import PrivateRedis

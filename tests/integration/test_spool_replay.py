@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.usage import UnitPrices, Usage
+from gateway.metering.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.usage import UnitPrices, Usage
 from gateway.wiring import orphan_spools
 
 

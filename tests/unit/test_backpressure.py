@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.backpressure import Gate, GateConfig, GateRejected, QueueFull, QueueTimeout
 from gateway.errors import Overloaded
+from gateway.flow.backpressure import Gate, GateConfig, GateRejected, QueueFull, QueueTimeout
 
 
 class FakeClock:

@@ -13,21 +13,21 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import Admission, AdmissionRejected, Reservation, TenantLimits
-from gateway.auth import Tenant
 from gateway.config import ModelSpec, parse_config
-from gateway.counting import CountingPool
 from gateway.errors import BudgetExceeded, LimitExceeded
-from gateway.estimate import Estimate
-from gateway.forward import SentAttempt
-from gateway.inbound import InboundRequest
-from gateway.ledger import LedgerWriter
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.live import LiveState
-from gateway.metering import Completion, Meter
+from gateway.flow.admission import Admission, AdmissionRejected, Reservation, TenantLimits
+from gateway.flow.estimate import Estimate
+from gateway.flow.forward import SentAttempt
+from gateway.http.auth import Tenant
+from gateway.http.inbound import InboundRequest
+from gateway.metering.counting import CountingPool
+from gateway.metering.ledger import LedgerWriter
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.meter import Completion, Meter
+from gateway.metering.tokenizer import Tokenizer
+from gateway.metering.usage import Usage, cost_usd
 from gateway.metrics import GatewayMetrics
-from gateway.tokenizer import Tokenizer
-from gateway.usage import Usage, cost_usd
+from gateway.state.live import LiveState
 from policies.pricebook import Price, PriceTier
 
 POLICY = """

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.client_headers import check_client_headers
 from gateway.errors import InvalidRequest
+from gateway.http.client_headers import check_client_headers
 
 CLASSES = {"interactive", "batch"}
 BASE = [("Host", "gw"), ("Authorization", "Bearer k"), ("Content-Type", "application/json")]

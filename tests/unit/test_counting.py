@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from gateway.counting import CountingPool
+from gateway.metering.counting import CountingPool
 
 pytestmark = pytest.mark.asyncio
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.edge_head import HandOver, Head, HeadReader
+from gateway.http.edge_head import HandOver, Head, HeadReader
 
 BODY = b'{"model": "m"}'
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from gateway.failures import FailureStreak
+from gateway.state.failures import FailureStreak
 
 
 class Clock:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.hedging import HedgeConfig, hedge_delay, hedge_first_byte
+from gateway.flow.hedging import HedgeConfig, hedge_delay, hedge_first_byte
 
 ON = HedgeConfig(enabled=True, min_delay_s=0.05, max_delay_s=2.0)
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.keys import (
+from gateway.cli.usage import add_keys_parser, run_keys
+from gateway.state.keys import (
     KeyStore,
     PostgresKeyBackend,
     SqliteKeyBackend,
     generate_key,
     hash_key,
 )
-from gateway.metering_cli import add_keys_parser, run_keys
 
 SECRET = b"test-server-secret"
 DSN = "postgresql://postgres@127.0.0.1:5432/test"

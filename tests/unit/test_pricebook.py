@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.usage import UnitPrices, cost_usd, parse_usage_object
+from gateway.metering.usage import UnitPrices, cost_usd, parse_usage_object
 from policies.pricebook import (
     FeedError,
     Price,

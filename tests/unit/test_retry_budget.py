@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.retry_budget import RetryBudget, RetryBudgetConfig
+from gateway.flow.retry_budget import RetryBudget, RetryBudgetConfig
 
 CFG = RetryBudgetConfig(ratio=0.2, min_retries=10, window_s=10.0, buckets=10)
 

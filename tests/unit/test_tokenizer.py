@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tokenizer import Tokenizer, estimate_tokens, tiktoken_cache_path
+from gateway.metering.tokenizer import Tokenizer, estimate_tokens, tiktoken_cache_path
 
 
 @pytest.fixture(scope="module")

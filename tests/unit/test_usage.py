@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.tokenizer import Tokenizer
-from gateway.usage import (
+from gateway.metering.tokenizer import Tokenizer
+from gateway.metering.usage import (
     StreamMeter,
     UnitPrices,
     Usage,
@@ -417,7 +417,7 @@ def test_stream_meter_under_its_bound_counts_exactly(tok: Tokenizer) -> None:
 
 # --- pinned by mutation testing (make mutation): parsing edge cases, exact values ----------
 
-from gateway.usage import UpstreamTimings, parse_usage_object  # noqa: E402
+from gateway.metering.usage import UpstreamTimings, parse_usage_object  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,263 @@
+"""The request path of the inference endpoints: edge, estimate, admission, route, forward, relay, meter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
+from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
+from gateway.flow.relay import DONE, EventFilter
+from gateway.flow.reliability import StallGuard
+from gateway.http.client_headers import check_client_headers
+from gateway.http.exchange import AiohttpExchange, ClientExchange, refuse_encoded_body
+from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
+from gateway.metering.meter import Completion
+from gateway.metering.usage import StreamMeter
+from gateway.runtime import RUNTIME, Runtime, Tenant
+from policies.types import Candidate
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def client_request_id(headers: Mapping[str, str]) -> str | None:
+    """The client's own id for this request (kept beside ours in the ledger; never the key)."""
+    value = headers.get("x-client-request-id") or headers.get("x-request-id")
+    if value is None or len(value) > 128 or not value.isprintable():
+        return None
+    return value
+
+
+def handler(endpoint: Endpoint) -> Any:
+    """The aiohttp handler of one inference endpoint."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        exchange = AiohttpExchange(request)
+        await serve_request(request.app[RUNTIME].current, exchange, endpoint)
+        assert exchange.response is not None  # serve_request answers or raises
+        return exchange.response
+
+    return handle
+
+
+async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> None:
+    """Authenticate, read and validate one inference request, then serve it."""
+    refuse_encoded_body(ex.headers)  # first: a compressed body is never read, keyed or not
+    tenant = rt.auth.tenant_for(ex.headers)
+    check_client_headers(ex.headers, rt.config.slo_classes)
+    raw = await ex.read_body(tenant.limits.max_body_bytes)
+    inbound = parse_request(raw, endpoint, tenant.limits)
+    await serve(rt, ex, tenant, inbound)
+
+
+async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: InboundRequest) -> None:
+    """Admit, route, forward and meter one validated request."""
+    model = rt.models.get(inbound.model)
+    if model is None:
+        raise ModelNotFound(
+            f"The model `{inbound.model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+    if tenant.allowed_models is not None and inbound.model not in tenant.allowed_models:
+        raise PermissionDenied(
+            f"this key may not use the model `{inbound.model}`",
+            param="model",
+            code="model_not_allowed",
+        )
+    rid = ex.rid
+    arrived = time.monotonic()
+    estimate = await rt.estimator.estimate(inbound, model, tenant.limits.max_tokens)
+    reservation = await rt.meter.reserve(tenant, model, estimate)
+    completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
+    completion.client_request_id = client_request_id(ex.headers)
+    rel = rt.router.reliability
+    sent: list[SentAttempt] = []
+    broken: list[SentAttempt] = []
+    try:
+        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, ex.headers)
+        completion.decision = decision
+        attempt = await first_attempt_that_answers(
+            plans,
+            path=PATHS[inbound.endpoint],
+            headers=rt.forward_headers(ex.headers, rid),
+            stream=inbound.stream,
+            deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, ex.headers),
+            hooks=rt.router,
+            gate=rel.gate,
+            options=rel.forward_options,
+            sent=sent,
+            broken=broken,
+        )
+    except asyncio.CancelledError:
+        # The client left before any answer. An attempt that was out had the prompt
+        # (a non-streamed answer is only sent whole): it gets its row.
+        await asyncio.shield(rt.meter.left_before_answer(completion, sent, rt.router.batch_seen))
+        raise
+    except BaseException:
+        await rt.meter.abandon(completion)
+        raise
+    finally:
+        if broken:  # answers that broke mid-body: the operator's cost, failover or not
+            await asyncio.shield(rt.meter.broken_attempts(completion, broken, rt.router.batch_seen))
+    batch = rt.router.batch_seen(attempt.backend)
+    context = estimate.prompt_tokens + estimate.expected_output_tokens // 2
+    prices = rt.meter.unit_prices(
+        attempt.backend, inbound.model, batch, estimate.prompt_tokens, context
+    )
+    completion.attach(attempt, batch, prices)
+    if attempt.hedged:
+        completion.hedge_losers = rt.meter.hedge_prices(
+            attempt.hedged, inbound.model, rt.router.batch_seen
+        )
+    rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
+    try:
+        if inbound.stream:
+            await _relay_stream(rt, ex, completion, attempt)
+        else:
+            await _relay_whole(rt, ex, completion, attempt)
+    finally:
+        attempt.release()
+        rt.router.on_end(
+            attempt.backend,
+            inbound.model,
+            completion.ttft_s,
+            time.monotonic() - arrived,
+            completion.completion_tokens,
+            completion.groq_usage,
+            estimate.prompt_tokens,
+            _candidate(completion, attempt.backend),
+        )
+
+
+def _candidate(completion: Completion, backend: str) -> Candidate | None:
+    """Routing's prediction for the backend that answered."""
+    decision = completion.decision
+    if decision is None:
+        return None
+    return next((c for c in decision.candidates if c.backend == backend), None)
+
+
+async def _relay_whole(
+    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+) -> None:
+    try:
+        body = await attempt.response.read()
+    except GatewayError:
+        await rt.meter.finish(completion, outcome="upstream_error")
+        raise
+    completion.first_byte_at = time.monotonic()
+    await rt.meter.finish(completion, outcome="ok", answer=attempt.answer, answer_bytes=len(body))
+    headers = rt.answer_headers(completion, attempt, "application/json")
+    await ex.send(attempt.response.status, headers, body)
+
+
+async def _relay_stream(
+    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+) -> None:
+    inbound = completion.inbound
+    flt = EventFilter(strip_usage=not inbound.include_usage)
+    meter = completion.stream_meter()
+    headers = rt.answer_headers(completion, attempt, None)
+    headers.update(_SSE_HEADERS)
+    # A client that reads nothing for as long as an upstream may stay silent is cut.
+    guard = StallGuard(ex, attempt.timeouts.idle_s if attempt.timeouts else 60.0)
+    try:
+        await _relay_events(rt, ex, completion, attempt, headers, guard, flt, meter)
+    finally:
+        guard.close()
+
+
+async def _relay_events(
+    rt: Runtime,
+    ex: ClientExchange,
+    completion: Completion,
+    attempt: Attempt,
+    headers: dict[str, str],
+    guard: StallGuard,
+    flt: EventFilter,
+    meter: StreamMeter,
+) -> None:
+    assert attempt.first_event is not None and attempt.events is not None
+    outcome = "ok"
+    failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
+    held: bytes | None = None  # the upstream's own error event, also sent after the row
+    try:
+        await ex.open_stream(200, headers, rt.router.reliability.settings.write_buffer_bytes)
+        completion.first_byte_at = time.monotonic()
+        block: bytes | None = attempt.first_event
+        events = attempt.events
+        while block is not None:
+            out = flt.filter(block)
+            if flt.bad_event is not None:
+                outcome = "upstream_protocol_error"
+                failure = _bad_event_error(attempt.backend, flt.bad_event)
+                break
+            meter.feed(block)
+            if flt.error_seen:
+                held = out
+                break
+            if out is not None:
+                await guard.write(out + b"\n\n")
+            if flt.done:
+                break
+            block = await anext(events, None)
+        if not flt.done and failure is None:
+            outcome = "upstream_error" if flt.error_seen else "upstream_cut"
+    except GatewayError as exc:
+        outcome = "upstream_cut"
+        failure = exc
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        outcome = "client_disconnect"
+        attempt.response.close()
+        await asyncio.shield(rt.meter.finish(completion, outcome=outcome, meter=meter))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return  # the client is gone (or was cut)
+    attempt.response.close()
+    await rt.meter.finish(completion, outcome=outcome, meter=meter)
+    if outcome == "ok":
+        try:
+            usage_chunk = flt.usage_chunk(meter.reported)
+            if usage_chunk is not None:
+                await guard.write(usage_chunk + b"\n\n")
+            await guard.write(DONE + b"\n\n")
+            await ex.write_eof()
+        except ConnectionResetError:
+            pass  # the row is written; the client left before [DONE]
+    elif held is not None:
+        await _send_last(ex, held)
+    elif failure is not None or (outcome == "upstream_cut" and not flt.error_seen):
+        await _send_stream_error(
+            ex,
+            failure
+            or GatewayError("the upstream stream ended before it was complete", code="stream_cut"),
+        )
+
+
+def _bad_event_error(backend: str, event: bytes) -> UpstreamProtocolError:
+    shown = event[:80].decode("utf-8", "replace")
+    return UpstreamProtocolError(
+        f"backend {backend} sent a stream event that is not a JSON object: {shown!r}",
+        code="upstream_bad_event",
+    )
+
+
+async def _send_stream_error(ex: ClientExchange, exc: GatewayError) -> None:
+    """A mid-stream failure: `data: {"error": ...}` and the stream closes without [DONE]."""
+    await _send_last(ex, b"data: " + exc.body())
+
+
+async def _send_last(ex: ClientExchange, event: bytes) -> None:
+    try:
+        await ex.write(event + b"\n\n")
+        await ex.write_eof()
+    except ConnectionResetError:
+        return

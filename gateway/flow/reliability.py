@@ -1,0 +1,180 @@
+"""Reliability wiring: breaker, retry budget, gate and hedge settings from the config, and the shared instances.
+
+`settings_from(config)` is pure: `config.reliability` plus every backend's
+`max_concurrency` and the gateway's `max_inflight` become the frozen configs of
+the building blocks (`gateway.flow.breaker`, `retry_budget`, `backpressure`,
+`hedging`). `Reliability` holds the live retry budget and gate of one app and
+applies a reloaded config without dropping held slots. `StallGuard` is the
+client side of back-pressure: a client that stops reading is cut, not buffered for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.config import GatewayConfig
+from gateway.flow.backpressure import Gate, GateConfig, GateState
+from gateway.flow.breaker import BreakerConfig
+from gateway.flow.forward import ForwardOptions
+from gateway.flow.hedging import HedgeConfig
+from gateway.flow.retry_budget import RetryBudget, RetryBudgetConfig, RetryBudgetState
+from gateway.http.exchange import ClientExchange
+
+
+@dataclass(frozen=True, slots=True)
+class ReliabilitySettings:
+    """Everything `config.reliability` decides, as the building blocks' own configs."""
+
+    breaker: BreakerConfig
+    retry_budget: RetryBudgetConfig
+    gate: GateConfig
+    forward: ForwardOptions
+    write_buffer_bytes: int
+    drain_timeout_s: float
+
+
+def settings_from(config: GatewayConfig) -> ReliabilitySettings:
+    """Translate the policy file's reliability section (pure)."""
+    r = config.reliability
+    breaker = BreakerConfig(
+        consecutive_failures=r.breaker_consecutive_failures,
+        failure_rate=r.breaker_failure_rate,
+        base_ejection_s=r.breaker_base_ejection_s,
+        # A max below the base would be refused by BreakerConfig; the base wins.
+        max_ejection_s=max(r.breaker_max_ejection_s, r.breaker_base_ejection_s),
+    )
+    limits = {b.name: b.max_concurrency for b in config.backends}
+    gate = GateConfig(
+        max_total=config.max_inflight,
+        max_per_backend=max(limits.values(), default=1),
+        backend_limits=limits,
+        max_queue=r.max_queue,
+    )
+    hedge = HedgeConfig(
+        enabled=r.hedge,
+        delay_s=r.hedge_delay_s,
+        max_attempts=max(2, r.max_attempts) if r.hedge else 2,
+    )
+    return ReliabilitySettings(
+        breaker=breaker,
+        retry_budget=RetryBudgetConfig(ratio=r.retry_budget_ratio, min_retries=r.retry_budget_min),
+        gate=gate,
+        forward=ForwardOptions(
+            max_attempts=r.max_attempts, queue_wait_s=r.queue_wait_s, hedge=hedge
+        ),
+        write_buffer_bytes=r.write_buffer_bytes,
+        drain_timeout_s=r.drain_timeout_s,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReliabilityState:
+    """What /admin and metrics show of the shared parts."""
+
+    gate: GateState
+    retry_budget: RetryBudgetState
+
+
+class Reliability:
+    """The retry budget and gate of one app, and the settings in force.
+
+    Breakers live with each backend's live state (`LiveState`); their config
+    is `settings.breaker`.
+    """
+
+    def __init__(
+        self,
+        settings: ReliabilitySettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.budget = RetryBudget(settings.retry_budget)
+        self.gate = Gate(settings.gate)
+
+    @classmethod
+    def from_config(
+        cls, config: GatewayConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> Reliability:
+        return cls(settings_from(config), clock=clock)
+
+    @property
+    def forward_options(self) -> ForwardOptions:
+        return self.settings.forward
+
+    def on_request(self) -> None:
+        """One client request: it earns its share of retries."""
+        self.budget.on_request(self._clock())
+
+    def try_retry(self) -> bool:
+        """Spend one retry (failover or hedge) if the budget has room."""
+        return self.budget.try_spend(self._clock())
+
+    def reconfigure(self, config: GatewayConfig) -> ReliabilitySettings:
+        """Apply a reloaded config: new limits for new grants; held slots stay held."""
+        new = settings_from(config)
+        if new.retry_budget != self.settings.retry_budget:
+            self.budget = RetryBudget(new.retry_budget)
+        self.gate.reconfigure(new.gate)
+        self.settings = new
+        return new
+
+    def snapshot(self) -> ReliabilityState:
+        return ReliabilityState(self.gate.snapshot(), self.budget.snapshot(self._clock()))
+
+
+class StallGuard:
+    """Cut a client that reads nothing for `timeout_s` while a stream is written to it.
+
+    An exchange's write waits once the transport is over its high-water mark (the
+    edge and aiohttp alike), so a slow reader slows the relay (and the upstream
+    read) instead of growing memory;
+    a reader that stopped altogether would pin the stream forever without this bound.
+    One timer per stream, re-armed at most once per `timeout_s`, instead of a
+    timeout scope around every event: a write that does not wait costs two
+    attribute stores. A cut aborts the connection, so the waiting write raises
+    `ConnectionResetError` (or the request task is cancelled with the connection).
+    """
+
+    __slots__ = ("_exchange", "_handle", "_loop", "_since", "_timeout_s", "cut")
+
+    def __init__(self, exchange: ClientExchange, timeout_s: float) -> None:
+        self._exchange = exchange
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the write in progress began
+        self._handle: asyncio.TimerHandle | None = None
+        self.cut = False
+
+    async def write(self, data: bytes) -> None:
+        loop = self._loop
+        self._since = now = loop.time()
+        if self._handle is None:
+            self._handle = loop.call_at(now + self._timeout_s, self._check)
+        try:
+            await self._exchange.write(data)
+        finally:
+            self._since = None
+        if self.cut:
+            raise ConnectionResetError("the client stopped reading the stream")
+
+    def _check(self) -> None:
+        self._handle = None
+        since = self._since
+        if since is None:
+            return  # not writing: the next write arms the timer again
+        due = since + self._timeout_s
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.cut = True
+        self._exchange.abort()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

@@ -1,0 +1,122 @@
+"""The client side of one inference request, whichever HTTP server carries it.
+
+The request path (`gateway.flow.proxy`) reads the body and writes the answer
+through this small Protocol, so the same code serves a connection held by
+neogate's own HTTP/1.1 edge (`gateway.http.edge`) and one handed to aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from gateway.errors import PayloadTooLarge, UnsupportedMediaType
+from gateway.runtime import REQUEST_ID
+
+
+class ClientExchange(Protocol):
+    """One client request and its answer: a whole body, or a stream of writes."""
+
+    rid: str
+    headers: Mapping[str, str]  # case-insensitive
+
+    async def read_body(self, cap: int) -> bytes:
+        """The body, refused (PayloadTooLarge) before it is read whole when it is over `cap`."""
+        ...
+
+    async def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Answer with a whole body."""
+        ...
+
+    async def open_stream(self, status: int, headers: dict[str, str], buffer_bytes: int) -> None:
+        """Send the head of a streamed answer; writes wait once `buffer_bytes` are unread."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send a piece of the stream; raises ConnectionResetError once the client is gone."""
+        ...
+
+    async def write_eof(self) -> None:
+        """End the stream cleanly."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once (a client that stopped reading)."""
+        ...
+
+
+def refuse_encoded_body(headers: Mapping[str, str]) -> None:
+    """Refuse (415) a request whose body is compressed, before any of it is read.
+
+    Request bodies are never decompressed: a small gzip body can inflate to gigabytes
+    (a stall of the event loop, or memory), and no OpenAI client compresses requests.
+    """
+    if "content-encoding" not in headers:  # the common case, both roads case-insensitive
+        return
+    codings: list[str]
+    if isinstance(headers, MultiMapping):
+        codings = list(headers.getall("content-encoding", ()))
+    else:
+        one = headers.get("content-encoding")
+        codings = [] if one is None else [one]
+    for coding in codings:
+        if coding.strip(" \t").lower() not in ("", "identity"):
+            raise UnsupportedMediaType(
+                "compressed request bodies are not accepted: send the body without Content-Encoding"
+            )
+
+
+def too_large(length: int, cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body of {length} bytes is over the limit of {cap} bytes")
+
+
+class AiohttpExchange:
+    """A request that aiohttp parsed; the answer is built as an aiohttp response."""
+
+    __slots__ = ("_request", "headers", "response", "rid")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.headers: Mapping[str, str] = request.headers
+        self.rid = request[REQUEST_ID]
+        self.response: web.StreamResponse | None = None
+
+    async def read_body(self, cap: int) -> bytes:
+        length = self._request.content_length
+        if length is not None and length > cap:
+            raise too_large(length, cap)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self._request.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(f"request body is over the limit of {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.response = web.Response(body=body, status=status, headers=headers)
+
+    async def open_stream(self, status: int, headers: dict[str, str], buffer_bytes: int) -> None:
+        resp = web.StreamResponse(status=status, headers=headers)
+        self.response = resp
+        await resp.prepare(self._request)
+        transport = self._request.transport
+        if transport is not None:
+            transport.set_write_buffer_limits(high=buffer_bytes)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def write_eof(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()

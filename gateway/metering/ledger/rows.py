@@ -1,0 +1,235 @@
+"""What one ledger row is, how it is built from a `Usage`, and the contract of a ledger store.
+
+Money is stored as integers of nano-dollars (1e-9 USD): exact to sum, and small
+enough that a 10-token request at $0.05/M (0.5 micro-dollars) still has a cost.
+Unit prices are nano-dollars per million tokens (0.05 $/M -> 50_000_000).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.metering.usage import UnitPrices, Usage, cost_usd, nusd_to_usd, usd_to_nusd
+
+# Outcomes the gateway records; the column is free text so new ones need no migration.
+KNOWN_OUTCOMES = (
+    "ok",
+    "client_disconnect",
+    "upstream_cut",
+    "upstream_error",
+    "upstream_protocol_error",
+    "timeout",
+)
+
+
+class LedgerUnavailable(Exception):
+    """The database could not take a write (down, locked, unreachable, read-only)."""
+
+
+def utc_day(ts: float) -> str:
+    """The UTC calendar day of a unix timestamp, as YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One attempt that consumed tokens; (request_id, attempt) is its idempotent key."""
+
+    request_id: str
+    attempt: int
+    ts: float  # unix seconds when the attempt finished
+    tenant: str
+    model: str  # public model name the client asked for
+    backend: str
+    backend_model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    token_source: str  # "reported" | "counted" | "estimated"
+    counted_prompt_tokens: int | None
+    counted_completion_tokens: int | None
+    divergent: bool
+    price_in_nusd_per_m: int
+    price_out_nusd_per_m: int
+    price_cached_nusd_per_m: int | None
+    price_version: str
+    cost_nusd: int
+    ttft_s: float | None
+    total_s: float
+    stream: bool
+    outcome: str
+    batch_size: int | None = None  # requests sharing the local worker's batch
+    is_local: bool = False
+    # The id the client sent (x-client-request-id / x-request-id), for its own reconciliation;
+    # never the key: clients may repeat it.
+    client_request_id: str | None = None
+    # Routing's marginal cost of the attempt (what serving it here cost the operator at the
+    # margin; 0 on an idle local GPU) and the counterfactual: the cheapest external candidate
+    # that met the SLO at routing time, priced at the attempt's actual tokens. None: unknown
+    # (rows written before these columns existed, or no external candidate).
+    marginal_cost_nusd: int | None = None
+    counterfactual_cost_nusd: int | None = None
+    counterfactual_backend: str | None = None
+
+    @property
+    def saved_usd(self) -> Decimal | None:
+        """Counterfactual - attributed (this row's cost); negative when serving here cost more."""
+        if self.counterfactual_cost_nusd is None:
+            return None
+        return nusd_to_usd(self.counterfactual_cost_nusd - self.cost_nusd)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return nusd_to_usd(self.cost_nusd)
+
+    @property
+    def day(self) -> str:
+        return utc_day(self.ts)
+
+    @classmethod
+    def from_usage(
+        cls,
+        *,
+        request_id: str,
+        attempt: int,
+        ts: float,
+        tenant: str,
+        model: str,
+        backend: str,
+        backend_model: str,
+        usage: Usage,
+        prices: UnitPrices,
+        ttft_s: float | None,
+        total_s: float,
+        stream: bool,
+        outcome: str,
+        divergent: bool = False,
+        batch_size: int | None = None,
+        is_local: bool = False,
+        client_request_id: str | None = None,
+        marginal_cost_usd: float | None = None,
+        counterfactual: tuple[str, UnitPrices] | None = None,
+    ) -> LedgerRow:
+        """Build a row from metered usage and the unit prices in force for the attempt."""
+        price_in, price_out, price_cached = prices.nusd
+        return cls(
+            request_id=request_id,
+            attempt=attempt,
+            ts=ts,
+            tenant=tenant,
+            model=model,
+            backend=backend,
+            backend_model=backend_model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            token_source=usage.source,
+            counted_prompt_tokens=usage.counted_prompt_tokens,
+            counted_completion_tokens=usage.counted_completion_tokens,
+            divergent=divergent,
+            price_in_nusd_per_m=price_in,
+            price_out_nusd_per_m=price_out,
+            price_cached_nusd_per_m=price_cached,
+            price_version=prices.version,
+            cost_nusd=usd_to_nusd(cost_usd(usage, prices)),
+            ttft_s=ttft_s,
+            total_s=total_s,
+            stream=stream,
+            outcome=outcome,
+            batch_size=batch_size,
+            is_local=is_local,
+            client_request_id=client_request_id,
+            marginal_cost_nusd=(
+                None if marginal_cost_usd is None else usd_to_nusd(Decimal(repr(marginal_cost_usd)))
+            ),
+            counterfactual_cost_nusd=(
+                None if counterfactual is None else usd_to_nusd(cost_usd(usage, counterfactual[1]))
+            ),
+            counterfactual_backend=None if counterfactual is None else counterfactual[0],
+        )
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        """Values in `COLUMNS` order (the derived `day` included) for an INSERT."""
+        return (
+            self.request_id,
+            self.attempt,
+            self.ts,
+            utc_day(self.ts),
+            self.tenant,
+            self.model,
+            self.backend,
+            self.backend_model,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            self.token_source,
+            self.counted_prompt_tokens,
+            self.counted_completion_tokens,
+            self.divergent,
+            self.price_in_nusd_per_m,
+            self.price_out_nusd_per_m,
+            self.price_cached_nusd_per_m,
+            self.price_version,
+            self.cost_nusd,
+            self.ttft_s,
+            self.total_s,
+            self.stream,
+            self.outcome,
+            self.batch_size,
+            self.is_local,
+            self.client_request_id,
+            self.marginal_cost_nusd,
+            self.counterfactual_cost_nusd,
+            self.counterfactual_backend,
+        )
+
+    def to_json(self) -> bytes:
+        """One JSON object (no newline), the spool's line format."""
+        return orjson.dumps(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> LedgerRow:
+        """Inverse of `to_json`; raises ValueError/TypeError on a malformed line."""
+        obj = orjson.loads(data)
+        if not isinstance(obj, Mapping):
+            raise ValueError("a spool line must be a JSON object")
+        return cls(**{name: obj[name] for name in _FIELD_NAMES if name in obj})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
+
+# Column order of the ledger table; `day` is derived from ts (UTC) so reports group
+# by an indexed plain column on both SQLite and PostgreSQL.
+COLUMNS: tuple[str, ...] = (*_FIELD_NAMES[:3], "day", *_FIELD_NAMES[3:])
+
+
+class LedgerStore(Protocol):
+    """A database that holds ledger rows. Implementations: SQLite, PostgreSQL.
+
+    `write` inserts a batch in ONE transaction with ON CONFLICT DO NOTHING on
+    (request_id, attempt) and raises `LedgerUnavailable` when the database cannot
+    take it; `fetch` runs a read query written with `?` placeholders.
+    """
+
+    dialect: str
+
+    async def open(self) -> None: ...
+
+    async def write(self, rows: Sequence[LedgerRow]) -> None: ...
+
+    def write_now(self, rows: Sequence[LedgerRow]) -> bool:
+        """Commit at once without waiting on anything, or return False (then use `write`)."""
+        ...
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    async def close(self) -> None: ...

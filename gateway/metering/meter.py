@@ -1,0 +1,512 @@
+"""Metering glue: one `Completion` per request, turned into usage, cost, a ledger row, budgets and metrics.
+
+The row is committed (or durably spooled) before the request counts as
+complete: callers await `Meter.finish` before the last byte goes to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+from gateway.config import ModelSpec
+from gateway.errors import BudgetExceeded, LimitExceeded
+from gateway.flow.admission import Admission, AdmissionRejected, Reservation
+from gateway.flow.estimate import Estimate
+from gateway.http.inbound import InboundRequest
+from gateway.metering.counting import CountingPool
+from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.tokenizer import Tokenizer
+from gateway.metering.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_response
+from gateway.metrics import GatewayMetrics
+from gateway.state.live import LiveState
+
+if TYPE_CHECKING:
+    from gateway.flow.forward import Attempt, SentAttempt
+    from gateway.http.auth import Tenant
+    from policies.types import RouteDecision
+
+log = logging.getLogger("neogate.metering")
+_MILLION = 1_000_000
+
+
+# The tenant of rows the operator pays for (cancelled hedges). Not a valid tenant name,
+# so it never meets a configured tenant, its budgets or its usage.
+OPERATOR_TENANT: Final = "(operator)"
+
+
+@dataclass(slots=True)
+class Completion:
+    """What the gateway knows about one request while it runs."""
+
+    rid: str
+    tenant: str
+    inbound: InboundRequest
+    estimate: Estimate
+    reservation: Reservation | None
+    arrived: float
+    decision: RouteDecision | None = None
+    backend: str | None = None
+    backend_model: str | None = None
+    attempt: int = 0
+    batch_seen: int = 0
+    prices: UnitPrices | None = None  # captured when the attempt started: the price in force
+    first_byte_at: float | None = None
+    usage: Usage | None = None
+    client_request_id: str | None = None
+    # Hedged attempts that lost the race, with the prices and batch in force for each.
+    hedge_losers: tuple[tuple[SentAttempt, UnitPrices, int], ...] = ()
+    _meter: StreamMeter | None = field(default=None)
+
+    def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
+        self.backend = attempt.backend
+        self.backend_model = attempt.backend_model
+        self.attempt = attempt.number
+        self.batch_seen = batch_seen
+        self.prices = prices
+
+    def stream_meter(self) -> StreamMeter:
+        self._meter = StreamMeter()
+        return self._meter
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_byte_at is None else self.first_byte_at - self.arrived
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage is not None else 0
+
+    @property
+    def groq_usage(self) -> dict[str, object] | None:
+        t = self.usage.upstream_timings if self.usage is not None else None
+        if t is None:
+            return None
+        return {
+            "queue_time": t.queue_s,
+            "prompt_time": t.prompt_s,
+            "completion_time": t.completion_s,
+            "total_time": t.total_s,
+        }
+
+
+class Meter:
+    """Turns finished requests into usage, cost, a ledger row, settled budgets and metrics."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        metrics: GatewayMetrics,
+        ledger: LedgerWriter | None,
+        admission: Admission,
+        live: LiveState,
+        *,
+        divergence_threshold: float = 0.1,
+        counting: CountingPool | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._rough = Tokenizer.estimate()
+        self._counting = counting if counting is not None else CountingPool()
+        self._metrics = metrics
+        self.ledger = ledger
+        self.admission = admission
+        self._live = live
+        self._threshold = divergence_threshold
+        self._price_cache: dict[tuple[str, str, int, int, int], UnitPrices] = {}
+        self._worst_cache: dict[tuple[str, int], UnitPrices] = {}
+
+    # --- before forwarding ----------------------------------------------------------
+
+    async def reserve(self, tenant: Tenant, model: ModelSpec, estimate: Estimate) -> Reservation:
+        """Hold the most this request can cost against the tenant's budgets and rate limits.
+
+        Budgets hold the upper bound (`Estimate.budget_output_tokens`: the key's max_tokens
+        cap when the request set none); the tokens-per-minute limit the request's own.
+        """
+        worst = self._worst_prices(model)
+        cost = (
+            estimate.prompt_tokens * worst.input_per_m
+            + estimate.budget_output_tokens * worst.output_per_m
+        ) / _MILLION
+        try:
+            return await self.admission.reserve(
+                tenant.name,
+                estimate.max_total_tokens,
+                cost,
+                budget_tokens=estimate.budget_total_tokens,
+            )
+        except AdmissionRejected as exc:
+            self._metrics.rejections.labels(exc.limit).inc()
+            raise _limit_error(exc) from exc
+
+    def _worst_prices(self, model: ModelSpec) -> UnitPrices:
+        """The dearest of the model's backends at the current price book (reservations)."""
+        key = (model.name, self._live.prices.book.version)
+        worst = self._worst_cache.get(key)
+        if worst is None:
+            if len(self._worst_cache) > 1024:
+                self._worst_cache.clear()
+            worst = self._worst_cache[key] = max(
+                (self._most(b, model.name) for b in model.backends),
+                key=lambda p: p.input_per_m + p.output_per_m,
+            )
+        return worst
+
+    def _most(self, backend: str, model: str) -> UnitPrices:
+        """The most a token can be attributed on `backend`: list price, or a GPU's upper bound."""
+        gpu = self._live.backends[backend].gpu
+        if gpu is None:
+            return self.unit_prices(backend, model, 0)
+        prompt, output = gpu.most_per_token()
+        return UnitPrices.of(round(prompt * _MILLION, 9), round(output * _MILLION, 9), 0)
+
+    def unit_prices(
+        self, backend: str, model: str, batch: int, prompt_tokens: int = 0, context: int = 0
+    ) -> UnitPrices:
+        """Prices in force now: the price book for providers (the tier `prompt_tokens` reaches),
+        the cost model for GPUs.
+
+        A local GPU's prices are its attributed cost (docs/economics.md): prefill at the
+        speed of a prompt of `context` tokens, output at T(batch, context), prefix-cache hits
+        free. `context` is rounded up to a power of two (0: the profile's reference context).
+        """
+        book = self._live.prices.book
+        live = self._live.backends[backend]
+        if live.gpu is not None:
+            bucket = 0 if context <= 0 else 1 << (context - 1).bit_length()
+            key = (backend, model, batch, book.version, bucket)
+        else:
+            tier = 0
+            if prompt_tokens:
+                price = book.get(backend, model)
+                if price is not None and price.tiers:
+                    tier = max(
+                        (
+                            t.min_prompt_tokens
+                            for t in price.tiers
+                            if prompt_tokens >= t.min_prompt_tokens
+                        ),
+                        default=0,
+                    )
+            key = (backend, model, 0, book.version, tier)
+        cached = self._price_cache.get(key)
+        if cached is None:
+            if len(self._price_cache) > 4096:
+                self._price_cache.clear()  # versions move on; old entries are dead weight
+            cached = self._price_cache[key] = self._unit_prices(backend, model, batch, key[4])
+        return cached
+
+    def tiered_prices(self, completion: Completion, usage: Usage) -> UnitPrices | None:
+        """The prices of the tier the request's real prompt length reached, where that differs
+        from the tier its estimate picked (same book version only: the price in force)."""
+        prices, backend, model = completion.prices, completion.backend, completion.inbound.model
+        if prices is None or backend is None or self._live.backends[backend].gpu is not None:
+            return None
+        book = self._live.prices.book
+        price = book.get(backend, model)
+        if price is None or not price.tiers or prices.version != str(book.version):
+            return None
+        real = self.unit_prices(backend, model, completion.batch_seen, usage.prompt_tokens)
+        return None if real is prices else real
+
+    def _unit_prices(self, backend: str, model: str, batch: int, at: int = 0) -> UnitPrices:
+        """`at`: the price tier (providers) or the context bucket (GPUs)."""
+        live = self._live.backends[backend]
+        book = self._live.prices.book
+        version = str(book.version)
+        if live.gpu is not None:
+            gpu = live.gpu
+            per_s = gpu.price_per_hour / 3600.0
+            context = at
+            if context > 0:
+                prefill_s = gpu.prefill_time_s(context) / context
+                where = f"b{batch}c{context}"
+            else:
+                prefill_s = 1.0 / gpu.prefill_tokens_per_s
+                where = f"b{batch}"
+            return UnitPrices.of(
+                round(prefill_s * per_s * _MILLION, 9),
+                round(gpu.cost_per_output_token(batch, context or None) * _MILLION, 9),
+                0,  # a prefix-cache hit takes no prefill time
+                version=f"{version}/gpu@{where}",
+            )
+        price = book.get(backend, model)
+        if price is None:
+            return UnitPrices.of(0, 0, None, version)
+        price = price.at_prompt(at)
+        cached = price.cached_input_per_token
+        written = price.cache_write_input_per_token
+        return UnitPrices.of(
+            round(price.input_per_token * _MILLION, 9),
+            round(price.output_per_token * _MILLION, 9),
+            None if cached is None else round(cached * _MILLION, 9),
+            version,
+            cache_write_input_per_m=None if written is None else round(written * _MILLION, 9),
+        )
+
+    # --- after the answer -------------------------------------------------------------
+
+    async def abandon(self, completion: Completion) -> None:
+        """A request that never reached a backend: release what it reserved."""
+        if completion.reservation is not None:
+            await self.admission.release(completion.reservation)
+
+    async def finish(
+        self,
+        completion: Completion,
+        *,
+        outcome: str,
+        answer: dict[str, Any] | None = None,
+        meter: StreamMeter | None = None,
+        answer_bytes: int = 0,
+    ) -> Usage | None:
+        """Meter the attempt, commit its ledger row, settle the budget; returns the usage.
+
+        `answer` is a buffered answer's JSON (parsed once, by the forwarder; its size
+        in `answer_bytes`), `meter` a stream's; with neither, nothing was delivered and
+        no row is written. Big counts run off the loop (`CountingPool`).
+        """
+        usage = await self._usage(completion, outcome, answer, meter, answer_bytes)
+        completion.usage = usage
+        if usage is not None:
+            tiered = self.tiered_prices(completion, usage)
+            if tiered is not None:
+                completion.prices = tiered  # a long prompt's tier, known once usage is
+        cost = Decimal(0)
+        try:
+            if (
+                usage is not None
+                and completion.backend is not None
+                and completion.prices is not None
+            ):
+                divergent = reconcile(usage, self._threshold)
+                row = self._row(completion, usage, outcome, divergent)
+                cost = row.cost_usd
+                if divergent:
+                    self._metrics.divergence.labels(completion.backend).inc()
+                if self.ledger is not None:
+                    await self.ledger.record(row)
+            for loser, prices, batch in completion.hedge_losers:
+                if self.ledger is not None:
+                    row = self._sent_row(
+                        completion, loser, prices, batch, OPERATOR_TENANT, "hedge_cancelled"
+                    )
+                    await self.ledger.record(row)
+        finally:
+            # Even when no row could be written, the reservation must not stay held.
+            if completion.reservation is not None:
+                tokens = usage.total_tokens if usage is not None else 0
+                await self.admission.settle(completion.reservation, tokens, cost)
+        self._observe(completion, outcome, usage, cost)
+        return usage
+
+    async def _usage(
+        self,
+        completion: Completion,
+        outcome: str,
+        answer: dict[str, Any] | None,
+        meter: StreamMeter | None,
+        answer_bytes: int,
+    ) -> Usage | None:
+        prompt = completion.estimate.prompt_tokens
+        if meter is not None:
+            stream = meter
+            return await self._counting.run(
+                lambda: stream.finish(outcome == "ok", self._tokenizer, prompt),
+                stream.kept_chars,
+                lambda: stream.finish(outcome == "ok", self._rough, prompt),
+            )
+        if answer is None:
+            return None
+        body = answer
+        if self._counting.fits_inline(answer_bytes):  # the common case: no closures, no hop
+            return usage_from_response(
+                body, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt
+            )
+        return await self._counting.run(
+            lambda: usage_from_response(
+                body, tokenizer=self._tokenizer, prompt_tokens_estimate=prompt
+            ),
+            answer_bytes,
+            lambda: usage_from_response(body, tokenizer=self._rough, prompt_tokens_estimate=prompt),
+        )
+
+    async def left_before_answer(
+        self,
+        completion: Completion,
+        sent: list[SentAttempt],
+        batch_seen: Callable[[str], int],
+    ) -> None:
+        """The client left while attempts were out: each had the prompt and gets a row.
+
+        The first is the tenant's (what it asked for); a hedge beside it is the operator's.
+        Nothing was delivered, so no completion tokens are charged.
+        """
+        if not sent:
+            await self.abandon(completion)  # it never reached a backend
+            return
+        tokens, cost = 0, Decimal(0)
+        try:
+            for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
+                batch = batch_seen(out.backend)
+                prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+                tenant = completion.tenant if i == 0 else OPERATOR_TENANT
+                row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
+                if i == 0:
+                    tokens, cost = row.prompt_tokens, row.cost_usd
+                if self.ledger is not None:
+                    await self.ledger.record(row)
+        finally:
+            if completion.reservation is not None:
+                await self.admission.settle(completion.reservation, tokens, cost)
+
+    async def broken_attempts(
+        self,
+        completion: Completion,
+        broken: list[SentAttempt],
+        batch_seen: Callable[[str], int],
+    ) -> None:
+        """Attempts whose answer broke mid-body (cut, stalled, not JSON): the backend did the
+        work and nothing of it reached the client, so each is the operator's cost.
+
+        The body is lost, so the row holds the prompt (estimated) and no completion.
+        """
+        for out in broken:
+            batch = batch_seen(out.backend)
+            prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+            row = self._sent_row(completion, out, prices, batch, OPERATOR_TENANT, "upstream_cut")
+            if self.ledger is not None:
+                await self.ledger.record(row)
+
+    def hedge_prices(
+        self, losers: tuple[SentAttempt, ...], model: str, batch_seen: Callable[[str], int]
+    ) -> tuple[tuple[SentAttempt, UnitPrices, int], ...]:
+        """The price in force for each cancelled hedge, captured when the race ended."""
+        out = []
+        for loser in losers:
+            batch = batch_seen(loser.backend)
+            out.append((loser, self.unit_prices(loser.backend, model, batch), batch))
+        return tuple(out)
+
+    def _sent_row(
+        self,
+        completion: Completion,
+        loser: SentAttempt,
+        prices: UnitPrices,
+        batch: int,
+        tenant: str,
+        outcome: str,
+    ) -> LedgerRow:
+        """A row for an attempt cancelled before it answered: the prompt, nothing delivered."""
+        prompt = completion.estimate.prompt_tokens
+        live = self._live.backends[loser.backend]
+        return LedgerRow.from_usage(
+            request_id=completion.rid,
+            attempt=loser.number,
+            ts=time.time(),
+            tenant=tenant,
+            model=completion.inbound.model,
+            backend=loser.backend,
+            backend_model=loser.backend_model,
+            usage=Usage(prompt, 0, source="estimated", counted_prompt_tokens=prompt),
+            prices=prices,
+            ttft_s=None,
+            total_s=time.monotonic() - completion.arrived,
+            stream=completion.inbound.stream,
+            outcome=outcome,
+            divergent=False,
+            batch_size=batch if live.gpu is not None else None,
+            is_local=live.spec.is_local,
+            client_request_id=completion.client_request_id,
+        )
+
+    def _row(
+        self, completion: Completion, usage: Usage, outcome: str, divergent: bool
+    ) -> LedgerRow:
+        assert completion.backend is not None and completion.prices is not None
+        live = self._live.backends[completion.backend]
+        return LedgerRow.from_usage(
+            request_id=completion.rid,
+            attempt=completion.attempt,
+            ts=time.time(),
+            tenant=completion.tenant,
+            model=completion.inbound.model,
+            backend=completion.backend,
+            backend_model=completion.backend_model or "",
+            usage=usage,
+            prices=completion.prices,
+            ttft_s=completion.ttft_s,
+            total_s=time.monotonic() - completion.arrived,
+            stream=completion.inbound.stream,
+            outcome=outcome,
+            divergent=divergent,
+            batch_size=completion.batch_seen if live.gpu is not None else None,
+            is_local=live.spec.is_local,
+            client_request_id=completion.client_request_id,
+            marginal_cost_usd=self._marginal(completion),
+            counterfactual=self._counterfactual(completion, usage),
+        )
+
+    @staticmethod
+    def _marginal(completion: Completion) -> float | None:
+        """Routing's marginal cost of the backend that served (None: not a routed candidate)."""
+        decision = completion.decision
+        if decision is None:
+            return None
+        for c in decision.candidates:
+            if c.backend == completion.backend:
+                return c.predicted_cost_usd
+        return None
+
+    def _counterfactual(
+        self, completion: Completion, usage: Usage
+    ) -> tuple[str, UnitPrices] | None:
+        """The alternative routing saw (cheapest external meeting the SLO) and its prices now,
+        at the tier the request's real prompt reaches."""
+        decision = completion.decision
+        if decision is None or decision.alternative is None:
+            return None
+        alt = decision.alternative
+        return alt, self.unit_prices(alt, completion.inbound.model, 0, usage.prompt_tokens)
+
+    def _observe(
+        self, completion: Completion, outcome: str, usage: Usage | None, cost: Decimal
+    ) -> None:
+        backend = completion.backend or "none"
+        model = completion.inbound.model
+        m = self._metrics
+        m.outcome(backend, model, outcome).inc()
+        route = m.route(backend, model)
+        total = time.monotonic() - completion.arrived
+        route.duration.observe(total)
+        ttft = completion.ttft_s
+        if ttft is not None:
+            route.ttft.observe(ttft)
+        if usage is None:
+            return
+        route.prompt.inc(usage.prompt_tokens)
+        route.completion.inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            route.cached.inc(usage.cached_tokens)
+        if usage.reasoning_tokens:
+            route.reasoning.inc(usage.reasoning_tokens)
+        if cost:
+            route.cost.inc(float(cost))
+        if completion.inbound.stream and ttft is not None and usage.completion_tokens > 1:
+            route.itl.observe((total - ttft) / (usage.completion_tokens - 1))
+
+
+def _limit_error(exc: AdmissionRejected) -> LimitExceeded:
+    """429 saying which limit; retry-after only where waiting helps."""
+    cls = LimitExceeded if exc.limit.endswith("_per_minute") else BudgetExceeded
+    waiting_helps = exc.retry_after_s is not None
+    return cls(
+        exc.message,
+        code=exc.limit,
+        retry_after_s=exc.retry_after_s,
+        should_retry=waiting_helps,
+    )

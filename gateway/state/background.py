@@ -1,0 +1,223 @@
+"""Background tasks of one app: worker /metrics scraper, price-feed poller, key-revocation
+refresh, the provisioning gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+
+from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
+from gateway.errors import GatewayError
+from gateway.metering.ledger.provisioning import (
+    PROVISIONING_WINDOW_S,
+    gpu_terms,
+    provisioning,
+    provisioning_gauges_values,
+)
+from gateway.metering.ledger.rows import LedgerUnavailable
+from gateway.state.failures import FailureStreak
+from policies.pricebook import (
+    FeedError,
+    Price,
+    SkippedRow,
+    parse_neogate_feed,
+    parse_openrouter_rows,
+)
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("neogate.background")
+
+KEY_REFRESH_S = 0.5  # revocations by another process take effect within this
+# Failures that are an outage of something we depend on: logged without a traceback.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    aiohttp.ClientError,
+    GatewayError,
+    MetricsParseError,
+    FeedError,
+    LedgerUnavailable,
+)
+PROVISIONING_REFRESH_S = 60.0
+
+
+class Background:
+    """Starts and stops the app's pollers; each loop survives its own failures."""
+
+    def __init__(self, rt: Runtime, session: aiohttp.ClientSession) -> None:
+        self._rt = rt
+        self._session = session
+        self._tasks: list[asyncio.Task[None]] = []
+        self._skips_logged: frozenset[tuple[str, str]] = frozenset()
+        feed = rt.config.price_feed
+        self._feed_streak = FailureStreak(
+            log, f"price feed {feed.url if feed else ''} (last good prices kept)", expected=_OUTAGES
+        )
+
+    def start(self) -> None:
+        rt = self._rt
+        interval = rt.config.routing.scrape_interval_s
+        for name, backend in rt.backends.items():
+            if backend.is_local:
+                self._spawn(f"scrape-{name}", interval, self._scraper(name))
+        feed = rt.config.price_feed
+        if feed is not None:
+            self._spawn("price-feed", feed.interval_s, self.poll_price_feed)
+        self._spawn("key-refresh", KEY_REFRESH_S, self._refresh_keys)
+        if rt.meter.ledger is not None and gpu_terms(rt.config):
+            self._spawn("provisioning", PROVISIONING_REFRESH_S, self._provisioning)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _spawn(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        # A failing task (its database or endpoint down) logs once per outage, not per try.
+        streak = FailureStreak(log, f"background task {name}", expected=_OUTAGES)
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    streak.failed(exc)
+                else:
+                    streak.succeeded()
+                await asyncio.sleep(interval)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
+
+    def _scraper(self, name: str) -> Callable[[], Awaitable[None]]:
+        streak = FailureStreak(log, f"metrics scrape of {name}", expected=_OUTAGES)
+
+        async def scrape() -> None:
+            rt = self._rt
+            try:
+                text = await rt.backends[name].fetch_metrics()
+                if text is None:
+                    # Local workers always have a metrics URL, so None is a non-200 answer:
+                    # a failure like any other (the worker goes stale on the same clock).
+                    raise MetricsParseError("the endpoint answered an error status")
+                metrics = parse_worker_metrics(text, time.time())
+            except (GatewayError, MetricsParseError) as exc:
+                rt.metrics.scrape_failures.labels(name).inc()
+                streak.failed(exc)
+                return
+            streak.succeeded()
+            rt.router.live.observe_worker(name, metrics)
+
+        return scrape
+
+    async def poll_price_feed(self) -> None:
+        """Fetch the feed; a malformed or unreachable feed keeps the last good prices."""
+        rt = self._rt
+        feed = rt.config.price_feed
+        assert feed is not None
+        try:
+            async with self._session.get(feed.url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                if r.status != 200:
+                    raise FeedError(f"price feed answered {r.status}")
+                body = await r.read()
+            updates = self._feed_updates(orjson.loads(body))
+        except (aiohttp.ClientError, TimeoutError, FeedError, orjson.JSONDecodeError) as exc:
+            rt.metrics.price_feed_failures.inc()
+            self._feed_streak.failed(exc)  # the last good prices stay in force
+            return
+        self._feed_streak.succeeded()
+        before = rt.router.live.prices.book.version
+        after = rt.router.live.prices.set_many(updates)
+        if after != before:
+            log.info("price feed applied: version %d -> %d", before, after)
+
+    def _feed_updates(self, obj: object) -> dict[str | tuple[str, str], Price]:
+        rt = self._rt
+        feed = rt.config.price_feed
+        assert feed is not None
+        now = time.time()
+        if feed.format == "neogate":
+            parsed = parse_neogate_feed(obj, now=now)
+            known = {(k if isinstance(k, str) else k[0]) for k in parsed}
+            unknown = known - set(rt.backends)
+            if unknown:
+                raise FeedError(f"feed prices unknown backends {sorted(unknown)}")
+            out_ng: dict[str | tuple[str, str], Price] = {}
+            for key, found in parsed.items():
+                if isinstance(key, str):
+                    out_ng[key] = found
+                    continue
+                for public in _public_models(rt.specs[key[0]].models, key[1]):
+                    out_ng[(key[0], public)] = found
+            return out_ng
+        parsed_or = parse_openrouter_rows(obj, now=now)
+        self._report_skipped(parsed_or.skipped)
+        by_id = parsed_or.prices
+        out: dict[str | tuple[str, str], Price] = {}
+        for feed_id, target in feed.map.items():
+            price = by_id.get(feed_id)
+            if price is None:
+                continue
+            backend, _, model = target.partition("/")
+            out[(backend, model) if model else backend] = price
+        return out
+
+    def _report_skipped(self, skipped: tuple[SkippedRow, ...]) -> None:
+        """Bad feed rows: a gauge, /admin/prices, and one log line per new set of bad rows."""
+        rt = self._rt
+        rt.metrics.price_feed_skipped_rows.set(len(skipped))
+        rt.router.live.prices.feed_skipped = skipped
+        seen = frozenset((s.id, s.reason) for s in skipped)
+        if seen and seen != self._skips_logged:
+            log.warning(
+                "price feed: %d row(s) skipped, the rest applied: %s",
+                len(skipped),
+                "; ".join(s.reason for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+            )
+        self._skips_logged = seen
+
+    async def _provisioning(self) -> None:
+        """Provisioning truth over the last window into the Prometheus gauges."""
+        rt = self._rt
+        ledger = rt.meter.ledger
+        if ledger is None:
+            return
+        now = time.time()
+        rows = await provisioning(
+            ledger.store,
+            gpu_terms(rt.config),
+            since=now - PROVISIONING_WINDOW_S,
+            until=None,
+            now=now,
+        )
+        gauges = rt.metrics.gpu_provisioning
+        for suffix, values in provisioning_gauges_values(rows).items():
+            for backend, value in values.items():
+                gauges[suffix].labels(backend).set(value)
+
+    async def _refresh_keys(self) -> None:
+        await self._rt.keys.refresh()
+
+
+def _public_models(models: Mapping[str, str], name: str) -> list[str]:
+    """The public models a feed's model name prices on one backend.
+
+    Prices are looked up by public model; a feed may name either that or the backend's
+    own model id (as the feed format documents), which can serve several public names.
+    """
+    if name in models:
+        return [name]
+    found = [public for public, backend_model in models.items() if backend_model == name]
+    if not found:
+        raise FeedError(f"feed prices model {name!r}, which this backend does not serve")
+    return found

@@ -1,0 +1,133 @@
+"""Scale-out through Redis: exact limits across processes, shared backend state, and the outage policy.
+
+Two entry points; everything else is in the submodules:
+
+- `attach_shared_state(spec, runtime_ref)`: called once per app after its runtime is
+  built; swaps the admission's store for the Redis-backed one and starts sharing
+  backend state. Returns a `SharedHandle` to close.
+- `make_limit_store(spec)`: only the Redis-backed `LimitStore` (start/close it yourself).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from gateway.config import RedisSpec
+from gateway.flow.admission import Admission, LimitStore
+from gateway.metering.ledger.reports import spend_by_tenant
+from gateway.metering.ledger.rows import LedgerStore
+from gateway.state.shared.outage import (
+    FailoverLimitStore,
+    Reseed,
+    SharedMetrics,
+    SharedStateUnavailable,
+)
+from gateway.state.shared.redis_limits import RedisLimitStore, connect, connect_fast
+from gateway.state.shared.redis_state import SNAPSHOT_TTL_MS, SharedState
+
+if TYPE_CHECKING:
+    from gateway.runtime import RuntimeRef
+
+__all__ = [
+    "FailoverLimitStore",
+    "SharedHandle",
+    "SharedState",
+    "SharedStateUnavailable",
+    "attach_shared_state",
+    "ledger_reseed",
+    "make_limit_store",
+    "publish_keys_changed",
+]
+
+
+@dataclass
+class SharedHandle:
+    """What `attach_shared_state` started; `close()` it when the app stops."""
+
+    limits: FailoverLimitStore
+    state: SharedState
+
+    def keys_changed(self) -> None:
+        """Call after creating or revoking a key here: other replicas refresh at once."""
+        self.state.keys_changed()
+
+    async def close(self) -> None:
+        await self.state.close()
+        await self.limits.close()
+        await self.limits.redis.aclose()
+
+
+def ledger_reseed(admission: Admission, ledger: LedgerStore) -> Reseed:
+    """Rebuild Redis's counters from what the ledger says each tenant spent."""
+
+    async def reseed(target: LimitStore, cutoff: float) -> None:
+        spend = await spend_by_tenant(ledger, time.time(), before=cutoff)
+        # A throwaway Admission over `target` reuses the one definition of the counter keys.
+        await Admission(admission.limits, target).seed(spend)
+
+    return reseed
+
+
+def make_limit_store(
+    spec: RedisSpec,
+    *,
+    registry: CollectorRegistry | None = None,
+    reseed: Reseed | None = None,
+) -> FailoverLimitStore:
+    """The Redis-backed LimitStore with the configured outage policy (not yet started).
+
+    Close it with `await store.close()` and then `await store.redis.aclose()`.
+    """
+    client = connect(spec)
+    return FailoverLimitStore(
+        RedisLimitStore(client, spec.key_prefix, connect_fast(spec)),
+        spec.on_outage,
+        reseed=reseed,
+        metrics=SharedMetrics(registry),
+    )
+
+
+async def attach_shared_state(spec: RedisSpec, ref: RuntimeRef) -> SharedHandle:
+    """Put the app's admission on Redis-shared counters and share its backend and key state.
+
+    Call once per app after the ledger is started (a Redis without counters is
+    rebuilt from it). Never fails because Redis is down: the outage policy applies
+    until it answers. Follows reloads: state is read through `ref.current`.
+    """
+    rt = ref.current
+    admission = rt.meter.admission
+    ledger = rt.meter.ledger
+    reseed = ledger_reseed(admission, ledger.store) if ledger is not None else None
+    registry = rt.metrics.registry
+    limits = make_limit_store(spec, registry=registry, reseed=reseed)
+    await limits.start()
+    admission.store = limits  # reloads keep this Admission object, so this holds for good
+    state = SharedState(
+        limits.redis.client,
+        spec.key_prefix,
+        lambda: ref.current.router.live,
+        lambda: ref.current.keys,
+        registry=registry,
+    )
+    await state.start()
+    return SharedHandle(limits, state)
+
+
+async def publish_keys_changed(spec: RedisSpec) -> None:
+    """For `neogate keys create|revoke` run outside any replica: make every replica refresh now."""
+    client = connect(spec, timeout_s=2.0)
+    try:
+        now = time.time()
+        update = {"k": "keys", "t": now, "o": "cli"}
+        pipe = client.pipeline(transaction=False)
+        pipe.publish(f"{spec.key_prefix}:state", orjson.dumps({"o": "cli", "u": [update]}))
+        pipe.hset(f"{spec.key_prefix}:state:snap", "keys", orjson.dumps(update))
+        pipe.pexpire(f"{spec.key_prefix}:state:snap", SNAPSHOT_TTL_MS)
+        await pipe.execute()
+    finally:
+        await client.aclose()
