@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from gateway.state.keys import KeyStore
 
 __all__ = [
-    "REQUEST_ID",
     "REQUEST_IDS",
     "RUNTIME",
     "AppOptions",
@@ -176,7 +175,6 @@ def _nothing() -> None:
 
 
 RUNTIME: Final = web.AppKey("runtime", RuntimeRef)
-REQUEST_ID: Final = web.RequestKey("request_id", str)
 
 
 class RequestIds:

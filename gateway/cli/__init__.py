@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from importlib import resources
 
 from gateway.config import ConfigError, load_config
 
@@ -86,13 +84,9 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_policy_text() -> str:
-    """The embedded default policy (its backends are `sim:` simulations)."""
-    return resources.files("policies").joinpath("examples/default.yaml").read_text("utf-8")
-
-
 def _run_serve(args: argparse.Namespace) -> int:
-    from gateway.cli.serve import ServeOptions, serve_forever
+    from gateway.cli.launch import ServeOptions
+    from gateway.cli.serve import serve_forever
 
     opts = ServeOptions(
         config_path=args.config, host=args.host, port=args.port, workers=args.workers
@@ -104,18 +98,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
-
-
-def run_async(coro_factory: Callable[[], object]) -> None:
-    """Run a coroutine on uvloop where available."""
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(coro_factory())  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

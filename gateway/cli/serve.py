@@ -7,11 +7,12 @@ import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
+from gateway.cli.launch import ServeOptions, default_policy_text, run_async
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -29,16 +30,6 @@ from gateway.wiring import reload_from_file
 log = logging.getLogger("neogate")
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    config_path: str | None
-    host: str | None = None
-    port: int | None = None
-    workers: int = 1
-    drain_timeout_s: float = 30.0
-    worker_index: int | None = None  # set in each worker of `--workers N`
-
-
 def serve_forever(opts: ServeOptions) -> int:
     """Run the gateway until SIGINT/SIGTERM; return the exit status."""
     if opts.workers > 1:
@@ -50,7 +41,6 @@ def serve_forever(opts: ServeOptions) -> int:
 
 def _serve_one_process(opts: ServeOptions) -> int:
     """One gateway process (with `workers > 1`, one of the supervisor's workers)."""
-    from gateway.cli import run_async
 
     status = 0
 
@@ -68,8 +58,6 @@ async def _serve(opts: ServeOptions) -> int:
         if opts.config_path:
             config = load_config(opts.config_path, require_env=True)
         else:
-            from gateway.cli import default_policy_text
-
             config = parse_config(default_policy_text(), source="<embedded default>")
         config, sims, urls = await start_simulated(config)
         host = opts.host or config.listen.host

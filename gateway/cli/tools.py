@@ -64,7 +64,7 @@ def _run_route(args: argparse.Namespace) -> int:
         if args.config:
             config = load_config(args.config)
         else:
-            from gateway.cli import default_policy_text
+            from gateway.cli.launch import default_policy_text
 
             config = parse_config(default_policy_text(), source="<embedded default>")
     except ConfigError as exc:

@@ -44,7 +44,7 @@ from gateway.config import (
 )
 
 if TYPE_CHECKING:
-    from gateway.cli.serve import ServeOptions
+    from gateway.cli.launch import ServeOptions
 
 log = logging.getLogger("neogate.workers")
 
@@ -106,7 +106,7 @@ def _load(config_path: str | None) -> GatewayConfig:
         # Simulated (`sim:`) backends are started by each worker; only the listen and
         # reliability sections matter here.
         return load_config(config_path, require_env=True)
-    from gateway.cli import default_policy_text
+    from gateway.cli.launch import default_policy_text
 
     return parse_config(default_policy_text(), source="<embedded default>")
 

@@ -12,9 +12,8 @@ from aiohttp import web
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
 from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.flow.relay import DONE, EventFilter
-from gateway.flow.reliability import StallGuard
 from gateway.http.client_headers import check_client_headers
-from gateway.http.exchange import AiohttpExchange, ClientExchange, refuse_encoded_body
+from gateway.http.exchange import AiohttpExchange, ClientExchange, StallGuard, refuse_encoded_body
 from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering.meter import Completion
 from gateway.metering.usage import StreamMeter

@@ -10,7 +10,6 @@ client side of back-pressure: a client that stops reading is cut, not buffered f
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from gateway.flow.breaker import BreakerConfig
 from gateway.flow.forward import ForwardOptions
 from gateway.flow.hedging import HedgeConfig
 from gateway.flow.retry_budget import RetryBudget, RetryBudgetConfig, RetryBudgetState
-from gateway.http.exchange import ClientExchange
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,56 +123,3 @@ class Reliability:
 
     def snapshot(self) -> ReliabilityState:
         return ReliabilityState(self.gate.snapshot(), self.budget.snapshot(self._clock()))
-
-
-class StallGuard:
-    """Cut a client that reads nothing for `timeout_s` while a stream is written to it.
-
-    An exchange's write waits once the transport is over its high-water mark (the
-    edge and aiohttp alike), so a slow reader slows the relay (and the upstream
-    read) instead of growing memory;
-    a reader that stopped altogether would pin the stream forever without this bound.
-    One timer per stream, re-armed at most once per `timeout_s`, instead of a
-    timeout scope around every event: a write that does not wait costs two
-    attribute stores. A cut aborts the connection, so the waiting write raises
-    `ConnectionResetError` (or the request task is cancelled with the connection).
-    """
-
-    __slots__ = ("_exchange", "_handle", "_loop", "_since", "_timeout_s", "cut")
-
-    def __init__(self, exchange: ClientExchange, timeout_s: float) -> None:
-        self._exchange = exchange
-        self._timeout_s = timeout_s
-        self._loop = asyncio.get_running_loop()
-        self._since: float | None = None  # when the write in progress began
-        self._handle: asyncio.TimerHandle | None = None
-        self.cut = False
-
-    async def write(self, data: bytes) -> None:
-        loop = self._loop
-        self._since = now = loop.time()
-        if self._handle is None:
-            self._handle = loop.call_at(now + self._timeout_s, self._check)
-        try:
-            await self._exchange.write(data)
-        finally:
-            self._since = None
-        if self.cut:
-            raise ConnectionResetError("the client stopped reading the stream")
-
-    def _check(self) -> None:
-        self._handle = None
-        since = self._since
-        if since is None:
-            return  # not writing: the next write arms the timer again
-        due = since + self._timeout_s
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        self.cut = True
-        self._exchange.abort()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None

@@ -22,11 +22,10 @@ from gateway.http import endpoints
 from gateway.http.admin import add_admin_routes, add_usage_routes
 from gateway.http.edge_head import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.http.edge_site import add_listeners
-from gateway.http.exchange import refuse_encoded_body
+from gateway.http.exchange import REQUEST_ID, refuse_encoded_body
 from gateway.http.server_log import ServerLog
 from gateway.metering.ledger.reports import spend_by_tenant
 from gateway.runtime import (
-    REQUEST_ID,
     REQUEST_IDS,
     RUNTIME,
     AppOptions,

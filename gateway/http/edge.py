@@ -31,18 +31,16 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol, cast
 
 from gateway.errors import GatewayError, RequestTimeout
 from gateway.flow.proxy import serve_request
-from gateway.http.conn_deadlines import RequestDeadlines
+from gateway.http.conn_deadlines import ConnectionLimits, RequestDeadlines
 from gateway.http.edge_head import HandOver, HeadReader
 from gateway.http.exchange import too_large
 from gateway.http.inbound import PATHS, Endpoint
-
-if TYPE_CHECKING:
-    from gateway.http.edge_site import Edge
+from gateway.runtime import RequestIds, RuntimeRef
 
 log = logging.getLogger("neogate")
 
@@ -51,6 +49,24 @@ _PIPELINE_PAUSE: Final = 1 << 20  # stop reading while this much waits behind a 
 # the client still sends for this long, then close (closing at once could reset the
 # connection before the client has read the answer).
 _LINGER_S: Final = 2.0
+
+
+class EdgeHost(Protocol):
+    """What a connection needs from its listening socket (`gateway.http.edge_site.Edge`)."""
+
+    ref: RuntimeRef
+    ids: RequestIds
+    fallback: Callable[[], asyncio.BaseProtocol]
+    limits: ConnectionLimits
+    connections: set[EdgeConnection]
+    busy: int
+    closing: bool
+
+    def status_line(self, status: int) -> bytes: ...
+
+    def tail(self) -> bytes: ...
+
+    def request_done(self) -> None: ...
 
 
 class EdgeConnection(asyncio.Protocol):
@@ -76,7 +92,7 @@ class EdgeConnection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, edge: Edge) -> None:
+    def __init__(self, edge: EdgeHost) -> None:
         self._edge = edge
         self._buf = b""
         self._body = bytearray()

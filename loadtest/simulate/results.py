@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loadtest.simulate.traces import TraceRequest
 from policies.types import RouteRequest, Slo
 
 if TYPE_CHECKING:
-    from loadtest.simulate.engine import Engine
+    from loadtest.simulate.backends import SimGpu, SimProvider
+    from loadtest.simulate.routers import SimPolicy
+    from loadtest.simulate.scenario import Scenario
+    from loadtest.simulate.traces import Trace
 
 TIMELINE_BUCKET_S = 10.0
 
@@ -101,7 +104,20 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def summarize(engine: Engine) -> PolicyResult:
+class FinishedRun(Protocol):
+    """What the summary reads of a finished run (`loadtest.simulate.engine.Engine`)."""
+
+    sc: Scenario
+    trace: Trace
+    policy: SimPolicy
+    reqs: list[SimRequest]
+    gpus: dict[str, SimGpu]
+    providers: dict[str, SimProvider]
+    queued_total: int
+    refusals: int
+
+
+def summarize(engine: FinishedRun) -> PolicyResult:
     """Cost, SLO attainment, shares and utilization from a finished run."""
     sc, trace = engine.sc, engine.trace
     met: dict[str, list[int]] = {}

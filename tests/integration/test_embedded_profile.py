@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.cli import default_policy_text
+from gateway.cli.launch import default_policy_text
 from gateway.cli.serve import start_simulated
 from gateway.config import parse_config
 from loadtest.sim.worker import WORKER
