@@ -18,12 +18,12 @@ from adapters.fasthttp import (
     BadResponse,
     ChunkedDecoder,
     ConnectError,
+    Connection,
     ConnectionClosed,
     ConnectionPool,
     IncompleteBody,
     Response,
     ResponseTimeout,
-    _Conn,
     parse_head,
 )
 from adapters.http_transport import PooledTransport
@@ -163,7 +163,7 @@ def fed(pieces: list[bytes]) -> tuple[ConnectionPool, Response]:
     loop = asyncio.get_running_loop()
     pool = ConnectionPool("upstream.test", 80)
     pool._count = 1  # the connection below holds the pool's one slot
-    conn = _Conn(pool)
+    conn = Connection(pool)
     now = loop.time()
     resp = Response(pool, conn, loop, now + 30, 30, now + 60)
     conn.exchange = resp
@@ -240,12 +240,12 @@ async def test_connection_close_forbids_reuse() -> None:
 
 async def test_eof_ends_an_unframed_body_and_cuts_a_framed_one() -> None:
     _, resp = fed([b"HTTP/1.1 200 OK\r\n\r\npart one, ", b"part two"])
-    assert isinstance(resp._conn, _Conn)
+    assert isinstance(resp._conn, Connection)
     resp._conn.eof_received()
     assert await resp.read() == b"part one, part two"
 
     _, resp = fed([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"])
-    assert isinstance(resp._conn, _Conn)
+    assert isinstance(resp._conn, Connection)
     resp._conn.eof_received()
     with pytest.raises(IncompleteBody):
         await resp.read()
@@ -258,7 +258,7 @@ async def test_a_cut_stream_yields_whole_events_then_fails() -> None:
             chunked([b"data: 1\n\ndata: 2"])[:-5],
         ]
     )
-    assert isinstance(resp._conn, _Conn)
+    assert isinstance(resp._conn, Connection)
     resp._conn.connection_lost(None)
     got = []
     with pytest.raises(UpstreamProtocolError):
