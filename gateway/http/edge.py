@@ -62,6 +62,9 @@ class EdgeHost(Protocol):
     busy: int
     closing: bool
 
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
+
     def status_line(self, status: int) -> bytes: ...
 
     def tail(self) -> bytes: ...
@@ -291,7 +294,7 @@ class EdgeConnection(asyncio.Protocol):
         since = self.head_since if self.head_since is not None else time.monotonic()
         deadline = loop_now + edge.limits.head_timeout_s - (time.monotonic() - since)
         # aiohttp has no head or body deadline of its own: the guard keeps ours.
-        proto = RequestDeadlines(edge.fallback(), edge.limits, head_deadline=deadline)
+        proto = RequestDeadlines(edge.fallback(), edge.limits, head_deadline=deadline, log=edge.log)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         buf, self._buf = self._buf, b""

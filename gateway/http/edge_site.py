@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.http.conn_deadlines import ConnectionLimits, RequestDeadlines
 from gateway.http.edge import EdgeConnection
+from gateway.http.server_log import ServerLog
 from gateway.runtime import REQUEST_IDS, RUNTIME
 
 log = logging.getLogger("neogate")
@@ -45,6 +46,8 @@ class Edge:
         self.ids = app[REQUEST_IDS]
         self.fallback = fallback
         self.limits = limits
+        # Bad requests the guard answers itself: one line each, rate-limited, no bytes.
+        self.log = ServerLog()
         self.fast_edge = fast_edge
         self.connections: set[EdgeConnection] = set()
         self.busy = 0
@@ -57,7 +60,7 @@ class Edge:
 
     def protocol(self) -> asyncio.BaseProtocol:
         if not self.fast_edge:
-            return RequestDeadlines(self.fallback(), self.limits)
+            return RequestDeadlines(self.fallback(), self.limits, log=self.log)
         return EdgeConnection(self)
 
     def start(self) -> None:

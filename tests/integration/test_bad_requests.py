@@ -193,15 +193,44 @@ MALFORMED = {
 }
 
 
+def openai_error(raw: bytes) -> dict[str, object]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), raw
+    error = json.loads(body)["error"]
+    assert isinstance(error, dict)
+    return error
+
+
 @pytest.mark.parametrize("case", list(MALFORMED))
-async def test_a_malformed_head_is_aiohttps_400_on_both_roads_and_nothing_after_it_is_read(
+async def test_a_malformed_head_is_an_openai_400_on_both_roads_and_nothing_after_it_is_read(
     roads: dict[str, Gateway], case: str
 ) -> None:
     data = MALFORMED[case] + head_lines(LENGTH)
     for road, gw in roads.items():
         status, raw, closed = await exchange(gw, data)
         assert (status, closed) == (400, True), (road, raw)
-        assert b"Server: neogate" not in raw, (road, raw)  # aiohttp's answer, on both roads
+        error = openai_error(raw)
+        assert (error["type"], error["code"]) == ("invalid_request_error", "malformed_request")
+        body = raw.partition(b"\r\n\r\n")[2]
+        for sent in (TENANT_KEY.encode(), PROMPT.encode(), b"POST", b"Content-Length"):
+            assert sent not in body, (road, sent, raw)
+
+
+async def test_a_malformed_first_head_is_not_quoted_back(roads: dict[str, Gateway]) -> None:
+    """aiohttp answered a head it could not parse with plain text quoting the bytes it read
+    (the key and the start of the body among them); the guard in front of it answers first."""
+    cases = {
+        "bare LF line ends": request([HOST, AUTH], lf=b"\n"),
+        "not HTTP at all": b"GARBAGE " + TENANT_KEY.encode() + b" /\r\n\r\n",
+        "a header without a colon": head_lines(b"Foo " + TENANT_KEY.encode(), LENGTH),
+    }
+    for name, data in cases.items():
+        for road, gw in roads.items():
+            status, raw, closed = await exchange(gw, data)
+            assert (status, closed) == (400, True), (name, road, raw)
+            assert openai_error(raw)["type"] == "invalid_request_error", (name, road)
+            assert TENANT_KEY.encode() not in raw, (name, road, raw)
+            assert PROMPT.encode() not in raw, (name, road, raw)
 
 
 async def test_an_empty_line_before_a_request_is_skipped_on_both_roads(
