@@ -61,6 +61,8 @@ policies.latency
     update(est, sample, alpha=DEFAULT_ALPHA) -> LatencyEstimate
     sample_from_timings(ttft_s, total_s, completion_tokens) -> LatencySample
     sample_from_groq_usage(usage, completion_tokens=None) -> LatencySample | None
+    sample_from_server_timings(queue_s, prompt_s, completion_s, completion_tokens)
+        -> LatencySample | None   # a provider's own timings (Groq), already parsed
     DecayingRate(tau_s=10.0) .add(amount, now) .value(now)   # prompt tokens/s per worker
     RelativeError() .update(predicted_s, measured_s, now, alpha) .spread(now)
         # a local worker's relative shortfall, halving its variance every TRUST_HALF_LIFE_S

@@ -211,8 +211,11 @@ def _seconds(usage: Mapping[str, object], key: str) -> float | None:
     v = usage.get(key)
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    f = float(v)
-    return f if math.isfinite(f) and f >= 0 else None
+    return _usable(float(v))
+
+
+def _usable(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) and v >= 0 else None
 
 
 def sample_from_groq_usage(
@@ -220,16 +223,32 @@ def sample_from_groq_usage(
 ) -> LatencySample | None:
     """A server-side sample from Groq usage timings (`queue_time`, `prompt_time`, `completion_time`).
 
-    TTFT is queue + prompt time (no network); ITL is completion time per output token.
-    Pass the `usage` object (for streams: the final chunk's `x_groq.usage`). None when the
-    timings are absent.
+    Pass the `usage` object (for streams: the final chunk's `x_groq.usage`); see
+    `sample_from_server_timings`. None when the timings are absent.
     """
-    queue = _seconds(usage, "queue_time")
-    prompt = _seconds(usage, "prompt_time")
-    completion = _seconds(usage, "completion_time")
     if completion_tokens is None:
         ct = usage.get("completion_tokens")
         completion_tokens = ct if isinstance(ct, int) and not isinstance(ct, bool) else None
+    return sample_from_server_timings(
+        _seconds(usage, "queue_time"),
+        _seconds(usage, "prompt_time"),
+        _seconds(usage, "completion_time"),
+        completion_tokens,
+    )
+
+
+def sample_from_server_timings(
+    queue_s: float | None,
+    prompt_s: float | None,
+    completion_s: float | None,
+    completion_tokens: int | None,
+) -> LatencySample | None:
+    """A server-side sample from a provider's own timings, in seconds (None: not reported).
+
+    TTFT is queue + prompt time (no network); ITL is completion time per output token.
+    A negative or non-finite time counts as not reported. None when neither can be had.
+    """
+    queue, prompt, completion = _usable(queue_s), _usable(prompt_s), _usable(completion_s)
     ttft = None if prompt is None else prompt + (queue or 0.0)
     itl = None
     if completion is not None and completion_tokens is not None and completion_tokens > 0:

@@ -13,6 +13,7 @@ from policies.latency import (
     LatencySample,
     TtftFit,
     sample_from_groq_usage,
+    sample_from_server_timings,
     sample_from_timings,
     update,
 )
@@ -79,6 +80,21 @@ def test_sample_from_groq_usage() -> None:
     only_completion = sample_from_groq_usage({"completion_time": 1.0}, completion_tokens=100)
     assert only_completion == LatencySample(None, 0.01)
     assert sample_from_groq_usage({"prompt_time": "fast", "completion_time": True}) is None
+
+
+def test_sample_from_server_timings() -> None:
+    # Groq's figures as parsed numbers: TTFT = 0.037 + 0.00068, ITL = 0.463 / 377.
+    s = sample_from_server_timings(0.037, 0.000680, 0.463, 377)
+    assert s is not None
+    assert s.ttft_s == pytest.approx(0.03768)
+    assert s.itl_s == pytest.approx(0.463 / 377)
+    assert sample_from_server_timings(None, 0.5, None, 0) == LatencySample(0.5, None)
+    assert sample_from_server_timings(None, None, 1.0, 100) == LatencySample(None, 0.01)
+    # A negative or infinite time is not a measurement; no tokens give no ITL.
+    assert sample_from_server_timings(-1.0, 0.25, None, 10) == LatencySample(0.25, None)
+    assert sample_from_server_timings(None, float("inf"), -0.1, 10) is None
+    assert sample_from_server_timings(None, None, 1.0, 0) is None
+    assert sample_from_server_timings(None, None, None, 5) is None
 
 
 def test_ttft_fit_learns_intercept_and_slope() -> None:
