@@ -147,7 +147,22 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "ledger_writer",
         ("gateway/metering/ledger/writer.py",),
-        ("tests/integration/test_ledger_sqlite.py", "tests/integration/test_spool_replay.py"),
+        (
+            "tests/unit/test_ledger_writer.py",
+            "tests/integration/test_spool_replay.py",
+            "tests/integration/test_ledger_sqlite.py",
+        ),
+        # The store's own timing (checkpoints, a lock held by another process, WAL switch):
+        # they do not judge the writer.
+        tuple(
+            f"tests/integration/test_ledger_sqlite.py::{t}"
+            for t in (
+                "test_quick_commits_run_on_the_loop_and_checkpoint_on_the_thread",
+                "test_a_file_locked_by_another_process_waits_on_the_thread",
+                "test_switching_a_new_file_to_wal_waits_for_another_connection",
+                "test_checkpoints_follow_what_the_wal_holds_not_its_file_size",
+            )
+        ),
     ),
 )
 

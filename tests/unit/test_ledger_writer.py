@@ -1,0 +1,581 @@
+"""The ledger writer over a real SQLite file and a real spool: group commit, the outage, the
+retry clock, replay in rounds and chunks, and what it counts (issue 17's mutation survivors).
+
+The clock is passed in (`Clock`), so "a retry is due" is decided by the test, not by time.
+An outage is another connection holding the file's write lock (busy timeout 50 ms), a
+ledger file that is not there (`create=False`), or a row SQLite refuses (a NULL tenant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.metering.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
+from gateway.metering.ledger.rows import LedgerUnavailable
+from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.usage import UnitPrices, Usage
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def row(i: int, **changes: object) -> LedgerRow:
+    base = LedgerRow.from_usage(
+        request_id=f"req-{i}",
+        attempt=0,
+        ts=1_750_000_000.0 + i,
+        tenant="acme",
+        model="m",
+        backend="b",
+        backend_model="bm",
+        usage=Usage(10, 5),
+        prices=UnitPrices.of(1, 2, version="v1"),
+        ttft_s=None,
+        total_s=0.2,
+        stream=False,
+        outcome="ok",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def poison(i: int) -> LedgerRow:
+    """A row the database refuses (NOT NULL tenant) but the spool keeps."""
+    return row(i, tenant=None)
+
+
+def ids_in(db: Path) -> list[str]:
+    """Request ids in the order they were inserted (rowid)."""
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT request_id FROM ledger ORDER BY rowid")]
+
+
+def spooled_ids(path: Path) -> list[str]:
+    return [LedgerRow.from_json(line).request_id for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    return path
+
+
+@pytest.fixture
+def lock(db: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection that can hold the file's write lock: an outage for the writer."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    yield conn
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.close()
+
+
+def store(db: Path) -> SqliteLedger:
+    return SqliteLedger(db, busy_timeout_s=0.05)
+
+
+async def settled(writer: LedgerWriter) -> None:
+    """Wait (at most 5 s) until the writer has moved its spool, which it does after the
+    caller whose row was spooled has been answered."""
+    async with asyncio.timeout(5):
+        while writer.stats().spool_rows:
+            await asyncio.sleep(0.002)
+
+
+def sample(registry: CollectorRegistry, name: str) -> float | None:
+    return registry.get_sample_value(name)
+
+
+# --- group commit and what is counted --------------------------------------------------------
+
+
+async def test_rows_queued_together_go_in_batches_of_4096_by_default(db: Path) -> None:
+    registry = CollectorRegistry()
+    writer = LedgerWriter(store(db), registry=registry, clock=Clock())
+    await writer.start()
+    # gather queues all 4097 before the writer task runs: one full batch, then the rest.
+    await asyncio.gather(*(writer.record(row(i)) for i in range(4097)))
+    stats = writer.stats()
+    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (2, 1, 4097)
+    assert (stats.rows_spooled, stats.rows_replayed, stats.write_errors) == (0, 0, 0)
+    assert stats.backlog_rows == 0 and stats.db_up and writer.db_up
+    assert (stats.spool_rows, stats.spool_bytes) == (0, 0)  # no spool at all
+    assert sample(registry, "neogate_ledger_rows_written_total") == 4097
+    assert sample(registry, "neogate_ledger_batch_rows_count") == 2
+    assert sample(registry, "neogate_ledger_batch_rows_sum") == 4097
+    # The clock stood still: both commits took 0 s by it.
+    assert sample(registry, "neogate_ledger_write_seconds_count") == 2
+    assert sample(registry, "neogate_ledger_write_seconds_sum") == 0
+    assert sample(registry, "neogate_ledger_rows_spooled_total") == 0
+    assert sample(registry, "neogate_ledger_spool_rows") == 0
+    assert sample(registry, "neogate_ledger_spool_bytes") == 0
+    assert sample(registry, "neogate_ledger_backlog_rows") == 0
+    assert sample(registry, "neogate_ledger_up") == 1
+    await writer.close()
+    assert len(ids_in(db)) == 4097
+
+
+async def test_a_smaller_max_batch_splits_the_queue(db: Path) -> None:
+    writer = LedgerWriter(store(db), max_batch=3)
+    await writer.start()
+    await asyncio.gather(*(writer.record(row(i)) for i in range(7)))
+    stats = writer.stats()
+    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (3, 1, 7)
+    await writer.close()
+    assert ids_in(db) == [f"req-{i}" for i in range(7)]
+
+
+async def test_the_write_time_is_measured_by_the_clock_given(db: Path, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+
+    class Ticking(Clock):
+        def __call__(self) -> float:
+            self.now += 0.25
+            return self.now
+
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), registry=registry, clock=Ticking())
+    await writer.start()
+    await writer.record(row(1))
+    # One read when the commit starts, one when it is done: 0.25 s apart.
+    assert sample(registry, "neogate_ledger_write_seconds_sum") == 0.25
+    assert registry.get_sample_value("neogate_ledger_write_seconds_bucket", {"le": "0.1"}) == 0
+    assert registry.get_sample_value("neogate_ledger_write_seconds_bucket", {"le": "0.25"}) == 1
+    await writer.close()
+
+
+async def test_the_metrics_are_named_and_explained(db: Path, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), registry=registry)
+    text = generate_latest(registry).decode()
+    helps = sorted(
+        line
+        for line in text.splitlines()
+        if line.startswith("# HELP") and not line.split()[2].endswith("_created")
+    )
+    assert helps == [
+        "# HELP neogate_ledger_backlog_rows Rows waiting for the next commit.",
+        "# HELP neogate_ledger_batch_rows Rows per group commit.",
+        "# HELP neogate_ledger_rows_replayed_total Spooled rows moved into the database.",
+        "# HELP neogate_ledger_rows_spooled_total Rows written to the local spool because the "
+        "database could not take them.",
+        "# HELP neogate_ledger_rows_written_total Rows committed to the database.",
+        "# HELP neogate_ledger_spool_bytes Size of the spool file.",
+        "# HELP neogate_ledger_spool_rows Rows held in the spool.",
+        "# HELP neogate_ledger_up 1 while the ledger database takes writes.",
+        "# HELP neogate_ledger_write_errors_total Failed database writes.",
+        "# HELP neogate_ledger_write_seconds Time to commit one batch to the database (or spool).",
+    ]
+    del writer
+
+
+async def test_close_commits_what_is_queued(db: Path) -> None:
+    writer = LedgerWriter(store(db))
+    await writer.start()
+    pending = [asyncio.create_task(writer.record(row(i))) for i in range(5)]
+    await asyncio.sleep(0)  # queued, not yet committed
+    await writer.close()
+    assert all(t.done() and t.exception() is None for t in pending)
+    assert ids_in(db) == [f"req-{i}" for i in range(5)]
+    with pytest.raises(LedgerWriteFailed, match="not running"):
+        await writer.record(row(9))
+
+
+async def test_record_before_start_is_refused(db: Path) -> None:
+    writer = LedgerWriter(store(db))
+    with pytest.raises(LedgerWriteFailed, match="not running"):
+        await writer.record(row(1))
+
+
+# --- the outage --------------------------------------------------------------------------------
+
+
+async def test_an_outage_spools_counts_one_error_and_later_batches_skip_the_database(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    registry = CollectorRegistry()
+    clock = Clock(100.0)
+    spool_path = tmp_path / "spool"
+    writer = LedgerWriter(
+        store(db), Spool(spool_path), retry_interval_s=2.0, registry=registry, clock=clock
+    )
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    stats = writer.stats()
+    assert not stats.db_up and not writer.db_up
+    assert (stats.write_errors, stats.rows_spooled, stats.rows_written) == (1, 1, 0)
+    assert (stats.batches, stats.last_batch_rows) == (1, 1)
+    assert stats.spool_rows == 1 and stats.spool_bytes == spool_path.stat().st_size > 0
+    # While down (the retry is due at 102.0), rows go straight to the spool: no second error.
+    await asyncio.gather(writer.record(row(2)), writer.record(row(3)))
+    stats = writer.stats()
+    assert (stats.write_errors, stats.rows_spooled, stats.batches, stats.last_batch_rows) == (
+        1,
+        3,
+        2,
+        2,
+    )
+    assert stats.spool_bytes == spool_path.stat().st_size
+    assert sample(registry, "neogate_ledger_write_errors_total") == 1
+    assert sample(registry, "neogate_ledger_rows_spooled_total") == 3
+    assert sample(registry, "neogate_ledger_rows_written_total") == 0
+    assert sample(registry, "neogate_ledger_batch_rows_sum") == 3
+    assert sample(registry, "neogate_ledger_spool_rows") == 3
+    assert sample(registry, "neogate_ledger_spool_bytes") == spool_path.stat().st_size
+    assert sample(registry, "neogate_ledger_up") == 0
+    assert spooled_ids(spool_path) == ["req-1", "req-2", "req-3"]
+    lock.execute("ROLLBACK")
+    assert await writer.replay_now() == 3
+    assert writer.db_up and sample(registry, "neogate_ledger_up") == 1
+    assert sample(registry, "neogate_ledger_rows_replayed_total") == 3
+    assert writer.stats().rows_replayed == 3
+    assert sample(registry, "neogate_ledger_spool_rows") == 0
+    await writer.close()
+    assert ids_in(db) == ["req-1", "req-2", "req-3"]
+
+
+async def test_the_retry_is_due_exactly_at_the_interval(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    clock = Clock(100.0)
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), retry_interval_s=2.0, clock=clock)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))  # fails at 100.0: the database is tried again from 102.0
+    lock.execute("ROLLBACK")
+    clock.now = 101.5
+    await writer.record(row(2))  # not due: spooled, no replay
+    # Had a replay started after row 2, it would have written row 3 between its chunks.
+    await writer.record(row(3))
+    assert (writer.stats().spool_rows, writer.stats().rows_written) == (3, 0)
+    assert not writer.db_up
+    clock.now = 102.0
+    await writer.record(row(4))  # spooled (still down), then the due replay moves all four
+    await settled(writer)
+    stats = writer.stats()
+    assert stats.spool_rows == 0 and writer.db_up
+    assert (stats.rows_spooled, stats.rows_replayed, stats.rows_written) == (4, 4, 0)
+    await writer.record(row(5))  # up again: straight to the database
+    assert writer.stats().rows_written == 1
+    await writer.close()
+    assert ids_in(db) == [f"req-{i}" for i in range(1, 6)]
+
+
+async def test_a_failed_replay_moves_the_next_retry_by_the_interval(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    clock = Clock(100.0)
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), retry_interval_s=2.0, clock=clock)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    clock.now = 103.0
+    assert await writer.replay_now() == 0  # still locked: next try from 105.0
+    assert writer.stats().write_errors == 2
+    lock.execute("ROLLBACK")
+    clock.now = 104.5
+    await writer.record(row(2))
+    await writer.record(row(3))  # would be written between a replay's chunks
+    assert (writer.stats().spool_rows, writer.stats().rows_written) == (3, 0)
+    clock.now = 105.0
+    await writer.record(row(4))
+    await settled(writer)
+    assert writer.db_up
+    await writer.close()
+    assert ids_in(db) == ["req-1", "req-2", "req-3", "req-4"]
+
+
+async def test_the_background_retry_wakes_the_idle_writer_by_itself(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    clock = Clock(100.0)
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), retry_interval_s=0.0, clock=clock)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    # Nothing else is recorded: the writer retries on its own, at once by its clock (each
+    # try waits 50 ms for the lock). A writer that slept 1 s between tries needs 3 s.
+    async with asyncio.timeout(2.5):
+        while writer.stats().write_errors < 4:
+            await asyncio.sleep(0.005)
+    lock.execute("ROLLBACK")
+    await settled(writer)
+    assert writer.db_up
+    await writer.close()
+    assert ids_in(db) == ["req-1"]
+
+
+async def test_without_a_spool_an_outage_fails_the_batch_and_the_next_one_tries_again(
+    db: Path, lock: sqlite3.Connection
+) -> None:
+    registry = CollectorRegistry()
+    writer = LedgerWriter(store(db), registry=registry)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    results = await asyncio.gather(
+        writer.record(row(1)), writer.record(row(2)), return_exceptions=True
+    )
+    assert all(isinstance(r, LedgerWriteFailed) for r in results)
+    assert "ledger database unavailable: sqlite ledger" in str(results[0])
+    assert writer.stats().write_errors == 1
+    with pytest.raises(LedgerWriteFailed):
+        await writer.record(row(3))  # down, but with no spool the database is tried again
+    assert writer.stats().write_errors == 2
+    assert sample(registry, "neogate_ledger_write_errors_total") == 2
+    lock.execute("ROLLBACK")
+    await writer.record(row(4))
+    assert writer.stats().rows_written == 1 and writer.stats().rows_spooled == 0
+    await writer.close()
+    assert ids_in(db) == ["req-4"]
+
+
+async def test_a_row_the_code_cannot_write_is_spooled_not_lost(db: Path, tmp_path: Path) -> None:
+    # A timestamp that is not a number fails in Python (TypeError), not as an outage.
+    spool_path = tmp_path / "spool"
+    writer = LedgerWriter(store(db), Spool(spool_path), retry_interval_s=3600, clock=Clock())
+    await writer.start()
+    bad = row(1, ts="not a time")
+    await writer.record(bad)
+    stats = writer.stats()
+    assert (stats.write_errors, stats.rows_spooled, stats.db_up) == (1, 1, False)
+    assert [LedgerRow.from_json(line) for line in spool_path.read_bytes().splitlines()] == [bad]
+    await writer.close()
+
+
+async def test_when_the_spool_fails_too_the_caller_is_told(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    spool_path = tmp_path / "spool"
+    writer = LedgerWriter(store(db), Spool(spool_path), retry_interval_s=3600, clock=Clock())
+    await writer.start()
+    spool_path.unlink()
+    spool_path.mkdir()  # appending to it now fails (a directory)
+    lock.execute("BEGIN EXCLUSIVE")
+    results = await asyncio.gather(
+        writer.record(row(1)), writer.record(row(2)), return_exceptions=True
+    )
+    assert all(isinstance(r, LedgerWriteFailed) for r in results)
+    assert "ledger database and spool failed: " in str(results[0])
+    stats = writer.stats()
+    assert (stats.rows_spooled, stats.batches, stats.write_errors) == (0, 0, 1)
+    lock.execute("ROLLBACK")
+    spool_path.rmdir()
+    await writer.close()
+    assert ids_in(db) == []
+
+
+async def test_a_database_missing_at_start_needs_the_spool(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    with pytest.raises(LedgerUnavailable):
+        await LedgerWriter(SqliteLedger(missing, create=False)).start()
+    spool_path = tmp_path / "spool"
+    Spool(spool_path).append([row(0)])
+    clock = Clock(50.0)
+    writer = LedgerWriter(
+        SqliteLedger(missing, create=False), Spool(spool_path), retry_interval_s=5.0, clock=clock
+    )
+    await writer.start()  # down: the spooled row stays, the new one joins it
+    assert not writer.db_up and writer.stats().spool_rows == 1
+    await writer.record(row(1))
+    stats = writer.stats()
+    # Down since start: the batch went to the spool without a failed write of its own.
+    assert (stats.spool_rows, stats.rows_spooled, stats.write_errors) == (2, 1, 0)
+    await writer.close()
+    assert spooled_ids(spool_path) == ["req-0", "req-1"]
+
+
+# --- replay --------------------------------------------------------------------------------------
+
+
+async def test_replay_goes_round_by_round_and_chunk_by_chunk(db: Path, tmp_path: Path) -> None:
+    spool_path = tmp_path / "spool"
+    # Rounds of 3 rows, chunks of 2: [0 1][2] | [3 4][5] | [6]; row 4 is refused.
+    Spool(spool_path).append([poison(i) if i == 4 else row(i) for i in range(7)])
+    clock = Clock(10.0)
+    writer = LedgerWriter(
+        store(db),
+        Spool(spool_path),
+        replay_round=3,
+        replay_chunk=2,
+        retry_interval_s=1.0,
+        clock=clock,
+    )
+    await writer.start()  # replays: the first round commits and is consumed, then chunk [3 4] fails
+    stats = writer.stats()
+    assert ids_in(db) == ["req-0", "req-1", "req-2"]
+    assert (stats.rows_replayed, stats.spool_rows, stats.write_errors) == (3, 4, 1)
+    assert not stats.db_up
+    assert spooled_ids(spool_path) == ["req-3", "req-4", "req-5", "req-6"]
+    await writer.close()
+
+
+async def test_replay_counts_the_rows_it_moved(db: Path, tmp_path: Path) -> None:
+    spool_path = tmp_path / "spool"
+    Spool(spool_path).append([row(i) for i in range(7)])
+    spool = Spool(spool_path)
+    spool.open()
+    writer = LedgerWriter(store(db), spool, replay_round=3, replay_chunk=2, clock=Clock())
+    # Not started: replay_now replays on the caller's task.
+    assert await writer.replay_now() == 7
+    assert writer.stats().rows_replayed == 7 and spool.rows == 0
+    assert spool_path.read_bytes() == b""
+    assert ids_in(db) == [f"req-{i}" for i in range(7)]
+    assert await writer.replay_now() == 0
+    await writer.store.close()
+
+
+async def test_a_chunk_refused_after_others_reports_the_rows_moved(
+    db: Path, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "spool"
+    # One round of 5, chunks of 2: [0 1] [2 3] [4] with row 4 refused: 4 moved, none consumed.
+    Spool(spool_path).append([poison(i) if i == 4 else row(i) for i in range(5)])
+    spool = Spool(spool_path)
+    spool.open()
+    writer = LedgerWriter(store(db), spool, replay_chunk=2, clock=Clock())
+    assert await writer.replay_now() == 4
+    assert spool.rows == 5 and writer.stats().rows_replayed == 0
+    assert ids_in(db) == ["req-0", "req-1", "req-2", "req-3"]
+    await writer.store.close()
+
+
+async def test_the_default_chunk_is_5000_rows(db: Path, tmp_path: Path) -> None:
+    spool_path = tmp_path / "spool"
+    Spool(spool_path).append([poison(i) if i == 5000 else row(i) for i in range(5001)])
+    spool = Spool(spool_path)
+    spool.open()
+    writer = LedgerWriter(store(db), spool, clock=Clock())
+    assert await writer.replay_now() == 5000
+    assert spool.rows == 5001
+    await writer.store.close()
+
+
+async def test_replay_without_a_spool_moves_nothing(db: Path) -> None:
+    writer = LedgerWriter(store(db))
+    assert await writer.replay_now() == 0
+    await writer.start()
+    assert await writer.replay_now() == 0
+    await writer.close()
+
+
+async def test_a_spool_emptied_behind_the_writers_back_ends_the_replay(
+    db: Path, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "spool"
+    spool = Spool(spool_path)
+    spool.append([row(1)])  # counted as 1 row
+    spool_path.unlink()  # ... but the file is gone: read finds nothing
+    writer = LedgerWriter(store(db), spool, clock=Clock())
+    async with asyncio.timeout(5):
+        assert await writer.replay_now() == 0
+    await writer.store.close()
+
+
+async def test_a_spool_that_cannot_be_read_is_retried_after_the_interval(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    clock = Clock(100.0)
+    spool_path = tmp_path / "spool"
+    writer = LedgerWriter(store(db), Spool(spool_path), retry_interval_s=2.0, clock=clock)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    lock.execute("ROLLBACK")
+    content = spool_path.read_bytes()
+    spool_path.unlink()
+    spool_path.mkdir()  # reading it fails with an OSError other than "not found"
+    clock.now = 103.0
+    assert await writer.replay_now() == 0  # logged; next try from 105.0
+    spool_path.rmdir()
+    spool_path.write_bytes(content)
+    clock.now = 104.5
+    await writer.record(row(2))  # down and not due: spooled
+    await writer.record(row(3))
+    assert (writer.stats().spool_rows, writer.stats().rows_written) == (3, 0)
+    clock.now = 105.0
+    await writer.record(row(4))
+    await settled(writer)
+    await writer.close()
+    assert ids_in(db) == ["req-1", "req-2", "req-3", "req-4"]
+
+
+async def test_a_cancelled_replay_caller_does_not_stop_the_writer(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), clock=Clock())
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    lock.execute("ROLLBACK")
+    waiting = asyncio.create_task(writer.replay_now())
+    await asyncio.sleep(0)  # queued
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await writer.replay_now() in (0, 1)  # the first request may have moved it
+    assert writer.stats().spool_rows == 0
+    await writer.record(row(2))
+    await writer.close()
+    assert ids_in(db) == ["req-1", "req-2"]
+
+
+async def test_a_cancelled_caller_of_a_failed_batch_does_not_stop_the_writer(
+    db: Path, lock: sqlite3.Connection
+) -> None:
+    writer = LedgerWriter(store(db))
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    gone = asyncio.create_task(writer.record(row(1)))
+    stays = asyncio.create_task(writer.record(row(2)))
+    await asyncio.sleep(0)  # both queued
+    gone.cancel()
+    with pytest.raises(LedgerWriteFailed):
+        await stays
+    lock.execute("ROLLBACK")
+    await writer.record(row(3))
+    await writer.close()
+    assert ids_in(db) == ["req-3"]
+
+
+# --- start: the spool and the spools of workers no longer run -----------------------------------
+
+
+async def test_start_takes_over_orphans_and_skips_one_it_cannot_read(
+    db: Path, tmp_path: Path
+) -> None:
+    unreadable = tmp_path / "ledger.spool.w2"
+    unreadable.mkdir()
+    orphan = tmp_path / "ledger.spool.w3"
+    Spool(orphan).append([row(5), row(6)])
+    spool_path = tmp_path / "ledger.spool"
+    writer = LedgerWriter(store(db), Spool(spool_path), adopt=[unreadable, orphan], clock=Clock())
+    await writer.start()
+    assert unreadable.is_dir() and not orphan.exists()
+    stats = writer.stats()
+    assert (stats.spool_rows, stats.rows_replayed) == (0, 2)
+    await writer.close()
+    assert ids_in(db) == ["req-5", "req-6"]
+
+
+async def test_start_with_nothing_spooled_replays_nothing(db: Path, tmp_path: Path) -> None:
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), clock=Clock())
+    await writer.start()
+    assert writer.stats().rows_replayed == 0 and writer.db_up
+    await writer.record(row(1))
+    await writer.close()
+    assert ids_in(db) == ["req-1"]
