@@ -14,11 +14,11 @@ from aiohttp import web
 
 from adapters.base import Backend
 from gateway.config import BackendSpec, GatewayConfig, ModelSpec
-from gateway.flow.admission import LimitStore
 from gateway.flow.forward import Attempt
 from gateway.http.auth import Authenticator, Tenant
 from gateway.http.client_headers import TIMEOUT_HEADER
 from gateway.metrics import GatewayMetrics
+from gateway.state.limits import LimitStore
 
 if TYPE_CHECKING:
     from gateway.flow.estimate import Estimator

@@ -51,7 +51,7 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target(
         "admission",
-        ("gateway/flow/admission.py",),
+        ("gateway/flow/admission.py", "gateway/state/limits.py"),
         (
             "tests/unit/test_admission.py",
             "tests/unit/test_budget_bound.py",

@@ -20,9 +20,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.cli.usage import add_usage_parser, run_usage
-from gateway.flow.admission import TenantSpend
 from gateway.metering.ledger import DEFAULT_LEDGER_PATH, LedgerRow, LedgerStore, LedgerWriter, Spool
-from gateway.metering.ledger.reports import pricing_sheet, spend_by_tenant, usage_report
+from gateway.metering.ledger.reports import (
+    TenantSpend,
+    pricing_sheet,
+    spend_by_tenant,
+    usage_report,
+)
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.usage import UnitPrices, Usage
 

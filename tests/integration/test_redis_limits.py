@@ -18,16 +18,14 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from gateway.config import RedisSpec
-from gateway.flow.admission import (
-    Admission,
-    AdmissionRejected,
+from gateway.flow.admission import Admission, AdmissionRejected, TenantLimits
+from gateway.metering.ledger.reports import TenantSpend
+from gateway.state.limits import (
     CounterCheck,
     LimitStore,
     MemoryLimitStore,
     RateCheck,
     Refusal,
-    TenantLimits,
-    TenantSpend,
 )
 from gateway.state.shared.outage import (
     FailoverLimitStore,

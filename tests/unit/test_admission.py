@@ -8,13 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.flow.admission import (
-    Admission,
-    AdmissionRejected,
-    MemoryLimitStore,
-    TenantLimits,
-    TenantSpend,
-)
+from gateway.flow.admission import Admission, AdmissionRejected, TenantLimits
+from gateway.metering.ledger.reports import TenantSpend
+from gateway.state.limits import MemoryLimitStore
 
 # 2025-06-15 12:00:00 UTC
 NOON = float(calendar.timegm((2025, 6, 15, 12, 0, 0)))
@@ -216,7 +212,7 @@ def test_a_rejection_reads_as_its_message() -> None:
 
 def test_a_counter_expires_at_its_deadline_not_after() -> None:
     store = MemoryLimitStore()
-    from gateway.flow.admission import CounterCheck
+    from gateway.state.limits import CounterCheck
 
     asyncio.run(store.seed([CounterCheck("k", 5, None, 10.0)], 100.0))
     assert store.value("k", 109.999) == 5 and store.has("k", 109.999)
@@ -225,7 +221,7 @@ def test_a_counter_expires_at_its_deadline_not_after() -> None:
 
 
 async def test_seeding_fills_only_absent_or_empty_counters_with_their_ttl() -> None:
-    from gateway.flow.admission import CounterCheck
+    from gateway.state.limits import CounterCheck
 
     store = MemoryLimitStore()
     await store.seed([CounterCheck("a", 7, None, 60.0), CounterCheck("forever", 3, None, None)], 0)
@@ -239,7 +235,7 @@ async def test_seeding_fills_only_absent_or_empty_counters_with_their_ttl() -> N
 
 
 async def test_applied_counters_keep_their_expiry_until_it_passes() -> None:
-    from gateway.flow.admission import CounterCheck
+    from gateway.state.limits import CounterCheck
 
     store = MemoryLimitStore()
     assert await store.reserve([CounterCheck("k", 2, 10, 100.0)], [], 0.0) is None
@@ -253,7 +249,7 @@ async def test_applied_counters_keep_their_expiry_until_it_passes() -> None:
 
 
 async def test_settling_a_rate_moves_its_timestamp_by_cost_times_interval() -> None:
-    from gateway.flow.admission import RateCheck
+    from gateway.state.limits import RateCheck
 
     store = MemoryLimitStore()
     assert await store.reserve([], [RateCheck("r", 10, 0.5)], 100.0) is None
@@ -265,7 +261,7 @@ async def test_settling_a_rate_moves_its_timestamp_by_cost_times_interval() -> N
 
 
 async def test_the_store_forgets_expired_entries_every_4096_writes() -> None:
-    from gateway.flow.admission import CounterCheck, RateCheck
+    from gateway.state.limits import CounterCheck, RateCheck
 
     store = MemoryLimitStore()
     await store.reserve([CounterCheck("old", 1, None, 1.0)], [RateCheck("r", 1, 1.0)], 0.0)

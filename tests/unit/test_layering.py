@@ -184,12 +184,9 @@ _KNOWN_BACK_EDGES = {
     ("gateway.metering.meter", "gateway.flow.forward"),
     ("gateway.metering.meter", "gateway.http.auth"),
     ("gateway.metering.meter", "gateway.http.inbound"),
-    ("gateway.metering.ledger.reports", "gateway.flow.admission"),
-    # live backend state holds the breakers; shared state mirrors admission's counters
+    # live backend state holds the breakers; shared state rebuilds admission's counters from the ledger
     ("gateway.state.live", "gateway.flow.breaker"),
     ("gateway.state.shared", "gateway.flow.admission"),
-    ("gateway.state.shared.outage", "gateway.flow.admission"),
-    ("gateway.state.shared.redis_limits", "gateway.flow.admission"),
     ("gateway.state.shared.redis_state", "gateway.flow.breaker"),
     ("gateway.state.shared", "gateway.runtime"),
     ("gateway.state.background", "gateway.runtime"),

@@ -13,13 +13,24 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from gateway.flow.admission import TenantSpend
 from gateway.metering.ledger.rows import LedgerStore
 from gateway.metering.usage import NUSD_PER_USD
 
 GROUP_KEYS = ("day", "model", "backend", "tenant", "backend_model", "outcome", "token_source")
 BATCH_BUCKETS = ((1, "1"), (4, "2-4"), (8, "5-8"), (16, "9-16"), (32, "17-32"), (64, "33-64"))
 NO_BATCH = "-"  # external backends: the batch is the provider's business
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSpend:
+    """What a tenant has spent so far (from the ledger) in the current day, month, total."""
+
+    day_nusd: int = 0
+    day_tokens: int = 0
+    month_nusd: int = 0
+    month_tokens: int = 0
+    total_nusd: int = 0
+    total_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

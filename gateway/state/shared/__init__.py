@@ -18,9 +18,10 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway.config import RedisSpec
-from gateway.flow.admission import Admission, LimitStore
+from gateway.flow.admission import Admission
 from gateway.metering.ledger.reports import spend_by_tenant
 from gateway.metering.ledger.rows import LedgerStore
+from gateway.state.limits import LimitStore
 from gateway.state.shared.outage import (
     FailoverLimitStore,
     Reseed,

@@ -74,8 +74,8 @@ from typing import Final, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.errors import GatewayError
-from gateway.flow.admission import CounterCheck, LimitStore, MemoryLimitStore, RateCheck, Refusal
 from gateway.state.failures import FailureStreak
+from gateway.state.limits import CounterCheck, LimitStore, MemoryLimitStore, RateCheck, Refusal
 from gateway.state.shared.redis_limits import (
     REDIS_DOWN,
     Applied,

@@ -32,7 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.config import RedisSpec, resolve_secret
-from gateway.flow.admission import CounterCheck, RateCheck, Refusal
+from gateway.state.limits import CounterCheck, RateCheck, Refusal
 from gateway.state.shared.resp import RespClient
 
 # Errors that mean "Redis cannot answer now" (down, restarting, loading, failing over).
