@@ -134,14 +134,31 @@ TARGETS: tuple[Target, ...] = (
         "masking_roads",
         ("adapters/backend.py", "adapters/sse.py", "adapters/errors.py"),
         (
-            "tests/unit/test_keymask.py",
+            "tests/unit/test_masking_roads.py",
             "tests/unit/test_sse.py",
+            "tests/unit/test_transport_errors.py",
+            "tests/unit/test_keymask.py",
+            "tests/unit/test_fasthttp.py",
+            "tests/integration/test_masking_roads.py",
             "tests/integration/test_money_paths.py",
             "tests/integration/test_key_canary.py",
             "tests/integration/test_security.py",
-            "tests/unit/test_fasthttp.py",
             "tests/integration/test_fasthttp.py",
             "tests/integration/test_sse_transports.py",
+        ),
+        # The pool's own timing (timeouts, waits for a connection, expiry) and its uvloop rerun.
+        tuple(
+            f"tests/integration/test_fasthttp.py::{t}"
+            for t in (
+                "test_slow_first_byte_times_out_and_closes_the_socket",
+                "test_idle_gap_in_the_body_times_out",
+                "test_total_deadline_cuts_a_trickling_body",
+                "test_a_slow_consumer_pauses_reading_without_tripping_the_idle_timeout",
+                "test_concurrency_beyond_the_pool_waits_for_a_connection",
+                "test_waiting_for_a_full_pool_is_bounded_by_the_first_byte_timeout",
+                "test_idle_connections_expire_and_close_releases_them",
+                "test_on_uvloop",
+            )
         ),
     ),
     Target(
