@@ -48,7 +48,7 @@ from loadtest.wrk import have_wrk, post_script, run_wrk
 TARGETS = ("direct", "neogate", "litellm")
 
 # The neogate policy for the benchmark: one OpenAI-compatible backend (the upstream), one
-# tenant, the SQLite ledger on. Format: gateway/config.py and README.
+# tenant, the SQLite ledger on. Format: gateway/config/schema.py and README.
 NEOGATE_CONFIG = """\
 listen:
   host: 127.0.0.1

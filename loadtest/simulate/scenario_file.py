@@ -29,7 +29,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.config import ConfigError, ConfigIssue, GatewayConfig, _line_of, load_config
+from gateway.config import ConfigError, ConfigIssue, GatewayConfig, load_config
+from gateway.config.issues import line_of as _line_of
 from gateway.profiles import load_profile
 from loadtest.simulate.backends import ProviderSpec
 from loadtest.simulate.physics import DEFAULT_STEP_TOKEN_BUDGET, GpuPhysics
