@@ -151,13 +151,47 @@ async def test_cancelled_caller_still_gets_its_row_written(tmp_path: Path) -> No
     db = tmp_path / "ledger.db"
     writer = LedgerWriter(SqliteLedger(db))
     await writer.start()
-    task = asyncio.create_task(writer.record(make_row(7)))
-    await asyncio.sleep(0)  # let it queue
+    await asyncio.sleep(0)  # the writer task waits for rows
+    first = asyncio.create_task(writer.record(make_row(6)))  # idle writer: committed at once
+    task = asyncio.create_task(writer.record(make_row(7)))  # the same turn: queued
+    await asyncio.sleep(0)  # let both start
+    assert first.done() and not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await writer.close()
-    assert count_rows(db) == 1
+    assert count_rows(db) == 2
+
+
+async def test_an_idle_writer_commits_a_row_in_the_callers_own_step(tmp_path: Path) -> None:
+    """No hop through the writer task: record() returns without suspending once, committed.
+
+    Rows recorded in the same turn of the loop after it still go to the writer as one
+    batch (group commit); the next turn commits directly again.
+    """
+    db = tmp_path / "ledger.db"
+    registry = CollectorRegistry()
+    writer = LedgerWriter(SqliteLedger(db), registry=registry)
+    await writer.start()
+    await asyncio.sleep(0)  # the writer task waits for rows
+    step = writer.record(make_row(1))
+    with pytest.raises(StopIteration):
+        step.send(None)  # done in one step: it never waited on the writer task
+    assert count_rows(db) == 1  # committed: another connection sees it
+    burst = [asyncio.create_task(writer.record(make_row(i))) for i in range(2, 12)]
+    await asyncio.gather(*burst)
+    assert count_rows(db) == 11
+    stats = writer.stats()
+    # 1 + (row 2 at once, rows 3-11 as one batch)
+    assert (stats.batches, stats.last_batch_rows) == (3, 9)
+    step = writer.record(make_row(12))  # a later turn: at once again
+    with pytest.raises(StopIteration):
+        step.send(None)
+    assert writer.stats().batches == 4
+    assert registry.get_sample_value("neogate_ledger_rows_written_total") == 12
+    assert registry.get_sample_value("neogate_ledger_batch_rows_count") == 4
+    await writer.close()
+    assert count_rows(db) == 12
 
 
 async def test_record_after_close_is_refused(tmp_path: Path) -> None:

@@ -5,6 +5,13 @@ when it is committed to the database or fsynced to the spool; rows that arrive
 while a commit runs go together in the next transaction (group commit), so the
 request path never waits for one disk sync per request.
 
+A row that finds the writer idle (nothing queued, the database up, no other row
+committed at once in this turn of the event loop) is committed by `record` itself
+when the store can do so without waiting (`write_now`, SQLite on the loop): the
+same commit, without the two hops through the writer task (wake it, then wake the
+caller), which at concurrency 1 were most of the ledger's time per request. Rows
+that arrive together in one turn of the loop still go to the writer as one batch.
+
 When a write fails the writer marks the database down: that batch and every
 following one go to the spool until a replay succeeds. Replay (every
 `retry_interval_s` while down, at start, or on `replay_now()`) reads the spool,
@@ -131,6 +138,8 @@ class LedgerWriter:
         self._replay_waiters: list[asyncio.Future[int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._waiting = False  # the writer task is waiting for rows (not committing)
+        self._direct_turn = False  # a row was committed by record() in this loop turn
         self._closing = False
         self._down = False
         self._next_retry = 0.0
@@ -187,10 +196,39 @@ class LedgerWriter:
         """
         if self._task is None or self._closing:
             raise LedgerWriteFailed("the ledger writer is not running")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if (
+            self._waiting
+            and not self._pending
+            and not self._down
+            and not self._direct_turn
+            and self._commit_now(row, loop)
+        ):
+            return
+        fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((row, fut))
         self._wake.set()
         await fut
+
+    def _commit_now(self, row: LedgerRow, loop: asyncio.AbstractEventLoop) -> bool:
+        """Commit `row` here, on the caller's turn, if the store can without waiting."""
+        started = self._clock()
+        try:
+            if not self.store.write_now((row,)):
+                return False  # it would wait (locked file, a thread-only store): queue it
+        except Exception:  # the writer task retries it and owns the failure
+            # Queued, the row takes the writer's road: retried, spooled if the database
+            # refuses it again, counted and logged there, once per outage.
+            return False
+        # Rows recorded later in this same turn go to the writer together (group commit).
+        self._direct_turn = True
+        loop.call_soon(self._end_direct_turn)
+        self._db_streak.succeeded()
+        self._done((), (row,), started, spooled=False)
+        return True
+
+    def _end_direct_turn(self) -> None:
+        self._direct_turn = False
 
     async def replay_now(self) -> int:
         """Try to move the spool into the database now; returns rows moved (0 if it failed)."""
@@ -228,7 +266,11 @@ class LedgerWriter:
                 if self._closing:
                     return
                 self._wake.clear()
-                await self._idle_wait()
+                self._waiting = True
+                try:
+                    await self._idle_wait()
+                finally:
+                    self._waiting = False
             if self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
@@ -304,8 +346,8 @@ class LedgerWriter:
 
     def _done(
         self,
-        batch: list[tuple[LedgerRow, asyncio.Future[None]]],
-        rows: list[LedgerRow],
+        batch: Sequence[tuple[LedgerRow, asyncio.Future[None]]],
+        rows: Sequence[LedgerRow],
         started: float,
         *,
         spooled: bool,
