@@ -65,21 +65,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from gateway.errors import GatewayError
 from gateway.state.failures import FailureStreak
 from gateway.state.limits import CounterCheck, LimitStore, MemoryLimitStore, RateCheck, Refusal
+from gateway.state.shared.last_seen import LastSeen, share_start
+from gateway.state.shared.outage_deltas import Carryover, epoch_cutoff, make_epoch
+from gateway.state.shared.outage_metrics import SharedMetrics
 from gateway.state.shared.redis_limits import (
     REDIS_DOWN,
     Applied,
-    CounterDelta,
     EpochMissing,
     RedisLimitStore,
     SyncReply,
@@ -88,16 +87,11 @@ from gateway.state.shared.redis_limits import (
 log = logging.getLogger("neogate.shared")
 
 OnOutage = Literal["open", "closed"]
-# Rebuilds Redis's counters from the ledger, writing them into the store it is given.
 # Rebuilds a Redis that lost its data from the ledger, counting what finished before the cut-off.
 Reseed = Callable[[LimitStore, float], Awaitable[None]]
 
 PROBE_INTERVAL_S: Final = 0.25
 SYNC_INTERVAL_S: Final = 0.5
-# Keys not used for this long are no longer synced (their tenant went quiet).
-_SYNC_KEEP_S: Final = 3600.0
-# Counter values seen from Redis are kept for the fail-open fallback; this bounds them.
-_MAX_SEEN: Final = 100_000
 
 
 class SharedStateUnavailable(GatewayError):
@@ -114,44 +108,6 @@ class RebuildFailed(Exception):
 
 # Either way the shared counters cannot be used now: the outage policy applies.
 _DOWN_OR_UNSEEDED: Final[tuple[type[BaseException], ...]] = (*REDIS_DOWN, RebuildFailed)
-
-
-class SharedMetrics:
-    """What an operator watches during a Redis outage."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        r = registry if registry is not None else CollectorRegistry()
-        self.up = Gauge(
-            "neogate_redis_up",
-            "1 while shared limits and state go through Redis, 0 during an outage.",
-            registry=r,
-        )
-        self.outages = Counter(
-            "neogate_redis_outages_total", "Times Redis stopped answering.", registry=r
-        )
-        self.local = Counter(
-            "neogate_limits_decided_locally_total",
-            "Admission operations decided in-process because Redis was down (fail open).",
-            ["op"],
-            registry=r,
-        )
-        self.refused = Counter(
-            "neogate_limits_refused_redis_down_total",
-            "Requests refused with 503 because Redis was down (fail closed).",
-            registry=r,
-        )
-        self.reseeds = Counter(
-            "neogate_redis_reseeds_total",
-            "Times Redis came back empty and its counters were rebuilt from the ledger.",
-            registry=r,
-        )
-        self.transfers = Counter(
-            "neogate_redis_transfers_total",
-            "Batches of outage-time deltas added to Redis after an outage, by result.",
-            ["result"],
-            registry=r,
-        )
-        self.up.set(1)
 
 
 class FailoverLimitStore:
@@ -173,10 +129,7 @@ class FailoverLimitStore:
         self._sync_interval = sync_interval_s
         self.members = 1  # processes sharing these limits, at the last sync
         self._share = 1  # N in force for this outage's local decisions
-        # Rates seen from Redis: key -> (theoretical arrival time, when seen, when used).
-        self._rates_seen: dict[str, tuple[float, float, float]] = {}
-        # Credit (seconds, at the configured rate) each rate used locally in this outage.
-        self._rate_used: dict[str, float] = {}
+        self._seen = LastSeen()  # counters and rates as Redis last reported them
         self._syncing: asyncio.Task[None] | None = None
         self._reconcile_streak = FailureStreak(log, "reconciling with redis (retried)")
         self._sync_streak = FailureStreak(log, "syncing limits with redis (retried)")
@@ -188,11 +141,7 @@ class FailoverLimitStore:
         self._epoch: str | None = None
         self._local = MemoryLimitStore()
         self._clock = clock
-        self._pending = OutageDeltas()
-        # Cut batches: (transfer id, counter deltas, rate pushes in seconds).
-        self._unsent: list[tuple[str, OutageDeltas, dict[str, float]]] = []
-        # Counters seen from Redis: key -> (value, ttl, when seen, limit, when used).
-        self._seen: dict[str, tuple[int, float | None, float, int | None, float]] = {}
+        self._carry = Carryover()  # local changes still owed to Redis
         self._recovering: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -254,28 +203,12 @@ class FailoverLimitStore:
     async def sync(self) -> None:
         """Heartbeat, count the processes, refresh what this process knows of its keys."""
         now = self._clock()
-        self._forget_unused(now)
-        counters = list(self._seen)
-        rates = list(self._rates_seen)
+        counters, rates = self._seen.to_sync(now)
         reply: SyncReply = await self.redis.sync(
             self.origin, now, counters, rates, alive_s=3 * self._sync_interval
         )
         self.members = reply.members
-        for key, value in zip(counters, reply.values, strict=True):
-            old = self._seen.get(key)
-            if old is not None:
-                self._seen[key] = (value or 0, old[1], now, old[3], old[4])
-        for key, tat in zip(rates, reply.tats, strict=True):
-            seen = self._rates_seen.get(key)
-            if seen is not None:
-                self._rates_seen[key] = (tat if tat is not None else now, now, seen[2])
-
-    def _forget_unused(self, now: float) -> None:
-        cut = now - _SYNC_KEEP_S
-        if any(s[4] < cut for s in self._seen.values()):
-            self._seen = {k: s for k, s in self._seen.items() if s[4] >= cut}
-        if any(r[2] < cut for r in self._rates_seen.values()):
-            self._rates_seen = {k: r for k, r in self._rates_seen.items() if r[2] >= cut}
+        self._seen.synced(counters, rates, reply, now)
 
     # --- LimitStore ----------------------------------------------------------------
 
@@ -290,7 +223,7 @@ class FailoverLimitStore:
             else:
                 if isinstance(result, Refusal):
                     return result
-                self._remember(counters, result, now, rates)
+                self._seen.remember(counters, result, now, rates)
                 return None
         if self.on_outage == "closed":
             self.metrics.refused.inc()
@@ -303,8 +236,7 @@ class FailoverLimitStore:
         await self._share_unseen(counters, now)
         refusal = await self._local.reserve(counters, self._scaled(rates), now)
         if refusal is None:
-            self._pending.add(counters, now)
-            self._used(rates)
+            self._carry.record(counters, rates, now)
         return refusal
 
     async def adjust(
@@ -318,8 +250,7 @@ class FailoverLimitStore:
                 await self._enter_outage(exc)
         self.metrics.local.labels("adjust").inc()
         await self._local.adjust(counters, self._scaled(rates), now)
-        self._pending.add(counters, now)
-        self._used(rates)
+        self._carry.record(counters, rates, now)
 
     # --- the local share -------------------------------------------------------------
 
@@ -328,14 +259,10 @@ class FailoverLimitStore:
         n = self._share
         return [RateCheck(r.key, r.cost, r.interval_s * n, r.burst_s) for r in rates]
 
-    def _used(self, rates: Sequence[RateCheck]) -> None:
-        for r in rates:
-            self._rate_used[r.key] = self._rate_used.get(r.key, 0.0) + r.cost * r.interval_s
-
     async def _share_unseen(self, counters: Sequence[CounterCheck], now: float) -> None:
         """A budget this process never synced: assume it unspent, and take 1/N of it."""
         fresh = [
-            CounterCheck(c.key, _share_start(0, c.limit, self._share), None, c.ttl_s)
+            CounterCheck(c.key, share_start(0, c.limit, self._share), None, c.ttl_s)
             for c in counters
             if c.limit is not None and not self._local.has(c.key, now)
         ]
@@ -368,7 +295,7 @@ class FailoverLimitStore:
     ) -> None:
         try:
             applied = await self.redis.adjust_values(counters, rates, now)
-            self._remember(counters, applied, now)
+            self._seen.remember(counters, applied, now)
         except EpochMissing:
             # The settlement of a request whose reservation was lost with Redis's data:
             # the rebuilt counters come from the ledger, which will hold this request.
@@ -402,7 +329,7 @@ class FailoverLimitStore:
                 log.exception("rebuilding redis counters from the ledger failed")
                 raise RebuildFailed(str(exc)) from exc
         # Rates are not in the ledger: rebuild them from the times this process last saw.
-        await self.redis.seed_rates({k: r[0] for k, r in self._rates_seen.items()}, cutoff)
+        await self.redis.seed_rates(self._seen.rate_times(), cutoff)
         return await self.redis.ensure_epoch(make_epoch(cutoff))
 
     # --- outage and recovery -------------------------------------------------------
@@ -430,19 +357,11 @@ class FailoverLimitStore:
         self._local = MemoryLimitStore()
         # MemoryLimitStore never suspends, so no other task runs before it is seeded.
         now = self._clock()
-        await self._local.seed(self._last_seen(now), now)
-        self._local.seed_rates({k: r[0] for k, r in self._rates_seen.items() if r[0] > now})
+        await self._local.seed(self._seen.local_start(now, self._share), now)
+        self._local.seed_rates({k: t for k, t in self._seen.rate_times().items() if t > now})
         self._recovering = asyncio.get_running_loop().create_task(
             self._probe(), name="neogate-redis-recovery"
         )
-
-    def _last_seen(self, now: float) -> list[CounterCheck]:
-        """Where the local fallback starts: 1/N of what was left at the last sync."""
-        return [
-            CounterCheck(k, _share_start(v, limit, self._share), None, ttl)
-            for k, (v, ttl, at, limit, _) in self._seen.items()
-            if ttl is None or now - at < ttl
-        ]
 
     async def _probe(self) -> None:
         while self._degraded and not self._closed:
@@ -470,11 +389,10 @@ class FailoverLimitStore:
             elif self._epoch is not None and epoch != self._epoch:
                 self._cut_at(epoch, "redis was rebuilt by another replica meanwhile")
             self._epoch = epoch
-            while self._unsent or self._pending or self._rate_used:
-                if not self._unsent:
-                    batch, self._pending = self._pending, OutageDeltas()
-                    self._unsent.append((uuid.uuid4().hex, batch, self._rate_pushes()))
-                transfer_id, batch, pushes = self._unsent[0]
+            while self._carry:
+                transfer_id, batch, pushes = self._carry.next_batch(
+                    self._local, self._share, self._clock
+                )
                 result = await self.redis.transfer(
                     batch.merged(), epoch, transfer_id, pushes, self._clock()
                 )
@@ -482,140 +400,18 @@ class FailoverLimitStore:
                 self.metrics.transfers.labels(label.get(result, "unknown")).inc()
                 if result < 0:
                     return  # rebuilt meanwhile: the next probe applies the new cut-off
-                self._unsent.pop(0)
+                self._carry.sent()
             # Nothing is pending and nothing awaited since the check: switch back now.
             self._degraded = False
             self.metrics.up.set(1)
             log.warning("redis is back: shared limits are exact again")
 
-    def _rate_pushes(self) -> dict[str, float]:
-        """How far to push each rate in Redis: the credit used here, while it still counts.
-
-        A rate's local window holds `share` times the shared one, so what is left of this
-        process's use by now is at most the local window's lead over now, divided by N.
-        """
-        now = self._clock()
-        pushes: dict[str, float] = {}
-        for key, used in self._rate_used.items():
-            tat = self._local.tat(key)
-            lead = 0.0 if tat is None else max(0.0, tat - now) / self._share
-            if min(used, lead) > 0:
-                pushes[key] = min(used, lead)
-        self._rate_used = {}
-        return pushes
-
     def _cut_at(self, epoch: str, why: str) -> None:
-        """Drop the deltas from before `epoch`'s ledger read; keep (unbatch) the later ones.
-
-        Rate pushes are not in the ledger: they are all kept.
-        """
-        cutoff = epoch_cutoff(epoch)
-        for _, batch, pushes in self._unsent:
-            self._pending.absorb(batch)
-            for key, v in pushes.items():
-                self._rate_used[key] = self._rate_used.get(key, 0.0) + v
-        self._unsent.clear()
-        dropped = self._pending.drop_before(cutoff)
+        """Drop the deltas from before `epoch`'s ledger read; keep the later ones."""
+        dropped = self._carry.cut_at(epoch_cutoff(epoch))
         if dropped:
             log.warning("dropping %d outage-time counter deltas: %s", dropped, why)
 
-    # --- bookkeeping ---------------------------------------------------------------
-
-    def _remember(
-        self,
-        counters: Sequence[CounterCheck],
-        applied: Applied,
-        now: float,
-        rates: Sequence[RateCheck] = (),
-    ) -> None:
-        if len(self._seen) >= _MAX_SEEN:
-            self._seen = {
-                k: s for k, s in self._seen.items() if s[1] is not None and now - s[2] < s[1]
-            }
-            if len(self._seen) >= _MAX_SEEN:
-                self._seen.clear()
-        for c, value in zip(counters, applied.values, strict=True):
-            old = self._seen.get(c.key)
-            limit = c.limit if c.limit is not None or old is None else old[3]
-            self._seen[c.key] = (value, c.ttl_s, now, limit, now)
-        if len(self._rates_seen) >= _MAX_SEEN:
-            self._rates_seen = {k: r for k, r in self._rates_seen.items() if r[0] > now}
-        for r, tat in zip(rates, applied.tats, strict=False):
-            self._rates_seen[r.key] = (tat, now, now)
-
     def pending_deltas(self) -> dict[str, int]:
         """Net outage-time changes not yet in Redis (for tests and the admin view)."""
-        total = OutageDeltas()
-        total.absorb(self._pending)
-        for _, batch, _ in self._unsent:
-            total.absorb(batch)
-        return {k: d.amount for k, d in total.merged().items() if d.amount}
-
-
-def _share_start(value: int, limit: int | None, share: int) -> int:
-    """A local counter's start: the budget as synced, less all but 1/`share` of what is left."""
-    if limit is None or share <= 1 or value >= limit:
-        return value
-    return limit - (limit - value) // share
-
-
-def make_epoch(cutoff: float) -> str:
-    """An epoch id that also says when the ledger was read to build it."""
-    return f"{uuid.uuid4().hex}@{cutoff!r}"
-
-
-def epoch_cutoff(epoch: str) -> float:
-    """The ledger-read time in an epoch; +inf (drop every delta) when it has none."""
-    _, _, raw = epoch.partition("@")
-    try:
-        return float(raw)
-    except ValueError:
-        return math.inf
-
-
-class OutageDeltas:
-    """Net counter changes made locally, in 1 ms slots of the (wall) time they were made.
-
-    The slot that holds the cut-off is dropped whole, so deltas made up to one slot
-    after it go with it: with 10 ms slots that could be ~10 requests' reservations at
-    1,000 req/s (the likely cause of one failure of the Redis-restart test, which
-    allows 8); 1 ms keeps it to about one.
-    """
-
-    SLOTS_PER_S: Final = 1000
-
-    def __init__(self) -> None:
-        self._slots: dict[int, dict[str, CounterDelta]] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._slots)
-
-    def add(self, counters: Sequence[CounterCheck], now: float) -> None:
-        slot = self._slots.setdefault(math.floor(now * self.SLOTS_PER_S), {})
-        for c in counters:
-            old = slot.get(c.key)
-            slot[c.key] = CounterDelta(c.amount + (old.amount if old else 0), c.ttl_s)
-
-    def absorb(self, other: OutageDeltas) -> None:
-        for index, deltas in other._slots.items():
-            slot = self._slots.setdefault(index, {})
-            for key, d in deltas.items():
-                old = slot.get(key)
-                slot[key] = CounterDelta(d.amount + (old.amount if old else 0), d.ttl_s)
-
-    def drop_before(self, cutoff: float) -> int:
-        """Forget slots that started before `cutoff`; returns how many deltas went."""
-        first = math.ceil(cutoff * self.SLOTS_PER_S) if math.isfinite(cutoff) else None
-        gone = [i for i in self._slots if first is None or i < first]
-        count = sum(len(self._slots[i]) for i in gone)
-        for i in gone:
-            del self._slots[i]
-        return count
-
-    def merged(self) -> dict[str, CounterDelta]:
-        out: dict[str, CounterDelta] = {}
-        for deltas in self._slots.values():
-            for key, d in deltas.items():
-                old = out.get(key)
-                out[key] = CounterDelta(d.amount + (old.amount if old else 0), d.ttl_s)
-        return out
+        return self._carry.pending_deltas()
