@@ -27,9 +27,9 @@ from gateway.state.limits import (
     RateCheck,
     Refusal,
 )
+from gateway.state.shared.metrics import SharedMetrics
 from gateway.state.shared.outage import FailoverLimitStore, SharedStateUnavailable
 from gateway.state.shared.outage_deltas import OutageDeltas, epoch_cutoff, make_epoch
-from gateway.state.shared.outage_metrics import SharedMetrics
 from gateway.state.shared.redis_limits import (
     Applied,
     CounterDelta,

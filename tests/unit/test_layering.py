@@ -187,7 +187,6 @@ _KNOWN_BACK_EDGES = {
     # live backend state holds the breakers; shared state rebuilds admission's counters from the ledger
     ("gateway.state.live", "gateway.flow.breaker"),
     ("gateway.state.shared", "gateway.flow.admission"),
-    ("gateway.state.shared.redis_state", "gateway.flow.breaker"),
     ("gateway.state.shared", "gateway.runtime"),
     ("gateway.state.background", "gateway.runtime"),
     # state reads the ledger's stores and reports (keys live in the ledger's database)

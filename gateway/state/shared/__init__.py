@@ -22,8 +22,8 @@ from gateway.flow.admission import Admission
 from gateway.metering.ledger.reports import spend_by_tenant
 from gateway.metering.ledger.rows import LedgerStore
 from gateway.state.limits import LimitStore
+from gateway.state.shared.metrics import SharedMetrics
 from gateway.state.shared.outage import FailoverLimitStore, Reseed, SharedStateUnavailable
-from gateway.state.shared.outage_metrics import SharedMetrics
 from gateway.state.shared.redis_limits import RedisLimitStore, connect, connect_fast
 from gateway.state.shared.redis_state import SNAPSHOT_TTL_MS, SharedState
 

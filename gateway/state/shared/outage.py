@@ -74,8 +74,8 @@ from gateway.errors import GatewayError
 from gateway.state.failures import FailureStreak
 from gateway.state.limits import CounterCheck, LimitStore, MemoryLimitStore, RateCheck, Refusal
 from gateway.state.shared.last_seen import LastSeen, share_start
+from gateway.state.shared.metrics import SharedMetrics
 from gateway.state.shared.outage_deltas import Carryover, epoch_cutoff, make_epoch
-from gateway.state.shared.outage_metrics import SharedMetrics
 from gateway.state.shared.redis_limits import (
     REDIS_DOWN,
     Applied,

@@ -38,14 +38,22 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
-from gateway.flow.breaker import CircuitBreaker
 from gateway.state.failures import FailureStreak
 from gateway.state.keys import KeyStore
-from gateway.state.live import LiveState
+from gateway.state.live import BackendLive, LiveState
+from gateway.state.shared.metrics import StateMetrics
 from gateway.state.shared.redis_limits import REDIS_DOWN
-from policies.headroom import Headroom
+from gateway.state.shared.state_updates import (
+    KINDS,
+    Update,
+    latency_update,
+    price_update,
+    room_headers,
+    room_update,
+    snapshot_field,
+)
 from policies.latency import LatencyEstimate, LatencySample
 from policies.pricebook import Price, PriceBook, PriceKey
 
@@ -54,27 +62,6 @@ log = logging.getLogger("neogate.shared")
 TICK_S: Final = 0.1
 SNAPSHOT_EVERY_S: Final = 5.0
 SNAPSHOT_TTL_MS: Final = 86_400_000
-_KINDS: Final = ("eject", "cool", "room", "lat", "price", "keys")
-
-Update = dict[str, Any]
-
-
-class StateMetrics:
-    """Updates exchanged with other replicas, by direction and kind (bounded labels)."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        r = registry if registry is not None else CollectorRegistry()
-        self.updates = Counter(
-            "neogate_shared_state_updates_total",
-            "Backend-state updates published to or applied from other replicas.",
-            ["direction", "kind"],
-            registry=r,
-        )
-        self.errors = Counter(
-            "neogate_shared_state_errors_total",
-            "Failed exchanges with Redis for shared backend state (retried).",
-            registry=r,
-        )
 
 
 @dataclass
@@ -86,19 +73,6 @@ class _Baseline:
     cooldown: dict[str, float | None] = field(default_factory=dict)
     room: dict[str, float | None] = field(default_factory=dict)
     latency: dict[tuple[str, str], LatencyEstimate] = field(default_factory=dict)
-
-
-def _field(u: Update) -> str:
-    """The snapshot field of an update: one per kind and subject."""
-    kind = u["k"]
-    if kind == "lat":
-        return f"lat:{u['b']}:{u['m']}"
-    if kind == "price":
-        key = u["key"]
-        return "price:" + (key if isinstance(key, str) else f"{key[0]}:{key[1]}")
-    if kind == "keys":
-        return "keys"
-    return f"{kind}:{u['b']}"
 
 
 class SharedState:
@@ -174,7 +148,7 @@ class SharedState:
     def keys_changed(self) -> None:
         """This replica created or revoked a key: tell the others to refresh now."""
         u: Update = {"k": "keys", "t": self._clock()}
-        self._outbox[_field(u)] = u
+        self._outbox[snapshot_field(u)] = u
 
     # --- the tick: scan, apply, publish --------------------------------------------
 
@@ -304,29 +278,29 @@ class SharedState:
                 self._emit(publish, {"k": "cool", "b": name, "until": cool, "t": now})
             base.cooldown[name] = cool
             if room.observed_at is not None and room.observed_at != base.room.get(name):
-                self._emit(publish, _room_update(name, room))
+                self._emit(publish, room_update(name, room))
             base.room[name] = room.observed_at
             for model, est in b.latency.items():
                 if base.latency.get((name, model)) is not est:
-                    self._emit(publish, _latency_update(name, model, est, now))
+                    self._emit(publish, latency_update(name, model, est, now))
                     base.latency[(name, model)] = est
         book = self._live.prices.book
         if book is not base.book:
             for key, price in book.prices.items():
                 old = base.book.prices.get(key)
                 if old is None or not old.same_rates(price):
-                    self._emit(publish, _price_update(key, price, now))
+                    self._emit(publish, price_update(key, price, now))
             base.book = book
 
     def _emit(self, publish: bool, u: Update) -> None:
         if publish:
-            self._outbox[_field(u)] = u
+            self._outbox[snapshot_field(u)] = u
 
     # --- remote changes ------------------------------------------------------------
 
     def _apply(self, u: Update, now: float) -> None:
         try:
-            fld = _field(u)
+            fld = snapshot_field(u)
             at = float(u["t"])
         except (KeyError, TypeError, ValueError, IndexError):
             log.warning("shared state: ignoring a malformed update")
@@ -347,7 +321,7 @@ class SharedState:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("shared state: ignoring a malformed %s update: %s", kind, exc)
             return
-        if kind in _KINDS:
+        if kind in KINDS:
             self.metrics.updates.labels("in", kind).inc()
 
     def _apply_backend(self, kind: str, u: Update, now: float) -> None:
@@ -356,7 +330,7 @@ class SharedState:
         if kind == "eject":
             until = float(u["until"])
             if until > now:
-                _trip(b.breaker, now)
+                _trip(b, now)
             self._base.ejections[name] = b.breaker.snapshot(now).ejections_total
         elif kind == "cool":
             until = float(u["until"])
@@ -366,7 +340,7 @@ class SharedState:
         elif kind == "room":
             observed = float(u["observed_at"])
             if b.headroom.observed_at is None or observed > b.headroom.observed_at:
-                self._live.observe_headers(name, _room_headers(u, observed), observed)
+                self._live.observe_headers(name, room_headers(u, observed), observed)
         elif kind == "lat":
             model = str(u["m"])
             if model in b.spec.models:
@@ -417,68 +391,10 @@ def _log_refresh_failure(task: asyncio.Task[bool]) -> None:
         log.warning("key refresh after a remote change failed: %s", task.exception())
 
 
-def _trip(breaker: CircuitBreaker, now: float) -> None:
+def _trip(b: BackendLive, now: float) -> None:
     """Eject through the breaker's own API: report failures until it opens."""
+    breaker = b.breaker
     for _ in range(breaker.config.consecutive_failures + 1):
         if breaker.snapshot(now).state == "open":
             return
         breaker.on_failure(now)
-
-
-def _room_update(name: str, room: Headroom) -> Update:
-    return {
-        "k": "room",
-        "b": name,
-        "t": room.observed_at,
-        "observed_at": room.observed_at,
-        "limit_requests": room.limit_requests,
-        "limit_tokens": room.limit_tokens,
-        "remaining_requests": room.remaining_requests,
-        "remaining_tokens": room.remaining_tokens,
-        "reset_requests_at": room.reset_requests_at,
-        "reset_tokens_at": room.reset_tokens_at,
-    }
-
-
-def _room_headers(u: Update, observed: float) -> dict[str, str]:
-    """The `x-ratelimit-*` headers that reproduce another replica's headroom."""
-    out: dict[str, str] = {}
-    for name, header in (
-        ("limit_requests", "x-ratelimit-limit-requests"),
-        ("limit_tokens", "x-ratelimit-limit-tokens"),
-        ("remaining_requests", "x-ratelimit-remaining-requests"),
-        ("remaining_tokens", "x-ratelimit-remaining-tokens"),
-    ):
-        if u.get(name) is not None:
-            out[header] = str(int(u[name]))
-    for name, header in (
-        ("reset_requests_at", "x-ratelimit-reset-requests"),
-        ("reset_tokens_at", "x-ratelimit-reset-tokens"),
-    ):
-        if u.get(name) is not None:
-            out[header] = f"{max(0.0, float(u[name]) - observed):.3f}s"
-    return out
-
-
-def _latency_update(name: str, model: str, est: LatencyEstimate, now: float) -> Update:
-    return {
-        "k": "lat",
-        "b": name,
-        "m": model,
-        "t": now,
-        "ttft": est.ttft.mean if est.ttft.count else None,
-        "itl": est.itl.mean if est.itl.count else None,
-    }
-
-
-def _price_update(key: PriceKey, price: Price, now: float) -> Update:
-    return {
-        "k": "price",
-        "key": key if isinstance(key, str) else list(key),
-        "t": now,
-        "in": price.input_per_token,
-        "out": price.output_per_token,
-        "cached": price.cached_input_per_token,
-        "source": price.source,
-        "updated_at": price.updated_at,
-    }

@@ -1,4 +1,5 @@
-"""`SharedMetrics`: what an operator watches during a Redis outage (up, outages, local decisions, reseeds, transfers)."""
+"""What an operator watches of the sharing through Redis: the limit store's outages (`SharedMetrics`)
+and the backend-state updates exchanged with other replicas (`StateMetrics`)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ class SharedMetrics:
             registry=r,
         )
         self.up.set(1)
+
+
+class StateMetrics:
+    """Updates exchanged with other replicas, by direction and kind (bounded labels)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.updates = Counter(
+            "neogate_shared_state_updates_total",
+            "Backend-state updates published to or applied from other replicas.",
+            ["direction", "kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "neogate_shared_state_errors_total",
+            "Failed exchanges with Redis for shared backend state (retried).",
+            registry=r,
+        )
