@@ -218,7 +218,7 @@ async def test_the_first_backend_that_answers_is_used_and_holds_a_gate_slot(ups:
     assert attempt.answer == {"id": "x", "choices": []}
     assert (attempt.first_event, attempt.events, attempt.hedged) == (None, None, ())
     assert attempt.response.status == 200 and await attempt.response.read() == ANSWER
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^a buffered answer has no events$"):
         attempt.response.events()
     # The attempt's limits are cut to what is left of the request's 3 s.
     assert attempt.timeouts is not None
@@ -442,6 +442,14 @@ async def test_no_backend_admitted_is_503_with_retry_after_a_second(ups: Upstrea
     assert (ups.requests("a"), ups.requests("b")) == (0, 0)
 
 
+async def test_nothing_admitted_with_time_left_is_no_backend_not_a_timeout(
+    ups: Upstreams,
+) -> None:
+    a = await ups.plan("a", reply(200, ANSWER))
+    with pytest.raises(NoBackendAvailable):
+        await forward([a], Hooks(refuse={"a"}), within=0.5)
+
+
 async def test_a_refused_backend_is_skipped_for_the_next(ups: Upstreams) -> None:
     a = await ups.plan("a", reply(200, ANSWER))
     b = await ups.plan("b", reply(200, ANSWER))
@@ -642,6 +650,94 @@ async def test_a_slow_first_byte_is_hedged_and_the_loser_named(ups: Upstreams) -
     gate.release(token)
     attempt.release()
     attempt.response.close()
+
+
+def slow_first_byte(plan: AttemptPlan, seconds: float) -> AttemptPlan:
+    t = AttemptTimeouts(connect_s=2.0, first_byte_s=seconds, idle_s=5.0, total_s=10.0)
+    return AttemptPlan(plan.backend, plan.backend_model, plan.body, t)
+
+
+async def test_the_hedge_calls_the_second_attempt_a_retry_not_the_first(ups: Upstreams) -> None:
+    a = await ups.plan("a", HANG)
+    b = await ups.plan("b", sse(EVENT))
+    hooks = Hooks()
+    attempt = await forward([a, b], hooks, stream=True, options=HEDGE)
+    assert [c for c in hooks.calls if c[0] in ("on_retry", "may_retry", "admit")] == [
+        ("admit", "a"),
+        ("may_retry",),
+        ("admit", "b"),
+        ("on_retry", "b"),
+    ]
+    attempt.release()
+    attempt.response.close()
+
+
+async def test_a_third_hedge_starts_after_two_delays(ups: Upstreams) -> None:
+    a = slow_first_byte(await ups.plan("a", HANG), 3.0)
+    b = slow_first_byte(await ups.plan("b", HANG), 3.0)
+    c = await ups.plan("c", sse(EVENT))
+    attempt = await forward([a, b, c], Hooks(), stream=True, options=HEDGE)
+    assert (attempt.backend, attempt.number) == ("c", 2)
+    assert attempt.hedged == (SentAttempt("a", "a-model", 0), SentAttempt("b", "b-model", 1))
+    attempt.release()
+    attempt.response.close()
+
+
+async def test_a_hedge_is_started_while_the_delay_fits_in_the_deadline(ups: Upstreams) -> None:
+    # 0.8 s left: the hedge after 0.05 s still fits; a never answers.
+    a = await ups.plan("a", HANG)
+    b = await ups.plan("b", sse(EVENT))
+    attempt = await forward([a, b], Hooks(), stream=True, options=HEDGE, within=0.8)
+    assert attempt.backend == "b"
+    attempt.release()
+    attempt.response.close()
+
+
+async def test_the_hedge_is_due_after_its_delay_not_a_later_one(ups: Upstreams) -> None:
+    # The whole request has 2 s: a hedge started only after seconds would come too late.
+    a = await ups.plan("a", HANG)
+    b = await ups.plan("b", sse(EVENT))
+    attempt = await forward([a, b], Hooks(), stream=True, options=HEDGE, within=2.0)
+    assert attempt.backend == "b"
+    attempt.release()
+    attempt.response.close()
+
+
+async def test_with_no_candidate_left_the_hedge_does_not_ask_the_budget(ups: Upstreams) -> None:
+    a = slow_first_byte(await ups.plan("a", HANG), 0.5)
+    b = slow_first_byte(await ups.plan("b", HANG), 0.5)
+    hooks = Hooks()
+    with pytest.raises(UpstreamTimeout):
+        await forward([a, b], hooks, stream=True, options=HEDGE)
+    assert hooks.calls.count(("may_retry",)) == 1  # for b; no third candidate to ask for
+
+
+async def test_the_first_attempt_of_a_hedge_race_may_queue_for_a_slot(ups: Upstreams) -> None:
+    gate = Gate(GateConfig(max_per_backend=1, max_queue=4))
+    a = await ups.plan("a", sse(EVENT))
+    b = await ups.plan("b", sse(EVENT))
+    held = [gate.try_acquire("a"), gate.try_acquire("b")]
+    asyncio.get_running_loop().call_later(0.05, gate.release, held[0])
+    options = ForwardOptions(queue_wait_s=5.0, hedge=HedgeConfig(enabled=True, delay_s=0.05))
+    attempt = await forward([a, b], Hooks(), stream=True, gate=gate, options=options)
+    assert attempt.backend == "a"
+    attempt.release()
+    attempt.response.close()
+    assert held[1] is not None
+    gate.release(held[1])
+
+
+async def test_a_hedge_does_not_queue_for_a_slot(ups: Upstreams) -> None:
+    gate = Gate(GateConfig(max_per_backend=1, max_queue=4))
+    a = slow_first_byte(await ups.plan("a", HANG), 1.0)
+    b = await ups.plan("b", sse(EVENT))
+    held = gate.try_acquire("b")
+    assert held is not None
+    asyncio.get_running_loop().call_later(0.1, gate.release, held)  # b frees after the hedge
+    options = ForwardOptions(queue_wait_s=5.0, hedge=HedgeConfig(enabled=True, delay_s=0.05))
+    with pytest.raises(UpstreamTimeout):
+        await forward([a, b], Hooks(), stream=True, gate=gate, options=options)
+    assert ups.requests("b") == 0
 
 
 async def test_a_hedge_race_ends_on_a_client_mistake(ups: Upstreams) -> None:

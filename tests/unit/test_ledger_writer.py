@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,18 +109,25 @@ async def test_rows_queued_together_go_in_batches_of_4096_by_default(db: Path) -
     registry = CollectorRegistry()
     writer = LedgerWriter(store(db), registry=registry, clock=Clock())
     await writer.start()
-    # gather queues all 4097 before the writer task runs: one full batch, then the rest.
-    await asyncio.gather(*(writer.record(row(i)) for i in range(4097)))
+    # In one turn of the loop: the first row finds the writer idle and is committed by
+    # record() itself; the other 4097 queue before the writer task runs: one full batch
+    # of 4096, then the last row.
+    await asyncio.gather(*(writer.record(row(i)) for i in range(4098)))
     stats = writer.stats()
-    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (2, 1, 4097)
+    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (3, 1, 4098)
     assert (stats.rows_spooled, stats.rows_replayed, stats.write_errors) == (0, 0, 0)
     assert stats.backlog_rows == 0 and stats.db_up and writer.db_up
     assert (stats.spool_rows, stats.spool_bytes) == (0, 0)  # no spool at all
-    assert sample(registry, "neogate_ledger_rows_written_total") == 4097
-    assert sample(registry, "neogate_ledger_batch_rows_count") == 2
-    assert sample(registry, "neogate_ledger_batch_rows_sum") == 4097
-    # The clock stood still: both commits took 0 s by it.
-    assert sample(registry, "neogate_ledger_write_seconds_count") == 2
+    assert sample(registry, "neogate_ledger_rows_written_total") == 4098
+    assert sample(registry, "neogate_ledger_batch_rows_count") == 3
+    assert sample(registry, "neogate_ledger_batch_rows_sum") == 4098
+    # Its own buckets, up to 8192 rows (the default ones stop at 10).
+    batch = "neogate_ledger_batch_rows_bucket"
+    assert registry.get_sample_value(batch, {"le": "1.0"}) == 2
+    assert registry.get_sample_value(batch, {"le": "2048.0"}) == 2
+    assert registry.get_sample_value(batch, {"le": "4096.0"}) == 3
+    # The clock stood still: every commit took 0 s by it.
+    assert sample(registry, "neogate_ledger_write_seconds_count") == 3
     assert sample(registry, "neogate_ledger_write_seconds_sum") == 0
     assert sample(registry, "neogate_ledger_rows_spooled_total") == 0
     assert sample(registry, "neogate_ledger_spool_rows") == 0
@@ -127,17 +135,17 @@ async def test_rows_queued_together_go_in_batches_of_4096_by_default(db: Path) -
     assert sample(registry, "neogate_ledger_backlog_rows") == 0
     assert sample(registry, "neogate_ledger_up") == 1
     await writer.close()
-    assert len(ids_in(db)) == 4097
+    assert len(ids_in(db)) == 4098
 
 
 async def test_a_smaller_max_batch_splits_the_queue(db: Path) -> None:
     writer = LedgerWriter(store(db), max_batch=3)
     await writer.start()
-    await asyncio.gather(*(writer.record(row(i)) for i in range(7)))
+    await asyncio.gather(*(writer.record(row(i)) for i in range(8)))  # 1 at once, 3, 3, 1
     stats = writer.stats()
-    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (3, 1, 7)
+    assert (stats.batches, stats.last_batch_rows, stats.rows_written) == (4, 1, 8)
     await writer.close()
-    assert ids_in(db) == [f"req-{i}" for i in range(7)]
+    assert ids_in(db) == [f"req-{i}" for i in range(8)]
 
 
 async def test_the_write_time_is_measured_by_the_clock_given(db: Path, tmp_path: Path) -> None:
@@ -153,6 +161,7 @@ async def test_the_write_time_is_measured_by_the_clock_given(db: Path, tmp_path:
     await writer.record(row(1))
     # One read when the commit starts, one when it is done: 0.25 s apart.
     assert sample(registry, "neogate_ledger_write_seconds_sum") == 0.25
+    assert registry.get_sample_value("neogate_ledger_write_seconds_bucket", {"le": "0.0005"}) == 0
     assert registry.get_sample_value("neogate_ledger_write_seconds_bucket", {"le": "0.1"}) == 0
     assert registry.get_sample_value("neogate_ledger_write_seconds_bucket", {"le": "0.25"}) == 1
     await writer.close()
@@ -205,7 +214,7 @@ async def test_record_before_start_is_refused(db: Path) -> None:
 
 
 async def test_an_outage_spools_counts_one_error_and_later_batches_skip_the_database(
-    db: Path, tmp_path: Path, lock: sqlite3.Connection
+    db: Path, tmp_path: Path, lock: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = CollectorRegistry()
     clock = Clock(100.0)
@@ -240,7 +249,9 @@ async def test_an_outage_spools_counts_one_error_and_later_batches_skip_the_data
     assert sample(registry, "neogate_ledger_up") == 0
     assert spooled_ids(spool_path) == ["req-1", "req-2", "req-3"]
     lock.execute("ROLLBACK")
-    assert await writer.replay_now() == 3
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        assert await writer.replay_now() == 3
+    assert "ledger database is back, replaying 3 spooled rows" in caplog.messages
     assert writer.db_up and sample(registry, "neogate_ledger_up") == 1
     assert sample(registry, "neogate_ledger_rows_replayed_total") == 3
     assert writer.stats().rows_replayed == 3
@@ -402,7 +413,9 @@ async def test_a_database_missing_at_start_needs_the_spool(tmp_path: Path) -> No
 # --- replay --------------------------------------------------------------------------------------
 
 
-async def test_replay_goes_round_by_round_and_chunk_by_chunk(db: Path, tmp_path: Path) -> None:
+async def test_replay_goes_round_by_round_and_chunk_by_chunk(
+    db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spool_path = tmp_path / "spool"
     # Rounds of 3 rows, chunks of 2: [0 1][2] | [3 4][5] | [6]; row 4 is refused.
     Spool(spool_path).append([poison(i) if i == 4 else row(i) for i in range(7)])
@@ -415,8 +428,15 @@ async def test_replay_goes_round_by_round_and_chunk_by_chunk(db: Path, tmp_path:
         retry_interval_s=1.0,
         clock=clock,
     )
-    await writer.start()  # replays: the first round commits and is consumed, then chunk [3 4] fails
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        await writer.start()  # replays: round 1 commits and is consumed, chunk [3 4] fails
     stats = writer.stats()
+    # The refused chunk starts the outage's streak: logged once, with what failed.
+    (failing,) = [r.getMessage() for r in caplog.records if "failing" in r.getMessage()]
+    assert failing.startswith(
+        "ledger database (rows go to the spool) failing: LedgerUnavailable: sqlite ledger "
+    )
+    assert "NOT NULL constraint failed: ledger.tenant" in failing
     assert ids_in(db) == ["req-0", "req-1", "req-2"]
     assert (stats.rows_replayed, stats.spool_rows, stats.write_errors) == (3, 4, 1)
     assert not stats.db_up
@@ -462,6 +482,41 @@ async def test_the_default_chunk_is_5000_rows(db: Path, tmp_path: Path) -> None:
     writer = LedgerWriter(store(db), spool, clock=Clock())
     assert await writer.replay_now() == 5000
     assert spool.rows == 5001
+    await writer.store.close()
+
+
+async def test_live_rows_queued_during_a_replay_go_in_between_its_chunks(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    # One row per batch, two per replay chunk. Rows 0-2 are spooled during an outage; then,
+    # in one go, row B is recorded, a replay asked for and row L recorded: B's batch goes
+    # first (to the spool: still down), then the replay, and L, queued meanwhile, is
+    # committed right after the first chunk instead of waiting for the whole spool.
+    writer = LedgerWriter(
+        store(db), Spool(tmp_path / "spool"), max_batch=1, replay_chunk=2, clock=Clock()
+    )
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    for i in range(3):
+        await writer.record(row(i))
+    lock.execute("ROLLBACK")
+    b = asyncio.create_task(writer.record(row(10)))
+    replay = asyncio.create_task(writer.replay_now())
+    live = asyncio.create_task(writer.record(row(11)))
+    await asyncio.gather(b, live)
+    assert await replay == 4
+    stats = writer.stats()
+    assert (stats.batches, stats.last_batch_rows) == (5, 1)  # 0, 1, 2, B spooled; L written
+    assert (stats.rows_spooled, stats.rows_written, stats.rows_replayed) == (4, 1, 4)
+    await writer.close()
+    assert ids_in(db) == ["req-0", "req-1", "req-11", "req-2", "req-10"]
+
+
+async def test_an_empty_spool_is_not_read(db: Path, tmp_path: Path) -> None:
+    where = tmp_path / "spool"
+    where.mkdir()  # reading it would fail: it is not read at all when it holds no rows
+    writer = LedgerWriter(store(db), Spool(where), clock=Clock())
+    assert await writer.replay_now() == 0
     await writer.store.close()
 
 
