@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -66,6 +67,15 @@ def ids_in(db: Path) -> list[str]:
 
 def spooled_ids(path: Path) -> list[str]:
     return [LedgerRow.from_json(line).request_id for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A broken writer leaves a caller waiting forever: end the process after 20 s instead,
+    with every thread's stack (each test here takes well under a second)."""
+    faulthandler.dump_traceback_later(20, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
