@@ -13,7 +13,8 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def add_tool_parsers(sub: SubParsers) -> None:
     """Register every tool subcommand; each sets `func` on its namespace."""
-    from gateway.cli.usage import add_keys_parser, add_usage_parser, run_keys, run_usage
+    from gateway.cli.keys import add_keys_parser, run_keys
+    from gateway.cli.usage import add_usage_parser, run_usage
     from loadtest.loadgen_cli import add_loadtest_parser, run_loadtest
     from loadtest.report import add_report_parser, run_report
     from loadtest.sim.cli import add_sim_parser, run_sim

@@ -1,6 +1,6 @@
-"""The `neogate usage` and `neogate keys` commands (parsers and runners; gateway/cli/__init__.py mounts them).
+"""The `neogate usage` command: usage, pricing sheet, provisioning and idle cost from the ledger.
 
-Both find the database the same way `neogate serve` does: ``--ledger``/``--db``
+It finds the database the same way `neogate serve` does: ``--ledger``/``--db``
 (a SQLite file), else the ``ledger`` section of ``--config``, else the default
 ``neogate-data/ledger.db`` that `neogate serve` without a config writes.
 """
@@ -10,77 +10,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import calendar
-import csv
-import io
 import json
 import re
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from gateway.cli.ledger_location import CliError, LedgerLocation, locate_ledger, require_sqlite_file
+from gateway.cli.output import render
 from gateway.metering.ledger import DEFAULT_LEDGER_PATH, make_store
 from gateway.metering.ledger.provisioning import gpu_terms, provisioning
 from gateway.metering.ledger.reports import GROUP_KEYS, pricing_sheet, usage_report
 
 if TYPE_CHECKING:
-    from gateway.config import RedisSpec
     from gateway.metering.ledger.rows import LedgerStore
-
-# The lead's gateway.state.secretfile keeps the server secret beside the ledger under this name.
-SECRET_FILE_NAME = "server.secret"
-
-
-class CliError(Exception):
-    """A problem worth one line on stderr and exit status 1."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerLocation:
-    """Where the ledger (and the key table) lives, and the server secret configured for it."""
-
-    kind: str  # "sqlite" | "postgres"
-    path: Path
-    dsn: str | None
-    configured_secret: str | None
-    schema: str = "neogate"  # PostgreSQL schema (ledger.schema_name)
-    redis: RedisSpec | None = None  # replicas to tell about key changes at once
-
-    @property
-    def secret_file(self) -> Path:
-        """Where `neogate serve` keeps the server secret when none is configured."""
-        return self.path.parent / SECRET_FILE_NAME
-
-
-def locate_ledger(config_path: str | None, sqlite_path: str | None) -> LedgerLocation:
-    """Resolve --config / --ledger / the default into a LedgerLocation."""
-    from gateway.config import AuthSpec, load_config, resolve_secret
-
-    if config_path is None:
-        secret = resolve_secret(AuthSpec().server_secret)
-        return LedgerLocation("sqlite", Path(sqlite_path or DEFAULT_LEDGER_PATH), None, secret)
-    config = load_config(config_path)
-    ledger = config.ledger
-    secret = resolve_secret(config.auth.server_secret)
-    if sqlite_path is not None:
-        return LedgerLocation("sqlite", Path(sqlite_path), None, secret)
-    dsn = resolve_secret(ledger.dsn) if ledger.kind == "postgres" else None
-    if ledger.kind == "postgres" and not dsn:
-        raise CliError(f"{config_path}: ledger.dsn is not set (or its env variable is unset)")
-    return LedgerLocation(
-        ledger.kind, Path(ledger.path), dsn, secret, ledger.schema_name, config.redis
-    )
-
-
-def _require_sqlite_file(loc: LedgerLocation) -> None:
-    if loc.kind == "sqlite" and not loc.path.is_file():
-        raise CliError(
-            f"no ledger at {loc.path}: run `neogate serve` from this directory first, "
-            "or pass --config / --ledger"
-        )
-
 
 # --- time arguments ----------------------------------------------------------------------
 
@@ -104,48 +47,6 @@ def parse_until(value: str, now: float) -> float:
     if _RELATIVE.match(value):
         return parse_since(value, now)
     return parse_since(value, now) + 86_400
-
-
-# --- output ------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.9f}".rstrip("0").rstrip(".") if value else "0"
-    return str(value)
-
-
-def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, out: TextIO) -> None:
-    """Write rows as an aligned table, CSV or a JSON array."""
-    if fmt == "json":
-        json.dump(list(rows), out, indent=2)
-        out.write("\n")
-        return
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
-        out.write(buf.getvalue())
-        return
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    numeric = [
-        all(_is_number(row[i]) for row in cells) and cells != [] for i in range(len(columns))
-    ]
-    for line in [list(columns), *cells]:
-        parts = [
-            cell.rjust(w) if num else cell.ljust(w)
-            for cell, w, num in zip(line, widths, numeric, strict=True)
-        ]
-        out.write("  ".join(parts).rstrip() + "\n")
-
-
-def _is_number(text: str) -> bool:
-    return text == "-" or re.fullmatch(r"-?[\d.]+(e-?\d+)?", text) is not None
 
 
 # --- neogate usage -----------------------------------------------------------------------
@@ -301,113 +202,9 @@ def run_usage(args: argparse.Namespace, out: TextIO | None = None) -> int:
     stream = sys.stdout if out is None else out
     try:
         loc = locate_ledger(args.config, args.ledger)
-        _require_sqlite_file(loc)
+        require_sqlite_file(loc)
         asyncio.run(_usage(args, loc, stream))
     except CliError as exc:
         print(f"neogate usage: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-# --- neogate keys ------------------------------------------------------------------------
-
-
-def add_keys_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `keys create|list|revoke` to the CLI's subparsers; run with `run_keys(args)`."""
-    p: argparse.ArgumentParser = subparsers.add_parser("keys", help="tenant API keys")
-    sub = p.add_subparsers(dest="keys_command", required=True)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        where = q.add_mutually_exclusive_group()
-        where.add_argument("--config", help="policy file (its ledger database and secret)")
-        where.add_argument(
-            "--db", help=f"SQLite file holding the keys (default {DEFAULT_LEDGER_PATH})"
-        )
-
-    create = sub.add_parser("create", help="create a key (shown once)")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--label", default="")
-    common(create)
-    listing = sub.add_parser("list", help="list keys (never the keys themselves)")
-    listing.add_argument("--tenant")
-    listing.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    common(listing)
-    revoke = sub.add_parser("revoke", help="revoke a key; refused from the next request on")
-    revoke.add_argument("key_id")
-    common(revoke)
-    return p
-
-
-async def _keys(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> int:
-    from gateway.state import secretfile
-    from gateway.state.keys import KeyStore, PostgresKeyBackend, SqliteKeyBackend
-
-    # The same secret `neogate serve` uses, or the keys created here would not match.
-    secret = (loc.configured_secret or secretfile.load_or_create(loc.secret_file)).encode()
-    backend: SqliteKeyBackend | PostgresKeyBackend
-    if loc.kind == "postgres":
-        assert loc.dsn is not None
-        backend = PostgresKeyBackend(loc.dsn, schema=loc.schema)
-    else:
-        backend = SqliteKeyBackend(loc.path)
-    store = KeyStore(backend, secret)
-    await store.open()
-    try:
-        if args.keys_command == "create":
-            key_id, key = await store.create(args.tenant, args.label)
-            await _tell_replicas(loc)
-            out.write(f"key_id: {key_id}\ntenant: {args.tenant}\nkey:    {key}\n")
-            out.write("Store the key now: it is not kept and cannot be shown again.\n")
-            return 0
-        if args.keys_command == "revoke":
-            if not await store.revoke(args.key_id):
-                raise CliError(f"no active key {args.key_id!r}")
-            await _tell_replicas(loc)
-            out.write(f"revoked {args.key_id}\n")
-            return 0
-        records = await store.list(args.tenant)
-        rows = [
-            {
-                "key_id": r.key_id,
-                "tenant": r.tenant,
-                "label": r.label,
-                "created": _iso(r.created),
-                "revoked": _iso(r.revoked_at) if r.revoked_at is not None else None,
-            }
-            for r in records
-        ]
-        render(rows, ["key_id", "tenant", "label", "created", "revoked"], args.format, out)
-        return 0
-    finally:
-        await store.close()
-
-
-async def _tell_replicas(loc: LedgerLocation) -> None:
-    """With Redis configured, running replicas refresh their keys now instead of at their next poll."""
-    if loc.redis is None:
-        return
-    from gateway.state.shared import publish_keys_changed
-
-    try:
-        await publish_keys_changed(loc.redis)
-    except Exception as exc:  # the key change itself is stored; only the nudge failed
-        print(
-            f"neogate keys: could not notify replicas through Redis ({type(exc).__name__}); "
-            "they pick the change up at their next key refresh",
-            file=sys.stderr,
-        )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def run_keys(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run `neogate keys ...`; returns the exit status."""
-    stream = sys.stdout if out is None else out
-    try:
-        loc = locate_ledger(args.config, args.db)
-        return asyncio.run(_keys(args, loc, stream))
-    except CliError as exc:
-        print(f"neogate keys: {exc}", file=sys.stderr)
-        return 1

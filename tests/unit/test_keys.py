@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.cli.usage import add_keys_parser, run_keys
+from gateway.cli.keys import add_keys_parser, run_keys
 from gateway.state.keys import (
     KeyStore,
     PostgresKeyBackend,
