@@ -158,7 +158,7 @@ async def test_a_4mb_prompt_does_not_delay_a_concurrent_healthz(served: Served) 
         for _ in range(20):  # warm the probe's connection
             await _healthz_ms(probe_http, served.url)
         worst: list[float] = []
-        for _ in range(3):
+        for _ in range(5):
             stop = asyncio.Event()
             probe = asyncio.create_task(_probe(probe_http, served.url, stop))
             try:
@@ -174,10 +174,11 @@ async def test_a_4mb_prompt_does_not_delay_a_concurrent_healthz(served: Served) 
                 latencies = await probe
             assert answer["choices"][0]["message"]["content"] == "ok"
             worst.append(max(latencies))
-    # Each request's worst /healthz answer, in 2 of 3 rounds (a machine shared with other
-    # work adds its own pauses now and then): counting on the loop took 0.3-3.5 s. What
-    # is left on the loop is the 4 MB JSON parse itself (~12-20 ms).
-    assert sorted(worst)[1] <= 50.0, worst
+    # Each request's worst /healthz answer, in 3 of 5 rounds (a machine shared with other
+    # work adds its own pauses now and then: at load 6-9 on 2 cores single rounds reached
+    # 90-150 ms): counting on the loop took 0.3-3.5 s. What is left on the loop is the
+    # 4 MB JSON parse itself (~12-20 ms).
+    assert sorted(worst)[2] <= 50.0, worst
 
 
 def _rss_mb(pid: int) -> float:
