@@ -36,12 +36,13 @@ from gateway.flow.routing import Router
 from gateway.http.auth import Authenticator
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import build_writer
+from gateway.metering.ledger.key_tables import PostgresKeyBackend, SqliteKeyBackend
 from gateway.metering.meter import Meter
 from gateway.metering.tokenizer import Tokenizer
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import AppOptions, Runtime, RuntimeRef
 from gateway.state.background import Background
-from gateway.state.keys import KeyBackend, KeyStore, PostgresKeyBackend, SqliteKeyBackend
+from gateway.state.keys import KeyBackend, KeyStore
 from gateway.state.live import LiveState
 
 log = logging.getLogger("neogate")

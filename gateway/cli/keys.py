@@ -44,8 +44,9 @@ def add_keys_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 async def _keys(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> int:
+    from gateway.metering.ledger.key_tables import PostgresKeyBackend, SqliteKeyBackend
     from gateway.state import secretfile
-    from gateway.state.keys import KeyStore, PostgresKeyBackend, SqliteKeyBackend
+    from gateway.state.keys import KeyStore
 
     # The same secret `neogate serve` uses, or the keys created here would not match.
     secret = (loc.configured_secret or secretfile.load_or_create(loc.secret_file)).encode()

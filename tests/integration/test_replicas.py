@@ -29,7 +29,8 @@ import yaml
 from multidict import CIMultiDict
 
 from gateway.config import GatewayConfig, RedisSpec, parse_config
-from gateway.state.keys import KeyStore, SqliteKeyBackend
+from gateway.metering.ledger.key_tables import SqliteKeyBackend
+from gateway.state.keys import KeyStore
 from gateway.state.live import LiveState
 from gateway.state.shared import publish_keys_changed
 from gateway.state.shared.redis_limits import connect

@@ -16,13 +16,8 @@ import asyncpg
 import pytest
 
 from gateway.cli.keys import add_keys_parser, run_keys
-from gateway.state.keys import (
-    KeyStore,
-    PostgresKeyBackend,
-    SqliteKeyBackend,
-    generate_key,
-    hash_key,
-)
+from gateway.metering.ledger.key_tables import PostgresKeyBackend, SqliteKeyBackend
+from gateway.state.keys import KeyStore, generate_key, hash_key
 
 SECRET = b"test-server-secret"
 DSN = "postgresql://postgres@127.0.0.1:5432/test"

@@ -189,11 +189,9 @@ _KNOWN_BACK_EDGES = {
     ("gateway.state.shared", "gateway.flow.admission"),
     ("gateway.state.shared", "gateway.runtime"),
     ("gateway.state.background", "gateway.runtime"),
-    # state reads the ledger's stores and reports (keys live in the ledger's database)
+    # state reads the ledger's stores and reports
     ("gateway.state.background", "gateway.metering.ledger.provisioning"),
     ("gateway.state.background", "gateway.metering.ledger.rows"),
-    ("gateway.state.keys", "gateway.metering.ledger.postgres"),
-    ("gateway.state.keys", "gateway.metering.ledger.sqlite"),
     ("gateway.state.shared", "gateway.metering.ledger.reports"),
     ("gateway.state.shared", "gateway.metering.ledger.rows"),
 }
