@@ -16,6 +16,7 @@ every other survivor, and every mutant no test reaches, counts against the score
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -257,6 +258,18 @@ def sync(target: Target) -> Path:
     return work
 
 
+def _source_hash(target: Target) -> str:
+    digest = hashlib.sha256()
+    for f in target.files:
+        digest.update((ROOT / f).read_bytes())
+    return digest.hexdigest()
+
+
+def _last_source_hash(target: Target) -> str | None:
+    saved = WORK / target.name / "source.sha256"
+    return saved.read_text().strip() if saved.exists() else None
+
+
 def not_killed(target: Target) -> list[str]:
     """Mutants of the last run that no test killed (survived, untested, timed out)."""
     names: list[str] = []
@@ -273,7 +286,13 @@ def run(target: Target, children: int) -> float:
     verdicts of unchanged ones are kept), then, unless this was the first run, every
     earlier survivor is tested again, since the tests may have grown since."""
     fresh = not (WORK / target.name / "mutants").exists()
+    source_changed = _source_hash(target) != _last_source_hash(target)
     work = sync(target)
+    if source_changed and not fresh:
+        # mutmut maps a new or changed function only to the tests added since its last
+        # stats pass, so a survivor of changed code would be tested against too few tests:
+        # drop the map and let it trace the whole test list again (verdicts are kept).
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     log = work / "mutmut.log"
     started = time.monotonic()
     mutmut = Path(sys.executable).with_name("mutmut")
@@ -294,6 +313,8 @@ def run(target: Target, children: int) -> float:
                 break
     elapsed = time.monotonic() - started
     (work / "seconds").write_text(f"{elapsed:.0f}\n")
+    if proc.returncode == 0:
+        (work / "source.sha256").write_text(_source_hash(target) + "\n")
     if proc.returncode != 0:
         print(f"{target.name}: mutmut exited {proc.returncode}, see {log}", file=sys.stderr)
     return elapsed

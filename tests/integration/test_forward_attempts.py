@@ -472,6 +472,15 @@ async def test_a_deadline_already_passed_tries_nothing(ups: Upstreams) -> None:
     assert ups.requests("a") == 0
 
 
+async def test_failover_goes_on_with_less_than_a_second_left(ups: Upstreams) -> None:
+    a = await ups.plan("a", reply(500))
+    b = await ups.plan("b", reply(200, ANSWER))
+    attempt = await forward([a, b], Hooks(), within=0.8)
+    assert attempt.backend == "b"
+    attempt.release()
+    attempt.response.close()
+
+
 async def test_a_deadline_that_passes_after_a_failure_ends_the_failover(ups: Upstreams) -> None:
     a = await ups.plan("a", HANG)
     b = await ups.plan("b", reply(200, ANSWER))
@@ -546,7 +555,11 @@ async def test_a_queued_slot_the_breaker_refuses_is_given_back(ups: Upstreams) -
 
 async def test_a_stream_commits_on_its_first_event(ups: Upstreams) -> None:
     a = await ups.plan("a", sse(EVENT, b"data: [DONE]"))
-    attempt = await forward([a], Hooks(), stream=True)
+    before = asyncio.get_running_loop().time()
+    attempt = await forward([a], Hooks(), stream=True, within=3.0)
+    assert (attempt.backend, attempt.backend_model, attempt.number) == ("a", "a-model", 0)
+    assert before <= attempt.started <= asyncio.get_running_loop().time()
+    assert attempt.timeouts is not None and 1.0 < attempt.timeouts.total_s <= 3.0
     assert attempt.first_event == EVENT and attempt.answer is None
     assert attempt.events is not None
     assert [e async for e in attempt.events] == [b"data: [DONE]"]
