@@ -16,6 +16,16 @@ loop, and every request waits for that (measured: ~100 us of CPU per request and
 store's thread, on a second connection: checkpoints (they fsync), reads, commits
 with synchronous=FULL, and any commit that found the file locked by another process
 (`serve --workers N` shares one file).
+
+Checkpoints never hold a commit below `wal_cap_bytes`: they are PASSIVE (SQLite
+copies the WAL into the database and syncs it without the write lock), one per
+`checkpoint_bytes` of WAL, plus one whenever the writer has been idle for `idle_s`.
+The WAL starts over at the first commit after a PASSIVE round copied all of it, which
+needs a round with no commit during its syncs: an idle moment. Only a WAL that
+reaches `wal_cap_bytes` without one (back-to-back commits for that long) gets a
+RESTART checkpoint, which takes the write lock while it copies and syncs the last
+frames: the commit that meets it waits on the thread (`restarts` counts them).
+Before, every checkpoint ended in a RESTART: one commit in ~800 waited for its fsyncs.
 """
 
 from __future__ import annotations
@@ -99,8 +109,10 @@ INSERT = (
 
 # Look at the WAL's size after this many commits on the loop's connection.
 _CHECK_EVERY = 32
-# PASSIVE checkpoint rounds (they never block commits) before the RESTART.
+# PASSIVE checkpoint rounds (they never block commits) per checkpoint.
 _PASSIVE_ROUNDS = 3
+# The longest wait between idle checks while a checkpoint could not catch up.
+_IDLE_BACKOFF_MAX_S = 1.0
 
 
 class SqliteLedger:
@@ -116,6 +128,8 @@ class SqliteLedger:
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         create: bool = True,
         checkpoint_bytes: int = 16 << 20,
+        wal_cap_bytes: int | None = None,
+        idle_s: float = 0.002,
     ) -> None:
         self.path = Path(path)
         self._busy_ms = int(busy_timeout_s * 1000)
@@ -129,8 +143,17 @@ class SqliteLedger:
         # Checkpoint once the WAL holds this much: ~800 one-row commits, so at low load
         # about one request in 800 meets the checkpoint's last fsync.
         self.checkpoint_bytes = checkpoint_bytes
+        # Past this, a RESTART bounds the file (it may hold one commit; see the docstring).
+        self.wal_cap_bytes = wal_cap_bytes if wal_cap_bytes is not None else 4 * checkpoint_bytes
+        self.idle_s = idle_s
         self._since_check = 0
         self._checkpointing = False
+        self._owed = False  # the WAL is past checkpoint_bytes and has not started over
+        self._next_passive = 0  # WAL size at which the next PASSIVE checkpoint starts
+        self._commits = 0  # commits by this store, loop and thread: "none since" checks
+        self._idle_mark = 0
+        self._idle_delay = idle_s
+        self._idle_timer: asyncio.TimerHandle | None = None
         # A checkpoint's RESTART makes the next commit reuse the WAL from its start, but
         # the file keeps its size unless it is cut: without the limit the size check
         # above found it "full" after every 32 commits from the first checkpoint on, and
@@ -140,7 +163,8 @@ class SqliteLedger:
         self._size_limit = max(checkpoint_bytes // 4, 1 << 16)
         self.inline_commits = 0
         self.thread_commits = 0
-        self.checkpoints = 0
+        self.checkpoints = 0  # checkpoints run (each one or more PASSIVE rounds)
+        self.restarts = 0  # of those, ended by a RESTART (the WAL reached wal_cap_bytes)
         # One thread owns the connection: sqlite3 objects must stay on their thread,
         # and the event loop never blocks on disk.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neogate-ledger")
@@ -235,6 +259,7 @@ class SqliteLedger:
             conn.close()
             raise LedgerUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
         self.inline_commits += 1
+        self._commits += 1
         self._since_check += 1
         if self._since_check >= _CHECK_EVERY and not self._checkpointing:
             self._since_check = 0
@@ -247,36 +272,87 @@ class SqliteLedger:
             size = os.stat(self._wal).st_size
         except OSError:
             return
-        if size < self.checkpoint_bytes:
+        if size < self.checkpoint_bytes:  # the WAL started over (or never grew)
+            self._owed = False
+            self._next_passive = 0
+            self._idle_delay = self.idle_s
             return
+        self._owed = True
+        if size >= self.wal_cap_bytes:
+            self._start_checkpoint(restart=True)
+        elif size >= self._next_passive:
+            # Copy the bulk now, off the commit path; the WAL starts over after an idle one.
+            self._next_passive = size + self.checkpoint_bytes
+            self._start_checkpoint(restart=False)
+        else:
+            self._arm_idle()
+
+    def _start_checkpoint(self, *, restart: bool) -> None:
         self._checkpointing = True
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._checkpoint(restart)
+        )
         fut.add_done_callback(self._checkpoint_done)
 
-    def _checkpoint(self) -> None:
-        """Copy the WAL into the database file, fsync it, and have the next commit reuse it.
+    def _checkpoint(self, restart: bool) -> bool:
+        """Copy the WAL into the database file and sync it; True if it caught up entirely.
 
-        PASSIVE rounds first: they never block a commit, and they copy and fsync nearly
-        everything (a round usually ends fully caught up; up to three are tried). Then
-        RESTART, which the WAL needs to start over (a fully copied WAL is not reused
-        otherwise): it blocks commits only while it copies the frames appended since the
-        last round, usually none or one commit's, and syncs them. Commits on the loop that
-        meet it find the file busy and queue on this thread for that moment.
+        PASSIVE rounds never take the write lock: commits go on meanwhile. Caught up means
+        a round copied every frame and no commit of this store came in while it ran, so
+        the next commit starts the WAL over (SQLite does that when a writer finds it fully
+        copied). With `restart` a RESTART follows the rounds: it takes the write lock while
+        it copies and syncs what came in since the last round, so a commit that meets it
+        waits on this thread; only a WAL at `wal_cap_bytes` asks for one.
         """
         self._open_sync()
         conn = self._conn
         assert conn is not None
-        for _ in range(_PASSIVE_ROUNDS):
-            ((_, frames, done),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            if frames <= 0 or done >= frames:
-                break
-        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         self.checkpoints += 1
+        caught_up = False
+        for _ in range(_PASSIVE_ROUNDS):
+            before = self._commits
+            ((busy, frames, done),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            caught_up = not busy and done >= frames and self._commits == before
+            if caught_up:
+                break
+        if restart:
+            self.restarts += 1
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            return True
+        return caught_up
 
-    def _checkpoint_done(self, fut: asyncio.Future[None]) -> None:
+    def _checkpoint_done(self, fut: asyncio.Future[bool]) -> None:
         self._checkpointing = False
-        if not fut.cancelled() and fut.exception() is not None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
             self._since_check = _CHECK_EVERY  # look again after the next commit
+            return
+        if fut.result():
+            self._owed = False  # the next commit starts the WAL over
+            self._idle_delay = self.idle_s
+        elif self._owed:
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """Check again in `_idle_delay`: a checkpoint then, if no commit came in meanwhile."""
+        if self._idle_timer is not None or self._fast is None:
+            return
+        self._idle_mark = self._commits
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self._idle_delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if not self._owed or self._fast is None:
+            return
+        if self._checkpointing or self._commits != self._idle_mark:
+            self._arm_idle()  # still busy: look again after another quiet spell
+            return
+        # Idle: a PASSIVE round now meets no commit and can copy all of the WAL. If traffic
+        # comes back during its syncs, try again later, less often each time.
+        self._idle_delay = min(self._idle_delay * 2, _IDLE_BACKOFF_MAX_S)
+        self._start_checkpoint(restart=False)
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, values: list[tuple[Any, ...]]) -> None:
@@ -297,6 +373,7 @@ class SqliteLedger:
             self._commit(conn, values)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+        self._commits += 1
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query (``?`` placeholders) on the store's thread."""
@@ -313,6 +390,9 @@ class SqliteLedger:
 
     async def close(self) -> None:
         """Close the connection and stop the thread."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
         def go() -> None:
             if self._fast is not None:
