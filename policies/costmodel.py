@@ -32,6 +32,8 @@ RAMP_FRACTION = 0.25
 # The quantile at which a request's prefill interference is predicted (2.33: 99%, the
 # interactive SLO target).
 TAIL_Z = 2.33
+# Phi(-TAIL_Z): the miss probability one request may carry with no population budget.
+TAIL_P = 0.5 * math.erfc(TAIL_Z / math.sqrt(2.0))
 
 
 def opportunity_share(batch_after: int, slo_batch: int) -> float:
@@ -160,6 +162,35 @@ class GpuModel:
         load = prompt_tokens_per_s / self._prefill_ref
         tail = load + TAIL_Z * math.sqrt(load * burst_s / horizon_s)
         return tail * self._prefill_ref
+
+    def itl_miss_probability(
+        self,
+        itl_s: float,
+        max_itl_s: float,
+        prompt_tokens_per_s: float,
+        burst_s: float,
+        horizon_s: float,
+    ) -> float:
+        """Probability that a request's mean ITL misses `max_itl_s` under prefill interference.
+
+        `itl_s` is the batch's decode-only ITL. The request misses when the share of its
+        decode spent in chunked-prefill steps passes the share at which `mixed_itl` reaches
+        the target, rho_max = (1/itl - 1/target) / (1/itl - 1/step); that share is the
+        compound-Poisson count of `tail_prompt_rate` (mean `load`, variance load x burst_s /
+        horizon_s), taken as normal. 1 when the decode step alone misses; 0 when even a
+        mixed step meets the target or nothing is prefilled.
+        """
+        if itl_s >= max_itl_s:
+            return 1.0
+        step = self._mixed_step_s if self._mixed_step_s > itl_s else itl_s
+        if step <= max_itl_s or prompt_tokens_per_s <= 0:
+            return 0.0
+        rho_max = (1.0 / itl_s - 1.0 / max_itl_s) / (1.0 / itl_s - 1.0 / step)
+        load = self.prefill_load(prompt_tokens_per_s)
+        if burst_s <= 0 or horizon_s <= 0:
+            return 1.0 if load > rho_max else 0.0
+        sd = math.sqrt(load * burst_s / horizon_s)
+        return 0.5 * math.erfc((rho_max - load) / (sd * math.sqrt(2.0)))
 
     def itl_under_load_s(
         self, batch: float, prompt_tokens_per_s: float, context: float | None = None

@@ -8,6 +8,8 @@ from policies.worker_signals import pressured_load, ttft_with_queue
 
 # A worker whose KV cache is this full admits nothing new until requests finish.
 KV_FULL = 0.98
+# A population budget never sends a request where it is predicted likelier to miss than not.
+POOLED_MAX_P = 0.5
 
 
 def local_load(s: BackendSnapshot) -> int:
@@ -41,6 +43,7 @@ def predict(
     sigmas: float,
     guard: Slo | None = None,
     displaced_usd: float | None = None,
+    budget: float = 0.0,
 ) -> Candidate:
     """What sending `request` to `s` is predicted to cost and take, judged against its SLO.
 
@@ -50,16 +53,24 @@ def predict(
     price of the work it may displace (the cheapest external candidate for this request's
     expected tokens); None (no external candidate) prices it at the GPU's own cost of these
     tokens at b*.
+
+    A local worker's ITL is judged at the TAIL_Z quantile of the prefill load the request
+    sees (a miss probability of at most TAIL_P); with a population `budget` (SLO misses
+    the ITL target's class can still afford, `policies.budget`) a request whose predicted
+    miss probability is within the budget is admitted too (docs/economics.md).
     """
     out = request.expected_output_tokens
     gpu = s.gpu
     batch = 0
     b_star = 0
+    p_miss = 0.0
+    pooled = False
     if gpu is not None:
         fresh = s.metrics_fresh
         # The request's mean context while it decodes stands for the batch's.
         context = request.prompt_tokens + out / 2
-        rate = s.recent_prompt_tokens_per_s
+        mean_rate = rate = s.recent_prompt_tokens_per_s
+        burst = exposed = 0.0
         if rate > 0:
             # The prompts prefilled while this request decodes stall it; its own prompt
             # stands for their size, its mean decode time at the mean load for how long
@@ -67,7 +78,8 @@ def predict(
             exposed = max(out - 1, 1) * gpu.itl_under_load_s(
                 min(local_load(s) + 1, gpu.max_batch), rate, context
             )
-            rate = gpu.tail_prompt_rate(rate, gpu.prefill_time_s(request.prompt_tokens), exposed)
+            burst = gpu.prefill_time_s(request.prompt_tokens)
+            rate = gpu.tail_prompt_rate(rate, burst, exposed)
         target = request.slo.max_itl_s
         if target is None and guard is not None:
             target = guard.max_itl_s
@@ -91,7 +103,20 @@ def predict(
             own_prefill = gpu.prefill_time_s(request.prompt_tokens)
             ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own_prefill)
         batch = load + 1
-        itl = gpu.itl_under_load_s(batch if batch <= slots else slots, rate, context)
+        running = batch if batch <= slots else slots
+        # Decode-only ITL at this batch, then under the tail prefill load (`itl_under_load_s`).
+        itl0 = gpu.itl_s(running, context)
+        itl = gpu.mixed_itl(itl0, gpu.prefill_load(rate)) if rate > 0 else itl0
+        if target is not None:
+            # The margin of the mean-load ITL comes off the target; the rest is the
+            # prefill share's spread (`GpuModel.itl_miss_probability`).
+            mean_itl = gpu.mixed_itl(itl0, gpu.prefill_load(mean_rate)) if mean_rate > 0 else itl0
+            margin = sigmas * (s.itl_spread_s + s.itl_rel_spread * (mean_itl + ITL_REL_FLOOR_S))
+            p_miss = gpu.itl_miss_probability(itl0, target - margin, mean_rate, burst, exposed)
+            pooled = p_miss <= budget and p_miss < POOLED_MAX_P
+            if pooled and batch > b_star:
+                # Admitted on the budget: the batch the SLO allows is the mean load's.
+                b_star = min(gpu.slo_batch(target, mean_rate, context), slots)
         if displaced_usd is None:
             displaced_usd = gpu.amortized_cost(request.prompt_tokens, out, max(b_star, 1), context)
         cost = gpu.marginal_cost(batch, b_star, displaced_usd)
@@ -112,7 +137,7 @@ def predict(
         itl_margin += sigmas * s.itl_rel_spread * (itl + ITL_REL_FLOOR_S)
     if slo.max_ttft_s is not None and ttft + ttft_margin > slo.max_ttft_s:
         reason = f"ttft {ttft:.2f}+{ttft_margin:.2f}s > {slo.max_ttft_s:g}s"
-    elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s:
+    elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s and not pooled:
         reason = f"itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
     elif (
         slo.max_total_s is not None and total + ttft_margin + decode * itl_margin > slo.max_total_s
@@ -123,9 +148,13 @@ def predict(
     elif guard is not None and gpu is not None:
         if guard.max_ttft_s is not None and ttft + ttft_margin > guard.max_ttft_s:
             reason = f"busy: ttft {ttft:.2f}+{ttft_margin:.2f}s > {guard.max_ttft_s:g}s (protected)"
-        elif guard.max_itl_s is not None and itl + itl_margin > guard.max_itl_s:
+        elif (
+            guard.max_itl_s is not None
+            and itl + itl_margin > guard.max_itl_s
+            and not (pooled and slo.max_itl_s is None)
+        ):
             reason = (
                 f"busy: itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms"
                 f" > {guard.max_itl_s * 1000:g}ms (protected)"
             )
-    return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch, b_star)
+    return Candidate(s.name, cost, ttft, itl, total, not reason, reason, batch, b_star, p_miss)

@@ -48,6 +48,7 @@ def wait_decision(
     *,
     spread_sigmas: float = DEFAULT_SPREAD_SIGMAS,
     guard: Slo | None = None,
+    miss_budget: float = 0.0,
 ) -> float | None:
     """How long to wait for a local worker before spilling, or None to route now.
 
@@ -65,7 +66,7 @@ def wait_decision(
         if not s.is_local or gpu is None or not s.healthy:
             continue
         at_cap = s.max_concurrency is not None and s.inflight >= s.max_concurrency
-        c = predict(request, s, now, spread_sigmas, guard)
+        c = predict(request, s, now, spread_sigmas, guard, budget=miss_budget)
         if c.meets_slo and not at_cap:
             return None
         cap = gpu.max_batch

@@ -144,6 +144,7 @@ def _demote(c: Candidate) -> Candidate:
         "near rate limit" + (f"; {c.reason}" if c.reason else ""),
         c.predicted_batch,
         c.slo_batch,
+        c.miss_probability,
     )
 
 
@@ -162,10 +163,18 @@ def select(
     """
     pol = policy if isinstance(policy, _COMPILED) else compile_policy(policy)
     guard = None
+    budget = 0.0
+    budget_class = ""
     if isinstance(pol, CostPolicy):
         sigmas = pol.spread_sigmas
         if pol.protect is not None:
             guard = guard_for(request, pol.protect_class, pol.protect)
+        # The class whose ITL target judges the local worker: the request's own, or the
+        # protected class's for guarded work.
+        own = guard is None or request.slo.max_itl_s is not None
+        budget_class = request.slo_class if own else (pol.protect_class or "")
+        if request.miss_budgets:
+            budget = request.miss_budgets.get(budget_class, 0.0)
     else:
         sigmas = DEFAULT_SPREAD_SIGMAS
     rank = pol.rank if isinstance(pol, PinnedPolicy) else None
@@ -207,7 +216,7 @@ def select(
     usable: list[Candidate] = []
     near: list[Candidate] = []
     for s, pred in zip(accepted, preds, strict=True):
-        c = pred if pred is not None else predict(request, s, now, sigmas, guard, displaced)
+        c = pred if pred is not None else predict(request, s, now, sigmas, guard, displaced, budget)
         h = s.headroom
         # Most backends report no limits: skip the projection (cool-downs were rejected above).
         if (
@@ -241,7 +250,9 @@ def select(
         and tolerates_delay(request)
         and (not ranked or not by_name[ranked[0].backend].is_local)
     ):
-        wait = wait_decision(request, snapshots, now, spread_sigmas=sigmas, guard=guard)
+        wait = wait_decision(
+            request, snapshots, now, spread_sigmas=sigmas, guard=guard, miss_budget=budget
+        )
         if wait is not None:
             reason = f"wait up to {wait:.1f}s for local; then {reason}"
     return RouteDecision(
@@ -253,6 +264,8 @@ def select(
         wait,
         None if alt is None else alt.backend,
         displaced,
+        budget_class,
+        request.slo_class,
     )
 
 

@@ -6,7 +6,9 @@ All frozen and slotted; built by the gateway (or the simulator) and handed to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom
@@ -14,6 +16,8 @@ from policies.spec import SloClassSpec
 
 # What a backend that sends no rate-limit headers has: nothing known, nothing near.
 NO_HEADROOM = Headroom()
+# No population miss budget known: every request is judged at its own tail alone.
+NO_BUDGETS: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,11 @@ class RouteRequest:
     # Absolute time (same clock as `now`) by which the answer must be complete; None: no deadline.
     deadline: float | None = None
     tenant: str = ""
+    # Per SLO class: SLO misses the class can still afford in its window (the target miss
+    # share x requests routed - misses measured - miss probabilities of local requests in
+    # flight; `policies.budget`). A local worker may then take a request whose predicted
+    # ITL miss probability is above TAIL_P, up to this. Empty: each request on its own.
+    miss_budgets: Mapping[str, float] = field(default_factory=lambda: NO_BUDGETS, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,9 @@ class Candidate:
     # b*: the largest batch on this local worker whose predicted ITL meets the request's
     # ITL target (the protected class's for guarded work); 0 for remote backends.
     slo_batch: int = 0
+    # Local workers: the predicted probability that the request (or, for guarded work, a
+    # protected request in its place) misses the ITL target; 0 for remote backends.
+    miss_probability: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +148,11 @@ class RouteDecision:
     # its predicted cost for the expected tokens: the alternative to serving locally.
     alternative: str | None = None
     alternative_cost_usd: float | None = None
+    # The SLO class whose miss budget judged the local workers (the request's own, or the
+    # protected class's for guarded work); "" when the policy keeps no budget (not cost).
+    budget_class: str = ""
+    # The request's own SLO class.
+    slo_class: str = ""
 
     @property
     def chosen(self) -> Candidate | None:

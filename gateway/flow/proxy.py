@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
 from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.flow.relay import DONE, EventFilter
+from gateway.flow.routing import SloOutcome
 from gateway.http.client_headers import check_client_headers
 from gateway.http.exchange import AiohttpExchange, ClientExchange, StallGuard, refuse_encoded_body
 from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
@@ -116,7 +117,9 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         completion.hedge_losers = rt.meter.hedge_prices(
             attempt.hedged, inbound.model, rt.router.batch_seen
         )
-    rt.router.on_start(attempt.backend, attempt.response.headers, estimate.prompt_tokens)
+    charge = rt.router.on_start(
+        attempt.backend, attempt.response.headers, estimate.prompt_tokens, decision
+    )
     try:
         if inbound.stream:
             await _relay_stream(rt, ex, completion, attempt)
@@ -133,6 +136,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
             completion.groq_usage,
             estimate.prompt_tokens,
             _candidate(completion, attempt.backend),
+            slo=SloOutcome(decision, charge, inbound.stream),
         )
 
 

@@ -11,7 +11,8 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.config import GatewayConfig, ModelSpec
@@ -25,6 +26,7 @@ from gateway.http.client_headers import DEADLINE_HEADER, SLO_HEADER
 from gateway.http.inbound import InboundRequest, upstream_body
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
+from policies.budget import MissBudget
 from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import MAX_REASON, Policy, compile_policy, select
 from policies.types import Candidate, RouteDecision, RouteRequest, Slo
@@ -55,6 +57,33 @@ def _clip(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
+@dataclass(frozen=True, slots=True)
+class SloOutcome:
+    """What `Router.on_end` needs to score a finished request against its class's SLO."""
+
+    decision: RouteDecision
+    # What `Router.on_start` charged the decision's budget class.
+    charge: float = 0.0
+    # A streamed answer's first byte is its first token; a whole answer's is its last.
+    streamed: bool = True
+
+
+def met_slo(slo: Slo, ttft_s: float | None, total_s: float, completion_tokens: int) -> bool:
+    """Did a request meet its class's SLO (times from arrival)? TTFT and ITL are judged
+    only when the first token's time is known (`ttft_s`, a streamed answer); the mean ITL
+    is the time after the first token over the tokens after it."""
+    if slo.max_total_s is not None and total_s > slo.max_total_s:
+        return False
+    if ttft_s is None:
+        return True
+    if slo.max_ttft_s is not None and ttft_s > slo.max_ttft_s:
+        return False
+    n = completion_tokens
+    return not (
+        slo.max_itl_s is not None and n > 1 and (total_s - ttft_s) / (n - 1) > slo.max_itl_s
+    )
+
+
 class Router:
     """Chooses backends for each request and keeps the live state routing depends on."""
 
@@ -74,6 +103,8 @@ class Router:
         self._metrics = metrics
         self._clock = clock
         self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
+        # The population SLO budget per class (policies.budget): this process's requests.
+        self._miss = {name: MissBudget() for name in self._slos}
         self._policies: dict[str, Policy] = {
             m.name: compile_policy(m.policy, config.slo_classes) for m in config.models
         }
@@ -150,7 +181,17 @@ class Router:
             slo=self._slos[slo_class],
             deadline=deadline,
             tenant=tenant.name,
+            miss_budgets=self.miss_budgets(),
         )
+
+    def miss_budget(self, slo_class: str) -> MissBudget:
+        """One SLO class's miss budget as it stands (what routing was told and measured)."""
+        return self._miss[slo_class]
+
+    def miss_budgets(self) -> Mapping[str, float]:
+        """What each SLO class's miss budget has left now (`policies.budget`)."""
+        now = self._clock()
+        return MappingProxyType({c: b.left(now) for c, b in self._miss.items()})
 
     def decide(self, req: RouteRequest, model: ModelSpec, tenant: Tenant | None) -> RouteDecision:
         """The pure policy's decision over fresh snapshots of the model's backends."""
@@ -176,6 +217,7 @@ class Router:
             model = self._embedding_models.get(model.name, model)
         self.reliability.on_request()
         req = self.route_request(inbound, tenant, estimate, headers)
+        self._miss[req.slo_class] = self._miss[req.slo_class].count(self._clock())
         decision = self.decide(req, model, tenant)
         if decision.wait_for_local and self._waiting < self._queue_max:
             decision = await self._wait_for_local(req, model, tenant, decision)
@@ -297,9 +339,33 @@ class Router:
     def on_retry(self, backend: str) -> None:
         self._metrics.retries.labels(backend).inc()
 
-    def on_start(self, backend: str, headers: Mapping[str, str], prompt_tokens: int) -> None:
-        """The attempt answered (first byte): count it in flight and read the provider's headroom."""
+    def on_start(
+        self,
+        backend: str,
+        headers: Mapping[str, str],
+        prompt_tokens: int,
+        decision: RouteDecision | None = None,
+    ) -> float:
+        """The attempt answered (first byte): count it in flight and read the provider's headroom.
+
+        Returns the expected misses charged to the decision's SLO budget: a local first
+        choice's predicted miss probability, calibrated (0 for anything else); hand it
+        back to `on_end`.
+        """
         now = self._clock()
+        charge = 0.0
+        chosen = None if decision is None else decision.chosen
+        if (
+            decision is not None
+            and chosen is not None
+            and chosen.backend == backend
+            and chosen.miss_probability > 0.0
+            and decision.budget_class in self._miss
+            and self.live.backends[backend].gpu is not None
+        ):
+            budget = self._miss[decision.budget_class]
+            charge = budget.charge(chosen.miss_probability)
+            self._miss[decision.budget_class] = budget.admit(charge)
         self._started(backend)
         live = self.live.backends[backend]
         live.inflight += 1
@@ -312,6 +378,7 @@ class Router:
         self._metrics.backend(backend).healthy.set(1)
         self.live.observe_headers(backend, headers, now)
         self._metrics.backend(backend).inflight.set(live.inflight)
+        return charge
 
     def on_end(
         self,
@@ -323,12 +390,18 @@ class Router:
         groq_usage: Mapping[str, object] | None,
         prompt_tokens: int | None = None,
         predicted: Candidate | None = None,
+        *,
+        slo: SloOutcome | None = None,
     ) -> None:
         """A finished attempt: latency samples, and the cost model's error on local GPUs.
 
-        `predicted` is routing's candidate for this backend (its predicted TTFT and ITL).
+        `predicted` is routing's candidate for this backend (its predicted TTFT and ITL);
+        `slo`, the request's decision and budget charge: whether it met its class's SLO
+        (times from arrival) goes into the class's miss budget.
         """
         live = self.live.backends[backend]
+        if slo is not None:
+            self._settle(backend, slo, ttft_s, total_s, completion_tokens)
         live.inflight -= 1
         self._metrics.backend(backend).inflight.set(live.inflight)
         if live.gpu is None and completion_tokens:
@@ -356,6 +429,36 @@ class Router:
                 )
         if live.spec.is_local:
             self._notify_freed()
+
+    def _settle(
+        self,
+        backend: str,
+        slo: SloOutcome,
+        ttft_s: float | None,
+        total_s: float,
+        completion_tokens: int,
+    ) -> None:
+        """A finished request's measured SLO outcome and its charge back into the budgets."""
+        d = slo.decision
+        own = d.slo_class
+        if own not in self._miss:
+            return
+        now = self._clock()
+        if slo.streamed and ttft_s is None:
+            missed = True  # a stream that never sent its first token
+        else:
+            known = ttft_s if slo.streamed else None
+            missed = not met_slo(self._slos[own], known, total_s, completion_tokens)
+        chosen = d.chosen
+        local = self.live.backends[backend].gpu is not None
+        if local and d.budget_class == own:
+            p = chosen.miss_probability if chosen is not None and chosen.backend == backend else 0.0
+            self._miss[own] = self._miss[own].settle(now, slo.charge, missed, predicted=p)
+            return
+        if slo.charge > 0.0 and d.budget_class in self._miss:
+            judged = self._miss[d.budget_class]
+            self._miss[d.budget_class] = judged.settle(now, slo.charge, False)
+        self._miss[own] = self._miss[own].settle(now, 0.0, missed)
 
     def _notify_freed(self) -> None:
         """Wake every request queued for local headroom; each re-decides."""

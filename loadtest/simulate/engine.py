@@ -10,17 +10,20 @@ Deterministic for a (trace, seed): all noise is drawn up front per request.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
 import time
+from types import MappingProxyType
 from typing import Any
 
 from loadtest.simulate.backends import Job, SimGpu, SimProvider
-from loadtest.simulate.results import PolicyResult, SimRequest, summarize
+from loadtest.simulate.results import PolicyResult, SimRequest, meets_slo, summarize
 from loadtest.simulate.routers import SimPolicy
 from loadtest.simulate.scenario import Scenario, default_scenario
 from loadtest.simulate.traces import Trace, TraceRequest
+from policies.budget import MissBudget
 from policies.headroom import Headroom, mark_429
 from policies.latency import (
     ITL_REL_FLOOR_S,
@@ -76,6 +79,8 @@ class Engine:
         self.ttft_error = {n: RelativeError() for n in self.gpus}
         self.itl_error = {n: RelativeError() for n in self.gpus}
         self.prompt_rate = {n: DecayingRate() for n in self.gpus}
+        # The gateway's population SLO budget per class (policies.budget).
+        self.budgets = {c: MissBudget() for c in scenario.slo_classes}
         self.queue: list[SimRequest] = []
         self.queued_total = 0
         self.refusals = 0
@@ -164,10 +169,37 @@ class Engine:
             )
         return out
 
+    # -- the population SLO budget ---------------------------------------------------
+
+    def _request(self, r: SimRequest, now: float) -> RouteRequest:
+        """The request as routing sees it now: with what each class's budget has left."""
+        left = MappingProxyType({c: b.left(now) for c, b in self.budgets.items()})
+        return dataclasses.replace(r.rr, miss_budgets=left)
+
+    def _judged_by(self, r: SimRequest) -> str:
+        """The class whose ITL target a local worker is judged by for this request."""
+        protect = self.sc.cost_policy.protect_class
+        if r.rr.slo.max_itl_s is None and protect in self.budgets:
+            return protect
+        return r.tr.slo_class
+
+    def _settle(self, r: SimRequest, now: float) -> None:
+        """A request ended: its class counts a measured miss or not; its charge is lifted;
+        a local request of the class judged by its own target is the calibration's evidence."""
+        own = r.tr.slo_class
+        judged = self._judged_by(r)
+        missed = not meets_slo(r, self.sc.slo_classes[own])
+        if r.backend in self.gpus and judged == own:
+            self.budgets[own] = self.budgets[own].settle(now, r.miss_charge, missed, r.miss_p)
+            return
+        if r.miss_charge > 0.0:
+            self.budgets[judged] = self.budgets[judged].settle(now, r.miss_charge, False)
+        self.budgets[own] = self.budgets[own].settle(now, 0.0, missed)
+
     # -- the request path -----------------------------------------------------------
 
     def _route(self, r: SimRequest, now: float, *, may_wait: bool) -> None:
-        choice = self.policy.choose(r.rr, self.snapshots(now), now)
+        choice = self.policy.choose(self._request(r, now), self.snapshots(now), now)
         top_local = bool(choice.order) and choice.order[0] in self.gpus
         if may_wait and choice.wait_for_local is not None and not top_local:
             if r.queued_until is None:
@@ -178,6 +210,7 @@ class Engine:
             return
         r.order = choice.order
         r.predicted_ttft_s, r.predicted_itl_s = choice.predicted_ttft_s, choice.predicted_itl_s
+        r.miss_p = choice.miss_probability
         self._attempt(r, 0, now)
 
     def _attempt(self, r: SimRequest, k: int, now: float) -> None:
@@ -193,6 +226,11 @@ class Engine:
                     r.backend, r.dispatched_at = name, now
                     if k:
                         r.predicted_ttft_s = r.predicted_itl_s = None
+                        r.miss_p = 0.0
+                    elif r.miss_p > 0.0:
+                        cls = self._judged_by(r)
+                        r.miss_charge = self.budgets[cls].charge(r.miss_p)
+                        self.budgets[cls] = self.budgets[cls].admit(r.miss_charge)
                     self.inflight[name] += 1
                     self.pending_prefill[name] += tr.prompt_tokens
                     self.prompt_rate[name] = self.prompt_rate[name].add(tr.prompt_tokens, now)
@@ -202,6 +240,7 @@ class Engine:
                 prov = self.providers[name]
                 ans = prov.attempt(tr.prompt_tokens, tr.max_tokens, tr.output_tokens, r.z, now)
                 if ans.ok:
+                    r.miss_p = 0.0
                     if ans.headroom is not NO_HEADROOM and ans.headroom.observed_at is not None:
                         self.headroom[name] = ans.headroom
                     r.backend, r.dispatched_at = name, now
@@ -217,17 +256,20 @@ class Engine:
             self._push(now + self.sc.failover_delay_s, "retry", (r, k + 1))
             return
         r.failed = True
+        r.miss_p = 0.0
+        self._settle(r, now)
 
     def _drain_queue(self, now: float) -> None:
         """Local capacity freed: let queued requests that can now go local go (FIFO)."""
         while self.queue:
             r = self.queue[0]
-            choice = self.policy.choose(r.rr, self.snapshots(now), now)
+            choice = self.policy.choose(self._request(r, now), self.snapshots(now), now)
             if not choice.order or choice.order[0] not in self.gpus:
                 return
             self.queue.pop(0)
             r.order = choice.order
             r.predicted_ttft_s, r.predicted_itl_s = choice.predicted_ttft_s, choice.predicted_itl_s
+            r.miss_p = choice.miss_probability
             self._attempt(r, 0, now)
 
     def _on_gpu(self, name: str, now: float) -> None:
@@ -260,6 +302,7 @@ class Engine:
                     gpu.batch_seen(ev.job),
                     context=r.tr.prompt_tokens + r.tr.output_tokens / 2,
                 )
+                self._settle(r, now)
                 freed = True
         self._schedule_gpu(name)
         if freed and self.queue:
@@ -267,6 +310,7 @@ class Engine:
 
     def _on_ext_done(self, r: SimRequest) -> None:
         assert r.backend is not None and r.first_token_at is not None and r.done_at is not None
+        self._settle(r, r.done_at)
         self.inflight[r.backend] -= 1
         ttft = r.first_token_at - r.dispatched_at
         n = r.tr.output_tokens
@@ -288,6 +332,8 @@ class Engine:
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive":
+                cls = payload.tr.slo_class
+                self.budgets[cls] = self.budgets[cls].count(now)
                 self._route(payload, now, may_wait=True)
             elif kind == "gpu":
                 name, version = payload

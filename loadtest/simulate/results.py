@@ -38,6 +38,10 @@ class SimRequest:
     cost_usd: float = 0.0
     chargeback_usd: float = 0.0
     queued_until: float | None = None
+    # Its predicted ITL miss probability on the local worker that took it (first choice),
+    # and the expected misses charged to the SLO budget for it while it runs.
+    miss_p: float = 0.0
+    miss_charge: float = 0.0
 
 
 @dataclass
@@ -131,7 +135,7 @@ def summarize(engine: FinishedRun) -> PolicyResult:
     for r in engine.reqs:
         tr = r.tr
         slo = sc.slo_classes[tr.slo_class]
-        ok = _meets(r, slo)
+        ok = meets_slo(r, slo)
         m = met.setdefault(tr.slo_class, [0, 0])
         m[0] += ok
         m[1] += 1
@@ -175,7 +179,7 @@ def summarize(engine: FinishedRun) -> PolicyResult:
     )
 
 
-def _meets(r: SimRequest, slo: Slo) -> bool:
+def meets_slo(r: SimRequest, slo: Slo) -> bool:
     """Did this request get what its class promised? Times count from arrival."""
     if r.failed or r.first_token_at is None or r.done_at is None:
         return False

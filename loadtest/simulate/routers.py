@@ -27,6 +27,8 @@ class Choice:
     # Predicted TTFT of the first choice, when the policy predicts (for error tracking).
     predicted_ttft_s: float | None = None
     predicted_itl_s: float | None = None
+    # The first choice's predicted ITL miss probability (local workers; for the SLO budget).
+    miss_probability: float = 0.0
 
 
 class SimPolicy(Protocol):
@@ -75,6 +77,7 @@ class SelectPolicy:
             d.wait_for_local,
             None if top is None else top.predicted_ttft_s,
             None if top is None else top.predicted_itl_s,
+            0.0 if top is None else top.miss_probability,
         )
 
 

@@ -122,7 +122,10 @@ def test_a_wrong_belief_in_the_router_shows_up_in_the_result() -> None:
     load from chunked-prefill steps, 2026-12-04, 99.58% against 100%: the tail margin now
     absorbs most of a 2x belief error, and it shows as lost SLO and a GPU used harder). With an error margin that never decayed
     it also learned a wide margin and paid providers >10% more; the gateway's margin now
-    fades while a GPU is idle, so the wrong belief shows up as lost SLO, not as cost."""
+    fades while a GPU is idle, so the wrong belief shows up as lost SLO, not as cost.
+    With the population SLO budget (2026-12-05) both spend misses down towards the budget:
+    measured 99.30% (wrong) against 99.72% (right), the GPUs serving 89.5% of the tokens
+    against 84.5%: the wrong belief uses the GPUs harder and loses SLO the right one keeps."""
     sc = default_scenario()
     nim = {1: 215, 5: 1077, 25: 4679, 50: 8018, 100: 12215, 200: 13348}
     half = ThroughputProfileSpec(
@@ -141,12 +144,12 @@ def test_a_wrong_belief_in_the_router_shows_up_in_the_result() -> None:
             sc, locals=tuple(LocalSpec(g.name, belief, truth) for g in sc.locals)
         )
         r = Engine(world, trace, policy, 3).run()
-        return r.slo_attainment["interactive"], r.cost_per_million_tokens
+        return r.slo_attainment["interactive"], r.token_share["gpu-a"] + r.token_share["gpu-b"]
 
-    att_right, cost_right = run(right)
-    att_wrong, cost_wrong = run(wrong)
+    att_right, share_right = run(right)
+    att_wrong, share_wrong = run(wrong)
     assert att_right >= 0.99 and att_right - att_wrong >= 0.003
-    assert cost_wrong > 0 and cost_right > 0
+    assert share_wrong - share_right >= 0.04
 
 
 def test_scenario_file_errors_name_the_field(tmp_path: Path) -> None:

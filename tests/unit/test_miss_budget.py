@@ -1,0 +1,153 @@
+"""The population SLO budget: the ITL miss probability, the budget's bookkeeping, and how a
+local worker takes a request the single-request tail would spill. Numbers worked by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+import pytest
+
+from policies.budget import MISS_SHARE, WINDOW_TAU_S, MissBudget
+from policies.costmodel import TAIL_P, GpuModel
+from policies.select import compile_policy, select
+from policies.spec import CostPolicySpec, GpuSpec
+from policies.types import BackendSnapshot, RouteRequest, Slo
+
+
+@pytest.fixture
+def h100() -> GpuModel:
+    # NIM profile: prefill 20,000 tokens/s, so a 2048-token mixed step lasts 102.4 ms.
+    return GpuModel.from_spec(GpuSpec(price_per_hour=2.95))
+
+
+def test_itl_miss_probability_worked(h100: GpuModel) -> None:
+    # Decode step 5 ms, target 50 ms. A request misses once its share of mixed steps passes
+    # rho_max = (1/0.005 - 1/0.05) / (1/0.005 - 1/0.1024) = 180 / 190.234 = 0.94620.
+    # 10,000 prompt tokens/s on 20,000/s: mean share 0.5; prompts of 0.16 s over a 1-s
+    # decode: sd sqrt(0.5 x 0.16 / 1) = 0.28284. z = 0.44620 / 0.28284 = 1.57756, and
+    # 1 - Phi(1.57756) = 0.05733.
+    assert h100.itl_miss_probability(0.005, 0.05, 10_000, 0.16, 1.0) == pytest.approx(
+        0.05733, abs=5e-5
+    )
+    # A 100-s decode averages the bursts out: sd 0.028284, z 15.8: no miss.
+    assert h100.itl_miss_probability(0.005, 0.05, 10_000, 0.16, 100.0) < 1e-12
+    # The decode step alone misses: certain. A mixed step (102.4 ms) within the target:
+    # never. No prompts arriving: never.
+    assert h100.itl_miss_probability(0.06, 0.05, 10_000, 0.16, 1.0) == 1.0
+    assert h100.itl_miss_probability(0.005, 0.2, 10_000, 0.16, 1.0) == 0.0
+    assert h100.itl_miss_probability(0.005, 0.05, 0.0, 0.16, 1.0) == 0.0
+
+
+def test_tail_p_is_the_tail_quantile_as_a_probability() -> None:
+    # Phi(-2.33) = 0.0099031: the single-request rule admits at most this.
+    assert pytest.approx(0.0099031, abs=1e-7) == TAIL_P
+
+
+def test_budget_bookkeeping_worked() -> None:
+    assert MISS_SHARE == 0.005 and WINDOW_TAU_S == 600.0
+    b = MissBudget()
+    for _ in range(199):
+        b = b.count(0.0)
+    # 0.5% of 199 requests is less than one whole miss: nothing to spend yet.
+    assert b.left(0.0) == 0.0
+    for _ in range(801):
+        b = b.count(0.0)
+    # 0.5% of 1,000 requests: 5 misses; no local evidence yet, so calibration (0+1)/(0+1).
+    assert b.calibration == 1.0 and b.left(0.0) == pytest.approx(5.0)
+    # A local request predicted to miss with 0.3 is charged 0.3 while it runs ...
+    charge = b.charge(0.3)
+    b = b.admit(charge)
+    assert b.left(0.0) == pytest.approx(4.7)
+    # ... and replaced by what was measured when it ends: here a miss. It was the class's
+    # own local request, so it is evidence too: calibration (1 + 1) / (0.3 + 1) = 1.53846,
+    # and the 4 misses left are worth 4 / 1.53846 = 2.6 of predicted probability.
+    b = b.settle(0.0, charge, True, predicted=0.3)
+    assert b.in_flight == 0.0 and b.calibration == pytest.approx(2.0 / 1.3)
+    assert b.left(0.0) == pytest.approx(4.0 * 1.3 / 2.0)
+    assert b.charge(0.1) == pytest.approx(0.1 * 2.0 / 1.3)
+    # One time constant later every count has faded by e: routed 367.88 (1.84 misses
+    # allowed), missed 0.36788, evidence (0.36788 + 1) / (0.11036 + 1) = 1.23192:
+    # (1.83940 - 0.36788) / 1.23192 = 1.19449.
+    assert b.left(600.0) == pytest.approx(1.19449, abs=1e-5)
+    # More misses than the share allows leave nothing, never less.
+    for _ in range(10):
+        b = b.settle(600.0, 0.0, True)
+    assert b.left(600.0) == 0.0
+
+
+def _request(budget: float | None) -> RouteRequest:
+    r = RouteRequest("m", 3200, 1024, 200, True, "interactive", Slo(1.0, 0.05))
+    if budget is None:
+        return r
+    return dataclasses.replace(r, miss_budgets=MappingProxyType({"interactive": budget}))
+
+
+def _fleet(h100: GpuModel, prompt_rate: float) -> list[BackendSnapshot]:
+    gpu = BackendSnapshot(
+        "gpu", "m", is_local=True, inflight=20, recent_prompt_tokens_per_s=prompt_rate, gpu=h100
+    )
+    groq = BackendSnapshot(
+        "groq", "m", price_in_per_token=0.05e-6, price_out_per_token=0.08e-6, ttft_s=0.2
+    )
+    return [gpu, groq]
+
+
+def test_a_budget_admits_what_the_single_request_tail_spills(h100: GpuModel) -> None:
+    # 20 requests on the GPU, prompts at 10,000 tokens/s (mean prefill share 0.5), a 3,200
+    # token prompt (0.16 s of prefill), 200 expected output tokens, ITL target 50 ms.
+    # Batch 21: T(21) = 1077 + 3602 x 16/20 = 3958.6 tokens/s, ITL 5.3049 ms; at the mean
+    # share 1 / (0.5/0.1024 + 0.5/0.0053049) = 10.087 ms, so 199 tokens last 2.0073 s.
+    # sd = sqrt(0.5 x 0.16 / 2.0073) = 0.19964; rho_max = (188.506 - 20) / (188.506 -
+    # 9.7656) = 0.94274; z = 0.44274 / 0.19964 = 2.2177: miss probability 0.01329, just
+    # above the single-request tail (0.0099): alone, the tail ITL misses and Groq serves it.
+    pol = compile_policy(CostPolicySpec())
+    alone = select(_request(None), _fleet(h100, 10_000), pol, 0.0)
+    gpu = next(c for c in alone.candidates if c.backend == "gpu")
+    assert alone.chosen is not None and alone.chosen.backend == "groq"
+    assert not gpu.meets_slo and gpu.reason.startswith("itl ")
+    assert gpu.miss_probability == pytest.approx(0.01329, abs=5e-5)
+    # Budget smaller than that: still spilled. Budget of 3 misses: the GPU takes it, at $0
+    # (b* at the mean share, 256 here, not the tail's 5: the ramp does not price it out).
+    assert select(_request(0.013), _fleet(h100, 10_000), pol, 0.0).chosen.backend == "groq"  # type: ignore[union-attr]
+    pooled = select(_request(3.0), _fleet(h100, 10_000), pol, 0.0)
+    top = pooled.chosen
+    assert top is not None and top.backend == "gpu" and top.meets_slo
+    assert top.predicted_cost_usd == 0.0 and top.slo_batch == 256
+
+
+def test_a_budget_never_sends_a_likely_miss(h100: GpuModel) -> None:
+    # 19,000 prompt tokens/s: the mean share (0.95) is past rho_max (0.94274): the request is
+    # likelier to miss than not, so no budget admits it.
+    pol = compile_policy(CostPolicySpec())
+    d = select(_request(100.0), _fleet(h100, 19_000), pol, 0.0)
+    gpu = next(c for c in d.candidates if c.backend == "gpu")
+    assert gpu.miss_probability > 0.5 and not gpu.meets_slo
+    assert d.chosen is not None and d.chosen.backend == "groq"
+
+
+def test_guarded_work_spends_the_protected_class_budget(h100: GpuModel) -> None:
+    # A batch request (no ITL target of its own, may queue) is judged by the interactive
+    # class's ITL target (the guard): the interactive budget decides, not its own class's.
+    slo = Slo(None, None, 600.0, 30.0)
+    base = RouteRequest("m", 3200, 1024, 200, True, "batch", slo)
+    pol = compile_policy(CostPolicySpec(), {"interactive": Slo(1.0, 0.05), "batch": slo})
+    fleet = _fleet(h100, 10_000)
+    own = dataclasses.replace(base, miss_budgets=MappingProxyType({"batch": 3.0}))
+    assert select(own, fleet, pol, 0.0).chosen.backend == "groq"  # type: ignore[union-attr]
+    protected = dataclasses.replace(base, miss_budgets=MappingProxyType({"interactive": 3.0}))
+    assert select(protected, fleet, pol, 0.0).chosen.backend == "gpu"  # type: ignore[union-attr]
+
+
+def test_met_slo_judges_times_from_arrival() -> None:
+    from gateway.flow.routing import met_slo
+
+    chat = Slo(1.0, 0.05)
+    # First token at 0.8 s, 101 tokens by 5.8 s: mean ITL 5.0 / 100 = 50 ms: met.
+    assert met_slo(chat, 0.8, 5.8, 101)
+    # 5.9 s: 51 ms: missed. First token at 1.01 s: missed.
+    assert not met_slo(chat, 0.8, 5.9, 101)
+    assert not met_slo(chat, 1.01, 1.5, 2)
+    # A whole answer (first token unknown): only a total bound can judge it.
+    assert met_slo(chat, None, 30.0, 101)
+    assert not met_slo(Slo(None, None, 600.0), None, 600.5, 10)
