@@ -7,6 +7,7 @@ the idle timeout; each failure named by its phase (issue 17's mutation survivors
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -14,7 +15,13 @@ import pytest
 
 from adapters.backend import OpenAICompatBackend
 from adapters.base import AttemptTimeouts
-from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout
+from adapters.dialects import dialect_for
+from gateway.errors import (
+    UpstreamProtocolError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 KEY = "sk-roads-canary-5f2a91"
 T = AttemptTimeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=10.0)
@@ -39,9 +46,12 @@ def sse_head() -> bytes:
 async def read_request(reader: asyncio.StreamReader) -> None:
     raw = await reader.readuntil(b"\r\n\r\n")
     length = next(
-        int(line.split(b":", 1)[1])
-        for line in raw.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
+        (
+            int(line.split(b":", 1)[1])
+            for line in raw.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
     )
     await reader.readexactly(length)
 
@@ -78,7 +88,7 @@ async def backend() -> AsyncIterator[Callable[..., OpenAICompatBackend]]:
     made: list[OpenAICompatBackend] = []
     async with aiohttp.ClientSession(auto_decompress=False) as session:
 
-        def build(port: int, road: str, key: str | None = KEY) -> OpenAICompatBackend:
+        def build(port: int, road: str, key: str | None = KEY, **kw: object) -> OpenAICompatBackend:
             b = OpenAICompatBackend(
                 name="up",
                 base_url=f"http://127.0.0.1:{port}/v1",
@@ -86,6 +96,7 @@ async def backend() -> AsyncIterator[Callable[..., OpenAICompatBackend]]:
                 session=session,
                 is_local=False,
                 road=road,  # type: ignore[arg-type]
+                **kw,  # type: ignore[arg-type]
             )
             made.append(b)
             return b
@@ -235,7 +246,7 @@ async def test_a_whole_body_cut_short_fails_while_reading_it(serve, backend, roa
     resp = await b.open("/chat/completions", BODY, {}, T)
     with pytest.raises(UpstreamProtocolError) as info:
         await resp.read()
-    assert "(reading body)" in info.value.message
+    assert info.value.message == "backend up sent a broken response (reading body)"
 
 
 @pytest.mark.parametrize("road", ROADS)
@@ -257,3 +268,40 @@ async def test_an_idle_stream_times_out_while_streaming(serve, backend, road: st
                     pass
     finally:
         stall.set()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()  # nothing listens there now
+    return port
+
+
+@pytest.mark.parametrize("road", ROADS)
+async def test_a_refused_connection_is_named_by_its_phase(backend, road: str) -> None:
+    b = backend(free_port(), road)
+    with pytest.raises(UpstreamUnavailable) as info:
+        await b.open("/chat/completions", BODY, {}, T)
+    assert info.value.message == "backend up is unreachable (waiting for first byte)"
+
+
+@pytest.mark.parametrize("road", ROADS)
+async def test_an_error_status_is_read_in_the_backends_dialect(serve, backend, road: str) -> None:
+    # Together says when to come back in x-ratelimit-reset (1m30s = 90 s), not retry-after.
+    answer = whole(429, b'{"error":{"message":"slow"}}')
+    answer = answer.replace(b"\r\n\r\n", b"\r\nx-ratelimit-reset: 1m30s\r\n\r\n", 1)
+    b = backend(await serve(send(answer)), road, dialect=dialect_for("together"))
+    with pytest.raises(UpstreamStatus) as info:
+        await b.open("/chat/completions", BODY, {}, T)
+    assert info.value.retry_after_s == 90.0
+
+
+async def test_a_scrape_of_metrics_names_the_backend(serve, backend) -> None:
+    up = await serve(send(whole(200, b"vllm:num_requests_running 3\n", "text/plain")))
+    b = backend(up, "pooled", metrics_url=f"http://127.0.0.1:{up}/metrics")
+    assert await b.fetch_metrics() == "vllm:num_requests_running 3\n"
+    gone = backend(up, "pooled", metrics_url=f"http://127.0.0.1:{free_port()}/metrics")
+    with pytest.raises(UpstreamUnavailable) as info:
+        await gone.fetch_metrics()
+    assert info.value.message == "backend up is unreachable (scraping metrics)"

@@ -221,6 +221,15 @@ def test_a_held_event_completed_by_the_next_chunk_comes_out() -> None:
     assert s.finish() is None
 
 
+def test_the_unterminated_last_event_loses_only_its_leading_blank_lines() -> None:
+    s = EventSplitter()
+    assert s.feed(b"data: 1\n\nXfield: 2") == [b"data: 1"]
+    assert s.finish() == b"Xfield: 2"
+    t = EventSplitter()
+    assert t.feed(b"data: 1\n\n\n\n :comment") == [b"data: 1"]
+    assert t.finish() == b" :comment"
+
+
 def test_finish_after_blank_lines_only_is_nothing() -> None:
     s = EventSplitter()
     assert s.feed(b"\n") == []
