@@ -213,7 +213,9 @@ async def test_the_first_backend_that_answers_is_used_and_holds_a_gate_slot(ups:
     a = await ups.plan("a", reply(200, ANSWER))
     b = await ups.plan("b", reply(200, ANSWER))
     sent: list[SentAttempt] = []
+    before = asyncio.get_running_loop().time()
     attempt = await forward([a, b], hooks, within=3.0, gate=gate, sent=sent)
+    assert before <= attempt.started <= asyncio.get_running_loop().time()
     assert (attempt.backend, attempt.backend_model, attempt.number) == ("a", "a-model", 0)
     assert attempt.answer == {"id": "x", "choices": []}
     assert (attempt.first_event, attempt.events, attempt.hedged) == (None, None, ())
@@ -472,6 +474,15 @@ async def test_a_deadline_already_passed_tries_nothing(ups: Upstreams) -> None:
     assert ups.requests("a") == 0
 
 
+async def test_limits_are_cut_below_a_second_when_less_is_left(ups: Upstreams) -> None:
+    a = await ups.plan("a", reply(200, ANSWER))
+    attempt = await forward([a], Hooks(), within=0.5)
+    assert attempt.timeouts is not None
+    assert 0 < attempt.timeouts.total_s <= 0.5 and 0 < attempt.timeouts.connect_s <= 0.5
+    attempt.release()
+    attempt.response.close()
+
+
 async def test_failover_goes_on_with_less_than_a_second_left(ups: Upstreams) -> None:
     a = await ups.plan("a", reply(500))
     b = await ups.plan("b", reply(200, ANSWER))
@@ -554,9 +565,15 @@ async def test_a_queued_slot_the_breaker_refuses_is_given_back(ups: Upstreams) -
 
 
 async def test_a_stream_commits_on_its_first_event(ups: Upstreams) -> None:
+    gate = Gate(GateConfig(max_per_backend=1))
     a = await ups.plan("a", sse(EVENT, b"data: [DONE]"))
     before = asyncio.get_running_loop().time()
-    attempt = await forward([a], Hooks(), stream=True, within=3.0)
+    attempt = await forward([a], Hooks(), stream=True, within=3.0, gate=gate)
+    assert gate.try_acquire("a") is None  # the stream holds a's one slot
+    attempt.release()
+    token = gate.try_acquire("a")
+    assert token is not None
+    gate.release(token)
     assert (attempt.backend, attempt.backend_model, attempt.number) == ("a", "a-model", 0)
     assert before <= attempt.started <= asyncio.get_running_loop().time()
     assert attempt.timeouts is not None and 1.0 < attempt.timeouts.total_s <= 3.0
@@ -751,6 +768,53 @@ async def test_a_hedge_does_not_queue_for_a_slot(ups: Upstreams) -> None:
     with pytest.raises(UpstreamTimeout):
         await forward([a, b], Hooks(), stream=True, gate=gate, options=options)
     assert ups.requests("b") == 0
+
+
+def with_ttft(plan: AttemptPlan, mean: float, spread: float) -> AttemptPlan:
+    return AttemptPlan(
+        plan.backend,
+        plan.backend_model,
+        plan.body,
+        plan.timeouts,
+        ttft_s=mean,
+        ttft_spread_s=spread,
+    )
+
+
+async def test_a_whole_answer_is_never_hedged(ups: Upstreams) -> None:
+    a = slow_first_byte(await ups.plan("a", HANG), 0.5)
+    b = await ups.plan("b", reply(200, ANSWER))
+    hooks = Hooks()
+    attempt = await forward([a, b], hooks, options=HEDGE)
+    assert (attempt.backend, attempt.hedged) == ("b", ())
+    assert hooks.calls[:3] == [("admit", "a"), ("on_failure", "a"), ("admit", "b")]
+    attempt.release()
+    attempt.response.close()
+
+
+LATE_HEDGE = ForwardOptions(hedge=HedgeConfig(enabled=True, min_delay_s=0.01, max_delay_s=5.0))
+
+
+async def test_the_hedge_delay_follows_the_first_plans_ttft(ups: Upstreams) -> None:
+    # 0.05 s + 2 sigmas x 0.01 s = 0.07 s, long before a gives up (1 s).
+    a = with_ttft(slow_first_byte(await ups.plan("a", HANG), 1.0), 0.05, 0.01)
+    b = await ups.plan("b", sse(EVENT))
+    attempt = await forward([a, b], Hooks(), stream=True, options=LATE_HEDGE)
+    assert attempt.hedged == (SentAttempt("a", "a-model", 0),)
+    attempt.release()
+    attempt.response.close()
+
+
+async def test_a_wide_ttft_spread_puts_the_hedge_off(ups: Upstreams) -> None:
+    # 0.05 s + 2 x 2 s = 4.05 s: a gives up first (0.5 s), and b is a failover, not a hedge.
+    a = with_ttft(slow_first_byte(await ups.plan("a", HANG), 0.5), 0.05, 2.0)
+    b = await ups.plan("b", sse(EVENT))
+    hooks = Hooks()
+    attempt = await forward([a, b], hooks, stream=True, options=LATE_HEDGE)
+    assert (attempt.backend, attempt.hedged) == ("b", ())
+    assert ("on_failure", "a") in hooks.calls
+    attempt.release()
+    attempt.response.close()
 
 
 async def test_a_hedge_race_ends_on_a_client_mistake(ups: Upstreams) -> None:
