@@ -12,9 +12,10 @@ things that take milliseconds (issue 17's mutation survivors).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -165,6 +166,15 @@ class Upstreams:
         for server in self._listening:
             server.close()
             await server.wait_closed()
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A forwarder that loops or waits forever: end the process after 20 s of one test,
+    with every thread's stack (each test here takes at most a second or two)."""
+    faulthandler.dump_traceback_later(20, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
