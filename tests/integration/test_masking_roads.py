@@ -168,6 +168,35 @@ async def test_an_error_body_that_stalls_is_given_up_after_the_idle_timeout(
 
 
 @pytest.mark.parametrize("road", ROADS)
+async def test_an_error_body_that_trickles_is_given_up_after_the_idle_timeout(
+    serve, backend, road: str
+) -> None:
+    # A byte every 0.1 s never trips the idle limit (0.3 s) between bytes; the whole
+    # error body still gets no more than that.
+    done = asyncio.Event()
+
+    async def reply(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(head(500, "Content-Length: 100"))
+        await w.drain()
+        for _ in range(100):
+            if done.is_set():
+                return
+            w.write(b"x")
+            await w.drain()
+            await asyncio.sleep(0.1)
+
+    b = backend(await serve(reply), road)
+    quick = AttemptTimeouts(connect_s=2.0, first_byte_s=5.0, idle_s=0.3, total_s=30.0)
+    try:
+        async with asyncio.timeout(3):
+            with pytest.raises(UpstreamStatus) as info:
+                await b.open("/chat/completions", BODY, {}, quick)
+    finally:
+        done.set()
+    assert info.value.upstream_status == 500 and info.value.upstream_body == b""
+
+
+@pytest.mark.parametrize("road", ROADS)
 async def test_stream_events_and_the_unterminated_last_one_are_masked(
     serve, backend, road: str
 ) -> None:

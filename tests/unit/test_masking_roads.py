@@ -230,6 +230,22 @@ def test_the_unterminated_last_event_loses_only_its_leading_blank_lines() -> Non
     assert t.finish() == b" :comment"
 
 
+@pytest.mark.parametrize(
+    ("chunk", "events"),
+    [
+        (b"x\n\n", [b"x"]),  # a one-byte event
+        (b"\ndata: 1\n\n", [b"data: 1"]),  # a blank line before the only event
+        (b"data: 1\n\n\n\n", [b"data: 1"]),  # a blank line after it: no empty event
+        (b"data: 1\n\n\n\ndata: 2\n\n", [b"data: 1", b"data: 2"]),
+        (b"data: 1\n\n\n\n\ndata: 2\n\n", [b"data: 1", b"data: 2"]),
+        (b"data: 1\n\n\n :c\n\n", [b"data: 1", b" :c"]),  # only the LFs go
+        (b"data: 1\n\n\nXf: 1\n\n", [b"data: 1", b"Xf: 1"]),
+    ],
+)
+def test_whole_events_in_one_chunk(chunk: bytes, events: list[bytes]) -> None:
+    assert EventSplitter().feed(chunk) == events
+
+
 def test_finish_after_blank_lines_only_is_nothing() -> None:
     s = EventSplitter()
     assert s.feed(b"\n") == []
@@ -293,6 +309,18 @@ async def test_a_backends_dialect_mask_and_own_headers() -> None:
         assert local.dialect is dialect_for("vllm")
         assert remote.dialect is dialect_for("openai_compatible")
         assert not local.mask.active and remote.mask.active
+        sized = OpenAICompatBackend(
+            name="s",
+            base_url="http://127.0.0.1:9/v1",
+            api_key=None,
+            session=session,
+            is_local=True,
+            max_connections=7,
+            keepalive_s=2.5,
+        )
+        assert isinstance(sized.transport, PooledTransport)
+        assert (sized.transport.pool.limit, sized.transport.pool.keepalive_s) == (7, 2.5)
+        sized.close()
         assert local.name == "w" and local.is_local and not remote.is_local
         assert await local.fetch_metrics() is None
         local.close()
