@@ -424,6 +424,15 @@ async def test_a_body_that_is_not_a_json_object_fails_over_and_is_metered(ups: U
     attempt.response.close()
 
 
+async def test_a_broken_body_fails_over_also_when_nobody_meters_it(ups: Upstreams) -> None:
+    a = await ups.plan("a", reply(200, b"not json"))
+    b = await ups.plan("b", reply(200, ANSWER))
+    attempt = await forward([a, b], Hooks())  # no `broken` list given
+    assert attempt.backend == "b"
+    attempt.release()
+    attempt.response.close()
+
+
 async def test_an_error_status_is_not_metered_as_broken(ups: Upstreams) -> None:
     a = await ups.plan("a", reply(500))
     b = await ups.plan("b", reply(200, ANSWER))
