@@ -203,7 +203,7 @@ async def _relay_events(
                 outcome = "upstream_protocol_error"
                 failure = _bad_event_error(attempt.backend, flt.bad_event)
                 break
-            meter.feed(block)
+            meter.feed(block, flt.event)
             if flt.error_seen:
                 held = out
                 break

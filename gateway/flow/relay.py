@@ -27,7 +27,16 @@ _NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b',"usage": null')
 class EventFilter:
     """Per-stream state of the relay: which events go to the client, and what they carried."""
 
-    __slots__ = ("bad_event", "done", "error_seen", "events", "meta", "strip_usage", "usage_sent")
+    __slots__ = (
+        "bad_event",
+        "done",
+        "error_seen",
+        "event",
+        "events",
+        "meta",
+        "strip_usage",
+        "usage_sent",
+    )
 
     def __init__(self, *, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -39,9 +48,14 @@ class EventFilter:
         self.usage_sent = strip_usage
         self.meta: dict[str, object] | None = None
         self.bad_event: bytes | None = None  # the first event that is not a JSON object
+        # The last event's JSON object when it is one data line that parsed as it stands
+        # (None otherwise): the stream meter takes it instead of parsing the event again.
+        # Read-only: the filter never changes it (a usage event is rebuilt from its own copy).
+        self.event: dict[str, Any] | None = None
 
     def filter(self, block: bytes) -> bytes | None:
         """Return the bytes to send for one upstream event block (without framing), or None to drop."""
+        self.event = None
         if block.startswith(DONE):
             self.done = True
             return None  # [DONE] is sent by the caller after the ledger row is committed
@@ -49,11 +63,14 @@ class EventFilter:
             return block  # comments, event:/id: lines pass through
         self.events += 1
         payload = block[5:].lstrip()
-        if not is_json_object(payload):
+        obj = _loads(payload)
+        if obj is None and not is_json_object(payload):  # several data lines, or not JSON
             self.bad_event = block
             return None
+        # One data line only: with several, the meter joins the lines its own way.
+        self.event = obj if b"\n" not in payload else None
         if self.meta is None and not self.usage_sent:
-            self.meta = _chunk_meta(payload)
+            self.meta = _chunk_meta(payload) if obj is None else _meta_of(obj)
         if b'"usage"' in payload or b'"x_groq"' in payload:
             return self._usage_event(block, payload)
         error = stream_error_payload(payload)
@@ -127,7 +144,11 @@ _META_KEYS: Final = ("id", "object", "created", "model", "system_fingerprint")
 
 def _chunk_meta(payload: bytes) -> dict[str, object] | None:
     obj = _loads(payload)
-    if obj is None or "choices" not in obj:
+    return None if obj is None else _meta_of(obj)
+
+
+def _meta_of(obj: dict[str, Any]) -> dict[str, object] | None:
+    if "choices" not in obj:
         return None
     return {k: obj[k] for k in _META_KEYS if k in obj}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 
 import orjson
 
@@ -168,13 +168,16 @@ class _Delivered:
         self.limit = limit
 
     def add_choice(self, choice: Any, *, delta_key: str) -> None:
-        if not isinstance(choice, Mapping):
+        # Called for every streamed event: parsed JSON is plain dicts, so `type(x) is dict`
+        # answers first; isinstance(x, Mapping) goes through the ABC machinery in Python
+        # (~2 calls each, three per event, measured with cProfile).
+        if type(choice) is not dict and not isinstance(choice, Mapping):
             return
         index = choice.get("index", 0)
         index = index if isinstance(index, int) else 0
         texts: list[str] = []
         body = choice.get(delta_key)
-        if not isinstance(body, Mapping):
+        if body is None or (type(body) is not dict and not isinstance(body, Mapping)):
             text = choice.get("text")  # legacy completions
             if isinstance(text, str):
                 texts.append(text)
@@ -189,11 +192,11 @@ class _Delivered:
             calls = body.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:
-                    fn = call.get("function") if isinstance(call, Mapping) else None
-                    if isinstance(fn, Mapping):
+                    fn = call.get("function") if _is_mapping(call) else None
+                    if _is_mapping(fn):
                         _add_function(texts, fn)
             fn = body.get("function_call")
-            if isinstance(fn, Mapping):
+            if fn is not None and _is_mapping(fn):
                 _add_function(texts, fn)
         for value in texts:
             self._add(index, value)
@@ -221,6 +224,13 @@ class _Delivered:
                 # Never zero when something was delivered.
                 total += max(1, tokenizer.count_text(text) + extra)
         return total
+
+
+def _is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
+    """isinstance(value, Mapping), answered without the ABC check for dicts and None."""
+    if value is None:
+        return False
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _add_function(parts: list[str], fn: Mapping[str, Any]) -> None:
@@ -314,17 +324,22 @@ class StreamMeter:
         """Characters of delivered text held for the final count (what counting it costs)."""
         return self._delivered.chars
 
-    def feed(self, block: bytes) -> None:
-        """One SSE event as relayed: its data payload, or the raw ``data: ...`` block."""
+    def feed(self, block: bytes, event: Mapping[str, Any] | None = None) -> None:
+        """One SSE event as relayed: its data payload, or the raw ``data: ...`` block.
+
+        `event`: the block's JSON object when the caller parsed it already (the relay's
+        filter does), so it is not parsed twice; it is only read.
+        """
         self.events_seen += 1
         # Inside JSON strings quotes are escaped, so a raw `"usage"` is always a key.
         at = block.find(b'"usage"')
         if at < 0 and len(block) < 32 and b"[DONE]" in block:
             self._done = True
             return
-        event = _parse_event(block)
         if event is None:
-            return
+            event = _parse_event(block)
+            if event is None:
+                return
         if at >= 0 and _usage_object_at_or_after(block, at):  # not only "usage": null
             usage = _usage_in_event(event)
             if usage is not None:

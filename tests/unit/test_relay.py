@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from gateway.flow.relay import DONE, EventFilter, is_json_object, usage_object
-from gateway.metering.usage import UpstreamTimings, Usage
+from gateway.metering.tokenizer import Tokenizer
+from gateway.metering.usage import StreamMeter, UpstreamTimings, Usage
 
 CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":"fp","x":1,"choices":[{"index":0,"delta":{"content":"hi"}}]}'
 NULL_USAGE = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
@@ -191,3 +192,43 @@ def test_once_the_backend_sent_usage_a_later_groq_tail_does_not_undo_it() -> Non
     f.filter(GROQ_TAIL)  # usage under x_groq only: not a standard usage object
     assert f.usage_sent
     assert f.usage_chunk(Usage(3, 2)) is None  # no second usage chunk
+
+
+def test_each_one_line_event_is_parsed_once_and_the_meter_reads_the_filters_object() -> None:
+    """The filter keeps the JSON object it parsed to check the event (`event`); the stream
+    meter takes it instead of parsing the block again, and meters exactly as if it had."""
+    blocks = [
+        NULL_USAGE,  # "hi"
+        CHUNK,  # "hi"
+        b": keep-alive",
+        # two data lines: the meter joins them its own way, so nothing is handed over
+        b'data: {"id":"c1",\ndata: "choices":[{"index":0,"delta":{"content":"yo"}}]}',
+        USAGE_WITH_CHOICES,  # its usage goes out of what the client gets, not the meter's
+        USAGE_ONLY,
+        DONE,
+    ]
+    f = EventFilter(strip_usage=True)
+    handed, parsed_again = StreamMeter(), StreamMeter()
+    objects = []
+    for block in blocks:
+        f.filter(block)
+        objects.append(f.event)
+        handed.feed(block, f.event)
+        parsed_again.feed(block)
+    expected = [orjson.loads(b[6:]) for b in (NULL_USAGE, CHUNK)]
+    assert objects[:2] == expected
+    assert objects[2:4] == [None, None]
+    # The filter sent USAGE_WITH_CHOICES without its usage, from a copy: the object
+    # handed over still has it.
+    assert objects[4] == {
+        "id": "c1",
+        "choices": [{"index": 0, "delta": {}}],
+        "usage": {"prompt_tokens": 3},
+    }
+    assert objects[5] == orjson.loads(USAGE_ONLY[6:]) and objects[6] is None
+    # Usage as reported by the last usage object: 3 prompt, 2 completion (5 in all).
+    assert handed.reported == parsed_again.reported == Usage(3, 2, source="reported")
+    words = Tokenizer.estimate()
+    assert handed.delivered_tokens(words) == parsed_again.delivered_tokens(words)
+    assert handed.finish(True, words, 3) == parsed_again.finish(True, words, 3)
+    assert handed.events_seen == parsed_again.events_seen == 7
