@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         NEOGATE_BENCH_UPSTREAM_KEY=UPSTREAM_KEY,
     )
     procs: list[Proc] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         keyed = post_script(
             Path(tmp) / "keyed.lua", BODY, {"Authorization": f"Bearer {TENANT_KEY}"}
@@ -242,17 +243,22 @@ def main(argv: list[str] | None = None) -> int:
                     p.popen.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
-    report(results, args)
+    report(results, args, (load_before, os.getloadavg()[0]))
     return 0
 
 
-def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, Samples], args: argparse.Namespace, load: tuple[float, float]
+) -> None:
     med = statistics.median
     d = results["direct"]
     print(
         f"\nneogate core benchmark: {args.rounds} rounds, medians; wrk -t1, {args.duration}s runs"
     )
-    print(f"machine: {os.cpu_count()} cores; gateway, upstream and wrk share them\n")
+    print(
+        f"machine: {os.cpu_count()} cores; gateway, upstream and wrk share them; "
+        f"load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after\n"
+    )
     print(
         "| path | req/s @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |"
     )
@@ -265,10 +271,20 @@ def report(results: dict[str, Samples], args: argparse.Namespace) -> None:
             f"| {name} | {med(s.rps):,.0f} | {med(s.rps) / med(d.rps):.2f} | {med(s.p50_ms):.3f} | "
             f"{med(s.p99_ms):.3f} | {add50:.3f} | {add99:.3f} | {med(s.ttfb_ms):.3f} | {addt:.3f} |"
         )
+    print("\np99 ms @c1 by round (a loaded machine's pauses land in single rounds):")
+    for name, s in results.items():
+        print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in s.p99_ms))
     if "full" in results and "no-ledger" in results:
         f, n = med(results["full"].rps), med(results["no-ledger"].rps)
         print(
             f"\nmetering+ledger on vs off: {f:,.0f} vs {n:,.0f} req/s ({(1 - f / n) * 100:.1f}% lower)"
+        )
+        ratios = [
+            a / b for a, b in zip(results["full"].p99_ms, results["no-ledger"].p99_ms, strict=True)
+        ]
+        print(
+            f"p99 @c1 full / no-ledger (issue 14's goal: <= 2x): {med(ratios):.2f}x median of the "
+            "rounds' ratios (" + ", ".join(f"{r:.2f}" for r in ratios) + ")"
         )
     for full, pinned, what in (
         ("full", "pinned", "1 candidate"),
