@@ -248,3 +248,32 @@ def test_decode_rate_ceiling_counts_decode_riding_in_prefill_steps() -> None:
     # tokens at 1/20,000 = 0.01 s. 0.06 GPU-s in all.
     req = TraceRequest(0.0, 1000, 201, 256, "interactive")
     assert gpu_seconds(ph, req, INTERACTIVE, 1.0) == pytest.approx(0.06)
+
+
+def test_the_simulated_gpu_runs_on_the_measured_figures_not_the_routers_code() -> None:
+    """Checked 2026-12-05 (issue 13): the worker's physics reads the profile's figures only.
+    Its module imports nothing of the router's, and the shipped 70B pair's physics gives the
+    measured decode step and the mixed-step roofline by hand."""
+    import ast
+
+    import loadtest.simulate.backends as backends_mod
+    import loadtest.simulate.physics as physics_mod
+
+    for mod in (physics_mod, backends_mod):
+        tree = ast.parse(Path(str(mod.__file__)).read_text())
+        names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        ]
+        assert not any(
+            x.startswith(("policies.costmodel", "policies.predict", "policies.select"))
+            for x in names
+        ), (mod.__name__, names)
+    loaded = load_scenario(SCENARIO_DIR / "70b-vs-groq.yaml")
+    ph = loaded.scenario.locals[0].physics
+    # Measured at context 1024: batch 64 decodes 2,817 tokens/s, so a step takes 64 / 2817 s.
+    assert ph.decode_step_s(64, 1024) == pytest.approx(64 / 2817)
+    # A mixed step with 64 running: 2048 tokens at the ~10,400 tokens/s prefill (the 512-2048
+    # token figure) = 0.19692 s, longer than the decode step: compute-bound.
+    step, chunk = ph.mixed_step(64, 1024, 1024)
+    assert chunk == 2048 - 64 and step == pytest.approx(2048 / ph.prefill_tokens_per_s(1024))
+    assert ph.prefill_tokens_per_s(1024) == pytest.approx(10_400, rel=0.01)
