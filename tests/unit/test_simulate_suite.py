@@ -97,6 +97,10 @@ def test_honest_invariants(outcomes: dict[str, Outcome]) -> None:
         # spill@N is the cheapest N of the sweep that meets the SLO (else the best attainment).
         shown = next(r for r in o.results if r.policy.startswith("spill@"))
         assert [r.policy for r in o.spill_sweep] == [f"spill@{n}" for n in SPILL_SWEEP]
+        # "Some policy meets the SLO" counts every same-fleet policy and every N of the sweep.
+        same_fleet = [r for r in o.results if r.policy != "no-gpus"] + o.spill_sweep
+        assert o.feasible == any(meets(r) for r in same_fleet), name
+        assert o.cheapest_ok <= o.feasible, name
         ok = [r for r in o.spill_sweep if meets(r)]
         if ok:
             assert shown.cost_per_million_tokens == min(r.cost_per_million_tokens for r in ok)
