@@ -80,11 +80,10 @@ def _run_route(args: argparse.Namespace) -> int:
         return 2
     from gateway.flow.routing import Router
     from gateway.http.admin import route_explanation
-    from gateway.metrics import GatewayMetrics
     from gateway.state.live import LiveState
 
     specs = {b.name: b for b in config.backends}
-    router = Router(config, {}, LiveState(specs, time.time()), GatewayMetrics())
+    router = Router(config, {}, LiveState(specs, time.time()))
     out = route_explanation(router, model, args.prompt_tokens, args.max_tokens, args.slo_class)
     print(json.dumps(out, indent=2))
     return 0

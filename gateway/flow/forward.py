@@ -53,7 +53,7 @@ _TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class AttemptHooks(Protocol):
-    """What the forwarder reports to, and asks of, the live routing state (the Router)."""
+    """What the forwarder reports to, and asks of, the live routing state (`Feedback`)."""
 
     def admit(self, backend: str) -> bool:
         """The breaker's leave for one attempt (consumes the half-open probe)."""

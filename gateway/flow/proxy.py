@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
 from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
+from gateway.flow.headers import answer_headers, forward_headers, request_deadline_s
 from gateway.flow.relay import DONE, EventFilter
 from gateway.flow.routing import SloOutcome
 from gateway.http.client_headers import check_client_headers
@@ -19,7 +20,6 @@ from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering.meter import Completion
 from gateway.metering.usage import StreamMeter
 from gateway.runtime import RUNTIME, Runtime, Tenant
-from policies.types import Candidate
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -78,21 +78,22 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
     reservation = await rt.meter.reserve(tenant, model, estimate)
     completion = Completion(rid, tenant.name, inbound, estimate, reservation, arrived)
     completion.client_request_id = client_request_id(ex.headers)
-    rel = rt.router.reliability
     sent: list[SentAttempt] = []
     broken: list[SentAttempt] = []
     try:
+        rt.feedback.on_request()
         plans, decision = await rt.router.plan(inbound, model, tenant, estimate, ex.headers)
         completion.decision = decision
+        budget_s = request_deadline_s(rt.deadline_ceiling_s, ex.headers)
         attempt = await first_attempt_that_answers(
             plans,
             path=PATHS[inbound.endpoint],
-            headers=rt.forward_headers(ex.headers, rid),
+            headers=forward_headers(ex.headers, rid),
             stream=inbound.stream,
-            deadline=asyncio.get_running_loop().time() + rt.request_deadline_s(tenant, ex.headers),
-            hooks=rt.router,
-            gate=rel.gate,
-            options=rel.forward_options,
+            deadline=asyncio.get_running_loop().time() + budget_s,
+            hooks=rt.feedback,
+            gate=rt.feedback.gate,
+            options=rt.settings.forward,
             sent=sent,
             broken=broken,
         )
@@ -117,7 +118,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
         completion.hedge_losers = rt.meter.hedge_prices(
             attempt.hedged, inbound.model, rt.router.batch_seen
         )
-    charge = rt.router.on_start(
+    charge = rt.feedback.on_start(
         attempt.backend, attempt.response.headers, estimate.prompt_tokens, decision
     )
     try:
@@ -127,25 +128,9 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
             await _relay_whole(rt, ex, completion, attempt)
     finally:
         attempt.release()
-        rt.router.on_end(
-            attempt.backend,
-            inbound.model,
-            completion.ttft_s,
-            time.monotonic() - arrived,
-            completion.completion_tokens,
-            completion.groq_usage,
-            estimate.prompt_tokens,
-            _candidate(completion, attempt.backend),
-            slo=SloOutcome(decision, charge, inbound.stream),
-        )
-
-
-def _candidate(completion: Completion, backend: str) -> Candidate | None:
-    """Routing's prediction for the backend that answered."""
-    decision = completion.decision
-    if decision is None:
-        return None
-    return next((c for c in decision.candidates if c.backend == backend), None)
+        # The outcome the meter recorded; one that never reached the meter ends here.
+        outcome = completion.outcome or completion.end("unmetered", time.monotonic())
+        rt.feedback.on_end(outcome, slo=SloOutcome(decision, charge, inbound.stream))
 
 
 async def _relay_whole(
@@ -158,7 +143,7 @@ async def _relay_whole(
         raise
     completion.first_byte_at = time.monotonic()
     await rt.meter.finish(completion, outcome="ok", answer=attempt.answer, answer_bytes=len(body))
-    headers = rt.answer_headers(completion, attempt, "application/json")
+    headers = answer_headers(completion, attempt, "application/json")
     await ex.send(attempt.response.status, headers, body)
 
 
@@ -168,7 +153,7 @@ async def _relay_stream(
     inbound = completion.inbound
     flt = EventFilter(strip_usage=not inbound.include_usage)
     meter = completion.stream_meter()
-    headers = rt.answer_headers(completion, attempt, None)
+    headers = answer_headers(completion, attempt, None)
     headers.update(_SSE_HEADERS)
     # A client that reads nothing for as long as an upstream may stay silent is cut.
     guard = StallGuard(ex, attempt.timeouts.idle_s if attempt.timeouts else 60.0)
@@ -193,7 +178,7 @@ async def _relay_events(
     failure: GatewayError | None = None  # sent after the ledger row, like [DONE]
     held: bytes | None = None  # the upstream's own error event, also sent after the row
     try:
-        await ex.open_stream(200, headers, rt.router.reliability.settings.write_buffer_bytes)
+        await ex.open_stream(200, headers, rt.settings.write_buffer_bytes)
         completion.first_byte_at = time.monotonic()
         block: bytes | None = attempt.first_event
         events = attempt.events

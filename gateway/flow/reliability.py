@@ -100,10 +100,6 @@ class Reliability:
     ) -> Reliability:
         return cls(settings_from(config), clock=clock)
 
-    @property
-    def forward_options(self) -> ForwardOptions:
-        return self.settings.forward
-
     def on_request(self) -> None:
         """One client request: it earns its share of retries."""
         self.budget.on_request(self._clock())

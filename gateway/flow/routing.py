@@ -1,13 +1,12 @@
 """Live routing: snapshots of every candidate backend, the pure policy's decision, and the attempt plan.
 
-Also the feedback loop: each attempt's outcome updates latency estimates,
-rate-limit headroom and the circuit breaker that the next decision reads.
+The feedback loop that keeps the snapshots true (each attempt's leave and outcome)
+is `gateway.flow.feedback`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -16,20 +15,16 @@ from types import MappingProxyType
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.config import GatewayConfig, ModelSpec
-from gateway.errors import GatewayError, NoBackendAvailable, UpstreamStatus
-from gateway.flow.breaker import CircuitBreaker
+from gateway.errors import NoBackendAvailable
 from gateway.flow.estimate import Estimate
-from gateway.flow.forward import AttemptPlan, is_retryable
-from gateway.flow.reliability import Reliability
+from gateway.flow.forward import AttemptPlan
 from gateway.http.auth import Tenant
 from gateway.http.client_headers import DEADLINE_HEADER, SLO_HEADER
 from gateway.http.inbound import InboundRequest, upstream_body
-from gateway.metrics import GatewayMetrics
-from gateway.state.live import LiveState
+from gateway.state.live import LiveState, LocalRoom
 from policies.budget import MissBudget
-from policies.latency import LatencySample, sample_from_groq_usage
 from policies.select import MAX_REASON, Policy, compile_policy, select
-from policies.types import Candidate, RouteDecision, RouteRequest, Slo
+from policies.types import RouteDecision, RouteRequest, Slo
 
 
 def _explain_spill(decision: RouteDecision, locals_: frozenset[str]) -> RouteDecision:
@@ -59,10 +54,10 @@ def _clip(reason: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SloOutcome:
-    """What `Router.on_end` needs to score a finished request against its class's SLO."""
+    """What `Feedback.on_end` needs to score a finished request against its class's SLO."""
 
     decision: RouteDecision
-    # What `Router.on_start` charged the decision's budget class.
+    # What `Feedback.on_start` charged the decision's budget class.
     charge: float = 0.0
     # A streamed answer's first byte is its first token; a whole answer's is its last.
     streamed: bool = True
@@ -84,27 +79,98 @@ def met_slo(slo: Slo, ttft_s: float | None, total_s: float, completion_tokens: i
     )
 
 
+class SloBudgets:
+    """Each SLO class's population miss budget (`policies.budget`) over one config's requests:
+    counted when routed (`Router.plan`), charged when a local first choice answers and
+    settled when it ends (`Feedback.on_start` / `on_end`)."""
+
+    def __init__(self, slos: Mapping[str, Slo], clock: Callable[[], float] = time.time) -> None:
+        self._slos = slos
+        self._clock = clock
+        self._miss = {name: MissBudget() for name in slos}
+
+    def __getitem__(self, slo_class: str) -> MissBudget:
+        return self._miss[slo_class]
+
+    def left(self) -> Mapping[str, float]:
+        """What each class's budget has left now."""
+        now = self._clock()
+        return MappingProxyType({c: b.left(now) for c, b in self._miss.items()})
+
+    def count(self, slo_class: str) -> None:
+        """One more request of the class was routed."""
+        self._miss[slo_class] = self._miss[slo_class].count(self._clock())
+
+    def charge(self, decision: RouteDecision | None, backend: str, local_gpu: bool) -> float:
+        """The expected misses charged when `backend` answered: a local first choice's
+        predicted miss probability, calibrated (0 for anything else)."""
+        chosen = None if decision is None else decision.chosen
+        if (
+            decision is None
+            or chosen is None
+            or chosen.backend != backend
+            or chosen.miss_probability <= 0.0
+            or decision.budget_class not in self._miss
+            or not local_gpu
+        ):
+            return 0.0
+        budget = self._miss[decision.budget_class]
+        charge = budget.charge(chosen.miss_probability)
+        self._miss[decision.budget_class] = budget.admit(charge)
+        return charge
+
+    def settle(
+        self,
+        backend: str,
+        local_gpu: bool,
+        slo: SloOutcome,
+        ttft_s: float | None,
+        total_s: float,
+        completion_tokens: int,
+    ) -> None:
+        """A finished request's measured SLO outcome and its charge back into the budgets."""
+        d = slo.decision
+        own = d.slo_class
+        if own not in self._miss:
+            return
+        now = self._clock()
+        if slo.streamed and ttft_s is None:
+            missed = True  # a stream that never sent its first token
+        else:
+            known = ttft_s if slo.streamed else None
+            missed = not met_slo(self._slos[own], known, total_s, completion_tokens)
+        chosen = d.chosen
+        if local_gpu and d.budget_class == own:
+            p = chosen.miss_probability if chosen is not None and chosen.backend == backend else 0.0
+            self._miss[own] = self._miss[own].settle(now, slo.charge, missed, predicted=p)
+            return
+        if slo.charge > 0.0 and d.budget_class in self._miss:
+            judged = self._miss[d.budget_class]
+            self._miss[d.budget_class] = judged.settle(now, slo.charge, False)
+        self._miss[own] = self._miss[own].settle(now, 0.0, missed)
+
+
 class Router:
-    """Chooses backends for each request and keeps the live state routing depends on."""
+    """Chooses backends for each request over the live state, and plans its attempts (one per config)."""
 
     def __init__(
         self,
         config: GatewayConfig,
         backends: Mapping[str, Backend],
         live: LiveState,
-        metrics: GatewayMetrics,
         *,
+        room: LocalRoom | None = None,
+        budgets: SloBudgets | None = None,
         clock: Callable[[], float] = time.time,
-        reliability: Reliability | None = None,
     ) -> None:
         self._backends = backends
         self._specs = {b.name: b for b in config.backends}
         self.live = live
-        self._metrics = metrics
+        self._room = room if room is not None else LocalRoom()
         self._clock = clock
         self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
-        # The population SLO budget per class (policies.budget): this process's requests.
-        self._miss = {name: MissBudget() for name in self._slos}
+        # The population SLO budget per class (policies.budget), shared with `Feedback`.
+        self.budgets = budgets if budgets is not None else SloBudgets(self._slos, clock)
         self._policies: dict[str, Policy] = {
             m.name: compile_policy(m.policy, config.slo_classes) for m in config.models
         }
@@ -135,13 +201,6 @@ class Router:
         self._stale_after = config.routing.metrics_stale_after_s
         self._queue_max = config.routing.queue_max
         self._recheck_s = config.routing.scrape_interval_s
-        self._waiting = 0
-        self._freed = asyncio.Event()
-        self.reliability = reliability or Reliability.from_config(config)
-        breaker_config = self.reliability.settings.breaker
-        for live_backend in live.backends.values():
-            if live_backend.breaker.config != breaker_config:
-                live_backend.breaker = CircuitBreaker(breaker_config)
         self._timeouts = {
             name: AttemptTimeouts(
                 connect_s=s.timeouts.connect_s,
@@ -186,12 +245,11 @@ class Router:
 
     def miss_budget(self, slo_class: str) -> MissBudget:
         """One SLO class's miss budget as it stands (what routing was told and measured)."""
-        return self._miss[slo_class]
+        return self.budgets[slo_class]
 
     def miss_budgets(self) -> Mapping[str, float]:
         """What each SLO class's miss budget has left now (`policies.budget`)."""
-        now = self._clock()
-        return MappingProxyType({c: b.left(now) for c, b in self._miss.items()})
+        return self.budgets.left()
 
     def decide(self, req: RouteRequest, model: ModelSpec, tenant: Tenant | None) -> RouteDecision:
         """The pure policy's decision over fresh snapshots of the model's backends."""
@@ -215,11 +273,10 @@ class Router:
         """Decide, wait for local headroom where the request tolerates it, and build the attempts."""
         if inbound.endpoint == "embeddings":
             model = self._embedding_models.get(model.name, model)
-        self.reliability.on_request()
         req = self.route_request(inbound, tenant, estimate, headers)
-        self._miss[req.slo_class] = self._miss[req.slo_class].count(self._clock())
+        self.budgets.count(req.slo_class)
         decision = self.decide(req, model, tenant)
-        if decision.wait_for_local and self._waiting < self._queue_max:
+        if decision.wait_for_local and self._room.waiting < self._queue_max:
             decision = await self._wait_for_local(req, model, tenant, decision)
         if not decision.candidates:
             reasons = "; ".join(f"{b}: {why}" for b, why in decision.rejected)
@@ -266,7 +323,7 @@ class Router:
         loop = asyncio.get_running_loop()
         start = loop.time()
         until = start + decision.wait_for_local
-        self._waiting += 1
+        self._room.waiting += 1
         try:
             while True:
                 remaining = until - loop.time()
@@ -275,8 +332,7 @@ class Router:
                 # Also look again every scrape: a slot freed by a request of our own may
                 # still show as running in the last scrape when the wake-up comes, and
                 # room made by other clients of the worker shows only in its metrics.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), min(remaining, self._recheck_s))
+                await self._room.wait(min(remaining, self._recheck_s))
                 fresh = self.decide(req, model, tenant)
                 if fresh.wait_for_local is None:
                     waited = loop.time() - start
@@ -287,184 +343,13 @@ class Router:
                         why = f"spilled after queue wait {waited:.1f}s; "
                     return replace(fresh, reason=_clip(why + fresh.reason))
         finally:
-            self._waiting -= 1
+            self._room.waiting -= 1
 
     def _spill(self, req: RouteRequest, model: ModelSpec, tenant: Tenant) -> RouteDecision:
         """The wait budget is spent: route now, without waiting again."""
         no_wait = replace(req, deadline=None, slo=replace(req.slo, max_queue_wait_s=0.0))
         decision = self.decide(no_wait, model, tenant)
         return replace(decision, reason=_clip("spilled after queue wait; " + decision.reason))
-
-    # --- feedback from attempts -------------------------------------------------------
-
-    def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None:
-        now = self._clock()
-        self._metrics.upstream_errors.labels(backend, exc.code).inc()
-        self._started(backend)
-        breaker = self.live.backends[backend].breaker
-        if isinstance(exc, UpstreamStatus) and exc.upstream_status == 429:
-            # A 429 is the provider's limit, not ill health: cool down, don't eject.
-            self.live.observe_429(backend, exc.retry_after_s, now)
-            breaker.on_release(now)
-        elif is_retryable(exc):
-            breaker.on_failure(now)
-        else:
-            breaker.on_success(now)  # it answered: a client mistake is not ill health
-        self._metrics.backend(backend).healthy.set(1 if breaker.available(now) else 0)
-
-    def may_retry(self) -> bool:
-        return self.reliability.try_retry()
-
-    def admit(self, backend: str) -> bool:
-        """The breaker's leave for one attempt (in half_open: the one probe)."""
-        live = self.live.backends[backend]
-        allowed = live.breaker.allow(self._clock())
-        if not allowed:
-            self._metrics.backend(backend).healthy.set(0)
-        else:
-            live.starting += 1  # on its way: the next decision must see it (see _started)
-        return allowed
-
-    def _started(self, backend: str) -> None:
-        """An admitted attempt answered, failed or was dropped: it is no longer starting."""
-        live = self.live.backends[backend]
-        if live.starting > 0:
-            live.starting -= 1
-
-    def on_abandon(self, backend: str) -> None:
-        """An admitted attempt ended without a verdict: free a half-open probe slot."""
-        self._started(backend)
-        self.live.backends[backend].breaker.on_release(self._clock())
-
-    def on_retry(self, backend: str) -> None:
-        self._metrics.retries.labels(backend).inc()
-
-    def on_start(
-        self,
-        backend: str,
-        headers: Mapping[str, str],
-        prompt_tokens: int,
-        decision: RouteDecision | None = None,
-    ) -> float:
-        """The attempt answered (first byte): count it in flight and read the provider's headroom.
-
-        Returns the expected misses charged to the decision's SLO budget: a local first
-        choice's predicted miss probability, calibrated (0 for anything else); hand it
-        back to `on_end`.
-        """
-        now = self._clock()
-        charge = 0.0
-        chosen = None if decision is None else decision.chosen
-        if (
-            decision is not None
-            and chosen is not None
-            and chosen.backend == backend
-            and chosen.miss_probability > 0.0
-            and decision.budget_class in self._miss
-            and self.live.backends[backend].gpu is not None
-        ):
-            budget = self._miss[decision.budget_class]
-            charge = budget.charge(chosen.miss_probability)
-            self._miss[decision.budget_class] = budget.admit(charge)
-        self._started(backend)
-        live = self.live.backends[backend]
-        live.inflight += 1
-        if live.gpu is not None:
-            live.prompt_rate = live.prompt_rate.add(prompt_tokens, now)
-        else:
-            live.sent_requests = live.sent_requests.add(1, now)
-            live.sent_prompt = live.sent_prompt.add(prompt_tokens, now)
-        live.breaker.on_success(now)
-        self._metrics.backend(backend).healthy.set(1)
-        self.live.observe_headers(backend, headers, now)
-        self._metrics.backend(backend).inflight.set(live.inflight)
-        return charge
-
-    def on_end(
-        self,
-        backend: str,
-        model: str,
-        ttft_s: float | None,
-        total_s: float,
-        completion_tokens: int,
-        groq_usage: Mapping[str, object] | None,
-        prompt_tokens: int | None = None,
-        predicted: Candidate | None = None,
-        *,
-        slo: SloOutcome | None = None,
-    ) -> None:
-        """A finished attempt: latency samples, and the cost model's error on local GPUs.
-
-        `predicted` is routing's candidate for this backend (its predicted TTFT and ITL);
-        `slo`, the request's decision and budget charge: whether it met its class's SLO
-        (times from arrival) goes into the class's miss budget.
-        """
-        live = self.live.backends[backend]
-        if slo is not None:
-            self._settle(backend, slo, ttft_s, total_s, completion_tokens)
-        live.inflight -= 1
-        self._metrics.backend(backend).inflight.set(live.inflight)
-        if live.gpu is None and completion_tokens:
-            live.sent_output = live.sent_output.add(completion_tokens, self._clock())
-        sample: LatencySample | None = None
-        if groq_usage is not None:
-            sample = sample_from_groq_usage(groq_usage, completion_tokens)
-            queue = groq_usage.get("queue_time")
-            if isinstance(queue, float | int) and not isinstance(queue, bool) and queue >= 0:
-                self.live.observe_queue(backend, model, float(queue))
-        if sample is None and ttft_s is not None:
-            itl = (total_s - ttft_s) / (completion_tokens - 1) if completion_tokens > 1 else None
-            sample = LatencySample(ttft_s=ttft_s, itl_s=itl, prompt_tokens=prompt_tokens)
-        elif sample is not None and prompt_tokens is not None:
-            sample = replace(sample, prompt_tokens=prompt_tokens)
-        if sample is not None:
-            self.live.observe_latency(backend, model, sample)
-            if live.gpu is not None and predicted is not None:
-                self.live.observe_prediction(
-                    backend,
-                    model,
-                    (predicted.predicted_ttft_s, predicted.predicted_itl_s),
-                    (sample.ttft_s, sample.itl_s),
-                    self._clock(),
-                )
-        if live.spec.is_local:
-            self._notify_freed()
-
-    def _settle(
-        self,
-        backend: str,
-        slo: SloOutcome,
-        ttft_s: float | None,
-        total_s: float,
-        completion_tokens: int,
-    ) -> None:
-        """A finished request's measured SLO outcome and its charge back into the budgets."""
-        d = slo.decision
-        own = d.slo_class
-        if own not in self._miss:
-            return
-        now = self._clock()
-        if slo.streamed and ttft_s is None:
-            missed = True  # a stream that never sent its first token
-        else:
-            known = ttft_s if slo.streamed else None
-            missed = not met_slo(self._slos[own], known, total_s, completion_tokens)
-        chosen = d.chosen
-        local = self.live.backends[backend].gpu is not None
-        if local and d.budget_class == own:
-            p = chosen.miss_probability if chosen is not None and chosen.backend == backend else 0.0
-            self._miss[own] = self._miss[own].settle(now, slo.charge, missed, predicted=p)
-            return
-        if slo.charge > 0.0 and d.budget_class in self._miss:
-            judged = self._miss[d.budget_class]
-            self._miss[d.budget_class] = judged.settle(now, slo.charge, False)
-        self._miss[own] = self._miss[own].settle(now, 0.0, missed)
-
-    def _notify_freed(self) -> None:
-        """Wake every request queued for local headroom; each re-decides."""
-        if self._waiting:
-            freed, self._freed = self._freed, asyncio.Event()
-            freed.set()
 
     def batch_seen(self, backend: str) -> int:
         """The batch a request joins on a local worker: what it reports running, or our own count."""

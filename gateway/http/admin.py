@@ -291,7 +291,7 @@ def route_explanation(
 
 async def list_keys(request: web.Request) -> web.Response:
     rt = require_admin(request)
-    records = await rt.keys.list(request.query.get("tenant"))
+    records = await rt.process.keys.list(request.query.get("tenant"))
     return _json({"keys": [asdict(r) for r in records]})
 
 
@@ -305,17 +305,17 @@ async def create_key(request: web.Request) -> web.Response:
     label = body.get("label", "")
     if not isinstance(label, str):
         raise InvalidRequest("label must be a string", param="label")
-    key_id, key = await rt.keys.create(tenant, label)
-    request.app[RUNTIME].keys_changed()
+    key_id, key = await rt.process.keys.create(tenant, label)
+    rt.process.keys_changed()
     return _json({"key_id": key_id, "tenant": tenant, "key": key}, status=201)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
     rt = require_admin(request)
     key_id = request.match_info["key_id"]
-    if not await rt.keys.revoke(key_id):
+    if not await rt.process.keys.revoke(key_id):
         raise NotFound(f"no active key {key_id!r}", code="key_not_found")
-    request.app[RUNTIME].keys_changed()
+    rt.process.keys_changed()
     return _json({"key_id": key_id, "revoked": True})
 
 
@@ -365,7 +365,7 @@ async def reload_config(request: web.Request) -> web.Response:
     require_admin(request)
     ref = request.app[RUNTIME]
     try:
-        if ref.options.worker_index is None:
+        if ref.process.options.worker_index is None:
             new = await reload_from_file(ref)
         else:
             # One of `--workers N`: the supervisor passes SIGHUP to every worker, this one

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
 from gateway.config import GatewayConfig
@@ -24,18 +22,9 @@ from gateway.http.edge_head import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.http.edge_site import add_listeners
 from gateway.http.exchange import REQUEST_ID, refuse_encoded_body
 from gateway.http.server_log import ServerLog
-from gateway.metering.ledger.reports import spend_by_tenant
-from gateway.runtime import (
-    REQUEST_IDS,
-    RUNTIME,
-    AppOptions,
-    RequestIds,
-    Runtime,
-    RuntimeRef,
-)
-from gateway.state.background import Background
-from gateway.state.shared import SharedHandle, attach_shared_state
-from gateway.wiring import build_runtime
+from gateway.process import AppOptions
+from gateway.runtime import REQUEST_IDS, RUNTIME, RequestIds, RuntimeRef
+from gateway.wiring import running
 
 __all__ = ["AppOptions", "create_app"]
 
@@ -94,71 +83,15 @@ def create_admin_app(ref: RuntimeRef) -> web.Application:
     return app
 
 
-def upstream_session(max_inflight: int) -> aiohttp.ClientSession:
-    """The one aiohttp client session of an app: https upstreams, metrics scrapes, price feeds.
-
-    Upstreams are asked for `identity` (adapters send it): the gateway reads every
-    answer to meter it and masks the backend's key in error bodies, so compressed bytes
-    would be neither metered nor masked, and the client would get them without their
-    `Content-Encoding`. An upstream that compresses anyway is decoded here.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=max_inflight,
-        limit_per_host=0,
-        ttl_dns_cache=300,
-        keepalive_timeout=30,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-    )
-
-
 def _runtime_ctx(
     config: GatewayConfig, opts: AppOptions
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        session = upstream_session(config.max_inflight)
-        rt: Runtime | None = None
-        shared: SharedHandle | None = None
-        try:
-            rt = build_runtime(config, opts, session)
-            await rt.keys.open()
-            ledger = rt.meter.ledger
-            if ledger is not None:
-                await ledger.start()
-                spend = await spend_by_tenant(ledger.store, time.time())
-                await rt.meter.admission.seed(spend)
-            rt.background = Background(rt, session)
-            rt.background.start()
-            ref = RuntimeRef(rt, opts, session)
-            if config.redis is not None:
-                shared = await attach_shared_state(config.redis, ref)
-                ref.keys_changed = shared.keys_changed
+        async with running(config, opts) as ref:
             app[RUNTIME] = ref
             yield
-            rt = ref.current
-        finally:
-            if shared is not None:
-                await shared.close()
-            if rt is not None:
-                await _close_runtime(rt)
-            await session.close()
 
     return ctx
-
-
-async def _close_runtime(rt: Runtime) -> None:
-    """Stop pollers, then flush the ledger: every row reaches the database or the spool."""
-    if rt.background is not None:
-        await rt.background.stop()
-    if rt.meter.ledger is not None:
-        await rt.meter.ledger.close()
-    await rt.keys.close()
-    rt.estimator.counting.close()
-    for backend in [*rt.backends.values(), *rt.retired]:
-        backend.close()
 
 
 @web.middleware

@@ -20,6 +20,7 @@ from gateway.flow.estimate import Estimate
 from gateway.http.inbound import InboundRequest
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.outcome import AttemptOutcome
 from gateway.metering.tokenizer import Tokenizer
 from gateway.metering.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_response
 from gateway.metrics import GatewayMetrics
@@ -28,7 +29,7 @@ from gateway.state.live import LiveState
 if TYPE_CHECKING:
     from gateway.flow.forward import Attempt, SentAttempt
     from gateway.http.auth import Tenant
-    from policies.types import RouteDecision
+    from policies.types import Candidate, RouteDecision
 
 log = logging.getLogger("neogate.metering")
 _MILLION = 1_000_000
@@ -60,6 +61,7 @@ class Completion:
     client_request_id: str | None = None
     # Hedged attempts that lost the race, with the prices and batch in force for each.
     hedge_losers: tuple[tuple[SentAttempt, UnitPrices, int], ...] = ()
+    outcome: AttemptOutcome | None = None  # set once, when the answering attempt ended
     _meter: StreamMeter | None = field(default=None)
 
     def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
@@ -81,17 +83,29 @@ class Completion:
     def completion_tokens(self) -> int:
         return self.usage.completion_tokens if self.usage is not None else 0
 
-    @property
-    def groq_usage(self) -> dict[str, object] | None:
-        t = self.usage.upstream_timings if self.usage is not None else None
-        if t is None:
+    def candidate(self) -> Candidate | None:
+        """Routing's candidate for the backend that answered (None: not a routed candidate)."""
+        decision = self.decision
+        if decision is None:
             return None
-        return {
-            "queue_time": t.queue_s,
-            "prompt_time": t.prompt_s,
-            "completion_time": t.completion_s,
-            "total_time": t.total_s,
-        }
+        return next((c for c in decision.candidates if c.backend == self.backend), None)
+
+    def end(self, status: str, now: float) -> AttemptOutcome:
+        """The answering attempt ended at `now` (monotonic): its outcome, kept on the completion."""
+        assert self.backend is not None
+        usage = self.usage
+        self.outcome = AttemptOutcome(
+            backend=self.backend,
+            model=self.inbound.model,
+            status=status,
+            ttft_s=self.ttft_s,
+            total_s=now - self.arrived,
+            prompt_tokens=self.estimate.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            timings=usage.upstream_timings if usage is not None else None,
+            predicted=self.candidate(),
+        )
+        return self.outcome
 
 
 class Meter:
@@ -276,6 +290,7 @@ class Meter:
             tiered = self.tiered_prices(completion, usage)
             if tiered is not None:
                 completion.prices = tiered  # a long prompt's tier, known once usage is
+        ended = completion.end(outcome, time.monotonic()) if completion.backend else None
         cost = Decimal(0)
         try:
             if (
@@ -284,7 +299,8 @@ class Meter:
                 and completion.prices is not None
             ):
                 divergent = reconcile(usage, self._threshold)
-                row = self._row(completion, usage, outcome, divergent)
+                assert ended is not None
+                row = self._row(completion, ended, usage, divergent)
                 cost = row.cost_usd
                 if divergent:
                     self._metrics.divergence.labels(completion.backend).inc()
@@ -425,7 +441,7 @@ class Meter:
         )
 
     def _row(
-        self, completion: Completion, usage: Usage, outcome: str, divergent: bool
+        self, completion: Completion, ended: AttemptOutcome, usage: Usage, divergent: bool
     ) -> LedgerRow:
         assert completion.backend is not None and completion.prices is not None
         live = self._live.backends[completion.backend]
@@ -439,10 +455,10 @@ class Meter:
             backend_model=completion.backend_model or "",
             usage=usage,
             prices=completion.prices,
-            ttft_s=completion.ttft_s,
-            total_s=time.monotonic() - completion.arrived,
+            ttft_s=ended.ttft_s,
+            total_s=ended.total_s,
             stream=completion.inbound.stream,
-            outcome=outcome,
+            outcome=ended.status,
             divergent=divergent,
             batch_size=completion.batch_seen if live.gpu is not None else None,
             is_local=live.spec.is_local,
@@ -454,13 +470,8 @@ class Meter:
     @staticmethod
     def _marginal(completion: Completion) -> float | None:
         """Routing's marginal cost of the backend that served (None: not a routed candidate)."""
-        decision = completion.decision
-        if decision is None:
-            return None
-        for c in decision.candidates:
-            if c.backend == completion.backend:
-                return c.predicted_cost_usd
-        return None
+        cand = completion.candidate()
+        return None if cand is None else cand.predicted_cost_usd
 
     def _counterfactual(
         self, completion: Completion, usage: Usage

@@ -1,5 +1,5 @@
-"""Background tasks of one app: worker /metrics scraper, price-feed poller, key-revocation
-refresh, the provisioning gauges."""
+"""Background tasks of one app: key-revocation refresh for the process's life; per config the
+worker /metrics scrapers, the price-feed poller and the provisioning gauges."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 
+from adapters.base import Backend
 from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
+from gateway.config import BackendSpec, GatewayConfig
 from gateway.errors import GatewayError
 from gateway.metering.ledger.provisioning import (
     PROVISIONING_WINDOW_S,
@@ -20,8 +21,11 @@ from gateway.metering.ledger.provisioning import (
     provisioning,
     provisioning_gauges_values,
 )
-from gateway.metering.ledger.rows import LedgerUnavailable
+from gateway.metering.ledger.rows import LedgerStore, LedgerUnavailable
+from gateway.metrics import GatewayMetrics
 from gateway.state.failures import FailureStreak
+from gateway.state.keys import KeyStore
+from gateway.state.live import LiveState
 from policies.pricebook import (
     FeedError,
     Price,
@@ -29,9 +33,6 @@ from policies.pricebook import (
     parse_neogate_feed,
     parse_openrouter_rows,
 )
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
 
 log = logging.getLogger("neogate.background")
 
@@ -50,38 +51,68 @@ PROVISIONING_REFRESH_S = 60.0
 
 
 class Background:
-    """Starts and stops the app's pollers; each loop survives its own failures."""
+    """Starts and stops the app's pollers; each loop survives its own failures.
 
-    def __init__(self, rt: Runtime, session: aiohttp.ClientSession) -> None:
-        self._rt = rt
+    `start` runs the process's own (key refresh); `follow` (re)starts the ones a
+    config defines, over that config's backends and live state.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: GatewayMetrics,
+        keys: KeyStore,
+        ledger: LedgerStore | None,
+    ) -> None:
         self._session = session
-        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics = metrics
+        self._keys = keys
+        self._ledger = ledger
+        self._tasks: list[asyncio.Task[None]] = []  # the process's
+        self._config_tasks: list[asyncio.Task[None]] = []  # the config's in force
         self._skips_logged: frozenset[tuple[str, str]] = frozenset()
-        feed = rt.config.price_feed
+        self._feed_streak = FailureStreak(log, "price feed", expected=_OUTAGES)
+        self._config: GatewayConfig | None = None
+        self._backends: Mapping[str, Backend] = {}
+        self._specs: dict[str, BackendSpec] = {}
+        self._live: LiveState | None = None
+
+    def start(self) -> None:
+        self._spawn(self._tasks, "key-refresh", KEY_REFRESH_S, self._refresh_keys)
+
+    async def follow(
+        self, config: GatewayConfig, backends: Mapping[str, Backend], live: LiveState
+    ) -> None:
+        """Stop the previous config's pollers, then start `config`'s."""
+        await _cancel(self._config_tasks)
+        self._config, self._backends, self._live = config, backends, live
+        self._specs = {b.name: b for b in config.backends}
+        feed = config.price_feed
+        self._skips_logged = frozenset()
         self._feed_streak = FailureStreak(
             log, f"price feed {feed.url if feed else ''} (last good prices kept)", expected=_OUTAGES
         )
-
-    def start(self) -> None:
-        rt = self._rt
-        interval = rt.config.routing.scrape_interval_s
-        for name, backend in rt.backends.items():
+        tasks = self._config_tasks
+        interval = config.routing.scrape_interval_s
+        for name, backend in backends.items():
             if backend.is_local:
-                self._spawn(f"scrape-{name}", interval, self._scraper(name))
-        feed = rt.config.price_feed
+                self._spawn(tasks, f"scrape-{name}", interval, self._scraper(name, backend, live))
         if feed is not None:
-            self._spawn("price-feed", feed.interval_s, self.poll_price_feed)
-        self._spawn("key-refresh", KEY_REFRESH_S, self._refresh_keys)
-        if rt.meter.ledger is not None and gpu_terms(rt.config):
-            self._spawn("provisioning", PROVISIONING_REFRESH_S, self._provisioning)
+            self._spawn(tasks, "price-feed", feed.interval_s, self.poll_price_feed)
+        if self._ledger is not None and gpu_terms(config):
+            self._spawn(tasks, "provisioning", PROVISIONING_REFRESH_S, self._provisioning)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await _cancel(self._config_tasks)
+        await _cancel(self._tasks)
 
-    def _spawn(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+    def _spawn(
+        self,
+        tasks: list[asyncio.Task[None]],
+        name: str,
+        interval: float,
+        step: Callable[[], Awaitable[None]],
+    ) -> None:
         # A failing task (its database or endpoint down) logs once per outage, not per try.
         streak = FailureStreak(log, f"background task {name}", expected=_OUTAGES)
 
@@ -97,33 +128,34 @@ class Background:
                     streak.succeeded()
                 await asyncio.sleep(interval)
 
-        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
+        tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
 
-    def _scraper(self, name: str) -> Callable[[], Awaitable[None]]:
+    def _scraper(
+        self, name: str, backend: Backend, live: LiveState
+    ) -> Callable[[], Awaitable[None]]:
         streak = FailureStreak(log, f"metrics scrape of {name}", expected=_OUTAGES)
 
         async def scrape() -> None:
-            rt = self._rt
             try:
-                text = await rt.backends[name].fetch_metrics()
+                text = await backend.fetch_metrics()
                 if text is None:
                     # Local workers always have a metrics URL, so None is a non-200 answer:
                     # a failure like any other (the worker goes stale on the same clock).
                     raise MetricsParseError("the endpoint answered an error status")
                 metrics = parse_worker_metrics(text, time.time())
             except (GatewayError, MetricsParseError) as exc:
-                rt.metrics.scrape_failures.labels(name).inc()
+                self._metrics.scrape_failures.labels(name).inc()
                 streak.failed(exc)
                 return
             streak.succeeded()
-            rt.router.live.observe_worker(name, metrics)
+            live.observe_worker(name, metrics)
 
         return scrape
 
     async def poll_price_feed(self) -> None:
         """Fetch the feed; a malformed or unreachable feed keeps the last good prices."""
-        rt = self._rt
-        feed = rt.config.price_feed
+        config, live = self._in_force()
+        feed = config.price_feed
         assert feed is not None
         try:
             async with self._session.get(feed.url, timeout=aiohttp.ClientTimeout(total=10)) as r:
@@ -132,24 +164,24 @@ class Background:
                 body = await r.read()
             updates = self._feed_updates(orjson.loads(body))
         except (aiohttp.ClientError, TimeoutError, FeedError, orjson.JSONDecodeError) as exc:
-            rt.metrics.price_feed_failures.inc()
+            self._metrics.price_feed_failures.inc()
             self._feed_streak.failed(exc)  # the last good prices stay in force
             return
         self._feed_streak.succeeded()
-        before = rt.router.live.prices.book.version
-        after = rt.router.live.prices.set_many(updates)
+        before = live.prices.book.version
+        after = live.prices.set_many(updates)
         if after != before:
             log.info("price feed applied: version %d -> %d", before, after)
 
     def _feed_updates(self, obj: object) -> dict[str | tuple[str, str], Price]:
-        rt = self._rt
-        feed = rt.config.price_feed
+        config, _ = self._in_force()
+        feed = config.price_feed
         assert feed is not None
         now = time.time()
         if feed.format == "neogate":
             parsed = parse_neogate_feed(obj, now=now)
             known = {(k if isinstance(k, str) else k[0]) for k in parsed}
-            unknown = known - set(rt.backends)
+            unknown = known - set(self._backends)
             if unknown:
                 raise FeedError(f"feed prices unknown backends {sorted(unknown)}")
             out_ng: dict[str | tuple[str, str], Price] = {}
@@ -157,7 +189,7 @@ class Background:
                 if isinstance(key, str):
                     out_ng[key] = found
                     continue
-                for public in _public_models(rt.specs[key[0]].models, key[1]):
+                for public in _public_models(self._specs[key[0]].models, key[1]):
                     out_ng[(key[0], public)] = found
             return out_ng
         parsed_or = parse_openrouter_rows(obj, now=now)
@@ -174,9 +206,9 @@ class Background:
 
     def _report_skipped(self, skipped: tuple[SkippedRow, ...]) -> None:
         """Bad feed rows: a gauge, /admin/prices, and one log line per new set of bad rows."""
-        rt = self._rt
-        rt.metrics.price_feed_skipped_rows.set(len(skipped))
-        rt.router.live.prices.feed_skipped = skipped
+        _, live = self._in_force()
+        self._metrics.price_feed_skipped_rows.set(len(skipped))
+        live.prices.feed_skipped = skipped
         seen = frozenset((s.id, s.reason) for s in skipped)
         if seen and seen != self._skips_logged:
             log.warning(
@@ -188,25 +220,29 @@ class Background:
 
     async def _provisioning(self) -> None:
         """Provisioning truth over the last window into the Prometheus gauges."""
-        rt = self._rt
-        ledger = rt.meter.ledger
+        config, _ = self._in_force()
+        ledger = self._ledger
         if ledger is None:
             return
         now = time.time()
         rows = await provisioning(
-            ledger.store,
-            gpu_terms(rt.config),
+            ledger,
+            gpu_terms(config),
             since=now - PROVISIONING_WINDOW_S,
             until=None,
             now=now,
         )
-        gauges = rt.metrics.gpu_provisioning
+        gauges = self._metrics.gpu_provisioning
         for suffix, values in provisioning_gauges_values(rows).items():
             for backend, value in values.items():
                 gauges[suffix].labels(backend).set(value)
 
     async def _refresh_keys(self) -> None:
-        await self._rt.keys.refresh()
+        await self._keys.refresh()
+
+    def _in_force(self) -> tuple[GatewayConfig, LiveState]:
+        assert self._config is not None and self._live is not None, "follow() a config first"
+        return self._config, self._live
 
 
 def _public_models(models: Mapping[str, str], name: str) -> list[str]:
@@ -221,3 +257,10 @@ def _public_models(models: Mapping[str, str], name: str) -> list[str]:
     if not found:
         raise FeedError(f"feed prices model {name!r}, which this backend does not serve")
     return found
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()

@@ -7,6 +7,8 @@ seconds (`time.time()`), so state can be shared between replicas.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -169,6 +171,13 @@ class LiveState:
                 )
             self.backends[name] = live
 
+    def use_breakers(self, config: BreakerConfig) -> None:
+        """Breakers at `config`: one configured otherwise starts afresh (a reload that changed
+        the breaker settings); one already at it keeps its state."""
+        for live in self.backends.values():
+            if live.breaker.config != config:
+                live.breaker = CircuitBreaker(config)
+
     def observe_latency(self, backend: str, model: str, sample: LatencySample) -> None:
         live = self.backends[backend]
         live.latency[model] = update(live.estimate(model), sample, self.alpha)
@@ -290,3 +299,28 @@ class LiveState:
             gpu=live.gpu,
             recent_prompt_tokens_per_s=live.prompt_rate.value(now) if live.gpu else 0.0,
         )
+
+
+class LocalRoom:
+    """Requests queued for local GPU headroom, and their wake-up when a local attempt ends.
+
+    One per process: a request queued under one config is woken by an attempt that
+    ends under the next.
+    """
+
+    __slots__ = ("_freed", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self._freed = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a local attempt ends or `timeout_s` passes (the caller counts itself in `waiting`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._freed.wait(), timeout_s)
+
+    def freed(self) -> None:
+        """A local attempt ended: wake every queued request; each decides again."""
+        if self.waiting:
+            freed, self._freed = self._freed, asyncio.Event()
+            freed.set()

@@ -29,7 +29,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.http.app import upstream_session
+from gateway.process import upstream_session
 from loadtest.sim.common import start_site
 
 KEY = "sk-fasthttp-canary-7d1c0b"

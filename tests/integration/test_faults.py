@@ -855,7 +855,7 @@ async def test_queue_wait_then_429_with_retry_after(
         assert int(r.headers["retry-after"]) >= 1 and is_openai_error(r.body)
     assert (await held).status == 200
     assert await one.total() == 1, "rejected requests never reached the upstream"
-    assert gw.app[RUNTIME].current.router.reliability.gate.snapshot().inflight_total == 0
+    assert gw.app[RUNTIME].process.reliability.gate.snapshot().inflight_total == 0
 
 
 async def test_queued_request_is_served_when_a_slot_frees(
@@ -908,7 +908,7 @@ async def test_client_that_stops_reading_is_cut(
         await loop.sock_connect(sock, ("127.0.0.1", port))
         await loop.sock_sendall(sock, request)
         await _wait_inflight(fast, 1)
-        gate = gw.app[RUNTIME].current.router.reliability.gate
+        gate = gw.app[RUNTIME].process.reliability.gate
         t0 = time.monotonic()
         while gate.snapshot().inflight_total and time.monotonic() - t0 < 5.0:
             await asyncio.sleep(0.05)

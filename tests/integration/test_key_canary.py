@@ -255,7 +255,7 @@ async def test_the_canary_key_reaches_no_client_log_metric_admin_answer_or_ledge
     transport = type(backend.transport).__name__
     assert transport == ("PooledTransport" if road == "http" else "AiohttpTransport"), transport
     # The app's one client session, told to trust the test CA (a real provider's is public).
-    gw.app[RUNTIME].session.connector._ssl = client_tls  # type: ignore[union-attr]
+    gw.app[RUNTIME].process.session.connector._ssl = client_tls  # type: ignore[union-attr]
     answers: list[tuple[str, bytes]] = []
     statuses: list[int] = []
     async with aiohttp.ClientSession() as s:

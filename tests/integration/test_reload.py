@@ -99,8 +99,11 @@ async def test_admin_reload_keeps_open_streams_and_refuses_a_bad_file(
             status, backends = await _admin(s, gw.url, "GET", "/admin/backends")
             assert status == 200
             assert {x["name"]: x["inflight"] for x in backends["backends"]} == {"a": 0, "b": 0}
-            assert ref.current.router.reliability.gate.snapshot().inflight_total == 0
-            assert ref.current.router.reliability is before.router.reliability
+            assert ref.process.reliability.gate.snapshot().inflight_total == 0
+            # What lives as long as the process is the same after the reload.
+            assert ref.current.process is before.process
+            assert ref.current.meter.ledger is before.meter.ledger is not None
+            assert ref.current.live.backends["a"] is before.live.backends["a"]
 
             # A file with a mistake is refused with the reason; the running config stays.
             broken = dict(second)

@@ -12,7 +12,7 @@ import pytest
 from gateway.metering.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.usage import UnitPrices, Usage
-from gateway.wiring import orphan_spools
+from gateway.process import orphan_spools
 
 
 def make_row(i: int) -> LedgerRow:

@@ -145,10 +145,7 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # Circles still to break, each named; the test fails when one is gone, so the list stays true.
-_KNOWN_CIRCLES: list[list[str]] = [
-    # Runtime is handed its Background after it is built (issue 15: the process-lifetime split).
-    ["gateway.runtime", "gateway.state.background"],
-]
+_KNOWN_CIRCLES: list[list[str]] = []
 
 
 def test_no_import_circles() -> None:
@@ -162,10 +159,10 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 
 # The request path, top to bottom: a folder imports only folders below it (and the
-# top-level modules errors, config, profiles, metrics). runtime and wiring compose a
-# config's objects from flow, metering and state; http serves them.
+# top-level modules errors, config, profiles, metrics). process, runtime and wiring compose
+# the process's and each config's objects from flow, metering and state; http serves them.
 _ORDER = ("cli", "http", "compose", "flow", "metering", "state", "base")
-_COMPOSE = {"runtime", "wiring"}
+_COMPOSE = {"process", "runtime", "wiring"}
 # What a request is, whichever server reads it: flow and compose may read these from http/.
 _REQUEST_SEAM = {
     "gateway.http.inbound",
@@ -187,8 +184,6 @@ _KNOWN_BACK_EDGES = {
     # live backend state holds the breakers; shared state rebuilds admission's counters from the ledger
     ("gateway.state.live", "gateway.flow.breaker"),
     ("gateway.state.shared", "gateway.flow.admission"),
-    ("gateway.state.shared", "gateway.runtime"),
-    ("gateway.state.background", "gateway.runtime"),
     # state reads the ledger's stores and reports
     ("gateway.state.background", "gateway.metering.ledger.provisioning"),
     ("gateway.state.background", "gateway.metering.ledger.rows"),

@@ -2,8 +2,8 @@
 
 Two entry points; everything else is in the submodules:
 
-- `attach_shared_state(spec, runtime_ref)`: called once per app after its runtime is
-  built; swaps the admission's store for the Redis-backed one and starts sharing
+- `attach_shared_state(spec, ...)`: called once per process after its ledger is
+  started; swaps the admission's store for the Redis-backed one and starts sharing
   backend state. Returns a `SharedHandle` to close.
 - `make_limit_store(spec)`: only the Redis-backed `LimitStore` (start/close it yourself).
 """
@@ -11,8 +11,8 @@ Two entry points; everything else is in the submodules:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -21,14 +21,13 @@ from gateway.config import RedisSpec
 from gateway.flow.admission import Admission
 from gateway.metering.ledger.reports import spend_by_tenant
 from gateway.metering.ledger.rows import LedgerStore
+from gateway.state.keys import KeyStore
 from gateway.state.limits import LimitStore
+from gateway.state.live import LiveState
 from gateway.state.shared.metrics import SharedMetrics
 from gateway.state.shared.outage import FailoverLimitStore, Reseed, SharedStateUnavailable
 from gateway.state.shared.redis_limits import RedisLimitStore, connect, connect_fast
 from gateway.state.shared.redis_state import SNAPSHOT_TTL_MS, SharedState
-
-if TYPE_CHECKING:
-    from gateway.runtime import RuntimeRef
 
 __all__ = [
     "FailoverLimitStore",
@@ -89,28 +88,26 @@ def make_limit_store(
     )
 
 
-async def attach_shared_state(spec: RedisSpec, ref: RuntimeRef) -> SharedHandle:
-    """Put the app's admission on Redis-shared counters and share its backend and key state.
+async def attach_shared_state(
+    spec: RedisSpec,
+    *,
+    admission: Admission,
+    ledger: LedgerStore | None,
+    registry: CollectorRegistry,
+    live: Callable[[], LiveState],
+    keys: KeyStore,
+) -> SharedHandle:
+    """Put the process's admission on Redis-shared counters and share its backend and key state.
 
-    Call once per app after the ledger is started (a Redis without counters is
+    Call once per process after the ledger is started (a Redis without counters is
     rebuilt from it). Never fails because Redis is down: the outage policy applies
-    until it answers. Follows reloads: state is read through `ref.current`.
+    until it answers. Follows reloads: `live()` is the live state in force.
     """
-    rt = ref.current
-    admission = rt.meter.admission
-    ledger = rt.meter.ledger
-    reseed = ledger_reseed(admission, ledger.store) if ledger is not None else None
-    registry = rt.metrics.registry
+    reseed = ledger_reseed(admission, ledger) if ledger is not None else None
     limits = make_limit_store(spec, registry=registry, reseed=reseed)
     await limits.start()
-    admission.store = limits  # reloads keep this Admission object, so this holds for good
-    state = SharedState(
-        limits.redis.client,
-        spec.key_prefix,
-        lambda: ref.current.router.live,
-        lambda: ref.current.keys,
-        registry=registry,
-    )
+    admission.store = limits  # the process keeps this Admission object, so this holds for good
+    state = SharedState(limits.redis.client, spec.key_prefix, live, keys, registry=registry)
     await state.start()
     return SharedHandle(limits, state)
 
