@@ -210,13 +210,13 @@ async def test_close_commits_what_is_queued(db: Path) -> None:
     await writer.close()
     assert all(t.done() and t.exception() is None for t in pending)
     assert ids_in(db) == [f"req-{i}" for i in range(5)]
-    with pytest.raises(LedgerWriteFailed, match="not running"):
+    with pytest.raises(LedgerWriteFailed, match=r"^the ledger writer is not running$"):
         await writer.record(row(9))
 
 
 async def test_record_before_start_is_refused(db: Path) -> None:
     writer = LedgerWriter(store(db))
-    with pytest.raises(LedgerWriteFailed, match="not running"):
+    with pytest.raises(LedgerWriteFailed, match=r"^the ledger writer is not running$"):
         await writer.record(row(1))
 
 
@@ -233,8 +233,15 @@ async def test_an_outage_spools_counts_one_error_and_later_batches_skip_the_data
         store(db), Spool(spool_path), retry_interval_s=2.0, registry=registry, clock=clock
     )
     await writer.start()
+    assert "neogate-ledger-writer" in {t.get_name() for t in asyncio.all_tasks()}
     lock.execute("BEGIN EXCLUSIVE")
-    await writer.record(row(1))
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        await writer.record(row(1))
+    assert caplog.messages == [
+        f"ledger database (rows go to the spool) failing: LedgerUnavailable: sqlite ledger {db}: "
+        "database is locked (logged once until it recovers)"
+    ]
+    caplog.clear()
     stats = writer.stats()
     assert not stats.db_up and not writer.db_up
     assert (stats.write_errors, stats.rows_spooled, stats.rows_written) == (1, 1, 0)
@@ -365,21 +372,41 @@ async def test_without_a_spool_an_outage_fails_the_batch_and_the_next_one_tries_
     assert ids_in(db) == ["req-4"]
 
 
-async def test_a_row_the_code_cannot_write_is_spooled_not_lost(db: Path, tmp_path: Path) -> None:
+async def test_a_row_the_code_cannot_write_is_spooled_not_lost(
+    db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A timestamp that is not a number fails in Python (TypeError), not as an outage.
     spool_path = tmp_path / "spool"
     writer = LedgerWriter(store(db), Spool(spool_path), retry_interval_s=3600, clock=Clock())
     await writer.start()
     bad = row(1, ts="not a time")
-    await writer.record(bad)
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        await writer.record(bad)
+    assert caplog.messages[0] == "ledger write failed unexpectedly"
+    assert caplog.records[0].exc_info is not None  # with its traceback
+    assert caplog.messages[1].startswith(
+        "ledger database (rows go to the spool) failing: TypeError: "
+    )
     stats = writer.stats()
     assert (stats.write_errors, stats.rows_spooled, stats.db_up) == (1, 1, False)
     assert [LedgerRow.from_json(line) for line in spool_path.read_bytes().splitlines()] == [bad]
     await writer.close()
 
 
+async def test_without_a_spool_the_caller_is_told_what_failed(db: Path) -> None:
+    writer = LedgerWriter(store(db), clock=Clock())
+    await writer.start()
+    with pytest.raises(LedgerWriteFailed) as info:
+        await writer.record(row(1, ts="not a time"))
+    # time.gmtime("not a time") fails with this TypeError.
+    assert str(info.value) == (
+        "ledger database unavailable: 'str' object cannot be interpreted as an integer"
+    )
+    await writer.close()
+
+
 async def test_when_the_spool_fails_too_the_caller_is_told(
-    db: Path, tmp_path: Path, lock: sqlite3.Connection
+    db: Path, tmp_path: Path, lock: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool_path = tmp_path / "spool"
     writer = LedgerWriter(store(db), Spool(spool_path), retry_interval_s=3600, clock=Clock())
@@ -387,11 +414,18 @@ async def test_when_the_spool_fails_too_the_caller_is_told(
     spool_path.unlink()
     spool_path.mkdir()  # appending to it now fails (a directory)
     lock.execute("BEGIN EXCLUSIVE")
-    results = await asyncio.gather(
-        writer.record(row(1)), writer.record(row(2)), return_exceptions=True
-    )
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        results = await asyncio.gather(
+            writer.record(row(1)), writer.record(row(2)), return_exceptions=True
+        )
     assert all(isinstance(r, LedgerWriteFailed) for r in results)
-    assert "ledger database and spool failed: " in str(results[0])
+    assert str(results[0]) == (
+        f"ledger database and spool failed: [Errno 21] Is a directory: '{spool_path}'"
+    )
+    assert caplog.messages[-1] == (
+        "ledger spool append failed, 2 rows not recorded: "
+        f"[Errno 21] Is a directory: '{spool_path}'"
+    )
     stats = writer.stats()
     assert (stats.rows_spooled, stats.batches, stats.write_errors) == (0, 0, 1)
     lock.execute("ROLLBACK")
@@ -400,7 +434,9 @@ async def test_when_the_spool_fails_too_the_caller_is_told(
     assert ids_in(db) == []
 
 
-async def test_a_database_missing_at_start_needs_the_spool(tmp_path: Path) -> None:
+async def test_a_database_missing_at_start_needs_the_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     missing = tmp_path / "missing.db"
     with pytest.raises(LedgerUnavailable):
         await LedgerWriter(SqliteLedger(missing, create=False)).start()
@@ -410,7 +446,11 @@ async def test_a_database_missing_at_start_needs_the_spool(tmp_path: Path) -> No
     writer = LedgerWriter(
         SqliteLedger(missing, create=False), Spool(spool_path), retry_interval_s=5.0, clock=clock
     )
-    await writer.start()  # down: the spooled row stays, the new one joins it
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        await writer.start()  # down: the spooled row stays, the new one joins it
+    assert caplog.messages[0].startswith(
+        "ledger database (rows go to the spool) failing: LedgerUnavailable: sqlite ledger "
+    )
     assert not writer.db_up and writer.stats().spool_rows == 1
     await writer.record(row(1))
     stats = writer.stats()
@@ -552,7 +592,7 @@ async def test_a_spool_emptied_behind_the_writers_back_ends_the_replay(
 
 
 async def test_a_spool_that_cannot_be_read_is_retried_after_the_interval(
-    db: Path, tmp_path: Path, lock: sqlite3.Connection
+    db: Path, tmp_path: Path, lock: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock(100.0)
     spool_path = tmp_path / "spool"
@@ -565,7 +605,11 @@ async def test_a_spool_that_cannot_be_read_is_retried_after_the_interval(
     spool_path.unlink()
     spool_path.mkdir()  # reading it fails with an OSError other than "not found"
     clock.now = 103.0
-    assert await writer.replay_now() == 0  # logged; next try from 105.0
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        assert await writer.replay_now() == 0  # logged; next try from 105.0
+    assert caplog.messages[-1] == (
+        f"ledger spool replay failed: [Errno 21] Is a directory: '{spool_path}'"
+    )
     spool_path.rmdir()
     spool_path.write_bytes(content)
     clock.now = 104.5
@@ -621,7 +665,7 @@ async def test_a_cancelled_caller_of_a_failed_batch_does_not_stop_the_writer(
 
 
 async def test_start_takes_over_orphans_and_skips_one_it_cannot_read(
-    db: Path, tmp_path: Path
+    db: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     unreadable = tmp_path / "ledger.spool.w2"
     unreadable.mkdir()
@@ -629,7 +673,13 @@ async def test_start_takes_over_orphans_and_skips_one_it_cannot_read(
     Spool(orphan).append([row(5), row(6)])
     spool_path = tmp_path / "ledger.spool"
     writer = LedgerWriter(store(db), Spool(spool_path), adopt=[unreadable, orphan], clock=Clock())
-    await writer.start()
+    with caplog.at_level(logging.INFO, logger="gateway.metering.ledger.writer"):
+        await writer.start()
+    assert caplog.messages == [
+        f"ledger spool {unreadable} could not be taken over: "
+        f"[Errno 21] Is a directory: '{unreadable}'",
+        f"ledger spool {orphan} taken over: 2 rows to replay",
+    ]
     assert unreadable.is_dir() and not orphan.exists()
     stats = writer.stats()
     assert (stats.spool_rows, stats.rows_replayed) == (0, 2)
@@ -644,3 +694,52 @@ async def test_start_with_nothing_spooled_replays_nothing(db: Path, tmp_path: Pa
     await writer.record(row(1))
     await writer.close()
     assert ids_in(db) == ["req-1"]
+
+
+class Counting(Clock):
+    """A clock that counts how often it is read."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        super().__init__(now)
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+async def test_an_idle_writer_with_nothing_spooled_does_not_poll(
+    db: Path, tmp_path: Path, spooled: bool
+) -> None:
+    clock = Counting()
+    spool = Spool(tmp_path / "spool") if spooled else None
+    writer = LedgerWriter(store(db), spool, clock=clock)
+    await writer.start()
+    await writer.record(row(1))
+    reads = clock.reads
+    for _ in range(20):  # twenty turns of the loop with nothing to do
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.02)
+    assert clock.reads == reads
+    await writer.close()
+
+
+async def test_the_default_retry_interval_is_2_s(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    clock = Clock(100.0)
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), clock=clock)
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    await writer.record(row(1))
+    lock.execute("ROLLBACK")
+    clock.now = 101.9
+    await writer.record(row(2))
+    await writer.record(row(3))  # a replay started after row 2 would write it between chunks
+    assert (writer.stats().spool_rows, writer.stats().rows_written) == (3, 0)
+    clock.now = 102.0
+    await writer.record(row(4))
+    await settled(writer)
+    await writer.close()
+    assert ids_in(db) == ["req-1", "req-2", "req-3", "req-4"]
