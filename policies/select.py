@@ -266,6 +266,7 @@ def select(
         displaced,
         budget_class,
         request.slo_class,
+        request.model,
     )
 
 

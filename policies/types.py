@@ -151,8 +151,9 @@ class RouteDecision:
     # The SLO class whose miss budget judged the local workers (the request's own, or the
     # protected class's for guarded work); "" when the policy keeps no budget (not cost).
     budget_class: str = ""
-    # The request's own SLO class.
+    # The request's own SLO class, and its public model (budgets are kept per model).
     slo_class: str = ""
+    model: str = ""
 
     @property
     def chosen(self) -> Candidate | None:

@@ -80,26 +80,33 @@ def met_slo(slo: Slo, ttft_s: float | None, total_s: float, completion_tokens: i
 
 
 class SloBudgets:
-    """Each SLO class's population miss budget (`policies.budget`) over one config's requests:
-    counted when routed (`Router.plan`), charged when a local first choice answers and
-    settled when it ends (`Feedback.on_start` / `on_end`)."""
+    """Each public model's SLO classes' population miss budgets (`policies.budget`) over one
+    config's requests: counted when routed (`Router.plan`), charged when a local first choice
+    answers and settled when it ends (`Feedback.on_start` / `on_end`). Per model: one model's
+    easy traffic (an 8B fleet) must not fund another's misses (a 70B pair), nor its
+    calibration hide them."""
 
     def __init__(self, slos: Mapping[str, Slo], clock: Callable[[], float] = time.time) -> None:
         self._slos = slos
         self._clock = clock
-        self._miss = {name: MissBudget() for name in slos}
+        self._by_model: dict[str, dict[str, MissBudget]] = {}
 
-    def __getitem__(self, slo_class: str) -> MissBudget:
-        return self._miss[slo_class]
+    def of(self, model: str) -> dict[str, MissBudget]:
+        """The model's budget per SLO class (created on first use)."""
+        miss = self._by_model.get(model)
+        if miss is None:
+            miss = self._by_model[model] = {name: MissBudget() for name in self._slos}
+        return miss
 
-    def left(self) -> Mapping[str, float]:
-        """What each class's budget has left now."""
+    def left(self, model: str) -> Mapping[str, float]:
+        """What each of the model's class budgets has left now."""
         now = self._clock()
-        return MappingProxyType({c: b.left(now) for c, b in self._miss.items()})
+        return MappingProxyType({c: b.left(now) for c, b in self.of(model).items()})
 
-    def count(self, slo_class: str) -> None:
-        """One more request of the class was routed."""
-        self._miss[slo_class] = self._miss[slo_class].count(self._clock())
+    def count(self, model: str, slo_class: str) -> None:
+        """One more request of the model and class was routed."""
+        miss = self.of(model)
+        miss[slo_class] = miss[slo_class].count(self._clock())
 
     def charge(self, decision: RouteDecision | None, backend: str, local_gpu: bool) -> float:
         """The expected misses charged when `backend` answered: a local first choice's
@@ -110,13 +117,14 @@ class SloBudgets:
             or chosen is None
             or chosen.backend != backend
             or chosen.miss_probability <= 0.0
-            or decision.budget_class not in self._miss
             or not local_gpu
+            or decision.budget_class not in self.of(decision.model)
         ):
             return 0.0
-        budget = self._miss[decision.budget_class]
+        miss = self.of(decision.model)
+        budget = miss[decision.budget_class]
         charge = budget.charge(chosen.miss_probability)
-        self._miss[decision.budget_class] = budget.admit(charge)
+        miss[decision.budget_class] = budget.admit(charge)
         return charge
 
     def settle(
@@ -131,7 +139,8 @@ class SloBudgets:
         """A finished request's measured SLO outcome and its charge back into the budgets."""
         d = slo.decision
         own = d.slo_class
-        if own not in self._miss:
+        miss = self.of(d.model)
+        if own not in miss:
             return
         now = self._clock()
         if slo.streamed and ttft_s is None:
@@ -142,12 +151,11 @@ class SloBudgets:
         chosen = d.chosen
         if local_gpu and d.budget_class == own:
             p = chosen.miss_probability if chosen is not None and chosen.backend == backend else 0.0
-            self._miss[own] = self._miss[own].settle(now, slo.charge, missed, predicted=p)
+            miss[own] = miss[own].settle(now, slo.charge, missed, predicted=p)
             return
-        if slo.charge > 0.0 and d.budget_class in self._miss:
-            judged = self._miss[d.budget_class]
-            self._miss[d.budget_class] = judged.settle(now, slo.charge, False)
-        self._miss[own] = self._miss[own].settle(now, 0.0, missed)
+        if slo.charge > 0.0 and d.budget_class in miss:
+            miss[d.budget_class] = miss[d.budget_class].settle(now, slo.charge, False)
+        miss[own] = miss[own].settle(now, 0.0, missed)
 
 
 class Router:
@@ -240,16 +248,16 @@ class Router:
             slo=self._slos[slo_class],
             deadline=deadline,
             tenant=tenant.name,
-            miss_budgets=self.miss_budgets(),
+            miss_budgets=self.budgets.left(inbound.model),
         )
 
-    def miss_budget(self, slo_class: str) -> MissBudget:
-        """One SLO class's miss budget as it stands (what routing was told and measured)."""
-        return self.budgets[slo_class]
+    def miss_budget(self, model: str, slo_class: str) -> MissBudget:
+        """One model's SLO class's miss budget as it stands (what routing was told and measured)."""
+        return self.budgets.of(model)[slo_class]
 
-    def miss_budgets(self) -> Mapping[str, float]:
-        """What each SLO class's miss budget has left now (`policies.budget`)."""
-        return self.budgets.left()
+    def miss_budgets(self, model: str) -> Mapping[str, float]:
+        """What each SLO class's miss budget has left now for this model (`policies.budget`)."""
+        return self.budgets.left(model)
 
     def decide(self, req: RouteRequest, model: ModelSpec, tenant: Tenant | None) -> RouteDecision:
         """The pure policy's decision over fresh snapshots of the model's backends."""
@@ -274,7 +282,7 @@ class Router:
         if inbound.endpoint == "embeddings":
             model = self._embedding_models.get(model.name, model)
         req = self.route_request(inbound, tenant, estimate, headers)
-        self.budgets.count(req.slo_class)
+        self.budgets.count(req.model, req.slo_class)
         decision = self.decide(req, model, tenant)
         if decision.wait_for_local and self._room.waiting < self._queue_max:
             decision = await self._wait_for_local(req, model, tenant, decision)

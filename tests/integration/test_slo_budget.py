@@ -53,7 +53,8 @@ async def test_requests_and_measured_misses_feed_the_class_budget(
             for _ in range(2):
                 await ask(http, gw.url, "strict")
             await ask(http, gw.url, "strict", stream=False)
-        inter, strict = router.miss_budget("interactive"), router.miss_budget("strict")
+        inter = router.miss_budget(PUBLIC, "interactive")
+        strict = router.miss_budget(PUBLIC, "strict")
         # Counted when routed; the counts fade over 10 minutes (the test takes seconds).
         assert inter.routed == pytest.approx(3.0, rel=1e-3) and inter.missed == 0.0
         assert inter.in_flight == 0.0
@@ -61,4 +62,6 @@ async def test_requests_and_measured_misses_feed_the_class_budget(
         # Two streamed misses; the whole answer's first token is unknown: not judged.
         assert strict.missed == pytest.approx(2.0, rel=1e-3)
         # 0.5% of 3 requests is not one whole miss: nothing to spend yet.
-        assert router.miss_budgets() == {"interactive": 0.0, "batch": 0.0, "strict": 0.0}
+        assert router.miss_budgets(PUBLIC) == {"interactive": 0.0, "batch": 0.0, "strict": 0.0}
+        # Kept per model: another model's classes start empty.
+        assert router.miss_budget("other-model", "strict").routed == 0.0
