@@ -566,6 +566,19 @@ async def test_only_the_first_attempt_queues_for_a_slot(ups: Upstreams) -> None:
             gate.release(t)
 
 
+async def test_the_queue_wait_is_cut_to_the_deadline(ups: Upstreams) -> None:
+    # 0.3 s left and a 5 s queue wait: the wait ends at the deadline, before the slot
+    # frees at 0.5 s.
+    gate = Gate(GateConfig(max_per_backend=1, max_queue=4))
+    a = await ups.plan("a", reply(200, ANSWER))
+    held = gate.try_acquire("a")
+    assert held is not None
+    asyncio.get_running_loop().call_later(0.5, gate.release, held)
+    with pytest.raises(GateRejected):
+        await forward([a], Hooks(), gate=gate, within=0.3, options=ForwardOptions(queue_wait_s=5.0))
+    assert ups.requests("a") == 0
+
+
 async def test_a_queued_slot_the_breaker_refuses_is_given_back(ups: Upstreams) -> None:
     gate = Gate(GateConfig(max_per_backend=1, max_queue=4))
     a = await ups.plan("a", reply(200, ANSWER))
