@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from adapters.base import Backend
+from gateway.background import Background
 from gateway.config import BackendSpec, GatewayConfig, TokenizerSpec, resolve_secret
 from gateway.flow.admission import Admission, TenantLimits
 from gateway.flow.reliability import Reliability, settings_from
@@ -33,13 +34,14 @@ from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerWriter, build_writer
 from gateway.metering.ledger.key_tables import PostgresKeyBackend, SqliteKeyBackend
 from gateway.metering.ledger.reports import spend_by_tenant
+from gateway.metering.ledger.rows import LedgerStore
 from gateway.metering.tokenizer import Tokenizer
 from gateway.metrics import GatewayMetrics
-from gateway.state.background import Background
 from gateway.state.keys import KeyBackend, KeyStore
 from gateway.state.limits import LimitStore
 from gateway.state.live import LiveState, LocalRoom
 from gateway.state.shared import SharedHandle, attach_shared_state
+from gateway.state.shared.outage import Reseed
 
 __all__ = ["Adapters", "AppOptions", "Process", "orphan_spools", "spool_path", "upstream_session"]
 
@@ -218,14 +220,16 @@ class Process:
             await self.admission.seed(spend)
         self.background.start()
         if self._redis is not None:
+            ledger = self.ledger.store if self.ledger is not None else None
             self._shared = await attach_shared_state(
                 self._redis,
-                admission=self.admission,
-                ledger=self.ledger.store if self.ledger is not None else None,
+                reseed=_ledger_reseed(self.admission, ledger) if ledger is not None else None,
                 registry=self.metrics.registry,
                 live=lambda: self.live,
                 keys=self.keys,
             )
+            # The process keeps this Admission object, so this holds for good.
+            self.admission.store = self._shared.limits
             self.keys_changed = self._shared.keys_changed
 
     async def close(self) -> None:
@@ -285,3 +289,14 @@ def _key_backend(config: GatewayConfig) -> KeyBackend:
 
 def _nothing() -> None:
     return None
+
+
+def _ledger_reseed(admission: Admission, ledger: LedgerStore) -> Reseed:
+    """Rebuild Redis's counters from what the ledger says each tenant spent."""
+
+    async def reseed(target: LimitStore, cutoff: float) -> None:
+        spend = await spend_by_tenant(ledger, time.time(), before=cutoff)
+        # A throwaway Admission over `target` reuses the one definition of the counter keys.
+        await Admission(admission.limits, target).seed(spend)
+
+    return reseed

@@ -2,7 +2,7 @@
 
 `settings_from(config)` is pure: `config.reliability` plus every backend's
 `max_concurrency` and the gateway's `max_inflight` become the frozen configs of
-the building blocks (`gateway.flow.breaker`, `retry_budget`, `backpressure`,
+the building blocks (`gateway.state.breaker`, `retry_budget`, `backpressure`,
 `hedging`). `Reliability` holds the live retry budget and gate of one app and
 applies a reloaded config without dropping held slots. `StallGuard` is the
 client side of back-pressure: a client that stops reading is cut, not buffered for.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
 from gateway.flow.backpressure import Gate, GateConfig, GateState
-from gateway.flow.breaker import BreakerConfig
 from gateway.flow.forward import ForwardOptions
 from gateway.flow.hedging import HedgeConfig
 from gateway.flow.retry_budget import RetryBudget, RetryBudgetConfig, RetryBudgetState
+from gateway.state.breaker import BreakerConfig
 
 
 @dataclass(frozen=True, slots=True)

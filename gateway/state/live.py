@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from adapters.dialects import Dialect, dialect_for
 from adapters.worker_metrics import WorkerMetrics, WorkerSignals, worker_signals
 from gateway.config import BackendSpec, PriceSpec
-from gateway.flow.breaker import BreakerConfig, CircuitBreaker
+from gateway.state.breaker import BreakerConfig, CircuitBreaker
 from policies.costmodel import GpuModel
 from policies.headroom import Headroom, KnownLimits, OwnUsage, mark_429, with_own_usage
 from policies.latency import (

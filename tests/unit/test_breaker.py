@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.flow.breaker import BreakerBoard, BreakerConfig, CircuitBreaker
+from gateway.state.breaker import BreakerBoard, BreakerConfig, CircuitBreaker
 
 CFG = BreakerConfig(
     consecutive_failures=5,

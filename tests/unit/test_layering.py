@@ -160,9 +160,10 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 # The request path, top to bottom: a folder imports only folders below it (and the
 # top-level modules errors, config, profiles, metrics). process, runtime and wiring compose
-# the process's and each config's objects from flow, metering and state; http serves them.
+# the process's and each config's objects from flow, metering and state (background runs
+# the process's pollers over them); http serves them.
 _ORDER = ("cli", "http", "compose", "flow", "metering", "state", "base")
-_COMPOSE = {"process", "runtime", "wiring"}
+_COMPOSE = {"background", "process", "runtime", "wiring"}
 # What a request is, whichever server reads it: flow and compose may read these from http/.
 _REQUEST_SEAM = {
     "gateway.http.inbound",
@@ -181,14 +182,6 @@ _KNOWN_BACK_EDGES = {
     ("gateway.metering.meter", "gateway.flow.forward"),
     ("gateway.metering.meter", "gateway.http.auth"),
     ("gateway.metering.meter", "gateway.http.inbound"),
-    # live backend state holds the breakers; shared state rebuilds admission's counters from the ledger
-    ("gateway.state.live", "gateway.flow.breaker"),
-    ("gateway.state.shared", "gateway.flow.admission"),
-    # state reads the ledger's stores and reports
-    ("gateway.state.background", "gateway.metering.ledger.provisioning"),
-    ("gateway.state.background", "gateway.metering.ledger.rows"),
-    ("gateway.state.shared", "gateway.metering.ledger.reports"),
-    ("gateway.state.shared", "gateway.metering.ledger.rows"),
 }
 
 

@@ -3,8 +3,8 @@
 Two entry points; everything else is in the submodules:
 
 - `attach_shared_state(spec, ...)`: called once per process after its ledger is
-  started; swaps the admission's store for the Redis-backed one and starts sharing
-  backend state. Returns a `SharedHandle` to close.
+  started; starts the Redis-backed limit store (the caller puts its admission on
+  `handle.limits`) and starts sharing backend state. Returns a `SharedHandle` to close.
 - `make_limit_store(spec)`: only the Redis-backed `LimitStore` (start/close it yourself).
 """
 
@@ -18,11 +18,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from gateway.config import RedisSpec
-from gateway.flow.admission import Admission
-from gateway.metering.ledger.reports import spend_by_tenant
-from gateway.metering.ledger.rows import LedgerStore
 from gateway.state.keys import KeyStore
-from gateway.state.limits import LimitStore
 from gateway.state.live import LiveState
 from gateway.state.shared.metrics import SharedMetrics
 from gateway.state.shared.outage import FailoverLimitStore, Reseed, SharedStateUnavailable
@@ -35,7 +31,6 @@ __all__ = [
     "SharedState",
     "SharedStateUnavailable",
     "attach_shared_state",
-    "ledger_reseed",
     "make_limit_store",
     "publish_keys_changed",
 ]
@@ -56,17 +51,6 @@ class SharedHandle:
         await self.state.close()
         await self.limits.close()
         await self.limits.redis.aclose()
-
-
-def ledger_reseed(admission: Admission, ledger: LedgerStore) -> Reseed:
-    """Rebuild Redis's counters from what the ledger says each tenant spent."""
-
-    async def reseed(target: LimitStore, cutoff: float) -> None:
-        spend = await spend_by_tenant(ledger, time.time(), before=cutoff)
-        # A throwaway Admission over `target` reuses the one definition of the counter keys.
-        await Admission(admission.limits, target).seed(spend)
-
-    return reseed
 
 
 def make_limit_store(
@@ -91,22 +75,20 @@ def make_limit_store(
 async def attach_shared_state(
     spec: RedisSpec,
     *,
-    admission: Admission,
-    ledger: LedgerStore | None,
+    reseed: Reseed | None,
     registry: CollectorRegistry,
     live: Callable[[], LiveState],
     keys: KeyStore,
 ) -> SharedHandle:
-    """Put the process's admission on Redis-shared counters and share its backend and key state.
+    """Start Redis-shared counters and share the process's backend and key state.
 
-    Call once per process after the ledger is started (a Redis without counters is
-    rebuilt from it). Never fails because Redis is down: the outage policy applies
-    until it answers. Follows reloads: `live()` is the live state in force.
+    Call once per process after the ledger is started (`reseed` rebuilds a Redis
+    without counters from it), then put the admission on `handle.limits`. Never fails
+    because Redis is down: the outage policy applies until it answers. Follows
+    reloads: `live()` is the live state in force.
     """
-    reseed = ledger_reseed(admission, ledger) if ledger is not None else None
     limits = make_limit_store(spec, registry=registry, reseed=reseed)
     await limits.start()
-    admission.store = limits  # the process keeps this Admission object, so this holds for good
     state = SharedState(limits.redis.client, spec.key_prefix, live, keys, registry=registry)
     await state.start()
     return SharedHandle(limits, state)
