@@ -150,7 +150,7 @@ class SqliteLedger:
         self._checkpointing = False
         self._owed = False  # the WAL is past checkpoint_bytes and has not started over
         self._next_passive = 0  # WAL size at which the next PASSIVE checkpoint starts
-        self._commits = 0  # commits by this store, loop and thread: "none since" checks
+        self._commits = 0  # commits by this store, loop and thread: the idle check's count
         self._idle_mark = 0
         self._idle_delay = idle_s
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -298,23 +298,28 @@ class SqliteLedger:
         """Copy the WAL into the database file and sync it; True if it caught up entirely.
 
         PASSIVE rounds never take the write lock: commits go on meanwhile. Caught up means
-        a round copied every frame and no commit of this store came in while it ran, so
-        the next commit starts the WAL over (SQLite does that when a writer finds it fully
-        copied). With `restart` a RESTART follows the rounds: it takes the write lock while
-        it copies and syncs what came in since the last round, so a commit that meets it
-        waits on this thread; only a WAL at `wal_cap_bytes` asks for one.
+        a round found the WAL exactly as the previous round left it, all copied: nothing came
+        in since (from any process), so the next commit starts the WAL over (SQLite does that
+        when a writer finds it fully copied). A round with nothing to copy does no I/O. With
+        `restart` a RESTART follows the rounds: it takes the write lock while it copies and
+        syncs what came in since the last round, so a commit that meets it waits on this
+        thread; only a WAL at `wal_cap_bytes` asks for one.
         """
         self._open_sync()
         conn = self._conn
         assert conn is not None
         self.checkpoints += 1
         caught_up = False
-        for _ in range(_PASSIVE_ROUNDS):
-            before = self._commits
+        copied = -1  # frames the last round left fully copied (-1: not all copied)
+        for _ in range(_PASSIVE_ROUNDS + 1):
             ((busy, frames, done),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            caught_up = not busy and done >= frames and self._commits == before
-            if caught_up:
+            if busy or done < frames:  # a reader still needs frames: not all copied
+                copied = -1
+                continue
+            if frames == copied:
+                caught_up = True
                 break
+            copied = frames
         if restart:
             self.restarts += 1
             conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
