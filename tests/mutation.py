@@ -181,8 +181,9 @@ TARGETS: tuple[Target, ...] = (
             "tests/integration/test_spool_replay.py",
             "tests/integration/test_ledger_sqlite.py",
         ),
-        # The store's own timing (checkpoints, a lock held by another process, WAL switch):
-        # they do not judge the writer.
+        # The store's own timing (checkpoints, the WAL's size under load, a lock held by
+        # another process, the WAL switch): they judge sqlite.py, not the writer, and a WAL
+        # size check failed mutmut's clean run twice at load 5-9.
         tuple(
             f"tests/integration/test_ledger_sqlite.py::{t}"
             for t in (
@@ -190,6 +191,8 @@ TARGETS: tuple[Target, ...] = (
                 "test_a_file_locked_by_another_process_waits_on_the_thread",
                 "test_switching_a_new_file_to_wal_waits_for_another_connection",
                 "test_checkpoints_follow_what_the_wal_holds_not_its_file_size",
+                "test_checkpoints_below_the_cap_never_hold_a_commit",
+                "test_a_wal_at_its_cap_without_an_idle_moment_is_restarted",
             )
         ),
     ),
