@@ -459,3 +459,28 @@ async def test_a_long_prompt_is_billed_at_the_tier_it_reached(tmp_path: Path) ->
     # A GPU is not tiered.
     completion.backend = "gpu"
     assert meter.tiered_prices(completion, Usage(200_000, 5, source="reported")) is None
+
+
+async def test_cached_and_cache_write_prices_are_whole_nano_dollars_per_million(
+    tmp_path: Path,
+) -> None:
+    """Like the input and output prices: 0.1234567891 $/M cached and 0.3456789012 $/M for a
+    cache write are in force as 0.123456789 and 0.345678901 (9 decimals)."""
+    meter, _, ledger, _, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    meter._live.prices.set(
+        "prov",
+        Price(
+            3e-6,
+            4e-6,
+            cached_input_per_token=1.234567891e-7,
+            cache_write_input_per_token=3.456789012e-7,
+        ),
+        model="pm",
+    )
+    fed = meter.unit_prices("prov", "pm", 0)
+    assert fed.cached_input_per_m == Decimal("0.123456789")
+    assert fed.cache_write_input_per_m == Decimal("0.345678901")
+    assert fed.nusd[2] == 123_456_789
+    await ledger.close()
