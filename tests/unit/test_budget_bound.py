@@ -29,6 +29,7 @@ from gateway.metering.usage import Usage, cost_usd
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 from policies.pricebook import Price, PriceTier
+from policies.types import Candidate, RouteDecision
 
 POLICY = """
 backends:
@@ -484,3 +485,38 @@ async def test_cached_and_cache_write_prices_are_whole_nano_dollars_per_million(
     assert fed.cache_write_input_per_m == Decimal("0.345678901")
     assert fed.nusd[2] == 123_456_789
     await ledger.close()
+
+
+async def test_a_row_carries_routings_marginal_cost_and_its_counterfactual(tmp_path: Path) -> None:
+    """Served by prov for pm ($3/$4 per M, from 100 prompt tokens $6/$8): routing predicted
+    $0.00004 for prov and named prov the alternative. The real prompt (200 tokens) reached
+    the tier: 200 x $6/M + 5 x $8/M = $0.00124, and the counterfactual is priced at that same
+    tier of pm (not the backend's base $1/$2, not the untiered $3/$4)."""
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    tiers = (PriceTier(100, 6e-6, 8e-6),)
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
+    completion.backend, completion.backend_model, completion.attempt = "prov", None, 1
+    completion.prices = meter.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    completion.decision = RouteDecision(
+        candidates=(Candidate("prov", 0.00004, 0.1, 0.01, 0.5, True),),
+        reason="cheapest",
+        price_version=0,
+        policy="cost",
+        alternative="prov",
+        alternative_cost_usd=0.00004,
+    )
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 200, "completion_tokens": 5, "total_tokens": 205},
+    }
+    await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=200)
+    await ledger.close()
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["cost_nusd"] == 1_240_000
+    assert row["marginal_cost_nusd"] == 40_000
+    assert (row["counterfactual_backend"], row["counterfactual_cost_nusd"]) == ("prov", 1_240_000)
+    assert row["backend_model"] == ""
