@@ -3,9 +3,10 @@ what a request that never answered settles to, and the rows it leaves."""
 
 from __future__ import annotations
 
+import faulthandler
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +31,16 @@ from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 from policies.pricebook import Price, PriceTier
 from policies.types import Candidate, RouteDecision
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A mutant that stops the ledger writer leaves `finish` waiting forever: end the process
+    after 20 s of one test instead (each takes well under a second), with every stack."""
+    faulthandler.dump_traceback_later(20, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
 
 POLICY = """
 backends:
