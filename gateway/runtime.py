@@ -19,10 +19,10 @@ from adapters.base import Backend
 from gateway.config import BackendSpec, GatewayConfig, ModelSpec
 from gateway.flow.estimate import Estimator
 from gateway.flow.feedback import Feedback
+from gateway.flow.meter import Meter
 from gateway.flow.reliability import ReliabilitySettings
 from gateway.flow.routing import Router
 from gateway.http.auth import Authenticator, Tenant
-from gateway.metering.meter import Meter
 from gateway.process import Process
 from gateway.state.live import LiveState
 

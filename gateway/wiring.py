@@ -32,10 +32,10 @@ from gateway.config import (
 )
 from gateway.flow.estimate import Estimator
 from gateway.flow.feedback import Feedback
+from gateway.flow.meter import Meter
 from gateway.flow.reliability import settings_from
 from gateway.flow.routing import Router, SloBudgets
 from gateway.http.auth import Authenticator
-from gateway.metering.meter import Meter
 from gateway.process import AppOptions, Process
 from gateway.runtime import Runtime, RuntimeRef
 from policies.types import Slo

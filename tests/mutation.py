@@ -73,7 +73,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "metering",
-        ("gateway/metering/meter.py",),
+        ("gateway/flow/meter.py", "gateway/flow/completion.py", "gateway/metering/prices.py"),
         (
             "tests/unit/test_budget_bound.py",
             "tests/integration/test_metering_e2e.py",

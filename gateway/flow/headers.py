@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from gateway.flow.completion import Completion
 from gateway.flow.forward import Attempt
 from gateway.http.client_headers import TIMEOUT_HEADER
-from gateway.metering.meter import Completion
 
 # Client headers that may reach an upstream; everything else (Authorization,
 # cookies, hop-by-hop headers) stays at the gateway.

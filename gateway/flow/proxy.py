@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Protocol
 
-from aiohttp import web
-
+from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
+from gateway.flow.completion import Completion
+from gateway.flow.estimate import Estimator
+from gateway.flow.feedback import Feedback
 from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
 from gateway.flow.headers import answer_headers, forward_headers, request_deadline_s
+from gateway.flow.meter import Meter
 from gateway.flow.relay import DONE, EventFilter
-from gateway.flow.routing import SloOutcome
+from gateway.flow.reliability import ReliabilitySettings
+from gateway.flow.routing import Router, SloOutcome
+from gateway.http.auth import Authenticator, Tenant
 from gateway.http.client_headers import check_client_headers
-from gateway.http.exchange import AiohttpExchange, ClientExchange, StallGuard, refuse_encoded_body
+from gateway.http.exchange import ClientExchange, StallGuard, refuse_encoded_body
 from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
-from gateway.metering.meter import Completion
 from gateway.metering.usage import StreamMeter
-from gateway.runtime import RUNTIME, Runtime, Tenant
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -36,19 +39,30 @@ def client_request_id(headers: Mapping[str, str]) -> str | None:
     return value
 
 
-def handler(endpoint: Endpoint) -> Any:
-    """The aiohttp handler of one inference endpoint."""
+class Services(Protocol):
+    """The config-lifetime parts the request path uses (`gateway.runtime.Runtime` has them)."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        exchange = AiohttpExchange(request)
-        await serve_request(request.app[RUNTIME].current, exchange, endpoint)
-        assert exchange.response is not None  # serve_request answers or raises
-        return exchange.response
+    @property
+    def config(self) -> GatewayConfig: ...
+    @property
+    def models(self) -> Mapping[str, ModelSpec]: ...
+    @property
+    def auth(self) -> Authenticator: ...
+    @property
+    def estimator(self) -> Estimator: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def feedback(self) -> Feedback: ...
+    @property
+    def meter(self) -> Meter: ...
+    @property
+    def settings(self) -> ReliabilitySettings: ...
+    @property
+    def deadline_ceiling_s(self) -> float: ...
 
-    return handle
 
-
-async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> None:
+async def serve_request(rt: Services, ex: ClientExchange, endpoint: Endpoint) -> None:
     """Authenticate, read and validate one inference request, then serve it."""
     refuse_encoded_body(ex.headers)  # first: a compressed body is never read, keyed or not
     tenant = rt.auth.tenant_for(ex.headers)
@@ -58,7 +72,7 @@ async def serve_request(rt: Runtime, ex: ClientExchange, endpoint: Endpoint) -> 
     await serve(rt, ex, tenant, inbound)
 
 
-async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: InboundRequest) -> None:
+async def serve(rt: Services, ex: ClientExchange, tenant: Tenant, inbound: InboundRequest) -> None:
     """Admit, route, forward and meter one validated request."""
     model = rt.models.get(inbound.model)
     if model is None:
@@ -110,7 +124,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
             await asyncio.shield(rt.meter.broken_attempts(completion, broken, rt.router.batch_seen))
     batch = rt.router.batch_seen(attempt.backend)
     context = estimate.prompt_tokens + estimate.expected_output_tokens // 2
-    prices = rt.meter.unit_prices(
+    prices = rt.meter.prices.unit_prices(
         attempt.backend, inbound.model, batch, estimate.prompt_tokens, context
     )
     completion.attach(attempt, batch, prices)
@@ -134,7 +148,7 @@ async def serve(rt: Runtime, ex: ClientExchange, tenant: Tenant, inbound: Inboun
 
 
 async def _relay_whole(
-    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+    rt: Services, ex: ClientExchange, completion: Completion, attempt: Attempt
 ) -> None:
     try:
         body = await attempt.response.read()
@@ -148,7 +162,7 @@ async def _relay_whole(
 
 
 async def _relay_stream(
-    rt: Runtime, ex: ClientExchange, completion: Completion, attempt: Attempt
+    rt: Services, ex: ClientExchange, completion: Completion, attempt: Attempt
 ) -> None:
     inbound = completion.inbound
     flt = EventFilter(strip_usage=not inbound.include_usage)
@@ -164,7 +178,7 @@ async def _relay_stream(
 
 
 async def _relay_events(
-    rt: Runtime,
+    rt: Services,
     ex: ClientExchange,
     completion: Completion,
     attempt: Attempt,

@@ -15,7 +15,6 @@ from gateway.errors import (
     NotFound,
     UnsupportedMediaType,
 )
-from gateway.flow.proxy import handler
 from gateway.http import endpoints
 from gateway.http.admin import add_admin_routes, add_usage_routes
 from gateway.http.edge_head import MAX_FIELD_SIZE, MAX_HEADERS
@@ -56,9 +55,9 @@ def create_app(
     app[REQUEST_IDS] = RequestIds()
     add_listeners(app)
     app.cleanup_ctx.append(_runtime_ctx(config, opts))
-    app.router.add_post("/v1/chat/completions", handler("chat"))
-    app.router.add_post("/v1/completions", handler("completions"))
-    app.router.add_post("/v1/embeddings", handler("embeddings"))
+    app.router.add_post("/v1/chat/completions", endpoints.handler("chat"))
+    app.router.add_post("/v1/completions", endpoints.handler("completions"))
+    app.router.add_post("/v1/embeddings", endpoints.handler("embeddings"))
     endpoints.add_routes(app)
     add_usage_routes(app)
     if admin_routes:

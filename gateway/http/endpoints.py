@@ -1,4 +1,5 @@
-"""The small endpoints: models, health, readiness and Prometheus metrics."""
+"""The endpoints' aiohttp handlers: the inference endpoints' entry (served by
+`gateway.flow.proxy`), models, health, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,10 +7,26 @@ import time
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import ModelNotFound
+from gateway.flow.proxy import serve_request
+from gateway.http.exchange import AiohttpExchange
+from gateway.http.inbound import Endpoint
 from gateway.runtime import RUNTIME
+
+
+def handler(endpoint: Endpoint) -> Handler:
+    """The aiohttp handler of one inference endpoint."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        exchange = AiohttpExchange(request)
+        await serve_request(request.app[RUNTIME].current, exchange, endpoint)
+        assert exchange.response is not None  # serve_request answers or raises
+        return exchange.response
+
+    return handle
 
 
 def add_routes(app: web.Application) -> None:

@@ -17,14 +17,15 @@ import pytest
 from gateway.config import ModelSpec, parse_config
 from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.flow.admission import Admission, AdmissionRejected, Reservation, TenantLimits
+from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimate
 from gateway.flow.forward import SentAttempt
+from gateway.flow.meter import Meter
 from gateway.http.auth import Tenant
 from gateway.http.inbound import InboundRequest
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerWriter
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.meter import Completion, Meter
 from gateway.metering.tokenizer import Tokenizer
 from gateway.metering.usage import Usage, cost_usd
 from gateway.metrics import GatewayMetrics
@@ -75,7 +76,7 @@ async def test_reservation_bounds_the_attributed_cost_and_settles_to_it() -> Non
     # What it settles to: 4000 of the prompt were prefix-cache hits (free) and it shared a
     # batch of 8 at a 9050-token context (priced at 16384: the 4096 curve, T(8) = 1274/s):
     # 0.001 x (5000 / 39900 + 100 / 1274) = 0.001 x 0.2038066 = $0.00020381.
-    prices = meter.unit_prices("gpu", "m", 8, context=9050)
+    prices = meter.prices.unit_prices("gpu", "m", 8, context=9050)
     usage = Usage(9000, 100, cached_tokens=4000, source="reported")
     attributed = cost_usd(usage, prices)
     assert float(attributed) == pytest.approx(PER_S * (5000 / 39900 + 100 / 1274), rel=1e-6)
@@ -83,7 +84,7 @@ async def test_reservation_bounds_the_attributed_cost_and_settles_to_it() -> Non
     # The worst case it reserved for (batch 1, no cache hit, every token produced) is
     # attributed at most the reservation.
     alone = cost_usd(
-        Usage(9000, 100, source="reported"), meter.unit_prices("gpu", "m", 1, context=9050)
+        Usage(9000, 100, source="reported"), meter.prices.unit_prices("gpu", "m", 1, context=9050)
     )
     assert alone <= held.cost_usd
     await admission.settle(held, usage.total_tokens, attributed)
@@ -291,8 +292,8 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
     assert [(s, b) for s, _, b in losers] == [(loser, 9), (gpu_loser, 4)]
     prov_prices = losers[0][1]
     assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(3), Decimal(4))
-    assert losers[1][1] == meter.unit_prices("gpu", "pm", 4)
-    assert losers[1][1] != meter.unit_prices("gpu", "pm", 9)
+    assert losers[1][1] == meter.prices.unit_prices("gpu", "pm", 4)
+    assert losers[1][1] != meter.prices.unit_prices("gpu", "pm", 9)
     completion = _completion(await meter.reserve(tenant, model, Estimate(3000, 50, 50, True)), 3000)
     completion.hedge_losers = losers
     await meter.finish(completion, outcome="ok")  # the winner delivered nothing metered here
@@ -343,7 +344,7 @@ async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: 
     )
     completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
     completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
-    completion.prices = meter.unit_prices("prov", "m", 1)
+    completion.prices = meter.prices.unit_prices("prov", "m", 1)
     # 400 completion tokens reported for a two-character answer: off by far more than 10%.
     answer = {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
@@ -365,12 +366,12 @@ async def test_gpu_prices_at_the_profiles_figures(tmp_path: Path) -> None:
     )
     # At the reference prompt (512 tokens: 41,900 tokens/s), $0.001 per GPU-second:
     # 0.001 / 41900 x 1e6 = $0.023866348 per million prompt tokens.
-    plain = meter.unit_prices("gpu", "m", 8)
+    plain = meter.prices.unit_prices("gpu", "m", 8)
     assert plain.input_per_m == Decimal("0.023866348")
     assert plain.version.endswith("/gpu@b8")
     # A one-token context is bucket 1, priced at its own prefill speed and named so.
-    assert meter.unit_prices("gpu", "m", 8, context=1).version.endswith("/gpu@b8c1")
-    assert meter.unit_prices("gpu", "m", 8, context=9050).version.endswith("/gpu@b8c16384")
+    assert meter.prices.unit_prices("gpu", "m", 8, context=1).version.endswith("/gpu@b8c1")
+    assert meter.prices.unit_prices("gpu", "m", 8, context=9050).version.endswith("/gpu@b8c16384")
     # The most a token can cost here (what budgets hold): prefill at 39,900/s and decoding
     # at 190/s: $0.025062657 and $5.263157895 per million (rounded to the nano-dollar).
     # 10M prompt and 10M output tokens: 10 x 0.025062657 + 10 x 5.263157895 = $52.88220552.
@@ -385,13 +386,13 @@ async def test_prices_in_force_are_whole_nano_dollars_per_million(tmp_path: Path
     meter, _, ledger, _, _ = await _meter_with_ledger(
         tmp_path, TenantLimits.of(usd_total=Decimal(1))
     )
-    odd = meter.unit_prices("prov", "odd", 0)
+    odd = meter.prices.unit_prices("prov", "odd", 0)
     assert (odd.input_per_m, odd.output_per_m) == (Decimal("0.123456789"), Decimal("0.987654322"))
     for prices in (
         odd,
-        meter.unit_prices("gpu", "m", 1),
-        meter.unit_prices("gpu", "m", 8, context=9050),
-        meter.unit_prices("gpu", "m", 3, context=700),
+        meter.prices.unit_prices("gpu", "m", 1),
+        meter.prices.unit_prices("gpu", "m", 8, context=9050),
+        meter.prices.unit_prices("gpu", "m", 3, context=700),
     ):
         assert Decimal(prices.nusd[0]) == prices.input_per_m * 10**9
         assert Decimal(prices.nusd[1]) == prices.output_per_m * 10**9
@@ -402,11 +403,11 @@ async def test_a_fed_cache_write_price_is_in_force(tmp_path: Path) -> None:
     meter, _, ledger, _, _ = await _meter_with_ledger(
         tmp_path, TenantLimits.of(usd_total=Decimal(1))
     )
-    assert meter.unit_prices("prov", "pm", 0).cache_write_input_per_m is None
+    assert meter.prices.unit_prices("prov", "pm", 0).cache_write_input_per_m is None
     meter._live.prices.set(
         "prov", Price(3e-6, 4e-6, cache_write_input_per_token=3.75e-6), model="pm"
     )
-    fed = meter.unit_prices("prov", "pm", 0)
+    fed = meter.prices.unit_prices("prov", "pm", 0)
     assert fed.cache_write_input_per_m == Decimal("3.75")
     assert (fed.input_per_m, fed.output_per_m) == (Decimal(3), Decimal(4))
     await ledger.close()
@@ -422,7 +423,7 @@ async def test_a_stream_is_counted_by_the_pool_given_or_a_default_one(
     )
     completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
     completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
-    completion.prices = meter.unit_prices("prov", "m", 1)
+    completion.prices = meter.prices.unit_prices("prov", "m", 1)
     stream = completion.stream_meter()
     stream.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "hello world"}}]}')
     usage = await meter.finish(completion, outcome="ok", meter=stream)
@@ -445,7 +446,7 @@ async def test_a_long_prompt_is_billed_at_the_tier_it_reached(tmp_path: Path) ->
     pm = next(m for m in parse_config(TWO).models if m.name == "pm")
     completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
     completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
-    completion.prices = base = meter.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    completion.prices = base = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=10)
     assert (base.input_per_m, base.output_per_m) == (Decimal(3), Decimal(4))
     assert meter.tiered_prices(completion, Usage(199_999, 5, source="reported")) is None
     at_200k = meter.tiered_prices(completion, Usage(200_000, 5, source="reported"))
@@ -491,7 +492,7 @@ async def test_cached_and_cache_write_prices_are_whole_nano_dollars_per_million(
         ),
         model="pm",
     )
-    fed = meter.unit_prices("prov", "pm", 0)
+    fed = meter.prices.unit_prices("prov", "pm", 0)
     assert fed.cached_input_per_m == Decimal("0.123456789")
     assert fed.cache_write_input_per_m == Decimal("0.345678901")
     assert fed.nusd[2] == 123_456_789
@@ -511,7 +512,7 @@ async def test_a_row_carries_routings_marginal_cost_and_its_counterfactual(tmp_p
     pm = next(m for m in parse_config(TWO).models if m.name == "pm")
     completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
     completion.backend, completion.backend_model, completion.attempt = "prov", None, 1
-    completion.prices = meter.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    completion.prices = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=10)
     completion.decision = RouteDecision(
         candidates=(Candidate("prov", 0.00004, 0.1, 0.01, 0.5, True),),
         reason="cheapest",

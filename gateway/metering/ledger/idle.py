@@ -25,7 +25,7 @@ from gateway.metering.ledger.rows import LedgerStore
 from gateway.metering.usage import NUSD_PER_USD, usd_to_nusd
 
 IdlePolicy = Literal["operator", "pro_rata"]
-# The tenant of costs the operator carries (as in gateway.metering.meter).
+# The tenant of costs the operator carries (as in gateway.flow.meter).
 OPERATOR = "(operator)"
 
 

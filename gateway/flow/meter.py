@@ -1,7 +1,9 @@
-"""Metering glue: one `Completion` per request, turned into usage, cost, a ledger row, budgets and metrics.
+"""The request's last stage: a finished `Completion` turned into usage, cost, a ledger row,
+settled budgets and metrics.
 
 The row is committed (or durably spooled) before the request counts as
 complete: callers await `Meter.finish` before the last byte goes to the client.
+What it is made of (usage, counting, prices, the ledger) is in `gateway.metering`.
 """
 
 from __future__ import annotations
@@ -9,27 +11,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config import ModelSpec
 from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.flow.admission import Admission, AdmissionRejected, Reservation
+from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimate
-from gateway.http.inbound import InboundRequest
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerRow, LedgerWriter
 from gateway.metering.outcome import AttemptOutcome
+from gateway.metering.prices import PricesInForce
 from gateway.metering.tokenizer import Tokenizer
 from gateway.metering.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_response
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 
 if TYPE_CHECKING:
-    from gateway.flow.forward import Attempt, SentAttempt
+    from gateway.flow.forward import SentAttempt
     from gateway.http.auth import Tenant
-    from policies.types import Candidate, RouteDecision
 
 log = logging.getLogger("neogate.metering")
 _MILLION = 1_000_000
@@ -38,74 +39,6 @@ _MILLION = 1_000_000
 # The tenant of rows the operator pays for (cancelled hedges). Not a valid tenant name,
 # so it never meets a configured tenant, its budgets or its usage.
 OPERATOR_TENANT: Final = "(operator)"
-
-
-@dataclass(slots=True)
-class Completion:
-    """What the gateway knows about one request while it runs."""
-
-    rid: str
-    tenant: str
-    inbound: InboundRequest
-    estimate: Estimate
-    reservation: Reservation | None
-    arrived: float
-    decision: RouteDecision | None = None
-    backend: str | None = None
-    backend_model: str | None = None
-    attempt: int = 0
-    batch_seen: int = 0
-    prices: UnitPrices | None = None  # captured when the attempt started: the price in force
-    first_byte_at: float | None = None
-    usage: Usage | None = None
-    client_request_id: str | None = None
-    # Hedged attempts that lost the race, with the prices and batch in force for each.
-    hedge_losers: tuple[tuple[SentAttempt, UnitPrices, int], ...] = ()
-    outcome: AttemptOutcome | None = None  # set once, when the answering attempt ended
-    _meter: StreamMeter | None = field(default=None)
-
-    def attach(self, attempt: Attempt, batch_seen: int, prices: UnitPrices) -> None:
-        self.backend = attempt.backend
-        self.backend_model = attempt.backend_model
-        self.attempt = attempt.number
-        self.batch_seen = batch_seen
-        self.prices = prices
-
-    def stream_meter(self) -> StreamMeter:
-        self._meter = StreamMeter()
-        return self._meter
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_byte_at is None else self.first_byte_at - self.arrived
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.usage.completion_tokens if self.usage is not None else 0
-
-    def candidate(self) -> Candidate | None:
-        """Routing's candidate for the backend that answered (None: not a routed candidate)."""
-        decision = self.decision
-        if decision is None:
-            return None
-        return next((c for c in decision.candidates if c.backend == self.backend), None)
-
-    def end(self, status: str, now: float) -> AttemptOutcome:
-        """The answering attempt ended at `now` (monotonic): its outcome, kept on the completion."""
-        assert self.backend is not None
-        usage = self.usage
-        self.outcome = AttemptOutcome(
-            backend=self.backend,
-            model=self.inbound.model,
-            status=status,
-            ttft_s=self.ttft_s,
-            total_s=now - self.arrived,
-            prompt_tokens=self.estimate.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            timings=usage.upstream_timings if usage is not None else None,
-            predicted=self.candidate(),
-        )
-        return self.outcome
 
 
 class Meter:
@@ -130,8 +63,7 @@ class Meter:
         self.admission = admission
         self._live = live
         self._threshold = divergence_threshold
-        self._price_cache: dict[tuple[str, str, int, int, int], UnitPrices] = {}
-        self._worst_cache: dict[tuple[str, int], UnitPrices] = {}
+        self.prices = PricesInForce(live)
 
     # --- before forwarding ----------------------------------------------------------
 
@@ -141,7 +73,7 @@ class Meter:
         Budgets hold the upper bound (`Estimate.budget_output_tokens`: the key's max_tokens
         cap when the request set none); the tokens-per-minute limit the request's own.
         """
-        worst = self._worst_prices(model)
+        worst = self.prices.worst(model)
         cost = (
             estimate.prompt_tokens * worst.input_per_m
             + estimate.budget_output_tokens * worst.output_per_m
@@ -157,63 +89,6 @@ class Meter:
             self._metrics.rejections.labels(exc.limit).inc()
             raise _limit_error(exc) from exc
 
-    def _worst_prices(self, model: ModelSpec) -> UnitPrices:
-        """The dearest of the model's backends at the current price book (reservations)."""
-        key = (model.name, self._live.prices.book.version)
-        worst = self._worst_cache.get(key)
-        if worst is None:
-            if len(self._worst_cache) > 1024:
-                self._worst_cache.clear()
-            worst = self._worst_cache[key] = max(
-                (self._most(b, model.name) for b in model.backends),
-                key=lambda p: p.input_per_m + p.output_per_m,
-            )
-        return worst
-
-    def _most(self, backend: str, model: str) -> UnitPrices:
-        """The most a token can be attributed on `backend`: list price, or a GPU's upper bound."""
-        gpu = self._live.backends[backend].gpu
-        if gpu is None:
-            return self.unit_prices(backend, model, 0)
-        prompt, output = gpu.most_per_token()
-        return UnitPrices.of(round(prompt * _MILLION, 9), round(output * _MILLION, 9), 0)
-
-    def unit_prices(
-        self, backend: str, model: str, batch: int, prompt_tokens: int = 0, context: int = 0
-    ) -> UnitPrices:
-        """Prices in force now: the price book for providers (the tier `prompt_tokens` reaches),
-        the cost model for GPUs.
-
-        A local GPU's prices are its attributed cost (docs/economics.md): prefill at the
-        speed of a prompt of `context` tokens, output at T(batch, context), prefix-cache hits
-        free. `context` is rounded up to a power of two (0: the profile's reference context).
-        """
-        book = self._live.prices.book
-        live = self._live.backends[backend]
-        if live.gpu is not None:
-            bucket = 0 if context <= 0 else 1 << (context - 1).bit_length()
-            key = (backend, model, batch, book.version, bucket)
-        else:
-            tier = 0
-            if prompt_tokens:
-                price = book.get(backend, model)
-                if price is not None and price.tiers:
-                    tier = max(
-                        (
-                            t.min_prompt_tokens
-                            for t in price.tiers
-                            if prompt_tokens >= t.min_prompt_tokens
-                        ),
-                        default=0,
-                    )
-            key = (backend, model, 0, book.version, tier)
-        cached = self._price_cache.get(key)
-        if cached is None:
-            if len(self._price_cache) > 4096:
-                self._price_cache.clear()  # versions move on; old entries are dead weight
-            cached = self._price_cache[key] = self._unit_prices(backend, model, batch, key[4])
-        return cached
-
     def tiered_prices(self, completion: Completion, usage: Usage) -> UnitPrices | None:
         """The prices of the tier the request's real prompt length reached, where that differs
         from the tier its estimate picked (same book version only: the price in force)."""
@@ -224,43 +99,8 @@ class Meter:
         price = book.get(backend, model)
         if price is None or not price.tiers or prices.version != str(book.version):
             return None
-        real = self.unit_prices(backend, model, completion.batch_seen, usage.prompt_tokens)
+        real = self.prices.unit_prices(backend, model, completion.batch_seen, usage.prompt_tokens)
         return None if real is prices else real
-
-    def _unit_prices(self, backend: str, model: str, batch: int, at: int = 0) -> UnitPrices:
-        """`at`: the price tier (providers) or the context bucket (GPUs)."""
-        live = self._live.backends[backend]
-        book = self._live.prices.book
-        version = str(book.version)
-        if live.gpu is not None:
-            gpu = live.gpu
-            per_s = gpu.price_per_hour / 3600.0
-            context = at
-            if context > 0:
-                prefill_s = gpu.prefill_time_s(context) / context
-                where = f"b{batch}c{context}"
-            else:
-                prefill_s = 1.0 / gpu.prefill_tokens_per_s
-                where = f"b{batch}"
-            return UnitPrices.of(
-                round(prefill_s * per_s * _MILLION, 9),
-                round(gpu.cost_per_output_token(batch, context or None) * _MILLION, 9),
-                0,  # a prefix-cache hit takes no prefill time
-                version=f"{version}/gpu@{where}",
-            )
-        price = book.get(backend, model)
-        if price is None:
-            return UnitPrices.of(0, 0, None, version)
-        price = price.at_prompt(at)
-        cached = price.cached_input_per_token
-        written = price.cache_write_input_per_token
-        return UnitPrices.of(
-            round(price.input_per_token * _MILLION, 9),
-            round(price.output_per_token * _MILLION, 9),
-            None if cached is None else round(cached * _MILLION, 9),
-            version,
-            cache_write_input_per_m=None if written is None else round(written * _MILLION, 9),
-        )
 
     # --- after the answer -------------------------------------------------------------
 
@@ -369,7 +209,7 @@ class Meter:
         try:
             for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
                 batch = batch_seen(out.backend)
-                prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+                prices = self.prices.unit_prices(out.backend, completion.inbound.model, batch)
                 tenant = completion.tenant if i == 0 else OPERATOR_TENANT
                 row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
                 if i == 0:
@@ -393,7 +233,7 @@ class Meter:
         """
         for out in broken:
             batch = batch_seen(out.backend)
-            prices = self.unit_prices(out.backend, completion.inbound.model, batch)
+            prices = self.prices.unit_prices(out.backend, completion.inbound.model, batch)
             row = self._sent_row(completion, out, prices, batch, OPERATOR_TENANT, "upstream_cut")
             if self.ledger is not None:
                 await self.ledger.record(row)
@@ -405,7 +245,7 @@ class Meter:
         out = []
         for loser in losers:
             batch = batch_seen(loser.backend)
-            out.append((loser, self.unit_prices(loser.backend, model, batch), batch))
+            out.append((loser, self.prices.unit_prices(loser.backend, model, batch), batch))
         return tuple(out)
 
     def _sent_row(
@@ -482,7 +322,7 @@ class Meter:
         if decision is None or decision.alternative is None:
             return None
         alt = decision.alternative
-        return alt, self.unit_prices(alt, completion.inbound.model, 0, usage.prompt_tokens)
+        return alt, self.prices.unit_prices(alt, completion.inbound.model, 0, usage.prompt_tokens)
 
     def _observe(
         self, completion: Completion, outcome: str, usage: Usage | None, cost: Decimal
