@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 
 from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool, make_store
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 
 
 def _row(i: int, run: str) -> LedgerRow:

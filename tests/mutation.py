@@ -62,7 +62,11 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "usage",
-        ("gateway/metering/usage.py",),
+        (
+            "gateway/metering/usage.py",
+            "gateway/metering/stream_meter.py",
+            "gateway/metering/money.py",
+        ),
         (
             "tests/unit/test_usage.py",
             "tests/unit/test_dialects.py",

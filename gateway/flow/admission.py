@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.metering.ledger.reports import TenantSpend
-from gateway.metering.usage import NUSD_PER_USD, to_decimal, usd_to_nusd
+from gateway.metering.money import NUSD_PER_USD, to_decimal, usd_to_nusd
 from gateway.state.limits import (
     MINUTE_S,
     CounterCheck,

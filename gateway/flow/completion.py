@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from gateway.flow.admission import Reservation
 from gateway.flow.estimate import Estimate
 from gateway.http.inbound import InboundRequest
+from gateway.metering.money import UnitPrices
 from gateway.metering.outcome import AttemptOutcome
-from gateway.metering.usage import StreamMeter, UnitPrices, Usage
+from gateway.metering.stream_meter import StreamMeter
+from gateway.metering.usage import Usage
 
 if TYPE_CHECKING:
     from gateway.flow.forward import Attempt, SentAttempt

@@ -21,10 +21,12 @@ from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimate
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.money import UnitPrices
 from gateway.metering.outcome import AttemptOutcome
 from gateway.metering.prices import PricesInForce
+from gateway.metering.stream_meter import StreamMeter
 from gateway.metering.tokenizer import Tokenizer
-from gateway.metering.usage import StreamMeter, UnitPrices, Usage, reconcile, usage_from_response
+from gateway.metering.usage import Usage, reconcile, usage_from_response
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 

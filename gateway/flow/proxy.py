@@ -22,7 +22,7 @@ from gateway.http.auth import Authenticator, Tenant
 from gateway.http.client_headers import check_client_headers
 from gateway.http.exchange import ClientExchange, StallGuard, refuse_encoded_body
 from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
-from gateway.metering.usage import StreamMeter
+from gateway.metering.stream_meter import StreamMeter
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",

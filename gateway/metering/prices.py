@@ -8,7 +8,7 @@ version, so a request's lookup is a dict hit.
 from __future__ import annotations
 
 from gateway.config import ModelSpec
-from gateway.metering.usage import UnitPrices
+from gateway.metering.money import UnitPrices
 from gateway.state.live import LiveState
 
 _MILLION = 1_000_000

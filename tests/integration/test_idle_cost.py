@@ -11,7 +11,8 @@ import pytest
 from gateway.metering.ledger import LedgerRow, LedgerWriter
 from gateway.metering.ledger.idle import OPERATOR, split_idle
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 from tests.integration.test_ledger_sqlite import usage_cli
 
 

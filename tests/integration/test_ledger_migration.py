@@ -17,7 +17,8 @@ from gateway.metering.ledger.postgres import _column_sql as pg_column
 from gateway.metering.ledger.rows import COLUMNS
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.ledger.sqlite import _column_sql as sqlite_column
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 
 NEW = ("marginal_cost_nusd", "counterfactual_cost_nusd", "counterfactual_backend")
 OLD = [c for c in COLUMNS if c not in NEW]

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool
 from gateway.metering.ledger.postgres import PostgresLedger, to_dollar_params
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 from tests.integration.test_ledger_sqlite import check_reports, dataset_rows
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432

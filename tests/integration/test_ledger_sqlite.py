@@ -28,7 +28,8 @@ from gateway.metering.ledger.reports import (
     usage_report,
 )
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -209,7 +210,8 @@ _CHILD = textwrap.dedent(
     import asyncio, sys
     from gateway.metering.ledger import LedgerRow, LedgerWriter, Spool
     from gateway.metering.ledger.sqlite import SqliteLedger
-    from gateway.metering.usage import UnitPrices, Usage
+    from gateway.metering.money import UnitPrices
+    from gateway.metering.usage import Usage
 
     async def one(writer, i):
         row = LedgerRow.from_usage(

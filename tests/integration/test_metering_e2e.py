@@ -35,7 +35,7 @@ from gateway.http.app import AppOptions, create_app
 from gateway.http.edge_site import open_site
 from gateway.metering.ledger import make_store
 from gateway.metering.ledger.rows import COLUMNS
-from gateway.metering.usage import usd_to_nusd
+from gateway.metering.money import usd_to_nusd
 from gateway.runtime import RUNTIME
 from loadtest.sim.common import start_site
 from loadtest.sim.faults import TOKENS_BEFORE_MIDSTREAM_FAULT

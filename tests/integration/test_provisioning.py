@@ -24,7 +24,8 @@ from gateway.metering.ledger.provisioning import gpu_terms, provisioning
 from gateway.metering.ledger.rows import LedgerRow, LedgerStore
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.ledger.writer import LedgerWriter
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 from tests.conftest import ADMIN_KEY, GatewayFactory, Upstreams, base_policy
 from tests.integration.test_ledger_postgres import DSN
 

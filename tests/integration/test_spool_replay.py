@@ -11,7 +11,8 @@ import pytest
 
 from gateway.metering.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 from gateway.process import orphan_spools
 
 

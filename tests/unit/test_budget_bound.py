@@ -26,8 +26,9 @@ from gateway.http.inbound import InboundRequest
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerWriter
 from gateway.metering.ledger.sqlite import SqliteLedger
+from gateway.metering.money import cost_usd
 from gateway.metering.tokenizer import Tokenizer
-from gateway.metering.usage import Usage, cost_usd
+from gateway.metering.usage import Usage
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 from policies.pricebook import Price, PriceTier

@@ -10,7 +10,8 @@ import pytest
 
 from adapters.dialects import dialect_for, openai_error_body, stream_error_payload
 from gateway.config import LOCAL_KINDS, BackendKind
-from gateway.metering.usage import StreamMeter, reconcile
+from gateway.metering.stream_meter import StreamMeter
+from gateway.metering.usage import reconcile
 from policies.headroom import Headroom, KnownLimits, OwnUsage, near_limit, with_own_usage
 
 WIRE = Path(__file__).resolve().parents[1] / "fixtures" / "wire"

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.metering.ledger import LedgerRow, LedgerWriteFailed, LedgerWriter, Spool
 from gateway.metering.ledger.rows import LedgerUnavailable
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.usage import UnitPrices, Usage
+from gateway.metering.money import UnitPrices
+from gateway.metering.usage import Usage
 
 
 class Clock:

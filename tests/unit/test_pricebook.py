@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.metering.usage import UnitPrices, cost_usd, parse_usage_object
+from gateway.metering.money import UnitPrices, cost_usd
+from gateway.metering.usage import parse_usage_object
 from policies.pricebook import (
     FeedError,
     Price,

@@ -6,8 +6,9 @@ import orjson
 import pytest
 
 from gateway.flow.relay import DONE, EventFilter, is_json_object, usage_object
+from gateway.metering.stream_meter import StreamMeter
 from gateway.metering.tokenizer import Tokenizer
-from gateway.metering.usage import StreamMeter, UpstreamTimings, Usage
+from gateway.metering.usage import UpstreamTimings, Usage
 
 CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":"fp","x":1,"choices":[{"index":0,"delta":{"content":"hi"}}]}'
 NULL_USAGE = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'

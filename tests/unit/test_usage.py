@@ -8,17 +8,10 @@ from typing import Any
 
 import pytest
 
+from gateway.metering.money import UnitPrices, cost_usd, nusd_to_usd, usd_to_nusd
+from gateway.metering.stream_meter import StreamMeter
 from gateway.metering.tokenizer import Tokenizer
-from gateway.metering.usage import (
-    StreamMeter,
-    UnitPrices,
-    Usage,
-    cost_usd,
-    nusd_to_usd,
-    reconcile,
-    usage_from_response,
-    usd_to_nusd,
-)
+from gateway.metering.usage import Usage, reconcile, usage_from_response
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from gateway.metering.ledger.rows import LedgerStore
-from gateway.metering.usage import NUSD_PER_USD, usd_to_nusd
+from gateway.metering.money import NUSD_PER_USD, usd_to_nusd
 
 IdlePolicy = Literal["operator", "pro_rata"]
 # The tenant of costs the operator carries (as in gateway.flow.meter).

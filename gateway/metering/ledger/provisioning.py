@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.metering.ledger.rows import LedgerStore
-from gateway.metering.usage import NUSD_PER_USD
+from gateway.metering.money import NUSD_PER_USD
 from policies.costmodel import GpuModel
 
 # The window of the Prometheus gauges and of /admin/backends (unless ?window= says otherwise).

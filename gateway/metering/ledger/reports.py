@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.metering.ledger.rows import LedgerStore
-from gateway.metering.usage import NUSD_PER_USD
+from gateway.metering.money import NUSD_PER_USD
 
 GROUP_KEYS = ("day", "model", "backend", "tenant", "backend_model", "outcome", "token_source")
 BATCH_BUCKETS = ((1, "1"), (4, "2-4"), (8, "5-8"), (16, "9-16"), (32, "17-32"), (64, "33-64"))

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.metering.usage import UnitPrices, Usage, cost_usd, nusd_to_usd, usd_to_nusd
+from gateway.metering.money import UnitPrices, cost_usd, nusd_to_usd, usd_to_nusd
+from gateway.metering.usage import Usage
 
 # Outcomes the gateway records; the column is free text so new ones need no migration.
 KNOWN_OUTCOMES = (
