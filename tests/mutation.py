@@ -93,7 +93,12 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "forward",
-        ("gateway/flow/forward.py",),
+        (
+            "gateway/flow/forward.py",
+            "gateway/flow/attempt.py",
+            "gateway/flow/retryable.py",
+            "gateway/flow/first_byte.py",
+        ),
         (
             "tests/integration/test_forward_attempts.py",
             "tests/integration/test_money_paths.py",

@@ -14,7 +14,7 @@ from gateway.metering.stream_meter import StreamMeter
 from gateway.metering.usage import Usage
 
 if TYPE_CHECKING:
-    from gateway.flow.forward import Attempt, SentAttempt
+    from gateway.flow.attempt import Attempt, SentAttempt
     from policies.types import Candidate, RouteDecision
 
 

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 from gateway.errors import GatewayError, UpstreamStatus
 from gateway.flow.backpressure import Gate
-from gateway.flow.forward import is_retryable
 from gateway.flow.reliability import Reliability
+from gateway.flow.retryable import is_retryable
 from gateway.flow.routing import SloBudgets, SloOutcome
 from gateway.metering.outcome import AttemptOutcome
 from gateway.metrics import GatewayMetrics

@@ -19,114 +19,30 @@
 With hedging on (streams only), a second attempt starts when the first has sent
 no event after the hedge delay; the first to answer wins, the other is cancelled
 and its backend named in `Attempt.hedged` (the operator's cost, not the tenant's).
+
+What an attempt is: `gateway.flow.attempt`; which failures are retried and what the
+client is told: `gateway.flow.retryable`; one attempt read up to its first byte:
+`gateway.flow.first_byte`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
 
-import orjson
-
-from adapters.base import AttemptTimeouts, Backend, UpstreamResponse
-from gateway.errors import (
-    GatewayError,
-    NoBackendAvailable,
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamStatus,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from gateway.errors import GatewayError, NoBackendAvailable, UpstreamTimeout
+from gateway.flow.attempt import Attempt, AttemptHooks, AttemptPlan, ForwardOptions, SentAttempt
 from gateway.flow.backpressure import Gate, GateToken
-from gateway.flow.hedging import HedgeConfig, hedge_delay, hedge_first_byte
-from gateway.flow.relay import DONE, is_json_object
-
-# Upstream statuses that are the gateway's own credentials failing on that backend: another
-# backend may well succeed, and the breaker should see the backend as broken.
-_CREDENTIAL_STATUSES = frozenset({401, 403})
-# Upstream statuses worth one more try on the same backend when it is the only candidate.
-_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
-
-
-class AttemptHooks(Protocol):
-    """What the forwarder reports to, and asks of, the live routing state (`Feedback`)."""
-
-    def admit(self, backend: str) -> bool:
-        """The breaker's leave for one attempt (consumes the half-open probe)."""
-        ...
-
-    def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None: ...
-
-    def on_abandon(self, backend: str) -> None:
-        """An admitted attempt ended without a verdict (cancelled, lost a hedge)."""
-        ...
-
-    def may_retry(self) -> bool:
-        """Spend one unit of the retry budget."""
-        ...
-
-    def on_retry(self, backend: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SentAttempt:
-    """An attempt whose request went out: a cancelled one (a lost hedge, or a client that
-    left before any answer) still had the prompt, so it is metered."""
-
-    backend: str
-    backend_model: str
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardOptions:
-    """How hard one request tries."""
-
-    max_attempts: int = 3
-    queue_wait_s: float = 0.0  # the first attempt's wait for a gate slot
-    hedge: HedgeConfig = field(default_factory=HedgeConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptPlan:
-    """One ranked candidate turned into what the forwarder needs."""
-
-    backend: Backend
-    backend_model: str
-    body: bytes
-    timeouts: AttemptTimeouts
-    ttft_s: float | None = None  # predicted, for the hedge delay
-    ttft_spread_s: float | None = None
-
-
-def _no_release() -> None:
-    return None
-
-
-@dataclass(slots=True)
-class Attempt:
-    """A started attempt: which backend, which try, and the open response."""
-
-    backend: str
-    backend_model: str
-    number: int
-    response: UpstreamResponse
-    first_event: bytes | None  # streams: the first event, read before committing to the client
-    events: AsyncIterator[bytes] | None  # streams: the rest, bounded by the attempt's deadline
-    started: float  # loop time the attempt began
-    timeouts: AttemptTimeouts | None = None  # as applied (already cut to the request's deadline)
-    hedged: tuple[SentAttempt, ...] = ()  # cancelled hedges: the operator's cost
-    answer: dict[str, Any] | None = None  # a buffered answer, parsed once (for metering)
-    _release: _Release | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        """Give back the gate slot this attempt holds; safe to call more than once."""
-        if self._release is not None:
-            self._release()
+from gateway.flow.first_byte import (
+    BufferedAnswer,
+    checked_first,
+    first_event,
+    timeouts_within,
+    whole_body,
+)
+from gateway.flow.hedging import hedge_delay, hedge_first_byte
+from gateway.flow.retryable import advise_client_retry, is_retryable, is_transient
 
 
 class _Release:
@@ -144,42 +60,8 @@ class _Release:
             self._gate.release(token)
 
 
-class _Buffered:
-    """A non-streamed answer already read whole inside its attempt."""
-
-    __slots__ = ("_body", "_inner")
-
-    def __init__(self, inner: UpstreamResponse, body: bytes) -> None:
-        self._inner = inner
-        self._body = body
-
-    @property
-    def status(self) -> int:
-        return self._inner.status
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._inner.headers
-
-    async def read(self) -> bytes:
-        return self._body
-
-    def events(self) -> AsyncIterator[bytes]:
-        raise TypeError("a buffered answer has no events")
-
-    def close(self) -> None:
-        self._inner.close()
-
-
 class _NoCandidate(Exception):
     """Inside a hedge race: nothing left to start."""
-
-
-def is_retryable(exc: GatewayError) -> bool:
-    """Whether another backend might succeed where this attempt failed."""
-    if isinstance(exc, UpstreamStatus):
-        return exc.retryable or exc.upstream_status in _CREDENTIAL_STATUSES
-    return isinstance(exc, UpstreamError)
 
 
 async def first_attempt_that_answers(
@@ -396,7 +278,7 @@ class _Forwarder:
     async def _open(self, plan: AttemptPlan, release: _Release, number: int) -> Attempt:
         name = plan.backend.name
         started = self.loop.time()
-        timeouts = _within(plan.timeouts, self.deadline - started)
+        timeouts = timeouts_within(plan.timeouts, self.deadline - started)
         self.attempts += 1
         try:
             response = await plan.backend.open(self.path, plan.body, self.headers, timeouts)
@@ -404,7 +286,7 @@ class _Forwarder:
                 if self.stream:
                     events = response.events()
                     first_at = started + timeouts.first_byte_s
-                    first = _checked_first(await _first_event(events, name, first_at), name)
+                    first = checked_first(await first_event(events, name, first_at), name)
                     # The adapter bounds the rest of the stream by the attempt's total
                     # and idle limits (the Backend contract): no timer per event here.
                     return Attempt(
@@ -419,7 +301,7 @@ class _Forwarder:
                         _release=release,
                     )
                 try:
-                    body, answer = await _whole_body(response, name)
+                    body, answer = await whole_body(response, name)
                 except GatewayError:
                     self.broken.append(SentAttempt(name, plan.backend_model, number))
                     raise
@@ -434,7 +316,7 @@ class _Forwarder:
             release()
             self.hooks.on_abandon(name)
             raise
-        buffered = _Buffered(response, body)
+        buffered = BufferedAnswer(response, body)
         return Attempt(
             name,
             plan.backend_model,
@@ -463,76 +345,6 @@ class _Forwarder:
         else:
             advise_client_retry(last)
         return last
-
-
-def is_transient(exc: GatewayError) -> bool:
-    """A failure that the same backend may well not repeat a moment later."""
-    if isinstance(exc, UpstreamStatus):
-        return exc.upstream_status in _TRANSIENT_STATUSES
-    return isinstance(exc, UpstreamUnavailable)
-
-
-def advise_client_retry(exc: GatewayError) -> None:
-    """Set what the client is told once the gateway's own tries are over.
-
-    Waiting helps after a transient failure (5xx, unreachable, timeout, 429, nothing in
-    service): `x-should-retry: true` and a `retry-after`. It does not when the backend
-    refuses the gateway's own credentials: `false`, and no `retry-after`.
-    """
-    if isinstance(exc, UpstreamStatus) and exc.upstream_status in _CREDENTIAL_STATUSES:
-        exc.should_retry, exc.retry_after_s = False, None
-        return
-    exc.should_retry = True
-    if exc.retry_after_s is None:
-        exc.retry_after_s = 1.0
-
-
-async def _first_event(events: AsyncIterator[bytes], backend: str, until: float) -> bytes:
-    try:
-        async with asyncio.timeout_at(until):
-            return await anext(events)
-    except StopAsyncIteration:
-        pass
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"backend {backend} sent no stream event in time") from exc
-    raise UpstreamProtocolError(f"backend {backend} closed the stream before any event")
-
-
-def _checked_first(event: bytes, backend: str) -> bytes:
-    """A first event that is not JSON fails the attempt while the client has seen nothing."""
-    data = event.startswith(b"data:") and not event.startswith(DONE)
-    if data and not is_json_object(event[5:].lstrip()):
-        raise UpstreamProtocolError(
-            f"backend {backend} sent a first stream event that is not a JSON object",
-            code="upstream_bad_event",
-        )
-    return event
-
-
-async def _whole_body(response: UpstreamResponse, backend: str) -> tuple[bytes, dict[str, Any]]:
-    """Read a non-streamed answer whole, and its JSON; a cut or unparseable body is a
-    retryable failure.
-
-    The adapter bounds the read by the attempt's total limit (the Backend contract).
-    """
-    body = await response.read()
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise UpstreamProtocolError(f"backend {backend} sent a body that is not a JSON object")
-    return body, parsed
-
-
-def _within(t: AttemptTimeouts, remaining: float) -> AttemptTimeouts:
-    remaining = max(remaining, 0.001)
-    return AttemptTimeouts(
-        connect_s=min(t.connect_s, remaining),
-        first_byte_s=min(t.first_byte_s, remaining),
-        idle_s=min(t.idle_s, remaining),
-        total_s=min(t.total_s, remaining),
-    )
 
 
 def _backoff(number: int) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from gateway.flow.attempt import Attempt
 from gateway.flow.completion import Completion
-from gateway.flow.forward import Attempt
 from gateway.http.client_headers import TIMEOUT_HEADER
 
 # Client headers that may reach an upstream; everything else (Authorization,

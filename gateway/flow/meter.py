@@ -31,7 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState
 
 if TYPE_CHECKING:
-    from gateway.flow.forward import SentAttempt
+    from gateway.flow.attempt import SentAttempt
     from gateway.http.auth import Tenant
 
 log = logging.getLogger("neogate.metering")

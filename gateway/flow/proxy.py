@@ -9,10 +9,11 @@ from typing import Protocol
 
 from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, UpstreamProtocolError
+from gateway.flow.attempt import Attempt, SentAttempt
 from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimator
 from gateway.flow.feedback import Feedback
-from gateway.flow.forward import Attempt, SentAttempt, first_attempt_that_answers
+from gateway.flow.forward import first_attempt_that_answers
 from gateway.flow.headers import answer_headers, forward_headers, request_deadline_s
 from gateway.flow.meter import Meter
 from gateway.flow.relay import DONE, EventFilter

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config import GatewayConfig
+from gateway.flow.attempt import ForwardOptions
 from gateway.flow.backpressure import Gate, GateConfig, GateState
-from gateway.flow.forward import ForwardOptions
 from gateway.flow.hedging import HedgeConfig
 from gateway.flow.retry_budget import RetryBudget, RetryBudgetConfig, RetryBudgetState
 from gateway.state.breaker import BreakerConfig

@@ -16,8 +16,8 @@ from types import MappingProxyType
 from adapters.base import AttemptTimeouts, Backend
 from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import NoBackendAvailable
+from gateway.flow.attempt import AttemptPlan
 from gateway.flow.estimate import Estimate
-from gateway.flow.forward import AttemptPlan
 from gateway.http.auth import Tenant
 from gateway.http.client_headers import DEADLINE_HEADER, SLO_HEADER
 from gateway.http.inbound import InboundRequest, upstream_body

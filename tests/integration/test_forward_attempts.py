@@ -33,19 +33,11 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.flow.attempt import Attempt, AttemptPlan, ForwardOptions, SentAttempt
 from gateway.flow.backpressure import Gate, GateConfig, GateRejected
-from gateway.flow.forward import (
-    Attempt,
-    AttemptPlan,
-    ForwardOptions,
-    SentAttempt,
-    _backoff,
-    advise_client_retry,
-    first_attempt_that_answers,
-    is_retryable,
-    is_transient,
-)
+from gateway.flow.forward import _backoff, first_attempt_that_answers
 from gateway.flow.hedging import HedgeConfig
+from gateway.flow.retryable import advise_client_retry, is_retryable, is_transient
 
 T = AttemptTimeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=10.0)
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'

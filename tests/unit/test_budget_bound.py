@@ -17,9 +17,9 @@ import pytest
 from gateway.config import ModelSpec, parse_config
 from gateway.errors import BudgetExceeded, LimitExceeded
 from gateway.flow.admission import Admission, AdmissionRejected, Reservation, TenantLimits
+from gateway.flow.attempt import SentAttempt
 from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimate
-from gateway.flow.forward import SentAttempt
 from gateway.flow.meter import Meter
 from gateway.http.auth import Tenant
 from gateway.http.inbound import InboundRequest
