@@ -109,12 +109,45 @@ async def test_wal_mode_and_synchronous_normal(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_a_new_file_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A one-row commit writes a page per b-tree it touches (the table, four indexes): at
+    1024-byte pages about a third of the WAL of SQLite's default 4096 (~22 KB), so a third
+    of the checkpoints for the same traffic."""
+    new = SqliteLedger(tmp_path / "new.db")
+    writer = LedgerWriter(new)
+    await writer.start()
+    await writer.record(make_row(0))  # the table's and indexes' first pages
+    ((_, before, _),) = await new.fetch("PRAGMA wal_checkpoint(PASSIVE)")
+    for i in range(1, 201):
+        await writer.record(make_row(i))
+    wal = (tmp_path / "new.db-wal").stat().st_size
+    assert await new.fetch("PRAGMA page_size") == [(1024,)]
+    await writer.close()
+    assert count_rows(tmp_path / "new.db") == 201
+    # 200 one-row commits after the first: at most 8 frames of 1024 + 24 bytes each (5 b-tree
+    # leaves, now and then a split's parent); at 4096 they would take ~4.4 MB.
+    assert wal <= 32 + (before + 200 * 8) * (1024 + 24), wal
+
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:  # made before this change: SQLite's default pages
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("CREATE TABLE other (x)")
+    store = SqliteLedger(old)
+    writer = LedgerWriter(store)
+    await writer.start()
+    await writer.record(make_row(0))
+    assert await store.fetch("PRAGMA page_size") == [(4096,)]
+    assert await store.fetch("PRAGMA journal_mode") == [("wal",)]
+    await writer.close()
+    assert count_rows(old) == 1
+
+
 async def test_quick_commits_run_on_the_loop_and_checkpoint_on_the_thread(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     store = SqliteLedger(db, checkpoint_bytes=1 << 20)
     writer = LedgerWriter(store, Spool(tmp_path / "spool"))
     await writer.start()
-    for i in range(1000):  # one row per commit: the most WAL per row (~20 KB)
+    for i in range(1000):  # one row per commit: the most WAL per row (~7 KB)
         await writer.record(make_row(i))
         if i % 50 == 0:
             await asyncio.sleep(0.01)  # let a running checkpoint finish
@@ -122,7 +155,7 @@ async def test_quick_commits_run_on_the_loop_and_checkpoint_on_the_thread(tmp_pa
     assert store.inline_commits + store.thread_commits == 1000
     assert store.inline_commits > 900
     assert store.checkpoints > 0
-    # Without checkpoints the WAL holds every commit (~20 MB); with them it starts over, at
+    # Without checkpoints the WAL holds every commit (~7 MB); with them it starts over, at
     # the latest when it reaches wal_cap_bytes (4 x 1 MB) plus what comes in during the
     # RESTART's rounds (on a loaded machine the pauses can be too short for an idle one).
     wal = db.with_name(db.name + "-wal")
@@ -499,7 +532,7 @@ async def test_checkpoints_follow_what_the_wal_holds_not_its_file_size(tmp_path:
     store = SqliteLedger(db, checkpoint_bytes=4 << 20)
     writer = LedgerWriter(store)
     await writer.start()
-    n = 3000  # one row per commit, ~20 KB of WAL each: ~60 MB, ~15 checkpoints' worth
+    n = 3000  # one row per commit, ~7 KB of WAL each: ~20 MB, ~5 checkpoints' worth
     for i in range(n):
         await writer.record(make_row(i))
         if i % 100 == 0:
@@ -507,9 +540,9 @@ async def test_checkpoints_follow_what_the_wal_holds_not_its_file_size(tmp_path:
     wal = db.with_name(db.name + "-wal").stat().st_size
     await writer.close()
     assert count_rows(db) == n
-    # Measured ~20 KB per one-row commit: per ~4 MB of them at most one checkpoint as the
+    # Measured ~7 KB per one-row commit: per ~4 MB of them at most one checkpoint as the
     # WAL passes 4 MB and one in the pause after (the idle one, which lets it start over).
-    assert 3 <= store.checkpoints <= 2 * (n * 20_000 // (4 << 20)) + 5, store.checkpoints
+    assert 3 <= store.checkpoints <= 2 * (n * 7_000 // (4 << 20)) + 5, store.checkpoints
     assert store.thread_commits <= store.checkpoints  # at most one commit meets each
     assert wal <= 8 << 20, wal  # the file is cut back after a checkpoint
 
@@ -534,7 +567,7 @@ async def test_checkpoints_below_the_cap_never_hold_a_commit(tmp_path: Path) -> 
     store = SqliteLedger(db, checkpoint_bytes=1 << 20, wal_cap_bytes=64 << 20)
     writer = LedgerWriter(store)
     await writer.start()
-    for i in range(600):  # one row per commit, ~20 KB of WAL each: ~12 MB, back to back
+    for i in range(600):  # one row per commit, ~7 KB of WAL each: ~4 MB, back to back
         await writer.record(make_row(i))
     assert store.checkpoints >= 1  # PASSIVE ones, one per another 1 MB of WAL
     await wait_checkpoints_settled(store)  # idle now: a PASSIVE round copies everything
@@ -543,7 +576,7 @@ async def test_checkpoints_below_the_cap_never_hold_a_commit(tmp_path: Path) -> 
     # Cut to journal_size_limit (a quarter of 1 MB); or, if a PASSIVE round caught up
     # during the run (the loop lost the core long enough), less than the 1 MB that makes
     # the size check owe a checkpoint plus one check's worth of commits since. Without
-    # checkpoints: ~12 MB.
+    # checkpoints: ~4 MB.
     assert wal.stat().st_size <= (1 << 20) + 32 * 25_000, wal.stat().st_size
     assert store.restarts == 0
     assert store.thread_commits == 0  # no commit waited behind a checkpoint
@@ -560,10 +593,10 @@ async def test_a_wal_at_its_cap_gets_a_restart(tmp_path: Path) -> None:
     store = SqliteLedger(db, checkpoint_bytes=1 << 40)  # no checkpoint while the WAL fills
     writer = LedgerWriter(store)
     await writer.start()
-    for i in range(300):  # ~6 MB of WAL
+    for i in range(300):  # ~2 MB of WAL
         await writer.record(make_row(i))
     assert store.checkpoints == 0
-    store.checkpoint_bytes, store.wal_cap_bytes = 1 << 20, 2 << 20
+    store.checkpoint_bytes, store.wal_cap_bytes = 1 << 19, 1 << 20
     store._maybe_checkpoint()  # what the size check after every 32nd commit does
     await wait_checkpoints_settled(store)
     assert (store.checkpoints, store.restarts) == (1, 1)

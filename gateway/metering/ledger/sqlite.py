@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from gateway.metering.ledger.rows import COLUMNS, LedgerRow, LedgerUnavailable
 
@@ -107,6 +107,15 @@ INSERT = (
 )
 
 
+# The page size of a new ledger file. A one-row commit writes one WAL frame (a page) per
+# b-tree it touches: the table and its four indexes. At SQLite's default of 4096 that is
+# ~22 KB of WAL per request; at 1024, ~6.8 KB for the same ~210-byte row (measured:
+# 20,000 one-row commits, 445 MB of WAL at 4096). Less WAL per request means a
+# checkpoint (copy + fsync, beside the commits) 3.3x less often for the same traffic.
+# The price: full scans of 200,000 rows 17-21% slower (130 -> 158 ms by tenant), the file
+# 10% larger; indexed lookups alike. A file keeps the page size it was created with.
+PAGE_SIZE: Final = 1024
+
 # Look at the WAL's size after this many commits on the loop's connection.
 _CHECK_EVERY = 32
 # PASSIVE checkpoint rounds (they never block commits) per checkpoint.
@@ -140,8 +149,7 @@ class SqliteLedger:
         self._inline = synchronous == "NORMAL"
         self._fast: sqlite3.Connection | None = None
         self._wal = f"{self.path}-wal"
-        # Checkpoint once the WAL holds this much: ~800 one-row commits, so at low load
-        # about one request in 800 meets the checkpoint's last fsync.
+        # Checkpoint once the WAL holds this much: ~2,400 one-row commits (`PAGE_SIZE`).
         self.checkpoint_bytes = checkpoint_bytes
         # Past this, a RESTART bounds the file (it may hold one commit; see the docstring).
         self.wal_cap_bytes = wal_cap_bytes if wal_cap_bytes is not None else 4 * checkpoint_bytes
@@ -427,7 +435,8 @@ def ensure_wal(conn: sqlite3.Connection, wait_s: float) -> None:
     locked" for that at once rather than through the busy handler: two processes opening
     a new file together (`serve --workers N`: one worker's ledger, the other's key store)
     would fail. The mode is read first (already WAL: nothing to do), then the switch is
-    retried until `wait_s` has passed.
+    retried until `wait_s` has passed. A new file gets `PAGE_SIZE` first; an existing
+    one keeps its own.
     """
     deadline = time.monotonic() + wait_s
     while True:
@@ -435,6 +444,7 @@ def ensure_wal(conn: sqlite3.Connection, wait_s: float) -> None:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() == "wal":
                 return
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # no effect once the file has pages
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() == "wal":
                 return
