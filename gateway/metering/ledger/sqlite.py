@@ -136,7 +136,7 @@ class SqliteLedger:
         busy_timeout_s: float = 2.0,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         create: bool = True,
-        checkpoint_bytes: int = 16 << 20,
+        checkpoint_bytes: int = 64 << 20,
         wal_cap_bytes: int | None = None,
         idle_s: float = 0.002,
     ) -> None:
@@ -149,7 +149,10 @@ class SqliteLedger:
         self._inline = synchronous == "NORMAL"
         self._fast: sqlite3.Connection | None = None
         self._wal = f"{self.path}-wal"
-        # Checkpoint once the WAL holds this much: ~2,400 one-row commits (`PAGE_SIZE`).
+        # Checkpoint once the WAL holds this much: ~9,600 one-row commits (`PAGE_SIZE`).
+        # While one runs, requests on the loop are slower (its copy and fsyncs beside them:
+        # at c=1 the ledger's p99 was 2-4x that of no ledger with one per ~750 requests);
+        # fewer of them is what keeps that out of the p99 (docs/benchmarks.md, 2026-12-05).
         self.checkpoint_bytes = checkpoint_bytes
         # Past this, a RESTART bounds the file (it may hold one commit; see the docstring).
         self.wal_cap_bytes = wal_cap_bytes if wal_cap_bytes is not None else 4 * checkpoint_bytes
