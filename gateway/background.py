@@ -1,11 +1,15 @@
 """Background tasks of one app: key-revocation refresh for the process's life; per config the
-worker /metrics scrapers, the price-feed poller and the provisioning gauges."""
+worker /metrics scrapers (and the uptime they observe, into the ledger), the price-feed poller
+and the provisioning gauges."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
@@ -15,6 +19,7 @@ from adapters.base import Backend
 from adapters.worker_metrics import MetricsParseError, parse_worker_metrics
 from gateway.config import BackendSpec, GatewayConfig
 from gateway.errors import GatewayError
+from gateway.metering.ledger.gpu_uptime import record_uptime
 from gateway.metering.ledger.provisioning import (
     PROVISIONING_WINDOW_S,
     gpu_terms,
@@ -22,6 +27,7 @@ from gateway.metering.ledger.provisioning import (
     provisioning_gauges_values,
 )
 from gateway.metering.ledger.rows import LedgerStore, LedgerUnavailable
+from gateway.metering.uptime import GAP_INTERVALS, UptimeTracker
 from gateway.metrics import GatewayMetrics
 from gateway.state.failures import FailureStreak
 from gateway.state.keys import KeyStore
@@ -48,6 +54,9 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     LedgerUnavailable,
 )
 PROVISIONING_REFRESH_S = 60.0
+# After a scrape succeeds, the uptime writer waits this long (at most a quarter of the scrape
+# interval) for the other workers' scrapes of the same tick, then writes them all at once.
+UPTIME_GATHER_S = 0.05
 
 
 class Background:
@@ -76,6 +85,11 @@ class Background:
         self._backends: Mapping[str, Backend] = {}
         self._specs: dict[str, BackendSpec] = {}
         self._live: LiveState | None = None
+        # Local workers' uptime as this process's scrapes see it (kept across reloads),
+        # written to the ledger as this observer's rows after each tick of scrapes.
+        self._uptime = UptimeTracker()
+        self._uptime_due = asyncio.Event()
+        self.observer = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
         self._spawn(self._tasks, "key-refresh", KEY_REFRESH_S, self._refresh_keys)
@@ -94,17 +108,49 @@ class Background:
         )
         tasks = self._config_tasks
         interval = config.routing.scrape_interval_s
-        for name, backend in backends.items():
-            if backend.is_local:
-                self._spawn(tasks, f"scrape-{name}", interval, self._scraper(name, backend, live))
+        local = {name: b for name, b in backends.items() if b.is_local}
+        for name, backend in local.items():
+            # On one fixed-rate schedule from now: the workers are scraped on the same ticks,
+            # so one uptime write carries them all.
+            scrape = self._scraper(name, backend, live, interval)
+            self._spawn(tasks, f"scrape-{name}", interval, scrape, fixed_rate=True)
+        if self._ledger is not None and local:
+            # Written right after each tick's scrapes (not one write per scrape per worker):
+            # a crash loses about one interval, the time since the last successful scrape.
+            self._spawn(tasks, "uptime", 0.0, self._uptime_writer(interval))
         if feed is not None:
             self._spawn(tasks, "price-feed", feed.interval_s, self.poll_price_feed)
         if self._ledger is not None and gpu_terms(config):
             self._spawn(tasks, "provisioning", PROVISIONING_REFRESH_S, self._provisioning)
 
-    async def stop(self) -> None:
+    async def stop(self, *, write_uptime: bool = True) -> None:
         await _cancel(self._config_tasks)
         await _cancel(self._tasks)
+        if not write_uptime:
+            return
+        try:
+            await self.write_uptime()  # the last interval's end (the ledger closes after)
+        except LedgerUnavailable as exc:
+            log.warning("uptime not written at stop: %s", exc)
+
+    def _uptime_writer(self, interval: float) -> Callable[[], Awaitable[None]]:
+        gather_s = min(UPTIME_GATHER_S, interval / 4)
+
+        async def step() -> None:
+            await self._uptime_due.wait()
+            await asyncio.sleep(gather_s)
+            self._uptime_due.clear()
+            await self.write_uptime()
+
+        return step
+
+    async def write_uptime(self) -> None:
+        """Upsert this process's changed up intervals into the ledger, in one statement."""
+        rows = self._uptime.unwritten()
+        if self._ledger is None or not rows:
+            return
+        await record_uptime(self._ledger, self.observer, rows)
+        self._uptime.written(rows)
 
     def _spawn(
         self,
@@ -112,11 +158,18 @@ class Background:
         name: str,
         interval: float,
         step: Callable[[], Awaitable[None]],
+        *,
+        fixed_rate: bool = False,
     ) -> None:
+        """Run `step` forever: `interval` after each run ends, or (`fixed_rate`) on ticks
+        `interval` apart from now (a run past its tick skips to the next one)."""
         # A failing task (its database or endpoint down) logs once per outage, not per try.
         streak = FailureStreak(log, f"background task {name}", expected=_OUTAGES)
+        clock = asyncio.get_running_loop().time
+        due = clock()
 
         async def loop() -> None:
+            nonlocal due
             while True:
                 try:
                     await step()
@@ -126,16 +179,24 @@ class Background:
                     streak.failed(exc)
                 else:
                     streak.succeeded()
-                await asyncio.sleep(interval)
+                if not fixed_rate:
+                    await asyncio.sleep(interval)
+                    continue
+                now = clock()
+                due += interval
+                if due < now:
+                    due += math.ceil((now - due) / interval) * interval
+                await asyncio.sleep(due - now)
 
         tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
 
     def _scraper(
-        self, name: str, backend: Backend, live: LiveState
+        self, name: str, backend: Backend, live: LiveState, interval: float
     ) -> Callable[[], Awaitable[None]]:
         streak = FailureStreak(log, f"metrics scrape of {name}", expected=_OUTAGES)
 
         async def scrape() -> None:
+            started = time.time()
             try:
                 text = await backend.fetch_metrics()
                 if text is None:
@@ -146,9 +207,15 @@ class Background:
             except (GatewayError, MetricsParseError) as exc:
                 self._metrics.scrape_failures.labels(name).inc()
                 streak.failed(exc)
+                self._uptime.down(name)
                 return
             streak.succeeded()
             live.observe_worker(name, metrics)
+            # Up now. The run goes on unless the silence before this scrape (its own time
+            # not counted: a slow answer is not a gap) passed GAP_INTERVALS intervals.
+            now = time.time()
+            self._uptime.up(name, now, GAP_INTERVALS * interval + (now - started))
+            self._uptime_due.set()
 
         return scrape
 

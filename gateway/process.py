@@ -238,7 +238,8 @@ class Process:
         try:
             if self._shared is not None:
                 await self._shared.close()
-            await self.background.stop()
+            # The last uptime goes to the ledger only if it was opened (it is closed below).
+            await self.background.stop(write_uptime=self._opened)
             if self._opened:
                 if self.ledger is not None:
                     await self.ledger.close()

@@ -70,12 +70,14 @@ def add_usage_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pricing",
         action="store_true",
         help="the pricing sheet per backend, and (with --config) the provisioning truth per "
-        "local GPU: does it pay, and above what load",
+        "local GPU: does it pay, and above what load (hours held: a reserved GPU's are the "
+        "window, an on_demand GPU's the uptime the gateway observed)",
     )
     p.add_argument(
         "--idle",
         action="store_true",
-        help="idle GPU time per local GPU over the window, by ledger.idle_cost (needs --config)",
+        help="idle GPU time per local GPU over the window, by ledger.idle_cost (needs --config; "
+        "an on_demand GPU is held for its observed uptime)",
     )
     return p
 
@@ -129,11 +131,17 @@ async def _usage(args: argparse.Namespace, loc: LedgerLocation, out: TextIO) -> 
 
 
 PROVISIONING_COLUMNS = [
-    "backend", "mode", "hours_held", "gpu_cost_usd", "prompt_tokens", "completion_tokens",
-    "mean_batch", "slo_batch", "utilisation", "attributed_usd_per_m", "held_usd_per_m",
-    "counterfactual_usd", "counterfactual_usd_per_m", "net_saving_usd",
+    "backend", "mode", "hours_held", "hours_from", "gpu_cost_usd", "prompt_tokens",
+    "completion_tokens", "mean_batch", "slo_batch", "utilisation", "attributed_usd_per_m",
+    "held_usd_per_m", "counterfactual_usd", "counterfactual_usd_per_m", "net_saving_usd",
     "break_even_tokens_per_s",
 ]  # fmt: skip
+
+
+HOURS_HELD_NOTE = (
+    "hours held: reserved GPUs the whole window; on_demand GPUs the uptime the gateway's "
+    "scrapes of the worker observed (hours_from), none observed: unknown"
+)
 
 
 async def _provisioning(
@@ -167,7 +175,7 @@ def _render_provisioning(
         return
     render(truth, PROVISIONING_COLUMNS, args.format, out)
     if args.format == "table":
-        out.write("\n")
+        out.write(f"\n{HOURS_HELD_NOTE}\n")
         for r in truth:
             out.write(f"{r['advice']}\n")
 
@@ -188,12 +196,15 @@ async def _idle(
         raise CliError("--idle needs --config (the GPUs' prices and ledger.idle_cost)")
     config = load_config(args.config)
     gpus = {b.name: b.gpu.price_per_hour for b in config.backends if b.gpu is not None}
+    modes = {b.name: b.gpu.mode for b in config.backends if b.gpu is not None}
     if since is None:
         first = await store.fetch("SELECT MIN(ts) FROM ledger")
         since = float(first[0][0]) if first and first[0][0] is not None else now
     end = now if until is None else until
-    lines = await idle_report(store, gpus, since, end, config.ledger.idle_cost)
-    columns = ["backend", "tenant", "hours", "held_usd", "attributed_usd", "idle_usd"]
+    lines = await idle_report(store, gpus, since, end, config.ledger.idle_cost, modes)
+    columns = [
+        "backend", "tenant", "hours", "hours_from", "held_usd", "attributed_usd", "idle_usd"
+    ]  # fmt: skip
     render([line.as_dict() for line in lines], columns, args.format, out)
 
 

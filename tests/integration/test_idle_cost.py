@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.ledger.gpu_uptime import record_uptime
 from gateway.metering.ledger.idle import OPERATOR, split_idle
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.money import UnitPrices
+from gateway.metering.uptime import UptimeRow
 from gateway.metering.usage import Usage
 from tests.integration.test_ledger_sqlite import usage_cli
 
@@ -106,3 +108,57 @@ ledger: {{kind: sqlite, path: {db}, idle_cost: {policy}}}
         assert got == {"a": pytest.approx(1.2), "b": pytest.approx(0.4)}
     code, _ = await asyncio.to_thread(usage_cli, "--ledger", str(db), "--idle")
     assert code == 1  # without a config there are no GPU prices to hold against
+
+
+async def test_an_on_demand_gpu_is_held_for_its_observed_uptime(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    writer = LedgerWriter(SqliteLedger(db))
+    await writer.start()
+    for r in (row("1", "a", "gpu-a", "0.60"), row("2", "b", "gpu-d", "0.05")):
+        await writer.record(r)
+    await writer.close()
+    config = tmp_path / "policy.yaml"
+    config.write_text(
+        f"""
+backends:
+  - name: gpu-a
+    kind: vllm
+    base_url: http://127.0.0.1:9/v1
+    models: {{llama-8b: m}}
+    gpu: {{price_per_hour: 0.1, mode: on_demand}}
+  - name: gpu-d
+    kind: vllm
+    base_url: http://127.0.0.1:9/v1
+    models: {{llama-8b: m}}
+    gpu: {{price_per_hour: 0.1, mode: on_demand}}
+models:
+  - name: llama-8b
+    backends: [gpu-a, gpu-d]
+ledger: {{kind: sqlite, path: {db}}}
+""",
+        encoding="utf-8",
+    )
+    # gpu-a was seen up 6 h of 2025-06-15 by two processes (4 h each, 2 h of it together);
+    # nobody saw gpu-d up that day.
+    day = 1_749_945_600.0  # 2025-06-15 00:00 UTC
+    store = SqliteLedger(db)
+    try:
+        await record_uptime(store, "p1", [UptimeRow("gpu-a", day, day + 4 * 3600)])
+        await record_uptime(store, "p2", [UptimeRow("gpu-a", day + 2 * 3600, day + 6 * 3600)])
+    finally:
+        await store.close()
+    code, out = await asyncio.to_thread(
+        usage_cli, "--config", str(config), "--idle", "--since", "2025-06-15",
+        "--until", "2025-06-15", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, out
+    by = {line["backend"]: line for line in json.loads(out)}
+    # 6 h at $0.10/h = $0.60 held, all of it attributed to a's request: no idle time.
+    a = by["gpu-a"]
+    assert (a["hours"], a["hours_from"], a["held_usd"], a["idle_usd"]) == (6.0, "uptime", 0.6, 0.0)
+    # Nothing observed: held and idle unknown, said so; what was attributed still shows.
+    d = by["gpu-d"]
+    assert (d["hours"], d["hours_from"], d["held_usd"], d["idle_usd"]) == (
+        None, "no uptime observed", None, None
+    )  # fmt: skip
+    assert d["attributed_usd"] == pytest.approx(0.05)

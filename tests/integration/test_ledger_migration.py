@@ -1,4 +1,5 @@
-"""Ledgers written before the economics columns existed gain them in place (SQLite and PostgreSQL)."""
+"""Ledgers written before the economics columns (or the uptime table) existed gain them in place
+(SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.metering.ledger import LedgerRow, LedgerWriter
+from gateway.metering.ledger import LedgerRow, LedgerUnavailable, LedgerWriter
+from gateway.metering.ledger.gpu_uptime import record_uptime, uptime_spans
 from gateway.metering.ledger.postgres import PostgresLedger
 from gateway.metering.ledger.postgres import _column_sql as pg_column
 from gateway.metering.ledger.rows import COLUMNS
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.ledger.sqlite import _column_sql as sqlite_column
 from gateway.metering.money import UnitPrices
+from gateway.metering.uptime import Span, UptimeRow
 from gateway.metering.usage import Usage
 
 NEW = ("marginal_cost_nusd", "counterfactual_cost_nusd", "counterfactual_backend")
@@ -78,6 +81,60 @@ async def test_sqlite_ledger_gains_the_columns_in_place(tmp_path: Path) -> None:
     )
     await writer.close()
     assert got == [("new", 62_000, 0, 25_500, "groq"), ("old", 62_000, None, None, None)]
+
+
+async def test_sqlite_ledger_gains_the_uptime_table_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE ledger ("
+            + ", ".join(sqlite_column(c) for c in COLUMNS)
+            + ", PRIMARY KEY (request_id, attempt))"
+        )
+    # Read without creating (`neogate usage`): a file from before the table has no uptime.
+    reader = SqliteLedger(db, create=False)
+    try:
+        assert await uptime_spans(reader, None, 2e9) == {}
+        with pytest.raises(LedgerUnavailable):  # and nothing can be written there
+            await record_uptime(reader, "p", [UptimeRow("gpu-a", 1.0, 2.0)])
+    finally:
+        await reader.close()
+    # A gateway's store (create) adds it; rows then round-trip, an open one extended in place.
+    store = SqliteLedger(db)
+    try:
+        await record_uptime(store, "p", [UptimeRow("gpu-a", 1.0, 2.0)])
+        await record_uptime(store, "p", [UptimeRow("gpu-a", 1.0, 5.0)])
+        assert await uptime_spans(store, 0.0, 10.0) == {"gpu-a": [Span(1.0, 5.0)]}
+        assert await uptime_spans(store, 6.0, 10.0) == {}
+    finally:
+        await store.close()
+
+
+async def test_postgres_ledger_gains_the_uptime_table_in_place(schema: str) -> None:
+    conn = await asyncpg.connect(DSN)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.execute(
+            f"CREATE TABLE {schema}.ledger ("
+            + ", ".join(pg_column(c) for c in COLUMNS)
+            + ", PRIMARY KEY (request_id, attempt))"
+        )
+    finally:
+        await conn.close()
+    reader = PostgresLedger(DSN, schema=schema, create=False)
+    try:
+        assert await uptime_spans(reader, None, 2e9) == {}
+    finally:
+        await reader.close()
+    store = PostgresLedger(DSN, schema=schema)
+    try:
+        await record_uptime(store, "p", [UptimeRow("gpu-a", 1.0, 2.0)])
+        await record_uptime(store, "q", [UptimeRow("gpu-a", 1.5, 3.0)])
+        await record_uptime(store, "p", [UptimeRow("gpu-a", 1.0, 5.0)])
+        got = await uptime_spans(store, 0.0, 10.0)
+        assert sorted(got["gpu-a"], key=lambda s: s.start) == [Span(1.0, 5.0), Span(1.5, 3.0)]
+    finally:
+        await store.close()
 
 
 @pytest.fixture

@@ -19,12 +19,14 @@ import pytest
 
 from gateway.cli.usage import add_usage_parser, run_usage
 from gateway.config import parse_config
+from gateway.metering.ledger.gpu_uptime import record_uptime
 from gateway.metering.ledger.postgres import PostgresLedger
 from gateway.metering.ledger.provisioning import gpu_terms, provisioning
 from gateway.metering.ledger.rows import LedgerRow, LedgerStore
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.ledger.writer import LedgerWriter
 from gateway.metering.money import UnitPrices
+from gateway.metering.uptime import UptimeRow
 from gateway.metering.usage import Usage
 from tests.conftest import ADMIN_KEY, GatewayFactory, Upstreams, base_policy
 from tests.integration.test_ledger_postgres import DSN
@@ -147,14 +149,74 @@ async def check_provisioning(store: LedgerStore) -> None:
         "at mean batch 6 h100 costs $600.00/M against $0.06/M external; it pays above "
         "16.7k tokens/s (served 1.7/s), lost $3.60 over the window"
     )
-    # A GPU with no traffic: held all the same; the list price stands in for the counterfactual.
+    assert (h.hours_from, h.observed_up_hours) == ("window", None)  # reserved: the window
+    # An on_demand GPU with no traffic and no uptime observed: its hours held are unknown,
+    # not 0 and not the window; the list price stands in for the counterfactual.
     idle = rows["idle-h100"]
-    assert idle.requests == 0 and idle.gpu_cost_usd == pytest.approx(3.60)
+    assert idle.requests == 0 and idle.mode == "on_demand"
+    assert (idle.hours_held, idle.hours_from, idle.gpu_cost_usd) == (
+        None,
+        "no uptime observed",
+        None,
+    )
     assert idle.mean_batch is None and idle.held_usd_per_m is None
     assert idle.counterfactual_usd_per_m == pytest.approx((0.05 + 0.08) / 2)
-    assert idle.net_saving_usd == pytest.approx(-3.60)
-    assert idle.advice.startswith("idle-h100 served nothing in 1.0 h ($3.60 held); it pays above")
+    assert idle.net_saving_usd is None
+    assert idle.break_even_tokens_per_s == pytest.approx(0.001 / 65e-9)  # needs no hours
+    assert idle.advice.startswith(
+        "idle-h100 (on_demand): no uptime observed in the window's 1.0 h, so the hours it was "
+        "held are unknown; it pays above 15.4k tokens/s"
+    )
     assert "groq" not in rows
+
+    # Two gateway processes watched idle-h100: their intervals overlap and start before the
+    # window; one more lies outside it. Union clipped to [DAY, DAY + 3600): 1800 s.
+    await record_uptime(store, "p1", [UptimeRow("idle-h100", DAY - 600, DAY + 900)])
+    await record_uptime(
+        store,
+        "p2",
+        [UptimeRow("idle-h100", DAY + 600, DAY + 1800), UptimeRow("h100", DAY, DAY + 60)],
+    )
+    await record_uptime(store, "p2", [UptimeRow("idle-h100", DAY + 5000, DAY + 6000)])
+    # The open row extended in place: the same key, a later end (the upsert).
+    await record_uptime(store, "p1", [UptimeRow("idle-h100", DAY - 600, DAY + 1200)])
+    rows = {
+        r.backend: r
+        for r in await provisioning(store, terms, since=DAY, until=DAY + 3600, now=DAY + 9000)
+    }
+    idle = rows["idle-h100"]
+    assert (idle.hours_held, idle.hours_from) == (0.5, "uptime")
+    assert idle.observed_up_hours == 0.5
+    assert idle.gpu_cost_usd == pytest.approx(1.80)
+    assert idle.net_saving_usd == pytest.approx(-1.80)
+    assert idle.advice.startswith(
+        "idle-h100 served nothing in 0.5 h ($1.80 held) (on_demand: up 0.50 h of the window's "
+        "1.00 h, observed); it pays above 15.4k tokens/s (served 0/s), lost $1.80"
+    )
+    # A reserved GPU is held the window whatever was observed; the observation is shown.
+    h = rows["h100"]
+    assert (h.hours_held, h.hours_from) == (1.0, "window")
+    assert h.observed_up_hours == pytest.approx(60 / 3600)
+    assert h.gpu_cost_usd == pytest.approx(3.60)
+    # Had h100 been on_demand, it was held the 60 s it was seen up: $0.06. Its rates are per
+    # second held: 6,000 tokens in 60 s, 40 s of requests in flight over 60 s.
+    terms = gpu_terms(parse_config(POLICY.replace("mode: reserved", "mode: on_demand")))
+    [h] = [
+        r
+        for r in await provisioning(store, terms, since=DAY, until=DAY + 3600, now=DAY + 9000)
+        if r.backend == "h100"
+    ]
+    assert (h.hours_held, h.hours_from) == (pytest.approx(60 / 3600), "uptime")
+    assert h.gpu_cost_usd == pytest.approx(0.06)
+    assert h.tokens_per_s == pytest.approx(100.0)
+    assert h.mean_concurrency == pytest.approx(40 / 60)
+    assert h.held_usd_per_m == pytest.approx(0.06 / 6000 * 1e6)  # $10/M
+    assert h.net_saving_usd == pytest.approx(360e-6 - 0.06)
+    assert h.advice == (
+        "at mean batch 6 h100 costs $10.00/M against $0.06/M external (on_demand: up 0.02 h of "
+        "the window's 1.00 h, observed); it pays above 16.7k tokens/s (served 100/s), "
+        "lost $0.06 over the window"
+    )
 
 
 def usage_cli(*argv: str) -> tuple[int, str]:
@@ -179,6 +241,9 @@ async def test_usage_pricing_shows_the_provisioning_truth(tmp_path: Path) -> Non
     # (4 x 1000 + 8 x 1000 + 9 x 9999) / 11,999 = 8.49996.
     assert "at mean batch 8 h100 costs $3323.33/M against $0.06/M external" in out
     assert "lost $86.40 over the window" in out
+    # The on_demand GPU: nothing observed, and the table says where hours held come from.
+    assert "idle-h100 (on_demand): no uptime observed in the window's 24.0 h" in out
+    assert "on_demand GPUs the uptime the gateway's scrapes of the worker observed" in out
     code, out = await asyncio.to_thread(
         usage_cli, "--config", str(policy), "--ledger", str(db), "--pricing", "--format", "json"
     )

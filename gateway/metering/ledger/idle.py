@@ -9,9 +9,10 @@ a request's cost:
 - `pro_rata`: split over the tenants in proportion to their attributed cost on that GPU
   (the operator's line when nothing was attributed).
 
-Hours held is the report's window: neogate does not start or stop GPUs, so a GPU is
-taken as held for the whole window (exact for reserved GPUs; an upper bound for
-on_demand ones that were not up all along).
+Hours held: a reserved GPU's are the report's window; an on_demand GPU's are its
+observed uptime in the window (`gateway/metering/uptime.py`). With no uptime observed
+for an on_demand GPU its held and idle cost are unknown: one line with `hours` None
+that says so (`hours_from`), never 0 and never the window.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
+from gateway.metering.ledger.gpu_uptime import uptime_spans
 from gateway.metering.ledger.rows import LedgerStore
 from gateway.metering.money import NUSD_PER_USD, usd_to_nusd
+from gateway.metering.uptime import HeldFrom, held
 
 IdlePolicy = Literal["operator", "pro_rata"]
 # The tenant of costs the operator carries (as in gateway.flow.meter).
@@ -35,20 +38,24 @@ class IdleLine:
 
     backend: str
     tenant: str
-    hours: float
-    held_nusd: int  # the GPU's held cost over the window
+    hours: float | None  # None: an on_demand GPU with no uptime observed
+    held_nusd: int | None  # the GPU's held cost over the window
     attributed_nusd: int  # what requests on it were attributed, all tenants
-    idle_nusd: int  # this line's share of held - attributed (negative: over-attributed)
+    idle_nusd: int | None  # this line's share of held - attributed (negative: over-attributed)
+    hours_from: HeldFrom = "window"
 
     def as_dict(self) -> dict[str, Any]:
-        usd = NUSD_PER_USD
+        def usd(nusd: int | None) -> float | None:
+            return None if nusd is None else float(Decimal(nusd) / NUSD_PER_USD)
+
         return {
             "backend": self.backend,
             "tenant": self.tenant,
-            "hours": round(self.hours, 4),
-            "held_usd": float(Decimal(self.held_nusd) / usd),
-            "attributed_usd": float(Decimal(self.attributed_nusd) / usd),
-            "idle_usd": float(Decimal(self.idle_nusd) / usd),
+            "hours": None if self.hours is None else round(self.hours, 4),
+            "hours_from": self.hours_from,
+            "held_usd": usd(self.held_nusd),
+            "attributed_usd": usd(self.attributed_nusd),
+            "idle_usd": usd(self.idle_nusd),
         }
 
 
@@ -58,21 +65,22 @@ def split_idle(
     price_per_hour: float,
     attributed_by_tenant: Mapping[str, int],
     policy: IdlePolicy,
+    hours_from: HeldFrom = "window",
 ) -> list[IdleLine]:
     """The idle lines of one GPU held `hours` at `price_per_hour` (nano-USD, exact sums)."""
-    held = usd_to_nusd(Decimal(repr(price_per_hour)) * Decimal(repr(hours)))
+    held_nusd = usd_to_nusd(Decimal(repr(price_per_hour)) * Decimal(repr(hours)))
     attributed = sum(attributed_by_tenant.values())
-    idle = held - attributed
-    base = (backend, hours, held, attributed)
+    idle = held_nusd - attributed
+    base = (backend, hours, held_nusd, attributed)
     payers = {t: v for t, v in attributed_by_tenant.items() if v > 0}
     if policy == "operator" or not payers:
-        return [IdleLine(base[0], OPERATOR, *base[1:], idle)]
+        return [IdleLine(base[0], OPERATOR, *base[1:], idle, hours_from)]
     total = sum(payers.values())
     shares = {t: idle * v // total for t, v in sorted(payers.items())}
     # Integer division leaves a few nano-dollars: the largest payer takes them.
     largest = max(sorted(payers), key=lambda t: payers[t])
     shares[largest] += idle - sum(shares.values())
-    return [IdleLine(base[0], t, *base[1:], v) for t, v in shares.items()]
+    return [IdleLine(base[0], t, *base[1:], v, hours_from) for t, v in shares.items()]
 
 
 async def idle_report(
@@ -81,8 +89,12 @@ async def idle_report(
     since: float,
     until: float,
     policy: IdlePolicy = "operator",
+    modes: Mapping[str, str] | None = None,
 ) -> list[IdleLine]:
-    """Idle lines of every local GPU in `gpus` (backend -> USD per hour) over [since, until)."""
+    """Idle lines of every local GPU in `gpus` (backend -> USD per hour) over [since, until).
+
+    `modes`: backend -> `reserved` | `on_demand` (a GPU not named is reserved).
+    """
     rows = await store.fetch(
         "SELECT backend, tenant, SUM(cost_nusd) FROM ledger WHERE is_local AND ts >= ? "
         "AND ts < ? GROUP BY backend, tenant",
@@ -92,8 +104,16 @@ async def idle_report(
     for backend, tenant, cost in rows:
         if backend in by_backend:
             by_backend[backend][str(tenant)] = int(cost or 0)
-    hours = max(until - since, 0.0) / 3600.0
+    spans = await uptime_spans(store, since, until)
     out: list[IdleLine] = []
     for name, price in sorted(gpus.items()):
-        out += split_idle(name, hours, price, by_backend[name], policy)
+        mode = (modes or {}).get(name, "reserved")
+        kept = held(mode, spans.get(name, []), since, until)
+        if kept.seconds is None:
+            attributed = sum(by_backend[name].values())
+            out.append(IdleLine(name, OPERATOR, None, None, attributed, None, kept.held_from))
+            continue
+        out += split_idle(
+            name, kept.seconds / 3600.0, price, by_backend[name], policy, kept.held_from
+        )
     return out

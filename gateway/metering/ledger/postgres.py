@@ -131,6 +131,10 @@ class PostgresLedger:
                 if c in _NULLABLE
             ),
             f"CREATE INDEX IF NOT EXISTS ledger_client_request_id ON {s}.ledger (client_request_id)",
+            # Up intervals of local workers (gateway/metering/ledger/gpu_uptime.py).
+            f"CREATE TABLE IF NOT EXISTS {s}.gpu_uptime (backend TEXT NOT NULL, "
+            "observer TEXT NOT NULL, up_from DOUBLE PRECISION NOT NULL, "
+            "up_to DOUBLE PRECISION NOT NULL, PRIMARY KEY (backend, observer, up_from))",
         ]
 
     async def open(self) -> None:

@@ -7,8 +7,9 @@ held, idle time included), the counterfactual (what the cheapest external candid
 met each request's SLO would have charged for the same tokens), the net saving (can be
 negative), the break-even load against that external price, and one line of advice.
 
-Hours held are the window: neogate does not start or stop GPUs and does not know when an
-on_demand GPU was up, so it assumes up for the whole window (see docs/economics.md).
+Hours held: a reserved GPU's are the window; an on_demand GPU's are its observed uptime in
+the window (the gateway's scrapes of the worker, `gpu_uptime`; `gateway/metering/uptime.py`),
+unknown when none was observed (see docs/economics.md).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.metering.ledger.gpu_uptime import uptime_spans
 from gateway.metering.ledger.rows import LedgerStore
 from gateway.metering.money import NUSD_PER_USD
+from gateway.metering.uptime import Held, HeldFrom, held
 from policies.costmodel import GpuModel
 
 # The window of the Prometheus gauges and of /admin/backends (unless ?window= says otherwise).
@@ -79,8 +82,11 @@ class Provisioning:
     mode: str
     since: float
     until: float
-    hours_held: float
-    gpu_cost_usd: float
+    # Reserved: the window. On_demand: observed uptime; None when none was observed.
+    hours_held: float | None
+    hours_from: HeldFrom
+    observed_up_hours: float | None  # uptime the scrapes saw in the window (either mode)
+    gpu_cost_usd: float | None
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -118,7 +124,8 @@ async def provisioning(
 ) -> list[Provisioning]:
     """Provisioning truth for every GPU in `terms` over [since, until) (until: now).
 
-    Without `since` the window starts at the backend's first ledger row (at `now` if none).
+    Without `since` the window starts at the backend's first ledger row or first observed
+    uptime, whichever is earlier (at the end if neither).
     """
     end = until if until is not None else now
     clauses, params = ["is_local = ?", "ts < ?"], [True, end]
@@ -136,18 +143,23 @@ async def provisioning(
         f"FROM ledger WHERE {' AND '.join(clauses)} GROUP BY backend"
     )
     found = {rec[0]: rec[1:] for rec in await store.fetch(sql, params)}
+    spans = await uptime_spans(store, since, end)
     out = []
     for name, t in terms.items():
         rec = found.get(name)
         if rec is None:
             rec = (0, 0, 0, 0, 0.0, 0.0, 0, None, 0, None)
         reqs, p_tok, c_tok, cost, busy_s, w_batch, c_batched, cf, cf_tok, first = rec
-        start = since if since is not None else (float(first) if first is not None else end)
+        up = spans.get(name, [])
+        firsts = [float(first)] if first is not None else []
+        firsts += [min(s.start for s in up)] if up else []
+        start = since if since is not None else min(firsts, default=end)
         out.append(
             _truth(
                 t,
                 start,
                 end,
+                held(t.mode, up, start, end),
                 int(reqs or 0),
                 int(p_tok or 0),
                 int(c_tok or 0),
@@ -166,6 +178,7 @@ def _truth(
     t: GpuTerms,
     since: float,
     until: float,
+    kept: Held,
     reqs: int,
     p_tok: int,
     c_tok: int,
@@ -176,12 +189,14 @@ def _truth(
     cf_nusd: int | None,
     cf_tokens: int,
 ) -> Provisioning:
-    window = max(until - since, 0.0)
-    hours = window / 3600.0
-    gpu_usd = hours * t.price_per_hour
+    hours = None if kept.seconds is None else kept.seconds / 3600.0
+    gpu_usd = None if hours is None else hours * t.price_per_hour
+    # Rates are per second held: what an on_demand GPU served while up is what its break-even
+    # compares with (the window when none was observed, or nothing measurable).
+    held_s = kept.seconds if kept.seconds else max(until - since, 0.0)
     tokens = p_tok + c_tok
     attributed = cost_nusd / NUSD_PER_USD
-    mean_conc = busy_s / window if window > 0 else 0.0
+    mean_conc = busy_s / held_s if held_s > 0 else 0.0
     # The counterfactual rate: what the ledger recorded, else the cheapest list price.
     rate: float | None = None
     if cf_nusd is not None and cf_tokens > 0:
@@ -196,22 +211,26 @@ def _truth(
         since=since,
         until=until,
         hours_held=hours,
+        hours_from=kept.held_from,
+        observed_up_hours=None if kept.observed_s is None else kept.observed_s / 3600.0,
         gpu_cost_usd=gpu_usd,
         requests=reqs,
         prompt_tokens=p_tok,
         completion_tokens=c_tok,
-        tokens_per_s=tokens / window if window > 0 else 0.0,
+        tokens_per_s=tokens / held_s if held_s > 0 else 0.0,
         mean_batch=w_batch / c_batched if c_batched else None,
         mean_concurrency=mean_conc,
         slo_batch=t.slo_batch,
         utilisation=mean_conc / t.slo_batch if t.slo_batch else None,
         attributed_usd=attributed,
         attributed_usd_per_m=attributed * 1e6 / tokens if tokens else None,
-        held_usd_per_m=gpu_usd * 1e6 / tokens if tokens else None,
+        held_usd_per_m=gpu_usd * 1e6 / tokens if tokens and gpu_usd is not None else None,
         counterfactual_usd=counterfactual,
         counterfactual_usd_per_m=None if rate is None else rate * 1e6,
         counterfactual_coverage=cf_tokens / tokens if tokens else 0.0,
-        net_saving_usd=None if counterfactual is None else counterfactual - gpu_usd,
+        net_saving_usd=(
+            None if counterfactual is None or gpu_usd is None else counterfactual - gpu_usd
+        ),
         break_even_tokens_per_s=per_s / rate if rate else None,
         advice="",
     )
@@ -230,16 +249,24 @@ def _rate(x: float) -> str:
 
 def advice(p: Provisioning, t: GpuTerms) -> str:
     """One line: does this GPU pay, and above what load would it."""
-    if p.hours_held <= 0:
-        return f"{p.backend}: no window to judge (no ledger rows and no --since)"
+    if p.until <= p.since:
+        return f"{p.backend}: no window to judge (no ledger rows, no uptime and no --since)"
     ext = p.counterfactual_usd_per_m
     batch = "no requests" if p.mean_batch is None else f"mean batch {p.mean_batch:.0f}"
-    if p.held_usd_per_m is None:
+    window_h = (p.until - p.since) / 3600.0
+    if p.hours_held is None or p.gpu_cost_usd is None:
+        head = (
+            f"{p.backend} (on_demand): no uptime observed in the window's {window_h:.1f} h, "
+            "so the hours it was held are unknown"
+        )
+    elif p.held_usd_per_m is None:
         head = f"{p.backend} served nothing in {p.hours_held:.1f} h (${p.gpu_cost_usd:.2f} held)"
     else:
         head = f"at {batch} {p.backend} costs ${p.held_usd_per_m:.2f}/M"
         if ext is not None:
             head += f" against ${ext:.2f}/M external"
+    if p.hours_from == "uptime" and p.hours_held is not None:
+        head += f" (on_demand: up {p.hours_held:.2f} h of the window's {window_h:.2f} h, observed)"
     if p.break_even_tokens_per_s is None:
         return head + "; no external price to compare with"
     be = p.break_even_tokens_per_s
@@ -275,7 +302,7 @@ def provisioning_gauges_values(rows: list[Provisioning]) -> dict[str, dict[str, 
         "break_even_tokens_per_second": {},
     }
     for r in rows:
-        out["hours_held"][r.backend] = r.hours_held
+        out["hours_held"][r.backend] = val(r.hours_held)
         out["tokens"][r.backend] = float(r.prompt_tokens + r.completion_tokens)
         out["mean_batch"][r.backend] = val(r.mean_batch)
         out["utilisation_ratio"][r.backend] = val(r.utilisation)

@@ -218,7 +218,8 @@ class LedgerStore(Protocol):
 
     `write` inserts a batch in ONE transaction with ON CONFLICT DO NOTHING on
     (request_id, attempt) and raises `LedgerUnavailable` when the database cannot
-    take it; `fetch` runs a read query written with `?` placeholders.
+    take it; `fetch` runs one statement written with `?` placeholders: a read query, or
+    a single-statement write that commits on its own (`gpu_uptime.py`'s upsert).
     """
 
     dialect: str

@@ -88,6 +88,12 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
     "CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts)",
     "CREATE INDEX IF NOT EXISTS ledger_client_request_id ON ledger (client_request_id)",
+    # Up intervals of local workers (gateway/metering/ledger/gpu_uptime.py). WITHOUT ROWID:
+    # the key is the table, so extending an interval writes one b-tree, not two. A file
+    # from before it gains it here.
+    "CREATE TABLE IF NOT EXISTS gpu_uptime (backend TEXT NOT NULL, observer TEXT NOT NULL, "
+    "up_from REAL NOT NULL, up_to REAL NOT NULL, PRIMARY KEY (backend, observer, up_from)) "
+    "WITHOUT ROWID",
 )
 
 
