@@ -131,6 +131,8 @@ async def _meter_with_ledger(
     *,
     clock: Callable[[], float] = time.time,
     counting: CountingPool | None = None,
+    metrics: GatewayMetrics | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[Meter, Admission, LedgerWriter, Tenant, ModelSpec]:
     config = parse_config(TWO)
     live = LiveState({b.name: b for b in config.backends}, 0.0)
@@ -138,7 +140,12 @@ async def _meter_with_ledger(
     ledger = LedgerWriter(SqliteLedger(tmp_path / "ledger.db"))
     await ledger.start()
     meter = Meter(
-        Tokenizer.estimate(), GatewayMetrics(), ledger, admission, live, counting=counting
+        tokenizer or Tokenizer.estimate(),
+        metrics or GatewayMetrics(),
+        ledger,
+        admission,
+        live,
+        counting=counting,
     )
     return meter, admission, ledger, Tenant.from_spec(config.tenants[0]), config.models[0]
 
@@ -340,8 +347,9 @@ async def test_a_budget_that_resets_soon_says_retry_after_and_should_retry(
 async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: Path) -> None:
     # Counting off (every count estimated): the pool given is the one used.
     pool = CountingPool(inline_bytes=-1, max_count_bytes=-1)
+    metrics = GatewayMetrics()
     meter, _, ledger, tenant, model = await _meter_with_ledger(
-        tmp_path, TenantLimits.of(usd_total=Decimal(1)), counting=pool
+        tmp_path, TenantLimits.of(usd_total=Decimal(1)), counting=pool, metrics=metrics
     )
     completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
     completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
@@ -357,6 +365,11 @@ async def test_reported_usage_far_from_the_count_is_flagged_divergent(tmp_path: 
     assert usage is not None and usage.completion_tokens == 400
     (row,) = _ledger_rows(tmp_path / "ledger.db")
     assert row["divergent"] == 1 and row["completion_tokens"] == 400
+    # Counted under the backend that reported it.
+    diverged = metrics.registry.get_sample_value(
+        "neogate_usage_divergence_total", {"backend": "prov"}
+    )
+    assert diverged == 1
     # 10 x $1/M + 400 x $2/M = $0.00081
     assert row["cost_nusd"] == 810_000
 
@@ -447,6 +460,10 @@ async def test_a_long_prompt_is_billed_at_the_tier_it_reached(tmp_path: Path) ->
     pm = next(m for m in parse_config(TWO).models if m.name == "pm")
     completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
     completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    # Prices looked up without a prompt length are the base tier's, and a real prompt below
+    # the first tier keeps them: nothing to re-tier.
+    completion.prices = meter.prices.unit_prices("prov", "pm", 1)
+    assert meter.tiered_prices(completion, Usage(10, 5, source="reported")) is None
     completion.prices = base = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=10)
     assert (base.input_per_m, base.output_per_m) == (Decimal(3), Decimal(4))
     assert meter.tiered_prices(completion, Usage(199_999, 5, source="reported")) is None
@@ -514,8 +531,9 @@ async def test_a_row_carries_routings_marginal_cost_and_its_counterfactual(tmp_p
     completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
     completion.backend, completion.backend_model, completion.attempt = "prov", None, 1
     completion.prices = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    routed = Candidate("prov", 0.00004, 0.1, 0.01, 0.5, True)
     completion.decision = RouteDecision(
-        candidates=(Candidate("prov", 0.00004, 0.1, 0.01, 0.5, True),),
+        candidates=(Candidate("gpu", 0.00001, 0.2, 0.02, 0.9, True), routed),
         reason="cheapest",
         price_version=0,
         policy="cost",
@@ -533,3 +551,211 @@ async def test_a_row_carries_routings_marginal_cost_and_its_counterfactual(tmp_p
     assert row["marginal_cost_nusd"] == 40_000
     assert (row["counterfactual_backend"], row["counterfactual_cost_nusd"]) == ("prov", 1_240_000)
     assert row["backend_model"] == ""
+    # What routing learns from: prov's own candidate, the estimate it planned with (10
+    # prompt tokens, not the 200 reported), the 5 tokens delivered, no byte timed.
+    ended = completion.outcome
+    assert ended is not None
+    assert (ended.backend, ended.model, ended.status, ended.ttft_s) == ("prov", "pm", "ok", None)
+    assert (ended.prompt_tokens, ended.completion_tokens) == (10, 5)
+    assert ended.predicted == routed and ended.timings is None
+    assert 0 <= ended.total_s < 60
+
+
+async def test_a_backend_routing_did_not_rank_has_no_marginal_cost(tmp_path: Path) -> None:
+    """Routing ranked only the GPU; the answer came from prov: no candidate, no marginal
+    cost, nothing predicted; the counterfactual is still priced (1000 x $3/M + 5 x $4/M)."""
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    completion = _completion(await meter.reserve(tenant, pm, Estimate(10, 5, 5, True)), 10, "pm")
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=10)
+    completion.decision = RouteDecision(
+        candidates=(Candidate("gpu", 0.00001, 0.2, 0.02, 0.9, True),),
+        reason="cheapest",
+        price_version=0,
+        policy="cost",
+        alternative="prov",
+    )
+    assert completion.candidate() is None
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 5, "total_tokens": 1005},
+    }
+    await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=200)
+    await ledger.close()
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["marginal_cost_nusd"] is None
+    assert (row["counterfactual_backend"], row["counterfactual_cost_nusd"]) == ("prov", 3_020_000)
+    assert completion.outcome is not None and completion.outcome.predicted is None
+
+
+async def test_an_attempt_that_delivered_nothing_has_no_row_and_gives_it_all_back(
+    tmp_path: Path,
+) -> None:
+    """prov answered with an error: nothing delivered, so no row, and the reservation
+    ($0.0032 and 1050 tokens) comes back whole. A request no backend took is counted
+    under the backend "none"."""
+    budget = Decimal("0.01")
+    metrics = GatewayMetrics()
+    meter, admission, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget, tokens_per_day=5000), metrics=metrics
+    )
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    held = await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True))
+    completion = _completion(held, 1000, "pm")
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.prices.unit_prices("prov", "pm", 1, prompt_tokens=1000)
+    assert not await _fits(admission, budget)
+    assert await meter.finish(completion, outcome="upstream_error") is None
+    assert await _fits(admission, budget, 5000)
+    assert not await _fits(admission, budget + Decimal("0.000000001"))
+    assert not await _fits(admission, Decimal(0), 5001)
+    ended = completion.outcome
+    assert ended is not None and (ended.backend, ended.status) == ("prov", "upstream_error")
+    assert (ended.prompt_tokens, ended.completion_tokens, ended.timings) == (1000, 0, None)
+    unrouted = _completion(await meter.reserve(tenant, pm, Estimate(1000, 50, 50, True)), 1000)
+    assert await meter.finish(unrouted, outcome="no_backend") is None
+    assert unrouted.outcome is None
+    await ledger.close()
+    assert _ledger_rows(tmp_path / "ledger.db") == []
+    assert await _fits(admission, budget, 5000)
+    sample = metrics.registry.get_sample_value
+    served = {"backend": "prov", "model": "pm"}
+    assert sample("neogate_requests_total", {**served, "outcome": "upstream_error"}) == 1
+    unserved = {"backend": "none", "model": "m", "outcome": "no_backend"}
+    assert sample("neogate_requests_total", unserved) == 1
+    assert sample("neogate_tokens_total", {**served, "kind": "prompt"}) == 0
+    assert sample("neogate_cost_usd_total", served) == 0
+
+
+@pytest.mark.parametrize(("tokens", "itl"), [(1, None), (2, 6.0), (3, 3.0)])
+async def test_a_streams_metrics(tmp_path: Path, tokens: int, itl: float | None) -> None:
+    """A stream that arrived 10 s ago, its first byte at 4 s, 10 prompt and `tokens`
+    completion tokens reported (prov: $1/$2 per M): 6 s of decoding over tokens - 1 gaps."""
+    metrics = GatewayMetrics()
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1)), metrics=metrics
+    )
+    completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.prices.unit_prices("prov", "m", 1, prompt_tokens=10)
+    completion.arrived = time.monotonic() - 10.0
+    completion.first_byte_at = completion.arrived + 4.0
+    stream = completion.stream_meter()
+    stream.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}')
+    stream.feed(
+        b'data: {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": %d}}' % tokens
+    )
+    await meter.finish(completion, outcome="ok", meter=stream)
+    await ledger.close()
+    sample = metrics.registry.get_sample_value
+    labels = {"backend": "prov", "model": "m"}
+    assert sample("neogate_requests_total", {**labels, "outcome": "ok"}) == 1
+    assert sample("neogate_tokens_total", {**labels, "kind": "prompt"}) == 10
+    assert sample("neogate_tokens_total", {**labels, "kind": "completion"}) == tokens
+    assert sample("neogate_cost_usd_total", labels) == pytest.approx((10 + 2 * tokens) / 1e6)
+    assert sample("neogate_time_to_first_token_seconds_sum", labels) == pytest.approx(4.0)
+    took = sample("neogate_request_duration_seconds_sum", labels)
+    assert took is not None and 10.0 <= took < 13.0  # 10 s, and the time finish took
+    gaps = sample("neogate_inter_token_latency_seconds_count", labels)
+    if itl is None:
+        assert not gaps  # one token: no gap to time
+    else:
+        assert gaps == 1
+        mean = sample("neogate_inter_token_latency_seconds_sum", labels)
+        assert mean is not None and itl <= mean < itl + 3.0 / (tokens - 1)
+
+
+@pytest.mark.parametrize(
+    ("inline_bytes", "max_count_bytes", "answer_bytes", "tokens", "source"),
+    [
+        (4096, 8 << 20, 100, 2, "counted"),  # inline
+        (0, 8 << 20, 100, 2, "counted"),  # on the worker thread
+        (0, 0, 100, 3, "estimated"),  # too big to count: ~4 characters a token
+        (0, 0, None, 2, "counted"),  # its size not given: counted inline
+    ],
+)
+async def test_an_answer_without_usage_is_counted_where_its_size_says(
+    tmp_path: Path,
+    inline_bytes: int,
+    max_count_bytes: int,
+    answer_bytes: int | None,
+    tokens: int,
+    source: str,
+) -> None:
+    """No usage reported: "hello world" is 2 tokens of cl100k_base (11 characters: 3 by
+    the estimate), and the prompt is the gateway's estimate (10 tokens at prov's $1/$2)."""
+    pool = CountingPool(inline_bytes=inline_bytes, max_count_bytes=max_count_bytes)
+    meter, _, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path,
+        TenantLimits.of(usd_total=Decimal(1)),
+        counting=pool,
+        tokenizer=Tokenizer.from_source("bpe-openai", "cl100k_base"),
+    )
+    completion = _completion(await meter.reserve(tenant, model, Estimate(10, 50, 50, True)), 10)
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.prices.unit_prices("prov", "m", 1, prompt_tokens=10)
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello world"}}]}
+    if answer_bytes is None:
+        usage = await meter.finish(completion, outcome="ok", answer=answer)
+    else:
+        usage = await meter.finish(
+            completion, outcome="ok", answer=answer, answer_bytes=answer_bytes
+        )
+    pool.close()
+    await ledger.close()
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (10, tokens, source)
+    assert (usage.counted_prompt_tokens, usage.counted_completion_tokens) == (10, tokens)
+    assert pool.offloaded == (1 if (inline_bytes, max_count_bytes) == (0, 8 << 20) else 0)
+    assert pool.estimated == (1 if source == "estimated" else 0)
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert row["cost_nusd"] == (10 * 1 + tokens * 2) * 1000
+
+
+async def test_budgets_hold_the_keys_output_cap_when_the_request_set_none(tmp_path: Path) -> None:
+    """1000 prompt tokens, 50 output expected, the key's cap of 3000 held: 4000 of the
+    tenant's 5000 tokens a day are held, 1000 left."""
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1), tokens_per_day=5000)
+    )
+    held = await meter.reserve(
+        tenant, model, Estimate(1000, 50, 50, True, reserved_output_tokens=3000)
+    )
+    assert held.tokens == 4000
+    assert await _fits(admission, Decimal(0), 1000)
+    assert not await _fits(admission, Decimal(0), 1001)
+    await ledger.close()
+
+
+async def test_each_model_reserves_at_its_own_price_in_force(tmp_path: Path) -> None:
+    """On one meter: pm at $3/$4 per M (1000 x 3 + 50 x 4 = $0.0032), then odd at its own
+    $0.123456789/$0.987654322 (123.456789 + 49.3827161 = 172.8395051 micro-dollars:
+    $0.00017284 to the nano-dollar), then pm again after its price moved to $5/$6 ($0.0053)."""
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    models = {m.name: m for m in parse_config(TWO).models}
+    est = Estimate(1000, 50, 50, True)
+    assert (await meter.reserve(tenant, models["pm"], est)).cost_usd == Decimal("0.0032")
+    assert (await meter.reserve(tenant, models["odd"], est)).cost_usd == Decimal("0.00017284")
+    meter._live.prices.set("prov", Price(5e-6, 6e-6), model="pm")
+    assert (await meter.reserve(tenant, models["pm"], est)).cost_usd == Decimal("0.0053")
+    await ledger.close()
+
+
+async def test_a_price_asked_without_a_prompt_length_is_the_base_rate(tmp_path: Path) -> None:
+    """pm on prov at $3/$4 per M, $6/$8 from the first prompt token: a lookup that names no
+    prompt length gets the base rates, one that names a one-token prompt the tier's."""
+    meter, _, ledger, _, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    tiers = (PriceTier(1, 6e-6, 8e-6),)
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    base = meter.prices.unit_prices("prov", "pm", 0)
+    assert (base.input_per_m, base.output_per_m) == (Decimal(3), Decimal(4))
+    one = meter.prices.unit_prices("prov", "pm", 0, prompt_tokens=1)
+    assert (one.input_per_m, one.output_per_m) == (Decimal(6), Decimal(8))
+    await ledger.close()
