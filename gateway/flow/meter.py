@@ -208,10 +208,11 @@ class Meter:
             await self.abandon(completion)  # it never reached a backend
             return
         tokens, cost = 0, Decimal(0)
+        model, prompt = completion.inbound.model, completion.estimate.prompt_tokens
         try:
             for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
                 batch = batch_seen(out.backend)
-                prices = self.prices.unit_prices(out.backend, completion.inbound.model, batch)
+                prices = self.prices.unit_prices(out.backend, model, batch, prompt)
                 tenant = completion.tenant if i == 0 else OPERATOR_TENANT
                 row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
                 if i == 0:
@@ -233,21 +234,29 @@ class Meter:
 
         The body is lost, so the row holds the prompt (estimated) and no completion.
         """
+        model, prompt = completion.inbound.model, completion.estimate.prompt_tokens
         for out in broken:
             batch = batch_seen(out.backend)
-            prices = self.prices.unit_prices(out.backend, completion.inbound.model, batch)
+            prices = self.prices.unit_prices(out.backend, model, batch, prompt)
             row = self._sent_row(completion, out, prices, batch, OPERATOR_TENANT, "upstream_cut")
             if self.ledger is not None:
                 await self.ledger.record(row)
 
     def hedge_prices(
-        self, losers: tuple[SentAttempt, ...], model: str, batch_seen: Callable[[str], int]
+        self,
+        losers: tuple[SentAttempt, ...],
+        model: str,
+        batch_seen: Callable[[str], int],
+        *,
+        prompt_tokens: int,
     ) -> tuple[tuple[SentAttempt, UnitPrices, int], ...]:
-        """The price in force for each cancelled hedge, captured when the race ended."""
+        """The price in force for each cancelled hedge, captured when the race ended (the
+        tier its prompt of `prompt_tokens` reaches)."""
         out = []
         for loser in losers:
             batch = batch_seen(loser.backend)
-            out.append((loser, self.prices.unit_prices(loser.backend, model, batch), batch))
+            prices = self.prices.unit_prices(loser.backend, model, batch, prompt_tokens)
+            out.append((loser, prices, batch))
         return tuple(out)
 
     def _sent_row(

@@ -131,7 +131,10 @@ async def serve(rt: Services, ex: ClientExchange, tenant: Tenant, inbound: Inbou
     completion.attach(attempt, batch, prices)
     if attempt.hedged:
         completion.hedge_losers = rt.meter.hedge_prices(
-            attempt.hedged, inbound.model, rt.router.batch_seen
+            attempt.hedged,
+            inbound.model,
+            rt.router.batch_seen,
+            prompt_tokens=estimate.prompt_tokens,
         )
     charge = rt.feedback.on_start(
         attempt.backend, attempt.response.headers, estimate.prompt_tokens, decision

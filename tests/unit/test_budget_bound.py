@@ -296,7 +296,9 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
     )
     loser = SentAttempt("prov", "prov-m", 2)
     gpu_loser = SentAttempt("gpu", "m", 3)
-    losers = meter.hedge_prices((loser, gpu_loser), "pm", lambda b: 4 if b == "gpu" else 9)
+    losers = meter.hedge_prices(
+        (loser, gpu_loser), "pm", lambda b: 4 if b == "gpu" else 9, prompt_tokens=3000
+    )
     assert [(s, b) for s, _, b in losers] == [(loser, 9), (gpu_loser, 4)]
     prov_prices = losers[0][1]
     assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(3), Decimal(4))
@@ -759,3 +761,33 @@ async def test_a_price_asked_without_a_prompt_length_is_the_base_rate(tmp_path: 
     one = meter.prices.unit_prices("prov", "pm", 0, prompt_tokens=1)
     assert (one.input_per_m, one.output_per_m) == (Decimal(6), Decimal(8))
     await ledger.close()
+
+
+async def test_attempts_that_never_answered_are_priced_at_the_tier_the_prompt_reached(
+    tmp_path: Path,
+) -> None:
+    """pm on prov: $3/$4 per M, $6/$8 from 200,000 prompt tokens. A 250,000-token prompt
+    sent and never answered costs 250,000 x $6/M = $1.50 on each row (a cut attempt's, the
+    client's that left, a lost hedge's), not $0.75 at the base rate."""
+    meter, admission, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(10))
+    )
+    tiers = (PriceTier(200_000, 6e-6, 8e-6),)
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    est = Estimate(250_000, 50, 50, True)
+    completion = _completion(await meter.reserve(tenant, pm, est), 250_000, "pm")
+    await meter.broken_attempts(completion, [SentAttempt("prov", "prov-m", 1)], lambda b: 1)
+    await meter.left_before_answer(completion, [SentAttempt("prov", "prov-m", 2)], lambda b: 1)
+    ((_, hedge, _),) = meter.hedge_prices(
+        (SentAttempt("prov", "prov-m", 3),), "pm", lambda b: 1, prompt_tokens=250_000
+    )
+    assert (hedge.input_per_m, hedge.output_per_m) == (Decimal(6), Decimal(8))
+    await ledger.close()
+    cut, left = _ledger_rows(tmp_path / "ledger.db")
+    assert (cut["outcome"], cut["cost_nusd"]) == ("upstream_cut", 1_500_000_000)
+    assert (left["outcome"], left["cost_nusd"]) == ("client_disconnect", 1_500_000_000)
+    assert left["price_in_nusd_per_m"] == 6_000_000_000
+    # The tenant's budget holds exactly its row: $1.50 of its $10.
+    assert await _fits(admission, Decimal("8.5"))
+    assert not await _fits(admission, Decimal("8.500000001"))
