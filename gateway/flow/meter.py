@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from gateway.http.auth import Tenant
 
 log = logging.getLogger("neogate.metering")
-_MILLION = 1_000_000
 
 
 # The tenant of rows the operator pays for (cancelled hedges). Not a valid tenant name,
@@ -75,11 +74,7 @@ class Meter:
         Budgets hold the upper bound (`Estimate.budget_output_tokens`: the key's max_tokens
         cap when the request set none); the tokens-per-minute limit the request's own.
         """
-        worst = self.prices.worst(model)
-        cost = (
-            estimate.prompt_tokens * worst.input_per_m
-            + estimate.budget_output_tokens * worst.output_per_m
-        ) / _MILLION
+        cost = self.prices.most_usd(model, estimate.prompt_tokens, estimate.budget_output_tokens)
         try:
             return await self.admission.reserve(
                 tenant.name,

@@ -7,6 +7,8 @@ version, so a request's lookup is a dict hit.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from gateway.config import ModelSpec
 from gateway.metering.money import UnitPrices
 from gateway.state.live import LiveState
@@ -22,7 +24,8 @@ class PricesInForce:
     def __init__(self, live: LiveState) -> None:
         self._live = live
         self._price_cache: dict[tuple[str, str, int, int, int], UnitPrices] = {}
-        self._worst_cache: dict[tuple[str, int], UnitPrices] = {}
+        # (model, book version) -> each backend's most without a tier; whether any has tiers
+        self._worst_cache: dict[tuple[str, int], tuple[tuple[UnitPrices, ...], bool]] = {}
 
     def unit_prices(
         self, backend: str, model: str, batch: int, prompt_tokens: int = 0, context: int = 0
@@ -95,23 +98,37 @@ class PricesInForce:
             cache_write_input_per_m=None if written is None else round(written * _MILLION, 9),
         )
 
-    def worst(self, model: ModelSpec) -> UnitPrices:
-        """The dearest of the model's backends at the current price book (reservations)."""
-        key = (model.name, self._live.prices.book.version)
-        worst = self._worst_cache.get(key)
-        if worst is None:
+    def most_usd(self, model: ModelSpec, prompt_tokens: int, output_tokens: int) -> Decimal:
+        """The most this request can cost on any of the model's backends (reservations): on
+        each, its price at the tier a prompt of `prompt_tokens` reaches there (a GPU: its upper
+        bound), for these tokens; the dearest of them, whichever backend then serves."""
+        book = self._live.prices.book
+        key = (model.name, book.version)
+        cached = self._worst_cache.get(key)
+        if cached is None:
             if len(self._worst_cache) > 1024:
                 self._worst_cache.clear()
-            worst = self._worst_cache[key] = max(
-                (self._most(b, model.name) for b in model.backends),
-                key=lambda p: p.input_per_m + p.output_per_m,
+            tiered = any(
+                (price := book.get(b, model.name)) is not None and bool(price.tiers)
+                for b in model.backends
             )
-        return worst
+            cached = self._worst_cache[key] = (self._all_most(model, 0), tiered)
+        each, tiered = cached
+        if tiered and prompt_tokens:
+            each = self._all_most(model, prompt_tokens)  # the tier depends on this prompt
+        return (
+            max(prompt_tokens * p.input_per_m + output_tokens * p.output_per_m for p in each)
+            / _MILLION
+        )
 
-    def _most(self, backend: str, model: str) -> UnitPrices:
-        """The most a token can be attributed on `backend`: list price, or a GPU's upper bound."""
+    def _all_most(self, model: ModelSpec, prompt_tokens: int) -> tuple[UnitPrices, ...]:
+        return tuple(self._most(b, model.name, prompt_tokens) for b in model.backends)
+
+    def _most(self, backend: str, model: str, prompt_tokens: int) -> UnitPrices:
+        """The most a token can be attributed on `backend`: list price at the tier a prompt
+        of `prompt_tokens` reaches, or a GPU's upper bound."""
         gpu = self._live.backends[backend].gpu
         if gpu is None:
-            return self.unit_prices(backend, model, 0)
+            return self.unit_prices(backend, model, 0, prompt_tokens)
         prompt, output = gpu.most_per_token()
         return UnitPrices.of(round(prompt * _MILLION, 9), round(output * _MILLION, 9), 0)

@@ -791,3 +791,30 @@ async def test_attempts_that_never_answered_are_priced_at_the_tier_the_prompt_re
     # The tenant's budget holds exactly its row: $1.50 of its $10.
     assert await _fits(admission, Decimal("8.5"))
     assert not await _fits(admission, Decimal("8.500000001"))
+
+
+async def test_a_reservation_bounds_every_backend_and_the_tier_the_prompt_reaches(
+    tmp_path: Path,
+) -> None:
+    """The budget holds the most the request can cost wherever it is served.
+
+    m on gpu (at most $0.025062657/M prompt, $5.263157895/M output: the profile's slowest
+    figures) and prov ($1/$2): a 1,000,000-token prompt with 1 output token costs at most
+    1.0 + 0.000002 = $1.000002 on prov, against $0.025062657 + $0.000005263 on the GPU (the
+    dearer backend by its prices' sum). pm on prov at $3/$4, $6/$8 from 200,000 prompt tokens:
+    250,000 x $6/M + 50 x $8/M = $1.5004, not $0.7502 at the base rate."""
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(10))
+    )
+    models = {m.name: m for m in parse_config(TWO).models}
+    long_prompt = await meter.reserve(tenant, models["m"], Estimate(1_000_000, 1, 1, True))
+    assert long_prompt.cost_usd == Decimal("1.000002")
+    long_output = await meter.reserve(tenant, models["m"], Estimate(1, 1_000_000, 1, True))
+    assert long_output.cost_usd == Decimal("5.263157920")  # the GPU: 0.000000025 + 5.263157895
+    tiers = (PriceTier(200_000, 6e-6, 8e-6),)
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=tiers), model="pm")
+    tiered = await meter.reserve(tenant, models["pm"], Estimate(250_000, 50, 50, True))
+    assert tiered.cost_usd == Decimal("1.5004")
+    below = await meter.reserve(tenant, models["pm"], Estimate(199_999, 50, 50, True))
+    assert below.cost_usd == Decimal("0.600197")  # 199,999 x $3/M + 50 x $4/M: the base tier
+    await ledger.close()
