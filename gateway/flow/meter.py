@@ -207,7 +207,7 @@ class Meter:
         try:
             for i, out in enumerate(sorted(sent, key=lambda s: s.number)):
                 batch = batch_seen(out.backend)
-                prices = self.prices.unit_prices(out.backend, model, batch, prompt)
+                prices = self.prices.unit_prices(out.backend, model, batch, prompt, prompt)
                 tenant = completion.tenant if i == 0 else OPERATOR_TENANT
                 row = self._sent_row(completion, out, prices, batch, tenant, "client_disconnect")
                 if i == 0:
@@ -232,7 +232,7 @@ class Meter:
         model, prompt = completion.inbound.model, completion.estimate.prompt_tokens
         for out in broken:
             batch = batch_seen(out.backend)
-            prices = self.prices.unit_prices(out.backend, model, batch, prompt)
+            prices = self.prices.unit_prices(out.backend, model, batch, prompt, prompt)
             row = self._sent_row(completion, out, prices, batch, OPERATOR_TENANT, "upstream_cut")
             if self.ledger is not None:
                 await self.ledger.record(row)
@@ -246,11 +246,13 @@ class Meter:
         prompt_tokens: int,
     ) -> tuple[tuple[SentAttempt, UnitPrices, int], ...]:
         """The price in force for each cancelled hedge, captured when the race ended (the
-        tier its prompt of `prompt_tokens` reaches)."""
+        tier its prompt of `prompt_tokens` reaches; a GPU's prefill at that prompt's length)."""
         out = []
         for loser in losers:
             batch = batch_seen(loser.backend)
-            prices = self.prices.unit_prices(loser.backend, model, batch, prompt_tokens)
+            prices = self.prices.unit_prices(
+                loser.backend, model, batch, prompt_tokens, prompt_tokens
+            )
             out.append((loser, prices, batch))
         return tuple(out)
 

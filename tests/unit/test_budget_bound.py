@@ -282,6 +282,11 @@ async def test_attempts_cut_mid_answer_are_the_operators_prompt(tmp_path: Path) 
     assert (prov["prompt_tokens"], prov["completion_tokens"], prov["batch_size"]) == (2000, 0, None)
     assert prov["price_in_nusd_per_m"] == 3_000_000_000
     assert (gpu["tenant"], gpu["attempt"], gpu["batch_size"]) == ("(operator)", 2, 5)
+    # The GPU prefilled 2000 tokens at the profile's speed for that length (2048: 46,500/s),
+    # not at its reference prompt (512: 41,900/s): $0.001/s / 46,500 = $0.021505376 per
+    # million, 2000 of them $0.000043010752 -> 43,011 nano-dollars.
+    assert gpu["price_in_nusd_per_m"] == 21_505_376
+    assert gpu["cost_nusd"] == 43_011
     # Not the tenant's: its reservation is still held whole (released here, all back).
     assert not await _fits(admission, budget)
     await admission.release(held)
@@ -302,8 +307,11 @@ async def test_a_lost_hedge_is_priced_when_the_race_ends_and_metered_as_ours(
     assert [(s, b) for s, _, b in losers] == [(loser, 9), (gpu_loser, 4)]
     prov_prices = losers[0][1]
     assert (prov_prices.input_per_m, prov_prices.output_per_m) == (Decimal(3), Decimal(4))
-    assert losers[1][1] == meter.prices.unit_prices("gpu", "pm", 4)
-    assert losers[1][1] != meter.prices.unit_prices("gpu", "pm", 9)
+    # The GPU's price at the batch it had and its prompt's length (3000: the 4096 bucket),
+    # not its reference prompt's (the cut attempts' test works one such price by hand).
+    assert losers[1][1] == meter.prices.unit_prices("gpu", "pm", 4, context=3000)
+    assert losers[1][1] != meter.prices.unit_prices("gpu", "pm", 4)
+    assert losers[1][1] != meter.prices.unit_prices("gpu", "pm", 9, context=3000)
     completion = _completion(await meter.reserve(tenant, model, Estimate(3000, 50, 50, True)), 3000)
     completion.hedge_losers = losers
     await meter.finish(completion, outcome="ok")  # the winner delivered nothing metered here
