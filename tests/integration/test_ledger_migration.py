@@ -18,7 +18,7 @@ from gateway.metering.ledger.postgres import PostgresLedger
 from gateway.metering.ledger.postgres import _column_sql as pg_column
 from gateway.metering.ledger.rows import COLUMNS
 from gateway.metering.ledger.sqlite import SqliteLedger
-from gateway.metering.ledger.sqlite import _column_sql as sqlite_column
+from gateway.metering.ledger.sqlite_file import column_sql as sqlite_column
 from gateway.metering.money import UnitPrices
 from gateway.metering.uptime import Span, UptimeRow
 from gateway.metering.usage import Usage

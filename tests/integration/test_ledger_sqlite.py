@@ -502,7 +502,7 @@ def test_switching_a_new_file_to_wal_waits_for_another_connection(tmp_path: Path
     """Two processes opening a new file together: the switch to WAL is retried, not fatal."""
     import threading
 
-    from gateway.metering.ledger.sqlite import ensure_wal
+    from gateway.metering.ledger.sqlite_file import ensure_wal
 
     db = tmp_path / "new.db"
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.metering.ledger.sqlite import ensure_wal
+from gateway.metering.ledger.sqlite_file import ensure_wal
 from gateway.state.keys import KeyRecord
 
 _SQLITE_SCHEMA = (
