@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.metering.ledger.rows import COLUMNS, LedgerRow, LedgerUnavailable
+from gateway.metering.ledger.rows import COLUMNS, NULLABLE, LedgerRow, LedgerUnavailable
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _BIGINT = {
@@ -30,17 +30,6 @@ _INT = {
 }
 _FLOAT = {"ts", "ttft_s", "total_s"}
 _BOOL = {"divergent", "stream", "is_local"}
-_NULLABLE = {
-    "counted_prompt_tokens",
-    "counted_completion_tokens",
-    "price_cached_nusd_per_m",
-    "ttft_s",
-    "batch_size",
-    "client_request_id",
-    "marginal_cost_nusd",
-    "counterfactual_cost_nusd",
-    "counterfactual_backend",
-}
 
 
 def _column_sql(name: str) -> str:
@@ -54,7 +43,7 @@ def _column_sql(name: str) -> str:
         kind = "BOOLEAN"
     else:
         kind = "TEXT"
-    return f"{name} {kind}" + ("" if name in _NULLABLE else " NOT NULL")
+    return f"{name} {kind}" + ("" if name in NULLABLE else " NOT NULL")
 
 
 def check_identifier(name: str) -> str:
@@ -128,7 +117,7 @@ class PostgresLedger:
             *(
                 f"ALTER TABLE {s}.ledger ADD COLUMN IF NOT EXISTS {_column_sql(c)}"
                 for c in COLUMNS
-                if c in _NULLABLE
+                if c in NULLABLE
             ),
             f"CREATE INDEX IF NOT EXISTS ledger_client_request_id ON {s}.ledger (client_request_id)",
             # Up intervals of local workers (gateway/metering/ledger/gpu_uptime.py).

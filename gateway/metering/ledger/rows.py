@@ -211,6 +211,21 @@ _FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
 # Column order of the ledger table; `day` is derived from ts (UTC) so reports group
 # by an indexed plain column on both SQLite and PostgreSQL.
 COLUMNS: tuple[str, ...] = (*_FIELD_NAMES[:3], "day", *_FIELD_NAMES[3:])
+# Columns a row may leave empty (NULL), in every store; a ledger made before one of them
+# existed gains it in place.
+NULLABLE: frozenset[str] = frozenset(
+    {
+        "counted_prompt_tokens",
+        "counted_completion_tokens",
+        "price_cached_nusd_per_m",
+        "ttft_s",
+        "batch_size",
+        "client_request_id",
+        "marginal_cost_nusd",
+        "counterfactual_cost_nusd",
+        "counterfactual_backend",
+    }
+)
 
 
 class LedgerStore(Protocol):

@@ -7,7 +7,7 @@ import sqlite3
 import time
 from typing import Final
 
-from gateway.metering.ledger.rows import COLUMNS, LedgerUnavailable
+from gateway.metering.ledger.rows import COLUMNS, NULLABLE, LedgerUnavailable
 
 _INT_COLUMNS = {
     "attempt",
@@ -29,22 +29,11 @@ _INT_COLUMNS = {
     "counterfactual_cost_nusd",
 }
 _REAL_COLUMNS = {"ts", "ttft_s", "total_s"}
-_NULLABLE = {
-    "counted_prompt_tokens",
-    "counted_completion_tokens",
-    "price_cached_nusd_per_m",
-    "ttft_s",
-    "batch_size",
-    "client_request_id",
-    "marginal_cost_nusd",
-    "counterfactual_cost_nusd",
-    "counterfactual_backend",
-}
 
 
 def column_sql(name: str) -> str:
     kind = "INTEGER" if name in _INT_COLUMNS else "REAL" if name in _REAL_COLUMNS else "TEXT"
-    return f"{name} {kind}" + ("" if name in _NULLABLE else " NOT NULL")
+    return f"{name} {kind}" + ("" if name in NULLABLE else " NOT NULL")
 
 
 SCHEMA = (
@@ -69,7 +58,7 @@ def add_missing_columns(conn: sqlite3.Connection) -> None:
     if not have:
         return  # a new file: CREATE TABLE makes every column
     for name in COLUMNS:
-        if name not in have and name in _NULLABLE:
+        if name not in have and name in NULLABLE:
             conn.execute(f"ALTER TABLE ledger ADD COLUMN {column_sql(name)}")
 
 
