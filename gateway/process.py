@@ -7,11 +7,13 @@
       reliability (gate, retry budget)               reliability settings, deadline ceiling
       counting pool, local-room wake-ups
       adapters kept warm, the live state in force
+      SLO miss budgets (windows per class)         the config's view of them (its bounds)
       background pollers, shared (Redis) state
 
 `gateway.wiring.build_runtime(config, process)` builds a Runtime from the parts
 here; `Process.adopt` is the process side of a swap (new limits, settings, breaker
-config, static keys; the adapters a reload leaves behind), done in one step with it.
+config, static keys, SLO classes; the adapters a reload leaves behind), done in one
+step with it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gateway.background import Background
 from gateway.config import BackendSpec, GatewayConfig, TokenizerSpec, resolve_secret
 from gateway.flow.admission import Admission, TenantLimits
 from gateway.flow.reliability import Reliability, settings_from
+from gateway.flow.slo_budgets import SloBudgets, SloBudgetView
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerWriter, build_writer
 from gateway.metering.ledger.key_tables import PostgresKeyBackend, SqliteKeyBackend
@@ -156,6 +159,8 @@ class Process:
         self.reliability = Reliability.from_config(config)
         self.counting = CountingPool()
         self.room = LocalRoom()
+        # The population SLO budgets: a reload keeps a class's window while its bounds stand.
+        self.slo_budgets = SloBudgets()
         self.adapters = Adapters()
         self.session = upstream_session(config.max_inflight)  # last: nothing after it fails
         self.background = Background(
@@ -195,13 +200,19 @@ class Process:
         )
 
     def adopt(
-        self, config: GatewayConfig, live: LiveState, backends: Mapping[str, Backend]
+        self,
+        config: GatewayConfig,
+        live: LiveState,
+        backends: Mapping[str, Backend],
+        slo: SloBudgetView,
     ) -> list[Backend]:
         """The process side of putting a config in force (synchronous: one step with the swap).
 
         New limits for new grants and reservations (held ones stay held), the static keys,
-        breakers at the new breaker config; returns the adapters the config no longer uses.
+        breakers at the new breaker config, the config's SLO classes (`SloBudgets.adopt`);
+        returns the adapters the config no longer uses.
         """
+        self.slo_budgets.adopt(slo)
         settings = self.reliability.reconfigure(config)
         self.admission.update_limits(tenant_limits(config))
         self.keys.set_static_keys(static_keys(config))

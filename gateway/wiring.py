@@ -34,7 +34,7 @@ from gateway.flow.estimate import Estimator
 from gateway.flow.feedback import Feedback
 from gateway.flow.meter import Meter
 from gateway.flow.reliability import settings_from
-from gateway.flow.routing import Router, SloBudgets
+from gateway.flow.routing import Router
 from gateway.http.auth import Authenticator
 from gateway.process import AppOptions, Process
 from gateway.runtime import Runtime, RuntimeRef
@@ -49,7 +49,7 @@ async def running(config: GatewayConfig, options: AppOptions) -> AsyncIterator[R
     process = Process(config, options)
     try:
         rt = build_runtime(config, process)
-        process.adopt(rt.config, rt.live, rt.backends)
+        process.adopt(rt.config, rt.live, rt.backends, rt.router.budgets)
         await process.open()
         await process.background.follow(rt.config, rt.backends, rt.live)
         yield RuntimeRef(rt, process)
@@ -76,7 +76,12 @@ def build_runtime(config: GatewayConfig, process: Process) -> Runtime:
         admin_key=opts.admin_key or resolve_secret(config.admin.api_key),
     )
     live = process.next_live(config)
-    budgets = SloBudgets({n: Slo.from_spec(c) for n, c in config.slo_classes.items()})
+    # The SLO budgets live as long as the process; this config sees them through its
+    # classes' bounds, adopted with the swap (`Process.adopt`).
+    budgets = process.slo_budgets.view(
+        {n: Slo.from_spec(c) for n, c in config.slo_classes.items()},
+        [m.name for m in config.models],
+    )
     return Runtime(
         config=config,
         process=process,
@@ -127,7 +132,7 @@ async def reload_runtime(ref: RuntimeRef, config: GatewayConfig, source: str) ->
     process = ref.process
     new = build_runtime(config, process)
     await process.background.follow(new.config, new.backends, new.live)
-    retired = process.adopt(new.config, new.live, new.backends)
+    retired = process.adopt(new.config, new.live, new.backends, new.router.budgets)
     ref.current = new
     # Requests that started on the old runtime may still be using (or failing over to)
     # a retired adapter: close its pool once they have had their full time (or at exit).

@@ -16,6 +16,10 @@ and the predictions are scaled by how many misses the class's local requests mea
 against how many were predicted (`calibration`): a model that is too optimistic (the 70B
 pair's short answers) spends little, not a budget it cannot see.
 
+A routed request that got no whole answer is a measured miss; one the client withdrew
+before any bound had passed leaves the window (`withdraw`): what counts as which is the
+gateway's (`gateway.flow.slo_budgets`) and the simulator's (`loadtest.simulate`) call.
+
 Immutable: each event returns a new value; the clock is passed in.
 """
 
@@ -100,6 +104,14 @@ class MissBudget:
             predicted_local=b.predicted_local + (predicted or 0.0),
             missed_local=b.missed_local + (miss if predicted is not None else 0.0),
         )
+
+    def withdraw(self, now: float, age_s: float) -> MissBudget:
+        """A request counted `age_s` ago leaves the class's population unjudged (the client
+        left before any bound had passed, or asked for what no backend can serve): its
+        count, faded since, comes back out. Not a miss, and not a request that met the SLO."""
+        b = self._faded(now)
+        weight = math.exp(-max(age_s, 0.0) / b.tau_s)
+        return replace(b, routed=max(b.routed - weight, 0.0))
 
     def left(self, now: float, share: float = MISS_SHARE) -> float:
         """What the class can still afford now, in predicted miss probability (the misses

@@ -11,6 +11,7 @@ live as long as the process.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -19,12 +20,12 @@ from gateway.errors import GatewayError, UpstreamStatus
 from gateway.flow.backpressure import Gate
 from gateway.flow.reliability import Reliability
 from gateway.flow.retryable import is_retryable
-from gateway.flow.routing import SloBudgets, SloOutcome
+from gateway.flow.slo_budgets import SloBudgetView, SloOutcome
 from gateway.metering.outcome import AttemptOutcome
 from gateway.metrics import GatewayMetrics
 from gateway.state.live import LiveState, LocalRoom
 from policies.latency import LatencySample, sample_from_server_timings
-from policies.types import RouteDecision
+from policies.types import RouteDecision, RouteRequest
 
 
 class Feedback:
@@ -36,7 +37,7 @@ class Feedback:
         metrics: GatewayMetrics,
         reliability: Reliability,
         room: LocalRoom,
-        budgets: SloBudgets,
+        budgets: SloBudgetView,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -55,6 +56,25 @@ class Feedback:
     def on_request(self) -> None:
         """One client request: it earns its share of retries."""
         self._reliability.on_request()
+
+    def on_routed(self, req: RouteRequest) -> None:
+        """The request is being routed: one more of its model's class (`policies.budget`)."""
+        self._budgets.count(req.model, req.slo_class)
+
+    def on_unanswered(self, req: RouteRequest | None, elapsed_s: float, exc: BaseException) -> None:
+        """A routed request (`req`; None: it never was) ended `elapsed_s` after it arrived,
+        before any answer began, on `exc`. No backend, every attempt failed, an upstream
+        error or 429 passed on, a timeout: a miss of its class. The client's doing (it
+        left; the upstream refused what it asked, passed through as a 4xx): a miss only if
+        a bound had already passed, else it leaves the class's window unjudged."""
+        if req is None:
+            return
+        clients = isinstance(exc, asyncio.CancelledError) or (
+            isinstance(exc, UpstreamStatus) and exc.passes_through
+        )
+        self._budgets.unanswered(
+            req.model, req.slo_class, req.stream, elapsed_s, clients_doing=clients
+        )
 
     # --- the forwarder's AttemptHooks ---------------------------------------------------
 
@@ -136,19 +156,13 @@ class Feedback:
 
         The provider's own timings (Groq) give the sample where present; otherwise the
         gateway's measured TTFT and mean inter-token gap do. `slo`, the request's decision
-        and budget charge: whether it met its class's SLO goes into the class's miss budget.
+        and budget charge: whether it met its class's SLO goes into the class's miss budget
+        (an answer that broke is a miss: `gateway.flow.slo_budgets`).
         """
         backend, model = outcome.backend, outcome.model
         live = self.live.backends[backend]
         if slo is not None:
-            self._budgets.settle(
-                backend,
-                live.gpu is not None,
-                slo,
-                outcome.ttft_s,
-                outcome.total_s,
-                outcome.completion_tokens,
-            )
+            self._budgets.settle(outcome, live.gpu is not None, slo)
         live.inflight -= 1
         self._metrics.backend(backend).inflight.set(live.inflight)
         tokens = outcome.completion_tokens

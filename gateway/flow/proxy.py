@@ -18,12 +18,14 @@ from gateway.flow.headers import answer_headers, forward_headers, request_deadli
 from gateway.flow.meter import Meter
 from gateway.flow.relay import DONE, EventFilter
 from gateway.flow.reliability import ReliabilitySettings
-from gateway.flow.routing import Router, SloOutcome
+from gateway.flow.routing import Router
+from gateway.flow.slo_budgets import CLIENT_LEFT, SloOutcome
 from gateway.http.auth import Authenticator, Tenant
 from gateway.http.client_headers import check_client_headers
 from gateway.http.exchange import ClientExchange, StallGuard, refuse_encoded_body
 from gateway.http.inbound import PATHS, Endpoint, InboundRequest, parse_request
 from gateway.metering.stream_meter import StreamMeter
+from policies.types import RouteRequest
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -95,9 +97,13 @@ async def serve(rt: Services, ex: ClientExchange, tenant: Tenant, inbound: Inbou
     completion.client_request_id = client_request_id(ex.headers)
     sent: list[SentAttempt] = []
     broken: list[SentAttempt] = []
+    routed: RouteRequest | None = None  # set once counted in its SLO class's budget
     try:
         rt.feedback.on_request()
-        plans, decision = await rt.router.plan(inbound, model, tenant, estimate, ex.headers)
+        req = rt.router.route_request(inbound, tenant, estimate, ex.headers)
+        rt.feedback.on_routed(req)
+        routed = req
+        plans, decision = await rt.router.plan(req, inbound, model, tenant)
         completion.decision = decision
         budget_s = request_deadline_s(rt.deadline_ceiling_s, ex.headers)
         attempt = await first_attempt_that_answers(
@@ -112,12 +118,15 @@ async def serve(rt: Services, ex: ClientExchange, tenant: Tenant, inbound: Inbou
             sent=sent,
             broken=broken,
         )
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         # The client left before any answer. An attempt that was out had the prompt
         # (a non-streamed answer is only sent whole): it gets its row.
+        rt.feedback.on_unanswered(routed, time.monotonic() - arrived, exc)
         await asyncio.shield(rt.meter.left_before_answer(completion, sent, rt.router.batch_seen))
         raise
-    except BaseException:
+    except BaseException as exc:
+        # No answer: no backend, every attempt failed, an error passed on (an SLO miss).
+        rt.feedback.on_unanswered(routed, time.monotonic() - arrived, exc)
         await rt.meter.abandon(completion)
         raise
     finally:
@@ -139,15 +148,21 @@ async def serve(rt: Services, ex: ClientExchange, tenant: Tenant, inbound: Inbou
     charge = rt.feedback.on_start(
         attempt.backend, attempt.response.headers, estimate.prompt_tokens, decision
     )
+    left = False
     try:
         if inbound.stream:
             await _relay_stream(rt, ex, completion, attempt)
         else:
             await _relay_whole(rt, ex, completion, attempt)
+    except asyncio.CancelledError:
+        left = True  # the client went away (a whole answer's body was still being read)
+        raise
     finally:
         attempt.release()
         # The outcome the meter recorded; one that never reached the meter ends here.
-        outcome = completion.outcome or completion.end("unmetered", time.monotonic())
+        outcome = completion.outcome or completion.end(
+            CLIENT_LEFT if left else "unmetered", time.monotonic()
+        )
         rt.feedback.on_end(outcome, slo=SloOutcome(decision, charge, inbound.stream))
 
 

@@ -10,14 +10,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from types import MappingProxyType
+from dataclasses import replace
 
 from adapters.base import AttemptTimeouts, Backend
 from gateway.config import GatewayConfig, ModelSpec
 from gateway.errors import NoBackendAvailable
 from gateway.flow.attempt import AttemptPlan
 from gateway.flow.estimate import Estimate
+from gateway.flow.slo_budgets import SloBudgets, SloBudgetView
 from gateway.http.auth import Tenant
 from gateway.http.client_headers import DEADLINE_HEADER, SLO_HEADER
 from gateway.http.inbound import InboundRequest, upstream_body
@@ -52,112 +52,6 @@ def _clip(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
-@dataclass(frozen=True, slots=True)
-class SloOutcome:
-    """What `Feedback.on_end` needs to score a finished request against its class's SLO."""
-
-    decision: RouteDecision
-    # What `Feedback.on_start` charged the decision's budget class.
-    charge: float = 0.0
-    # A streamed answer's first byte is its first token; a whole answer's is its last.
-    streamed: bool = True
-
-
-def met_slo(slo: Slo, ttft_s: float | None, total_s: float, completion_tokens: int) -> bool:
-    """Did a request meet its class's SLO (times from arrival)? TTFT and ITL are judged
-    only when the first token's time is known (`ttft_s`, a streamed answer); the mean ITL
-    is the time after the first token over the tokens after it."""
-    if slo.max_total_s is not None and total_s > slo.max_total_s:
-        return False
-    if ttft_s is None:
-        return True
-    if slo.max_ttft_s is not None and ttft_s > slo.max_ttft_s:
-        return False
-    n = completion_tokens
-    return not (
-        slo.max_itl_s is not None and n > 1 and (total_s - ttft_s) / (n - 1) > slo.max_itl_s
-    )
-
-
-class SloBudgets:
-    """Each public model's SLO classes' population miss budgets (`policies.budget`) over one
-    config's requests: counted when routed (`Router.plan`), charged when a local first choice
-    answers and settled when it ends (`Feedback.on_start` / `on_end`). Per model: one model's
-    easy traffic (an 8B fleet) must not fund another's misses (a 70B pair), nor its
-    calibration hide them."""
-
-    def __init__(self, slos: Mapping[str, Slo], clock: Callable[[], float] = time.time) -> None:
-        self._slos = slos
-        self._clock = clock
-        self._by_model: dict[str, dict[str, MissBudget]] = {}
-
-    def of(self, model: str) -> dict[str, MissBudget]:
-        """The model's budget per SLO class (created on first use)."""
-        miss = self._by_model.get(model)
-        if miss is None:
-            miss = self._by_model[model] = {name: MissBudget() for name in self._slos}
-        return miss
-
-    def left(self, model: str) -> Mapping[str, float]:
-        """What each of the model's class budgets has left now."""
-        now = self._clock()
-        return MappingProxyType({c: b.left(now) for c, b in self.of(model).items()})
-
-    def count(self, model: str, slo_class: str) -> None:
-        """One more request of the model and class was routed."""
-        miss = self.of(model)
-        miss[slo_class] = miss[slo_class].count(self._clock())
-
-    def charge(self, decision: RouteDecision | None, backend: str, local_gpu: bool) -> float:
-        """The expected misses charged when `backend` answered: a local first choice's
-        predicted miss probability, calibrated (0 for anything else)."""
-        chosen = None if decision is None else decision.chosen
-        if (
-            decision is None
-            or chosen is None
-            or chosen.backend != backend
-            or chosen.miss_probability <= 0.0
-            or not local_gpu
-            or decision.budget_class not in self.of(decision.model)
-        ):
-            return 0.0
-        miss = self.of(decision.model)
-        budget = miss[decision.budget_class]
-        charge = budget.charge(chosen.miss_probability)
-        miss[decision.budget_class] = budget.admit(charge)
-        return charge
-
-    def settle(
-        self,
-        backend: str,
-        local_gpu: bool,
-        slo: SloOutcome,
-        ttft_s: float | None,
-        total_s: float,
-        completion_tokens: int,
-    ) -> None:
-        """A finished request's measured SLO outcome and its charge back into the budgets."""
-        d = slo.decision
-        own = d.slo_class
-        miss = self.of(d.model)
-        if own not in miss:
-            return
-        now = self._clock()
-        if slo.streamed and ttft_s is None:
-            missed = True  # a stream that never sent its first token
-        else:
-            known = ttft_s if slo.streamed else None
-            missed = not met_slo(self._slos[own], known, total_s, completion_tokens)
-        chosen = d.chosen
-        if local_gpu and d.budget_class == own:
-            p = chosen.miss_probability if chosen is not None and chosen.backend == backend else 0.0
-            miss[own] = miss[own].settle(now, slo.charge, missed, predicted=p)
-            return
-        if slo.charge > 0.0 and d.budget_class in miss:
-            miss[d.budget_class] = miss[d.budget_class].settle(now, slo.charge, False)
-        miss[own] = miss[own].settle(now, 0.0, missed)
-
-
 class Router:
     """Chooses backends for each request over the live state, and plans its attempts (one per config)."""
 
@@ -168,7 +62,7 @@ class Router:
         live: LiveState,
         *,
         room: LocalRoom | None = None,
-        budgets: SloBudgets | None = None,
+        budgets: SloBudgetView | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._backends = backends
@@ -177,8 +71,13 @@ class Router:
         self._room = room if room is not None else LocalRoom()
         self._clock = clock
         self._slos = {name: Slo.from_spec(spec) for name, spec in config.slo_classes.items()}
-        # The population SLO budget per class (policies.budget), shared with `Feedback`.
-        self.budgets = budgets if budgets is not None else SloBudgets(self._slos, clock)
+        # The population SLO budget per class (policies.budget): the process's, seen through
+        # this config's view (shared with `Feedback`); a router of its own keeps its own.
+        if budgets is None:
+            store = SloBudgets(clock)
+            budgets = store.view(self._slos, (m.name for m in config.models))
+            store.adopt(budgets)
+        self.budgets = budgets
         self._policies: dict[str, Policy] = {
             m.name: compile_policy(m.policy, config.slo_classes) for m in config.models
         }
@@ -253,7 +152,7 @@ class Router:
 
     def miss_budget(self, model: str, slo_class: str) -> MissBudget:
         """One model's SLO class's miss budget as it stands (what routing was told and measured)."""
-        return self.budgets.of(model)[slo_class]
+        return self.budgets.of(model).get(slo_class, MissBudget())
 
     def miss_budgets(self, model: str) -> Mapping[str, float]:
         """What each SLO class's miss budget has left now for this model (`policies.budget`)."""
@@ -271,18 +170,12 @@ class Router:
         return _explain_spill(decision, self._locals.get(model.name, frozenset()))
 
     async def plan(
-        self,
-        inbound: InboundRequest,
-        model: ModelSpec,
-        tenant: Tenant,
-        estimate: Estimate,
-        headers: Mapping[str, str],
+        self, req: RouteRequest, inbound: InboundRequest, model: ModelSpec, tenant: Tenant
     ) -> tuple[list[AttemptPlan], RouteDecision]:
-        """Decide, wait for local headroom where the request tolerates it, and build the attempts."""
+        """Decide for `req` (`route_request`; the caller counts it in its class's SLO budget),
+        wait for local headroom where the request tolerates it, and build the attempts."""
         if inbound.endpoint == "embeddings":
             model = self._embedding_models.get(model.name, model)
-        req = self.route_request(inbound, tenant, estimate, headers)
-        self.budgets.count(req.model, req.slo_class)
         decision = self.decide(req, model, tenant)
         if decision.wait_for_local and self._room.waiting < self._queue_max:
             decision = await self._wait_for_local(req, model, tenant, decision)

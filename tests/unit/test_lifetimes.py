@@ -17,7 +17,7 @@ from gateway.errors import UpstreamUnavailable
 from gateway.flow.estimate import Estimate
 from gateway.flow.feedback import Feedback
 from gateway.flow.reliability import Reliability
-from gateway.flow.routing import SloBudgets
+from gateway.flow.slo_budgets import SloBudgets
 from gateway.http.auth import Tenant
 from gateway.metering.outcome import AttemptOutcome
 from gateway.metering.usage import UpstreamTimings
@@ -128,7 +128,9 @@ def _feedback() -> tuple[Feedback, LiveState, LocalRoom]:
     live = LiveState({b.name: b for b in config.backends}, 0.0, alpha=0.2)
     room = LocalRoom()
     clock = iter(float(i) for i in range(100, 10_000))
-    budgets = SloBudgets({n: Slo.from_spec(c) for n, c in config.slo_classes.items()})
+    store = SloBudgets()
+    budgets = store.view({n: Slo.from_spec(c) for n, c in config.slo_classes.items()}, ["m"])
+    store.adopt(budgets)
     fb = Feedback(
         live,
         GatewayMetrics(),

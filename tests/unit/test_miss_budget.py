@@ -140,7 +140,7 @@ def test_guarded_work_spends_the_protected_class_budget(h100: GpuModel) -> None:
 
 
 def test_met_slo_judges_times_from_arrival() -> None:
-    from gateway.flow.routing import met_slo
+    from gateway.flow.slo_budgets import met_slo
 
     chat = Slo(1.0, 0.05)
     # First token at 0.8 s, 101 tokens by 5.8 s: mean ITL 5.0 / 100 = 50 ms: met.

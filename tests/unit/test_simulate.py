@@ -16,9 +16,22 @@ from loadtest.simulate.engine import Engine, simulate
 from loadtest.simulate.physics import GpuPhysics
 from loadtest.simulate.report import SLO_TARGET, goal_check
 from loadtest.simulate.results import PolicyResult
-from loadtest.simulate.routers import default_policies
+from loadtest.simulate.routers import (
+    AlwaysLocalUntilError,
+    CheapestExternal,
+    LeastLoaded,
+    SpillAt,
+    default_policies,
+)
 from loadtest.simulate.scenario import default_scenario
-from loadtest.simulate.traces import Trace, bursty, dump_trace, load_trace, steady
+from loadtest.simulate.traces import (
+    Trace,
+    TraceRequest,
+    bursty,
+    dump_trace,
+    load_trace,
+    steady,
+)
 
 
 def head(trace: Trace, seconds: float) -> Trace:
@@ -248,3 +261,35 @@ def test_cost_policy_spills_and_queues_only_part_of_the_traffic(
     held = 2 * 2.95 * 1200 / 3600
     for r in bursty_results:
         assert held <= r.gpu_cost_usd < held * 1.03, r.policy
+
+
+def test_requests_no_backend_answered_are_misses_for_every_policy() -> None:
+    # One provider with a 1,000-token-per-minute bucket, no GPUs. Three requests of 500
+    # prompt + 100 max tokens (600 each from the bucket) 10 ms apart: the first leaves
+    # 400 (refilling at 16.7/s), the next two find ~400 < 600, are refused (429), fail
+    # over to nothing and go unanswered. The first answers in ~0.2 s, well within its
+    # class's 1 s TTFT. Attainment 1/3 for every policy and baseline alike, and the
+    # simulated gateway's budget counts the two as measured misses.
+    sc = default_scenario()
+    groq = dataclasses.replace(sc.providers[0], tpm_limit=1000)
+    sc = dataclasses.replace(sc, providers=(groq,)).without_gpus()
+    reqs = tuple(TraceRequest(0.01 * i, 500, 50, 100, "interactive") for i in range(3))
+    trace = Trace("tpm", 10.0, reqs)
+    runs = [
+        *default_policies(1, sc.slo_classes),
+        CheapestExternal("no-gpus"),
+        AlwaysLocalUntilError("all-local"),
+        SpillAt(4),
+        LeastLoaded(),
+    ]
+    for policy in runs:
+        engine = Engine(sc, trace, policy, 1)
+        res = engine.run()
+        assert res.failed == 2, policy.name
+        assert res.slo_attainment == {"interactive": pytest.approx(1 / 3)}, policy.name
+        # Refused by the provider (429), or not sent at all by a policy that reads the
+        # 429's cool-down (no backend): unanswered either way.
+        assert 1 <= res.refused_attempts <= 2, policy.name
+        budget = engine.budgets["interactive"]
+        assert budget.missed == pytest.approx(2.0, rel=1e-3), policy.name
+        assert budget.routed == pytest.approx(3.0, rel=1e-3), policy.name
