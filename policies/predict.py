@@ -28,6 +28,27 @@ def local_load(s: BackendSnapshot) -> int:
     return load
 
 
+def stalled_arrivals(request: RouteRequest, s: BackendSnapshot, over_s: float) -> float | None:
+    """The protected requests a delay-tolerant request's prefill is expected to push past
+    their TTFT bound on local worker `s`, when its predicted TTFT is `over_s` past that bound;
+    None when the worker is busy without it.
+
+    A worker prefills in arrival order (chunked prefill gives a running prefill the chunk
+    budget before a new prompt), so a request that arrives while this prompt prefills waits
+    for it: the arrivals of the first `over_s` seconds miss, at most those of its whole
+    prefill time. If the queue ahead of it is already past the bound (`over_s` longer than
+    its own prefill), protected traffic needs this worker: it is busy, not stalled by us.
+    Every recent arrival counts as a protected one (an upper bound).
+    """
+    gpu = s.gpu
+    if gpu is None:
+        return None
+    own = gpu.prefill_time_s(request.prompt_tokens)
+    if over_s > own:
+        return None
+    return s.recent_requests_per_s * over_s
+
+
 def external_cost(request: RouteRequest, s: BackendSnapshot) -> float:
     """List price x the request's expected tokens on an external backend."""
     return (
@@ -147,11 +168,19 @@ def predict(
         reason = f"misses deadline by {now + total - request.deadline:.1f}s"
     elif guard is not None and gpu is not None:
         if guard.max_ttft_s is not None and ttft + ttft_margin > guard.max_ttft_s:
-            reason = f"busy: ttft {ttft:.2f}+{ttft_margin:.2f}s > {guard.max_ttft_s:g}s (protected)"
-        elif (
-            guard.max_itl_s is not None
+            stall = stalled_arrivals(request, s, ttft + ttft_margin - guard.max_ttft_s)
+            if stall is None or p_miss + stall > budget:
+                reason = (
+                    f"busy: ttft {ttft:.2f}+{ttft_margin:.2f}s > {guard.max_ttft_s:g}s (protected)"
+                )
+            else:
+                # Admitted on the protected class's budget, charged the arrivals it holds up.
+                p_miss += stall
+        if (
+            not reason
+            and guard.max_itl_s is not None
             and itl + itl_margin > guard.max_itl_s
-            and not (pooled and slo.max_itl_s is None)
+            and not (pooled and p_miss <= budget and slo.max_itl_s is None)
         ):
             reason = (
                 f"busy: itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms"

@@ -105,6 +105,9 @@ class BackendSnapshot:
     # Prompt tokens per second the gateway sent this worker recently (a decaying average):
     # prefill steals GPU time from decoding, so it raises everyone's ITL.
     recent_prompt_tokens_per_s: float = 0.0
+    # Requests per second the gateway sent this worker recently (the same decaying average):
+    # how many arrivals a long prefill holds up (`policies.predict`, the protected TTFT).
+    recent_requests_per_s: float = 0.0
     # Gateway-side cap on in-flight requests; None: no cap.
     max_concurrency: int | None = None
     gpu: GpuModel | None = None

@@ -142,6 +142,7 @@ class Feedback:
         live.inflight += 1
         if live.gpu is not None:
             live.prompt_rate = live.prompt_rate.add(prompt_tokens, now)
+            live.request_rate = live.request_rate.add(1, now)
         else:
             live.sent_requests = live.sent_requests.add(1, now)
             live.sent_prompt = live.sent_prompt.add(prompt_tokens, now)

@@ -56,6 +56,8 @@ class BackendLive:
     latency: dict[str, LatencyEstimate] = field(default_factory=dict)
     # Prompt tokens per second the gateway sends this worker (prefill load on its decode).
     prompt_rate: DecayingRate = field(default_factory=DecayingRate)
+    # Requests per second sent it: the arrivals a long prefill would hold up.
+    request_rate: DecayingRate = field(default_factory=DecayingRate)
     # Local workers, per model: how far the cost model's TTFT and ITL predictions fell short.
     errors: dict[str, tuple[RelativeError, RelativeError]] = field(default_factory=dict)
     # What we sent a provider over about the last minute: stands in for the remaining
@@ -298,6 +300,7 @@ class LiveState:
             max_concurrency=spec.max_concurrency + live.starting,
             gpu=live.gpu,
             recent_prompt_tokens_per_s=live.prompt_rate.value(now) if live.gpu else 0.0,
+            recent_requests_per_s=live.request_rate.value(now) if live.gpu else 0.0,
         )
 
 

@@ -79,6 +79,7 @@ class Engine:
         self.ttft_error = {n: RelativeError() for n in self.gpus}
         self.itl_error = {n: RelativeError() for n in self.gpus}
         self.prompt_rate = {n: DecayingRate() for n in self.gpus}
+        self.request_rate = {n: DecayingRate() for n in self.gpus}
         # The gateway's population SLO budget per class (policies.budget).
         self.budgets = {c: MissBudget() for c in scenario.slo_classes}
         self.queue: list[SimRequest] = []
@@ -141,6 +142,7 @@ class Engine:
                     inflight=self.inflight[name],
                     pending_prefill_tokens=self.pending_prefill[name],
                     recent_prompt_tokens_per_s=self.prompt_rate[name].value(now),
+                    recent_requests_per_s=self.request_rate[name].value(now),
                     max_concurrency=spec.max_concurrency,
                     gpu=spec.model,
                 )
@@ -234,6 +236,7 @@ class Engine:
                     self.inflight[name] += 1
                     self.pending_prefill[name] += tr.prompt_tokens
                     self.prompt_rate[name] = self.prompt_rate[name].add(tr.prompt_tokens, now)
+                    self.request_rate[name] = self.request_rate[name].add(1, now)
                     self._schedule_gpu(name)
                     return
             else:

@@ -12,7 +12,7 @@ from policies.budget import MISS_SHARE, WINDOW_TAU_S, MissBudget
 from policies.costmodel import TAIL_P, GpuModel
 from policies.select import compile_policy, select
 from policies.spec import CostPolicySpec, GpuSpec
-from policies.types import BackendSnapshot, RouteRequest, Slo
+from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 
 
 @pytest.fixture
@@ -151,3 +151,49 @@ def test_met_slo_judges_times_from_arrival() -> None:
     # A whole answer (first token unknown): only a total bound can judge it.
     assert met_slo(chat, None, 30.0, 101)
     assert not met_slo(Slo(None, None, 600.0), None, 600.5, 10)
+
+
+def _batch_on_idle_gpu(h100: GpuModel, budget: float, *, queued: int = 0) -> tuple[str, Candidate]:
+    """A 22,000-token batch request on an idle H100 that was sent 5 requests/s recently."""
+    slo = Slo(None, None, 600.0, 30.0)
+    r = RouteRequest("m", 22_000, 1024, 400, True, "batch", slo)
+    r = dataclasses.replace(r, miss_budgets=MappingProxyType({"interactive": budget}))
+    pol = compile_policy(CostPolicySpec(), {"interactive": Slo(1.0, 0.05), "batch": slo})
+    gpu = BackendSnapshot(
+        "gpu",
+        "m",
+        is_local=True,
+        recent_requests_per_s=5.0,
+        pending_prefill_tokens=queued,
+        gpu=h100,
+    )
+    groq = BackendSnapshot(
+        "groq", "m", price_in_per_token=0.05e-6, price_out_per_token=0.08e-6, ttft_s=0.2
+    )
+    d = select(r, [gpu, groq], pol, 0.0)
+    assert d.chosen is not None
+    return d.chosen.backend, next(c for c in d.candidates if c.backend == "gpu")
+
+
+def test_a_long_batch_prefill_spends_the_protected_budget_on_the_arrivals_it_holds_up(
+    h100: GpuModel,
+) -> None:
+    # Its own prefill is 22,000 / 20,000 = 1.1 s, plus one decode step at batch 1 (1/215 s =
+    # 4.65 ms): TTFT 1.10465 s, 0.10465 s past the interactive class's 1 s. Interactive
+    # requests that arrive in that first 0.10465 s wait behind the prompt and miss: at 5
+    # requests/s, 0.52326 expected misses. The old guard judged the batch request's own TTFT
+    # against the interactive bound, so a prompt over 20,000 tokens never went local at all.
+    where, gpu = _batch_on_idle_gpu(h100, 0.5)
+    assert where == "groq" and gpu.reason.startswith("busy: ttft 1.10")
+    where, gpu = _batch_on_idle_gpu(h100, 0.6)
+    assert where == "gpu" and gpu.meets_slo
+    assert gpu.miss_probability == pytest.approx(5.0 * 0.104651, abs=1e-5)
+
+
+def test_a_queue_already_past_the_protected_bound_is_busy_whatever_the_budget(
+    h100: GpuModel,
+) -> None:
+    # 30,000 prompt tokens queued ahead: 1.5 s before ours starts. Protected traffic would
+    # wait past its bound without this request: the worker is busy, not stalled by it.
+    where, gpu = _batch_on_idle_gpu(h100, 100.0, queued=30_000)
+    assert where == "groq" and gpu.reason.startswith("busy: ttft 2.60")
