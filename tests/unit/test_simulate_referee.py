@@ -11,10 +11,11 @@ import pytest
 
 from gateway.config import ConfigError
 from loadtest.simulate.backends import ProviderSpec
-from loadtest.simulate.bound import b_star, decode_rate_ceiling, gpu_seconds, hindsight_bound
+from loadtest.simulate.bound import b_star, gpu_seconds, hindsight_bound
+from loadtest.simulate.bound_local import decode_token_cost
 from loadtest.simulate.engine import Engine
 from loadtest.simulate.physics import GpuPhysics
-from loadtest.simulate.routers import CheapestExternal, SelectPolicy
+from loadtest.simulate.routers import AlwaysLocalUntilError, CheapestExternal, SelectPolicy
 from loadtest.simulate.scenario import (
     LocalSpec,
     PriceChange,
@@ -179,20 +180,89 @@ def test_scenario_file_belief_and_physics_are_separate() -> None:
     assert math.isclose(loaded.scenario.gpu_cost_per_hour(), 7.0)
 
 
-def test_bound_prices_a_tpm_limit() -> None:
-    # No GPUs; provider p at $1e-4 a token admits 1000 bucket tokens a minute (3000 over this
-    # 60-s trace: a full bucket, 60 s of refill, and a minute of slack); q costs $2e-4.
-    # Five requests of 1000 tokens (900 prompt + 100 output, max_tokens 100): the best any
-    # router can do is 3 at p and 2 at q, $0.70. Blind to the limit the bound would be $0.50.
+def test_bound_caps_a_tpm_limited_provider_per_minute() -> None:
+    # No GPUs; provider p at $1e-4 a token admits 1000 bucket tokens a minute; q costs $2e-4.
+    # Five interactive requests of 1000 tokens (900 prompt + 100 output, max_tokens 100) at
+    # t = 0..4 s. Each must be dispatched within 0.9 s of arriving (p answers in 0.1 s, the
+    # TTFT bound is 1 s), so all five fall in the first minute, where the bucket admits at
+    # most its 1000 tokens plus a minute's refill: 2 at p, 3 at q, $0.80. (Before 2026-12-05
+    # the bound capped the whole trace at a full bucket, the trace's refill and a minute of
+    # slack, 3000 tokens: $0.70.) The simulator's bucket admits only the first (the refill by
+    # t = 4.9 s is 82 tokens): a router that falls over to q pays $0.90.
     sc, _ = _one_gpu(60.0, [])
     p = ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0, tpm_limit=1000)
     q = ProviderSpec("q", "m", 200.0, 200.0, 0.1, 0.0, 1e9, 0.001, 0.0)
     sc = dataclasses.replace(sc, locals=(), providers=(p, q))
     trace = Trace("t", 60.0, tuple(TraceRequest(i, 900, 100, 100, "interactive") for i in range(5)))
     b = hindsight_bound(sc, trace, seed=1)
-    assert 0.6 < b.total_usd <= 0.70 + 1e-12
+    assert b.total_usd == pytest.approx(0.80, abs=0.005) and b.total_usd <= 0.80 + 1e-9
+    ran = Engine(sc, trace, CheapestExternal(), 1).run()
+    assert ran.total_cost_usd == pytest.approx(0.90) and ran.slo_attainment["interactive"] == 1.0
     unlimited = dataclasses.replace(sc, providers=(dataclasses.replace(p, tpm_limit=None), q))
     assert hindsight_bound(unlimited, trace, seed=1).total_usd == pytest.approx(0.5)
+
+
+def test_bound_on_a_gpu_whose_slo_batch_is_small() -> None:
+    # A 70B-like GPU: decode 50 tokens/s at batch 1 and 200 at batch 8 (linear between, so
+    # T(b) = (150 b + 200) / 7), prefill 10,000 tokens/s, at most 8 sequences; ITL bound 30 ms.
+    # A pure decode step at batch b lasts b / T(b): 20 ms at 1, 28 ms at 2, 32.3 ms at 3, so
+    # b* = 2. Every batch's point (step s, GPU-s per token c = 1 / T) lies on the line
+    # c = 0.75 x (7/150 - s); a prefill step (204.8 ms, 0.1 ms a token) lies above it. A
+    # request meeting 30 ms on average therefore takes at least c(30 ms) = 12.5 ms of GPU per
+    # decode token (80 tokens/s), not the 0.1 ms of a token riding a prefill step that the
+    # bound charged before 2026-12-05.
+    ph = GpuPhysics.from_tables({1024: {1: 50, 8: 200}}, {1: 10_000}, max_batch=8)
+    slo = Slo(max_ttft_s=1.0, max_itl_s=0.03)
+    assert b_star(ph, 0.03, 1024) == 2
+    assert decode_token_cost(ph, 0.03) == pytest.approx(0.0125)
+    assert decode_token_cost(ph, None) == pytest.approx(1e-4)
+    assert decode_token_cost(ph, 0.015) == math.inf  # even batch 1 takes 20 ms
+    # 100 prompt tokens (0.01 s) and 101 output tokens: 0.01 + 100 x 0.0125 = 1.26 GPU-s.
+    req = TraceRequest(0.0, 100, 101, 101, "interactive")
+    assert gpu_seconds(ph, req, slo, 1.0) == pytest.approx(1.26)
+    # One such GPU at $3.60/h for a 20-s trace; 20 such requests at t = 0, 0.5, ..., 9.5 s
+    # (windows of 1 + 100 x 0.03 = 4 s, all inside the trace), $0.0201 each outside. They
+    # need 25.2 GPU-s of the 20 held: 5.2 / 1.26 = 4.127 requests go outside.
+    belief = GpuModel.from_profile(
+        ThroughputProfileSpec(decode_tokens_per_s={1: 50, 8: 200}, max_batch=8), 3.6
+    )
+    sc = Scenario(
+        (LocalSpec("g", belief, ph),),
+        (ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0),),
+        MappingProxyType({"interactive": slo}),
+        prefill_noise_sigma=0.0,
+    )
+    trace = Trace(
+        "t", 20.0, tuple(TraceRequest(i * 0.5, 100, 101, 101, "interactive") for i in range(20))
+    )
+    b = hindsight_bound(sc, trace, seed=1)
+    assert b.gpu_usd == pytest.approx(0.02)
+    assert b.external_usd == pytest.approx(5.2 / 1.26 * 0.0201)
+    assert b.local_token_share == pytest.approx(1 - 5.2 / 1.26 / 20)
+    # Every policy run here that meets the SLO costs at least the bound.
+    for policy in (AlwaysLocalUntilError("all-local"), CheapestExternal()):
+        r = Engine(sc, trace, policy, 1).run()
+        if r.slo_attainment["interactive"] >= 0.99:
+            assert r.total_cost_usd >= b.total_usd - 1e-12, policy.name
+
+
+def test_bound_lets_one_percent_miss_for_free_and_skips_providers_too_slow() -> None:
+    # No GPUs. p ($1/M) answers in 0.1 s + 1 ms per prompt token; q ($2/M) in 0.1 s. 199
+    # requests of 100 prompt tokens and 1 output ($0.000101 at p) and one of 2000 prompt
+    # tokens, which p answers in 2.1 s, past the 1-s TTFT bound: only q meets it ($0.004002;
+    # at p's price it would be $0.002001). At a 99% target 2 of 200 may miss, and a miss may
+    # cost nothing (the router drops it): the bound is the other 198 at p, $0.019998.
+    sc, _ = _one_gpu(60.0, [])
+    p = ProviderSpec("p", "m", 1.0, 1.0, 0.1, 0.0, 1000.0, 0.001, 0.0)
+    q = ProviderSpec("q", "m", 2.0, 2.0, 0.1, 0.0, 1e9, 0.001, 0.0)
+    sc = dataclasses.replace(sc, locals=(), providers=(p, q))
+    reqs = [TraceRequest(i * 0.1, 100, 1, 1, "interactive") for i in range(199)]
+    reqs.append(TraceRequest(30.0, 2000, 1, 1, "interactive"))
+    trace = Trace("t", 60.0, tuple(sorted(reqs, key=lambda r: r.t)))
+    b = hindsight_bound(sc, trace, seed=1)
+    assert b.total_usd == pytest.approx(198 * 101e-6)
+    ran = Engine(sc, trace, CheapestExternal(), 1).run()
+    assert ran.total_cost_usd >= b.total_usd
 
 
 def test_the_referee_records_why_an_idle_gpu_was_passed_over() -> None:
@@ -228,26 +298,28 @@ def test_a_scenario_can_name_an_existing_policy_file(tmp_path: Path) -> None:
     assert len(loaded.trace(30.0).requests) > 0
 
 
-def test_decode_rate_ceiling_counts_decode_riding_in_prefill_steps() -> None:
-    # A mixed step lasts max(b / T(b), (chunk + b) / prefill speed): with the chunk charged
-    # at the prefill speed, its b decode tokens take only b / prefill speed. NIM 8B H100:
-    # T(256) = 13,348/s but prefill 20,000/s, so a decode token can cost 1/20,000 GPU-s.
+def test_decode_cost_mixes_steps_to_meet_the_itl_bound() -> None:
+    # A mixed step lasts max(b / T(b), budget / prefill speed): with its chunk charged at the
+    # prefill speed, its b decode tokens take only b / prefill speed. NIM 8B H100: T is
+    # 13,348/s from batch 200 on, prefill 20,000/s, so a token riding a prefill step costs
+    # 1/20,000 GPU-s, but that step lasts 2048 / 20,000 = 102.4 ms, twice a 50-ms ITL bound.
+    # The cheapest mix meeting 50 ms on average: batch-200 steps (200 / 13,348 = 14.98 ms,
+    # 1/13,348 a token) and prefill steps, a share w = (50 - 14.98) / (102.4 - 14.98) of them.
     ph = physics_of(
         ThroughputProfileSpec(
             decode_tokens_per_s={1: 215, 5: 1077, 25: 4679, 50: 8018, 100: 12215, 200: 13348},
             prefill_tokens_per_s=20_000,
         )
     )
-    assert decode_rate_ceiling(ph) == 20_000
-    # Prefill slower than decoding at full batch: the decode curve is the ceiling.
-    slow = physics_of(
-        ThroughputProfileSpec(decode_tokens_per_s={1: 215, 200: 13348}, prefill_tokens_per_s=9_000)
-    )
-    assert decode_rate_ceiling(slow) == 13_348
-    # One request of 1,000 prompt tokens (noise 1: 0.05 s) and 201 output tokens: 200 decode
-    # tokens at 1/20,000 = 0.01 s. 0.06 GPU-s in all.
+    s200 = 200 / 13_348
+    w = (0.05 - s200) / (2048 / 20_000 - s200)
+    per_token = (1 - w) / 13_348 + w / 20_000
+    assert decode_token_cost(ph, 0.05) == pytest.approx(per_token)
+    # Without an ITL bound (batch work) every token may ride a prefill step.
+    assert decode_token_cost(ph, None) == pytest.approx(1 / 20_000)
+    # One request of 1,000 prompt tokens (noise 1: 0.05 s) and 201 output tokens.
     req = TraceRequest(0.0, 1000, 201, 256, "interactive")
-    assert gpu_seconds(ph, req, INTERACTIVE, 1.0) == pytest.approx(0.06)
+    assert gpu_seconds(ph, req, INTERACTIVE, 1.0) == pytest.approx(0.05 + 200 * per_token)
 
 
 def test_the_simulated_gpu_runs_on_the_measured_figures_not_the_routers_code() -> None:
