@@ -20,6 +20,7 @@ from gateway.http.admin import add_admin_routes, add_usage_routes
 from gateway.http.edge_head import MAX_FIELD_SIZE, MAX_HEADERS
 from gateway.http.edge_site import add_listeners
 from gateway.http.exchange import REQUEST_ID, refuse_encoded_body
+from gateway.http.refusals import SERVER_ARGS
 from gateway.http.server_log import ServerLog
 from gateway.process import AppOptions
 from gateway.runtime import REQUEST_IDS, RUNTIME, RequestIds, RuntimeRef
@@ -38,20 +39,22 @@ def create_app(
     """Build the gateway app for `config`; I/O resources open in its cleanup context."""
     opts = options or AppOptions()
     cap = max(t.limits.max_body_bytes for t in config.tenants) if config.tenants else 0
+    # Request bodies are never decompressed (a gzip bomb inflates on the event loop,
+    # in aiohttp's parser, before any handler runs): `_errors_middleware` answers 415.
+    handler_args = {
+        "max_field_size": MAX_FIELD_SIZE,
+        "max_headers": MAX_HEADERS,
+        "auto_decompress": False,
+        # aiohttp's idle timer (also for a connection that never sends a byte).
+        "keepalive_timeout": config.listen.keepalive_s,
+        "logger": ServerLog(),  # one line per bad request, never its bytes
+    }
     app = web.Application(
         middlewares=[_errors_middleware],
         client_max_size=max(cap, 4 * 1024 * 1024) + 1,
-        # Request bodies are never decompressed (a gzip bomb inflates on the event loop,
-        # in aiohttp's parser, before any handler runs): `_errors_middleware` answers 415.
-        handler_args={
-            "max_field_size": MAX_FIELD_SIZE,
-            "max_headers": MAX_HEADERS,
-            "auto_decompress": False,
-            # aiohttp's idle timer (also for a connection that never sends a byte).
-            "keepalive_timeout": config.listen.keepalive_s,
-            "logger": ServerLog(),  # one line per bad request, never its bytes
-        },
+        handler_args=handler_args,
     )
+    app[SERVER_ARGS] = {**handler_args, "access_log": None}
     app[REQUEST_IDS] = RequestIds()
     add_listeners(app)
     app.cleanup_ctx.append(_runtime_ctx(config, opts))
@@ -67,14 +70,13 @@ def create_app(
 
 def create_admin_app(ref: RuntimeRef) -> web.Application:
     """The admin API alone, for a separate admin port, sharing the gateway's runtime."""
-    app = web.Application(
-        middlewares=[_errors_middleware],
-        handler_args={
-            "auto_decompress": False,
-            "keepalive_timeout": ref.current.config.listen.keepalive_s,
-            "logger": ServerLog(),
-        },
-    )
+    handler_args = {
+        "auto_decompress": False,
+        "keepalive_timeout": ref.current.config.listen.keepalive_s,
+        "logger": ServerLog(),
+    }
+    app = web.Application(middlewares=[_errors_middleware], handler_args=handler_args)
+    app[SERVER_ARGS] = {**handler_args, "access_log": None}
     app[RUNTIME] = ref
     app[REQUEST_IDS] = RequestIds()
     add_listeners(app)

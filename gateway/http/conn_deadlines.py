@@ -13,12 +13,15 @@ timer, set from `keepalive_s`, covers idle connections between requests).
 - idle: a connection with no request in progress is closed after `keepalive_s`.
 
 A connection's first head that llhttp cannot parse is answered here, as an OpenAI
-error: aiohttp's own answer is plain text that quotes the bytes it read back.
+error: aiohttp's own answer is plain text that quotes the bytes it read back. A
+later one is aiohttp's to answer, behind the requests before it, and it answers in
+OpenAI JSON too (`gateway.http.refusals`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Final, cast
@@ -37,6 +40,10 @@ _KINDS: Final = {
     httptools.HttpParserInvalidMethodError: "an invalid method",
     httptools.HttpParserInvalidURLError: "an invalid request target",
 }
+
+
+# The most of a request in progress kept to find where it ends (`RequestDeadlines._ends`).
+_HOLD_BYTES: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +75,10 @@ class RequestDeadlines(asyncio.Protocol):
     while no head has been whole, aiohttp has nothing under way on the connection, so
     the guard answers a head llhttp refuses itself, as an OpenAI error (400) that quotes
     nothing of the request, writes one line to `log` (rate-limited, without the bytes),
-    and never passes the bytes on. aiohttp's own answer is plain text quoting the bytes
-    it read; a malformed head later on a keep-alive connection still gets that (quoting
-    only that client's own request back to it).
+    and never passes the bytes on. A malformed head later on a keep-alive connection is
+    aiohttp's to answer (as an OpenAI error, `gateway.http.refusals`), in order: the guard
+    gives aiohttp one request per read when several end in one, because aiohttp's parser,
+    failing on a request, drops the requests before it in the same read unanswered.
     """
 
     def __init__(
@@ -89,6 +97,12 @@ class RequestDeadlines(asyncio.Protocol):
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._heads = 0  # heads llhttp read whole on this connection
         self._refused = False
+        self._in_message = False
+        # The reads since the last one that ended between requests (None: too long to keep),
+        # and the requests that ended in them.
+        self._held: list[bytes] | None = []
+        self._held_bytes = 0
+        self._completed = 0
 
     # -- asyncio.Protocol, forwarded --
 
@@ -104,19 +118,80 @@ class RequestDeadlines(asyncio.Protocol):
         if self._refused:
             return  # answered and closing: what the client still sends is dropped
         parser = self._parser
-        if parser is not None:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                self._parser = None  # no longer HTTP/1.1 requests: nothing to follow
-                self._disarm()
-            except httptools.HttpParserError as exc:
-                self._parser = None
-                if self._heads == 0:
-                    self._refuse(exc)
+        if parser is None:
+            self._inner.data_received(data)
+            return
+        completed = self._completed
+        failed = False
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._parser = None  # no longer HTTP/1.1 requests: nothing to follow
+            self._disarm()
+        except httptools.HttpParserError as exc:
+            self._parser = None
+            if self._heads == 0:
+                self._refuse(exc)
+                return
+            # aiohttp is under way on the connection: it answers (`gateway.http.refusals`)
+            # behind the requests before; the deadline stays.
+            failed = True
+        ended = self._completed - completed
+        if ended and (ended > 1 or self._in_message or failed):
+            # Requests end in `data` and another follows: aiohttp gets one request per read,
+            # or an error in a later one would drop the ones before it unanswered.
+            ends = self._ends(data)
+            if ends:
+                at = 0
+                for end in ends:
+                    self._inner.data_received(data[at:end])
+                    at = end
+                data = data[at:]
+                self._held, self._held_bytes, self._completed = [], 0, 0
+                if not data:
                     return
-                # aiohttp is under way on the connection: it answers; the deadline stays
+        self._hold(data)
         self._inner.data_received(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep `data` while a request that spans reads is in progress (for `_ends`)."""
+        held = self._held
+        if not self._in_message:
+            self._held, self._held_bytes, self._completed = [], 0, 0
+        elif held is not None:
+            self._held_bytes += len(data)
+            if self._held_bytes > _HOLD_BYTES:
+                self._held = None  # too long to read again: no split until the next boundary
+            else:
+                held.append(data)
+
+    def _ends(self, data: bytes) -> list[int]:
+        """Where in `data` each request that ended in it ends (llhttp read again, from the
+        last read that ended between requests); none when that is too far back."""
+        held = self._held
+        if held is None:
+            return []
+        start = self._held_bytes
+        buf = b"".join([*held, data]) if held else data
+        out: list[int] = []
+        at, size = 0, len(buf)
+        for _ in range(self._completed):
+            # A request's end: gallop from the last end to a prefix holding it, then halve.
+            step, lo = 256, at + 1
+            hi = min(at + step, size)
+            while hi < size and not _ends_in(buf[at:hi]):
+                lo, step = hi + 1, step * 2
+                hi = min(at + step, size)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _ends_in(buf[at:mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            at = lo
+            if at > start:
+                out.append(at - start)
+        return out
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -134,6 +209,7 @@ class RequestDeadlines(asyncio.Protocol):
     # -- llhttp callbacks: a head begins, the head is whole, the message is whole --
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         if self._timer is None:  # not the first head, which runs from the opening
             self._arm(asyncio.get_running_loop().time() + self._limits.head_timeout_s)
 
@@ -142,6 +218,8 @@ class RequestDeadlines(asyncio.Protocol):
         self._arm(asyncio.get_running_loop().time() + self._limits.body_timeout_s)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
+        self._completed += 1
         self._disarm()  # aiohttp's keep-alive timer covers the wait for the next request
 
     def _refuse(self, exc: httptools.HttpParserError) -> None:
@@ -183,3 +261,23 @@ class RequestDeadlines(asyncio.Protocol):
         self._timer = None
         if self._transport is not None:
             self._transport.abort()
+
+
+class _Ends:
+    """Counts the requests that end in what llhttp is given."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def on_message_complete(self) -> None:
+        self.ended += 1
+
+
+def _ends_in(data: bytes) -> int:
+    """How many requests end in `data` (read from a request's first byte), up to an error."""
+    ends = _Ends()
+    with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
+        httptools.HttpRequestParser(ends).feed_data(data)
+    return ends.ended

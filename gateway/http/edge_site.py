@@ -4,8 +4,9 @@ A connection accepted here starts at neogate's own edge (`gateway.http.edge`), o
 with `listen.fast_edge` off (and on the admin port), at aiohttp behind the same
 connection deadlines (`gateway.http.conn_deadlines`). Only aiohttp's public API is
 used: the socket is ours (`loop.create_server` with our protocol factory), and
-a connection reaches aiohttp through `runner.server`, its documented
-request-handler factory. (aiohttp's sites take no protocol factory, so these
+a connection reaches aiohttp through a `web.RequestHandler` of `runner.server`
+(`gateway.http.refusals`: aiohttp's own, with its answer to an unreadable head
+in OpenAI JSON). (aiohttp's sites take no protocol factory, so these
 sockets are not aiohttp sites: `open_site` answers the bound address, and the
 app's `on_shutdown` hook, set by `add_listeners` in the app factory, drains
 and closes them when the runner is cleaned up.)
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from gateway.http.conn_deadlines import ConnectionLimits, RequestDeadlines
 from gateway.http.edge import EdgeConnection
+from gateway.http.refusals import handler_factory
 from gateway.http.server_log import ServerLog
 from gateway.runtime import REQUEST_IDS, RUNTIME
 
@@ -188,9 +190,10 @@ async def open_site(
     defaults to the app's `listen.*` time limits; both roads keep them.
     """
     app = runner.app
-    fallback = runner.server
-    if fallback is None or LISTENERS not in app:
+    if runner.server is None or LISTENERS not in app:
         raise RuntimeError("open_site needs a set-up runner of an app with add_listeners")
+    # aiohttp's protocol, answering the heads it cannot read as OpenAI errors.
+    fallback = handler_factory(runner, app[REQUEST_IDS])
     if limits is None:
         limits = ConnectionLimits.from_spec(app[RUNTIME].current.config.listen)
     edge = Edge(app, fallback, limits=limits, fast_edge=fast_edge)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,113 @@ async def test_an_empty_line_before_a_request_is_skipped_on_both_roads(
         status, raw, _ = await exchange(gw, b"\r\n" + request([HOST, AUTH]))
         assert status == 200, (road, raw)
         assert (b"Server: neogate" in raw) == (road == "edge"), (road, raw)
+
+
+async def responses(
+    gw: Gateway, writes: list[bytes], count: int
+) -> tuple[list[tuple[int, bytes]], bool]:
+    """Send each write after the answers so far; read `count` answers, then whether it closed."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out: list[tuple[int, bytes]] = []
+    try:
+        for data in writes:
+            writer.write(data)
+            await writer.drain()
+            want = count if data is writes[-1] else len(out) + 1
+            while len(out) < want:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                except asyncio.IncompleteReadError:
+                    return out, True  # closed before all the answers came
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await asyncio.wait_for(reader.readexactly(length), 10)
+                out.append((int(head.split(b" ", 2)[1]), head + body))
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 1.0) == b""
+        except TimeoutError:
+            closed = False
+        return out, closed
+    finally:
+        writer.close()
+
+
+GOOD = {
+    "an inference request": request([HOST, AUTH]),
+    "a GET aiohttp serves": b"GET /healthz HTTP/1.1\r\nHost: gateway.test\r\n\r\n",
+}
+# Malformed heads llhttp refuses (the guard sees them) and heads only aiohttp refuses.
+LATER_BAD = {
+    "bare LF line ends": request([HOST, AUTH], lf=b"\n"),
+    "a header without a colon": head_lines(b"Foo " + TENANT_KEY.encode(), LENGTH),
+    "not HTTP at all": b"GARBAGE " + TENANT_KEY.encode() + b" /\r\n\r\n",
+    "2,000 headers": request([HOST, AUTH] + [(f"X-H{i}", "v") for i in range(2000)]),
+    "a 20 KB header value": request([HOST, AUTH, ("X-Big", "a" * 20_000 + TENANT_KEY)]),
+    "two Host headers": request([HOST, ("Host", "other.test"), AUTH]),
+    "no Host": request([AUTH]),
+}
+
+
+def assert_refused(raw: bytes, where: object) -> None:
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert b"connection: close" in head, (where, raw)
+    error = openai_error(raw)
+    assert set(error) == {"message", "type", "param", "code"}, (where, raw)
+    assert error["type"] == "invalid_request_error", (where, raw)
+    for sent in (TENANT_KEY.encode(), PROMPT.encode(), b"POST /v1", b"Authorization"):
+        assert sent not in raw, (where, sent, raw)
+
+
+@pytest.mark.parametrize("bad", list(LATER_BAD))
+@pytest.mark.parametrize("good", list(GOOD))
+@pytest.mark.parametrize("pipelined", [False, True], ids=["keep-alive", "pipelined"])
+async def test_a_malformed_head_after_a_good_request_is_an_openai_error_on_both_roads(
+    roads: dict[str, Gateway],
+    caplog: pytest.LogCaptureFixture,
+    good: str,
+    bad: str,
+    pipelined: bool,
+) -> None:
+    """aiohttp answered a malformed head later on a keep-alive connection with plain text
+    (quoting the bytes it read), and one in the same write as a good request in its place."""
+    caplog.set_level(logging.DEBUG)
+    writes = [GOOD[good] + LATER_BAD[bad]] if pipelined else [GOOD[good], LATER_BAD[bad]]
+    for road, gw in roads.items():
+        caplog.clear()
+        answers, closed = await responses(gw, writes, 2)
+        where = (road, good, bad)
+        assert [status for status, _ in answers] == [200, 400], (where, answers)
+        assert_refused(answers[1][1], where)
+        assert closed, where
+        lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(lines) == 1, (where, [r.getMessage() for r in lines])
+        logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
+        for secret in (TENANT_KEY, PROMPT, "Authorization"):
+            assert secret not in logged, (where, secret)
+
+
+async def test_a_malformed_head_in_the_read_that_ends_a_body_begun_before_is_answered_in_order(
+    roads: dict[str, Gateway],
+) -> None:
+    """The guard finds where a request that spans reads ends (it reads it again from the
+    read it began in), so aiohttp answers it before it answers the malformed head."""
+    good = request([HOST, AUTH])
+    for name, bad in LATER_BAD.items():
+        for road, gw in roads.items():
+            port = int(gw.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(good[:-20])
+                await writer.drain()
+                await asyncio.sleep(0.05)  # two reads on the server
+                writer.write(good[-20:] + bad)
+                raw = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+            finally:
+                writer.close()
+            answers = list(re.finditer(rb"HTTP/1\.[01] (\d{3}) ", raw))
+            statuses = [int(m.group(1)) for m in answers]
+            assert statuses == [200, 400], (name, road, raw)
+            assert_refused(raw[answers[1].start() :], (name, road))
