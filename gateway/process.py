@@ -142,6 +142,8 @@ class Process:
         secret = options.server_secret or resolve_secret(config.auth.server_secret) or ""
         self.keys = KeyStore(_key_backend(config), secret.encode() or os.urandom(32))
         self.admission = Admission(tenant_limits(config), options.limit_store)
+        # The gate and retry budget: slots held by running requests stay counted across reloads.
+        self.reliability = Reliability.from_config(config)
         self.ledger: LedgerWriter | None = None
         if options.ledger and config.ledger.kind != "none":
             self.ledger = build_writer(
@@ -154,9 +156,9 @@ class Process:
                 adopt=[]
                 if options.worker_index
                 else orphan_spools(config.ledger.spool_path, options.workers),
+                # The request recording its row still holds its gate slot.
+                alone=lambda: self.reliability.gate.inflight() <= 1,
             )
-        # The gate and retry budget: slots held by running requests stay counted across reloads.
-        self.reliability = Reliability.from_config(config)
         self.counting = CountingPool()
         self.room = LocalRoom()
         # The population SLO budgets: a reload keeps a class's window while its bounds stand.

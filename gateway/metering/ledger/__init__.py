@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,10 +68,12 @@ def build_writer(
     registry: CollectorRegistry | None = None,
     schema: str = "neogate",
     adopt: Sequence[Path] = (),
+    alone: Callable[[], bool] | None = None,
 ) -> LedgerWriter:
     """A writer over `make_store(...)` with its spool; call `await writer.start()` next.
 
     `adopt`: spools of worker indices no longer run, moved into this one at start.
+    `alone`: whether the recording request is the only one in flight (`LedgerWriter`).
     """
     store = make_store(kind, path=path, dsn=dsn, schema=schema)
-    return LedgerWriter(store, Spool(spool_path), adopt=adopt, registry=registry)
+    return LedgerWriter(store, Spool(spool_path), adopt=adopt, registry=registry, alone=alone)

@@ -15,7 +15,10 @@ loop, and every request waits for that (measured: ~100 us of CPU per request and
 ~15% of the core benchmark's throughput). Everything that can block runs on the
 store's thread, on a second connection: checkpoints (they fsync), reads, commits
 with synchronous=FULL, and any commit that found the file locked by another process
-(`serve --workers N` shares one file).
+(`serve --workers N` shares one file). A row commits on its own request's turn only while
+that request is alone in the process (`LedgerWriter`'s `alone`: the latency of one request
+at a time); with company, the rows of a loop turn wait for the writer task and commit as
+one transaction (throughput).
 
 Checkpoints never hold a commit below `wal_cap_bytes`: they are PASSIVE (SQLite
 copies the WAL into the database and syncs it without the write lock), one per

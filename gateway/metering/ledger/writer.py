@@ -110,6 +110,10 @@ class _Metrics:
         up.set_function(lambda: 0.0 if writer._down else 1.0)
 
 
+def _always() -> bool:
+    return True
+
+
 class LedgerWriter:
     """Group-committing, spooling ledger writer over one `LedgerStore`."""
 
@@ -125,8 +129,13 @@ class LedgerWriter:
         retry_interval_s: float = 2.0,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # True while the recording request is the only one in flight: only then does a row
+        # commit on its own request's turn (`_commit_now`). With company the row waits for
+        # the writer task, which commits every row of a loop turn in one transaction.
+        self._alone = alone if alone is not None else _always
         self._spool = spool
         self._adopt = list(adopt)  # spools of worker indices no longer run, taken over at start
         self._max_batch = max_batch
@@ -202,6 +211,7 @@ class LedgerWriter:
             and not self._pending
             and not self._down
             and not self._direct_turn
+            and self._alone()
             and self._commit_now(row, loop)
         ):
             return
