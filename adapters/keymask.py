@@ -8,17 +8,24 @@ What it catches:
 - the key as bytes, and in any JSON-escaped spelling (`\\u0073k-...`, `\\/`), in
   one body or one stream event (`mask`);
 - a key that a stream spreads over several events' text (`"content": "sk-ca"`,
-  then `"content": "nary..."`): `StreamMask` follows the text of each choice
-  across events, holds back an event whose text ends in the first
-  `HOLD_PREFIX` or more characters of the key until the next one shows whether
-  the key goes on, and masks the key's characters in every event it spans. At
-  most the first `HOLD_PREFIX - 1` characters of a key can reach a client that
-  way (`sk-` for the common shape, which is public).
+  then `"content": "nary..."`): `StreamMask` follows the text of every way a
+  client can put a stream's text together (a view): each choice's field and each
+  tool call's arguments, as the API means them, and the naive ones, across
+  choices: `choices[0]` of every chunk, every choice in order (per field, and all
+  text). It holds back an event where any view ends in the first `HOLD_PREFIX`
+  or more characters of the key (with every event after it, text or not) until
+  a later one shows whether the key goes on, and stars the key's characters in
+  every event it spans. At most the first `HOLD_PREFIX - 1` characters of a key
+  can reach a client that way (`sk-` for the common shape, which is public). A
+  choice that ended (finish_reason) holds nothing in its own view; the views
+  across choices hold to the next text or the stream's end.
 
 Cost: a whole body is a substring test or two (a regex only where the body holds
 a `\\u` or `\\/` escape). A stream from a backend with a key has each event's
-JSON parsed once more (~1-2 us) to follow its text; backends without a key
-(local workers, usually) pay nothing.
+JSON parsed once more (~1 us) to follow its text; with nothing passed on that
+ends in a start of the key, an event costs one look at the end of each text;
+otherwise each view is read (~2 us more, `python -m loadtest.bench_keymask`).
+Backends without a key (local workers, usually) pay nothing.
 """
 
 from __future__ import annotations
@@ -82,15 +89,16 @@ class KeyMask:
 class StreamMask:
     """The key masker of one SSE stream: `feed` each event block, `flush` at the end."""
 
-    __slots__ = ("_finished", "_held", "_mask", "_pieces", "_released")
+    __slots__ = ("_finished", "_held", "_mask", "_pieces", "_released", "_starred")
 
     def __init__(self, mask: KeyMask) -> None:
         self._mask = mask
-        # Per text field (choice index, field name): the last characters already passed on,
-        # and the pieces of text in held events, as (index in `_held`, text).
-        self._released: dict[tuple[int, str], str] = {}
-        self._pieces: dict[tuple[int, str], list[tuple[int, str]]] = {}
-        self._held: list[Any] = []  # held events: bytes, or parsed objects once rewritten
+        # Per view (see `_slots`): the last characters already passed on (none when no
+        # key can start in them), and the pieces of text in held events.
+        self._released: dict[View, str] = {}
+        self._pieces: dict[View, list[_Piece]] = {}
+        self._held: list[bytes] = []  # events held back, in order
+        self._starred: dict[int, list[_Piece]] = {}  # held events to rewrite, by index
         self._finished: set[int] = set()  # choices that sent their finish_reason
 
     def feed(self, block: bytes) -> list[bytes]:
@@ -102,97 +110,169 @@ class StreamMask:
         block = mask.mask(block)
         if len(key) < HOLD_PREFIX * 2:
             return [block]  # too short to hold back a prefix of: masked whole only
-        texts, finished = _texts(block)
-        if not texts:
+        slots, finished = _slots(block)
+        if finished:
             self._finished.update(finished)
-            return [*self.flush(), block] if self._held else [block]
-        if not self._held and self._passes(texts, finished, key):
+        if not self._held and (not slots or self._passes(slots, key)):
             return [block]  # the common case: nothing held, no key, no key's start
         index = len(self._held)
         self._held.append(block)
-        for field, text in texts.items():
-            pieces = self._pieces.setdefault(field, [])
-            pieces.append((index, text))
-            before = self._released.get(field, "")
-            joined = before + "".join(t for _, t in pieces)
+        touched: dict[View, list[_Piece]] = {}
+        for slot in slots:
+            piece = _Piece(index, slot[4], slot[5])
+            for view in _views(slot):
+                pieces = self._pieces.get(view)
+                if pieces is None:
+                    pieces = self._pieces[view] = []
+                pieces.append(piece)
+                touched[view] = pieces
+        for view, pieces in touched.items():
+            before = self._released.get(view, "")
+            joined = before + "".join([p.text for p in pieces])
             at = joined.find(key)
             while at >= 0:
-                self._redact(field, pieces, at - len(before), at - len(before) + len(key))
-                joined = before + "".join(t for _, t in pieces)
+                self._star(pieces, at - len(before), at - len(before) + len(key))
+                joined = before + "".join([p.text for p in pieces])
                 at = joined.find(key)
-        self._finished.update(finished)
         if len(self._held) < _MAX_HELD:
             # Even after a key was starred here: the text may end in the next key's start.
-            # A choice that ended (finish_reason) on a key's first characters holds nothing.
-            for field, pieces in self._pieces.items():
-                if field[0] in self._finished:
+            # A choice that ended (finish_reason) on a key's first characters holds nothing
+            # in its own view; the views across choices hold to the stream's end.
+            for view, pieces in self._pieces.items():
+                if view[0] == "choice" and view[1] in self._finished:
                     continue
-                joined = self._released.get(field, "") + "".join(t for _, t in pieces)
-                if _ends_in_prefix(joined, key):
+                joined = self._released.get(view, "") + "".join([p.text for p in pieces])
+                if len(_key_start(joined, key)) >= HOLD_PREFIX:
                     return []
         return self.flush()
 
-    def _passes(self, texts: dict[tuple[int, str], str], finished: list[int], key: str) -> bool:
+    def _passes(self, slots: list[Slot], key: str) -> bool:
         """Whether this event, with nothing held, goes on as it is (and note its text)."""
         released = self._released
-        joined = [(f, released.get(f, "") + t) for f, t in texts.items()]
-        for field, text in joined:
-            if key in text or (field[0] not in finished and _ends_in_prefix(text, key)):
+        if not released:
+            # Nothing passed on ends in a key's start: a key can only begin in this event,
+            # and run on past a text's end only where that text ends in its start.
+            starts = [_key_start(slot[5], key) for slot in slots]
+            if not any(starts):
+                return True  # the common case: one look at each text's end
+            if len(slots) == 1:
+                start = starts[0]
+                if len(start) >= HOLD_PREFIX:
+                    return False
+                for view in _views(slots[0]):
+                    released[view] = start
+                return True
+        texts: dict[View, str] = {}
+        for slot in slots:
+            for view in _views(slot):
+                texts[view] = texts.get(view, "") + slot[5]
+        finished = self._finished
+        starts_of: dict[View, str] = {}
+        seen: dict[str, str] = {}  # the views of one choice mostly read the same text
+        for view, new in texts.items():
+            text = released.get(view, "") + new
+            known = seen.get(text)
+            if known is None:
+                if key in text:
+                    return False
+                known = seen[text] = _key_start(text, key)
+            start = known
+            starts_of[view] = start
+            if len(start) >= HOLD_PREFIX and (view[0] != "choice" or view[1] not in finished):
                 return False
-        keep = 1 - len(key)
-        for field, text in joined:
-            released[field] = text[keep:]
-        if finished:
-            self._finished.update(finished)
+        for view, start in starts_of.items():
+            if start:
+                released[view] = start
+            else:
+                released.pop(view, None)
         return True
 
     def flush(self) -> list[bytes]:
         """The events still held (at the end of the stream, or once no key is under way)."""
-        key = self._mask.key_text or ""
-        for field, pieces in self._pieces.items():
-            text = self._released.get(field, "") + "".join(t for _, t in pieces)
-            self._released[field] = text[-(len(key) - 1) :]
+        key = self._mask.key_text
+        released = self._released
+        for view, pieces in self._pieces.items() if key else ():
+            assert key is not None
+            start = _key_start(released.get(view, "") + "".join([p.text for p in pieces]), key)
+            if start:
+                released[view] = start
+            else:
+                released.pop(view, None)
         self._pieces = {}
-        out = [b if isinstance(b, bytes) else _dump(b) for b in self._held]
-        self._held = []
+        out = self._held
+        for index, pieces in self._starred.items():
+            obj = orjson.loads(out[index][5:])
+            for piece in pieces:
+                _set_text(obj, piece.path, piece.text)
+            out[index] = _dump(obj)
+        self._held, self._starred = [], {}
         return out
 
-    def _redact(
-        self, field: tuple[int, str], pieces: list[tuple[int, str]], lo: int, hi: int
-    ) -> None:
-        """Star characters lo..hi of the joined held text (lo < 0: already passed on)."""
+    def _star(self, pieces: list[_Piece], lo: int, hi: int) -> None:
+        """Star characters lo..hi of the joined held text of a view (lo < 0: passed on)."""
         pos = 0
-        for n, (index, text) in enumerate(pieces):
+        for piece in pieces:
+            text = piece.text
             start, end = pos, pos + len(text)
             pos = end
             a, b = max(lo, start), min(hi, end)
             if a >= b:
                 continue
-            new = text[: a - start] + "*" * (b - a) + text[b - start :]
-            pieces[n] = (index, new)
-            held = self._held[index]
-            obj = orjson.loads(held[5:]) if isinstance(held, bytes) else held
-            _set_text(obj, field, text, new)
-            self._held[index] = obj
+            piece.text = text[: a - start] + "*" * (b - a) + text[b - start :]
+            starred = self._starred.setdefault(piece.event, [])
+            if piece not in starred:
+                starred.append(piece)
 
 
-def _ends_in_prefix(text: str, key: str) -> bool:
-    """Whether `text` ends in the first HOLD_PREFIX or more characters of `key` (not all of it)."""
-    tail = text[-(len(key) - 1) :]
+# A view is one way a client puts a stream's text together, keyed by its kind:
+# ("choice", index, field) and ("call", index, tool call index) as the API means it;
+# ("first", field): the first choice of every chunk (`chunk.choices[0].delta.content`);
+# ("every", field): every choice in order; ("every",): every text in order.
+View = tuple[Any, ...]
+# One text of an event: choice index, the choice's place in the list, field name, tool
+# call index (None: not a call's arguments), where it is in the event, the text.
+Slot = tuple[int, int, str, Any, tuple[Any, ...], str]
+
+
+class _Piece:
+    """One text of a held event, shared by the views it belongs to."""
+
+    __slots__ = ("event", "path", "text")
+
+    def __init__(self, event: int, path: tuple[Any, ...], text: str) -> None:
+        self.event = event
+        self.path = path
+        self.text = text
+
+
+_EVERY: Final[View] = ("every",)
+
+
+def _key_start(text: str, key: str) -> str:
+    """The longest end of `text` that is a start of `key` (not all of it); "" when none."""
+    tail = text[1 - len(key) :]
     first = key[0]
     at = tail.find(first)
     while at >= 0:
         rest = tail[at:]
-        if len(rest) >= HOLD_PREFIX and key.startswith(rest):
-            return True
+        if key.startswith(rest):
+            return rest
         at = tail.find(first, at + 1)
-    return False
+    return ""
 
 
-def _texts(block: bytes) -> tuple[dict[tuple[int, str], str], list[int]]:
-    """The text fields of one `data: {json}` event, per (choice index, field name), and the
-    choices it ends."""
-    out: dict[tuple[int, str], str] = {}
+def _views(slot: Slot) -> tuple[View, ...]:
+    idx, pos, name, call, _, _ = slot
+    own = ("choice", idx, name) if call is None else ("call", idx, call)
+    if pos == 0:
+        return own, ("every", name), _EVERY, ("first", name)
+    return own, ("every", name), _EVERY
+
+
+def _slots(block: bytes) -> tuple[list[Slot], list[int]]:
+    """The texts of one `data: {json}` event, each with its views and where it is, and the
+    choices the event ends."""
+    out: list[Slot] = []
     finished: list[int] = []
     if not block.startswith(b"data:"):
         return out, finished
@@ -203,7 +283,7 @@ def _texts(block: bytes) -> tuple[dict[tuple[int, str], str], list[int]]:
     choices = obj.get("choices") if isinstance(obj, dict) else None
     if not isinstance(choices, list):
         return out, finished
-    for choice in choices:
+    for pos, choice in enumerate(choices):
         if not isinstance(choice, dict):
             continue
         idx = choice.get("index", 0)
@@ -211,40 +291,31 @@ def _texts(block: bytes) -> tuple[dict[tuple[int, str], str], list[int]]:
             continue
         if choice.get("finish_reason") is not None:
             finished.append(idx)
-        for holder in (choice.get("delta"), choice):
+        delta = choice.get("delta")
+        for holder, where in ((delta, ("choices", pos, "delta")), (choice, ("choices", pos))):
             if not isinstance(holder, dict):
                 continue
             for name, value in holder.items():  # a handful of keys: cheaper than lookups
                 if name in _TEXT_FIELDS:
                     if isinstance(value, str) and value:
-                        out[(idx, name)] = value
+                        out.append((idx, pos, name, None, (*where, name), value))
                 elif name == "tool_calls" and isinstance(value, list):
-                    for call in value:
+                    for n, call in enumerate(value):
                         fn = call.get("function") if isinstance(call, dict) else None
                         args = fn.get("arguments") if isinstance(fn, dict) else None
                         if isinstance(args, str) and args:
-                            out[(idx, "tool_calls")] = args
+                            assert isinstance(call, dict)
+                            path = (*where, name, n, "function", "arguments")
+                            out.append((idx, pos, name, call.get("index", n), path, args))
     return out, finished
 
 
-def _set_text(obj: Any, field: tuple[int, str], old: str, new: str) -> None:
-    """Write `new` where `_texts` found `old` for `field` in the parsed event `obj`."""
-    idx, name = field
-    for choice in obj.get("choices", ()):
-        if not isinstance(choice, dict) or choice.get("index", 0) != idx:
-            continue
-        for holder in (choice.get("delta"), choice):
-            if not isinstance(holder, dict):
-                continue
-            if name == "tool_calls":
-                for call in holder.get("tool_calls") or ():
-                    fn = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(fn, dict) and fn.get("arguments") == old:
-                        fn["arguments"] = new
-                        return
-            elif holder.get(name) == old:
-                holder[name] = new
-                return
+def _set_text(obj: Any, path: tuple[Any, ...], new: str) -> None:
+    """Write `new` at `path` (from `_slots`) in the parsed event `obj`."""
+    *parents, last = path
+    for step in parents:
+        obj = obj[step]
+    obj[last] = new
 
 
 def _dump(obj: Any) -> bytes:

@@ -144,7 +144,9 @@ TARGETS: tuple[Target, ...] = (
         (
             "tests/unit/test_keymask.py",
             "tests/unit/test_keymask_stream.py",
+            "tests/unit/test_keymask_views.py",
             "tests/integration/test_key_canary.py",
+            "tests/integration/test_key_split_stream.py",
             "tests/integration/test_money_paths.py",
             "tests/integration/test_security.py",
             "tests/unit/test_fasthttp.py",
@@ -166,6 +168,7 @@ TARGETS: tuple[Target, ...] = (
             "tests/integration/test_security.py",
             "tests/integration/test_fasthttp.py",
             "tests/integration/test_sse_transports.py",
+            "tests/integration/test_key_split_stream.py",
         ),
         # The pool's own timing (timeouts, waits for a connection, expiry) and its uvloop rerun.
         tuple(
