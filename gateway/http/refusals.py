@@ -56,12 +56,13 @@ class OpenAIErrors(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        error = _error(status, exc)
         # One line, through the ServerLog: the exception's type and status, never its text.
-        self.log_exception("Bad request from %s", request.remote, exc_info=exc)
+        what = "Bad request" if error.http_status() < 500 else "Error handling a request"
+        self.log_exception(f"{what} from %s", request.remote, exc_info=exc)
         if request.writer.output_size > 0:
             # An answer is under way: it cannot become an error (as aiohttp says it).
             raise ConnectionError("the response is under way: no error response can follow")
-        error = _error(status, exc)
         resp = web.Response(
             status=error.http_status(),
             body=error.body(),
