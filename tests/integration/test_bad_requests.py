@@ -281,8 +281,7 @@ GOOD = {
     "an inference request": request([HOST, AUTH]),
     "a GET aiohttp serves": b"GET /healthz HTTP/1.1\r\nHost: gateway.test\r\n\r\n",
     # Its end is found by reading the chunks again (no length says where it is).
-    "a chunked inference request": head_lines(b"Transfer-Encoding: chunked")
-    .replace(BODY, b"")
+    "a chunked inference request": head_lines(b"Transfer-Encoding: chunked").replace(BODY, b"")
     + b"%x\r\n%b\r\n0\r\n\r\n" % (len(BODY), BODY),
 }
 # Malformed heads llhttp refuses (the guard sees them) and heads only aiohttp refuses.
