@@ -55,7 +55,9 @@ def request_noise(
 class Engine:
     """One run of one policy over one trace."""
 
-    def __init__(self, scenario: Scenario, trace: Trace, policy: SimPolicy, seed: int) -> None:
+    def __init__(
+        self, scenario: Scenario, trace: Trace, policy: SimPolicy, seed: int, *, processes: int = 1
+    ) -> None:
         self.sc = scenario
         self.trace = trace
         self.policy = policy
@@ -80,8 +82,12 @@ class Engine:
         self.itl_error = {n: RelativeError() for n in self.gpus}
         self.prompt_rate = {n: DecayingRate() for n in self.gpus}
         self.request_rate = {n: DecayingRate() for n in self.gpus}
-        # The gateway's population SLO budget per class (policies.budget).
-        self.budgets = {c: MissBudget() for c in scenario.slo_classes}
+        # The gateway's population SLO budget per class (policies.budget); one per process
+        # of `serve --workers N` (`processes`), each request on one of them at random (as
+        # the kernel spreads connections over the workers' SO_REUSEPORT sockets).
+        self.shards = [{c: MissBudget() for c in scenario.slo_classes} for _ in range(processes)]
+        spread = random.Random(seed * 7_919 + processes)
+        self.shard_of = [spread.randrange(processes) for _ in trace.requests]
         self.queue: list[SimRequest] = []
         self.queued_total = 0
         self.refusals = 0
@@ -173,15 +179,24 @@ class Engine:
 
     # -- the population SLO budget ---------------------------------------------------
 
+    @property
+    def budgets(self) -> dict[str, MissBudget]:
+        """The (first) process's budgets: all of them with one process."""
+        return self.shards[0]
+
+    def _budgets(self, r: SimRequest) -> dict[str, MissBudget]:
+        """The budgets of the process that serves `r`."""
+        return self.shards[self.shard_of[r.i]]
+
     def _request(self, r: SimRequest, now: float) -> RouteRequest:
         """The request as routing sees it now: with what each class's budget has left."""
-        left = MappingProxyType({c: b.left(now) for c, b in self.budgets.items()})
+        left = MappingProxyType({c: b.left(now) for c, b in self._budgets(r).items()})
         return dataclasses.replace(r.rr, miss_budgets=left)
 
     def _judged_by(self, r: SimRequest) -> str:
         """The class whose ITL target a local worker is judged by for this request."""
         protect = self.sc.cost_policy.protect_class
-        if r.rr.slo.max_itl_s is None and protect in self.budgets:
+        if r.rr.slo.max_itl_s is None and protect is not None and protect in self.sc.slo_classes:
             return protect
         return r.tr.slo_class
 
@@ -191,12 +206,13 @@ class Engine:
         own = r.tr.slo_class
         judged = self._judged_by(r)
         missed = not meets_slo(r, self.sc.slo_classes[own])
+        budgets = self._budgets(r)
         if r.backend in self.gpus and judged == own:
-            self.budgets[own] = self.budgets[own].settle(now, r.miss_charge, missed, r.miss_p)
+            budgets[own] = budgets[own].settle(now, r.miss_charge, missed, r.miss_p)
             return
         if r.miss_charge > 0.0:
-            self.budgets[judged] = self.budgets[judged].settle(now, r.miss_charge, False)
-        self.budgets[own] = self.budgets[own].settle(now, 0.0, missed)
+            budgets[judged] = budgets[judged].settle(now, r.miss_charge, False)
+        budgets[own] = budgets[own].settle(now, 0.0, missed)
 
     # -- the request path -----------------------------------------------------------
 
@@ -230,9 +246,9 @@ class Engine:
                         r.predicted_ttft_s = r.predicted_itl_s = None
                         r.miss_p = 0.0
                     elif r.miss_p > 0.0:
-                        cls = self._judged_by(r)
-                        r.miss_charge = self.budgets[cls].charge(r.miss_p)
-                        self.budgets[cls] = self.budgets[cls].admit(r.miss_charge)
+                        cls, budgets = self._judged_by(r), self._budgets(r)
+                        r.miss_charge = budgets[cls].charge(r.miss_p)
+                        budgets[cls] = budgets[cls].admit(r.miss_charge)
                     self.inflight[name] += 1
                     self.pending_prefill[name] += tr.prompt_tokens
                     self.prompt_rate[name] = self.prompt_rate[name].add(tr.prompt_tokens, now)
@@ -335,8 +351,8 @@ class Engine:
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrive":
-                cls = payload.tr.slo_class
-                self.budgets[cls] = self.budgets[cls].count(now)
+                cls, budgets = payload.tr.slo_class, self._budgets(payload)
+                budgets[cls] = budgets[cls].count(now)
                 self._route(payload, now, may_wait=True)
             elif kind == "gpu":
                 name, version = payload

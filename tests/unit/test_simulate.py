@@ -293,3 +293,25 @@ def test_requests_no_backend_answered_are_misses_for_every_policy() -> None:
         budget = engine.budgets["interactive"]
         assert budget.missed == pytest.approx(2.0, rel=1e-3), policy.name
         assert budget.routed == pytest.approx(3.0, rel=1e-3), policy.name
+
+
+def test_budgets_split_over_processes_count_every_request_once() -> None:
+    # `serve --workers N` keeps a budget per process: the simulated gateway's N budgets
+    # together count each request once, and one process is the single budget of before.
+    sc = default_scenario()
+    trace = head(steady(2), 60.0)
+    cost = default_policies(2, sc.slo_classes)[0]
+    one = Engine(sc, trace, cost, 2).run().as_json()
+    cost = default_policies(2, sc.slo_classes)[0]
+    assert Engine(sc, trace, cost, 2, processes=1).run().as_json() == one
+    cost = default_policies(2, sc.slo_classes)[0]
+    split = Engine(sc, trace, cost, 2, processes=3)
+    split.run()
+    assert sorted(set(split.shard_of)) == [0, 1, 2]
+    # Each shard counts its own arrivals once each, faded from their arrival times.
+    for k, shard in enumerate(split.shards):
+        mine = [r for r, s in zip(split.reqs, split.shard_of, strict=True) if s == k]
+        for cls, budget in shard.items():
+            arrivals = [r.tr.t for r in mine if r.tr.slo_class == cls]
+            faded = sum(math.exp((t - budget.at) / budget.tau_s) for t in arrivals)
+            assert budget.routed == pytest.approx(faded, rel=1e-9), (k, cls)
