@@ -122,6 +122,14 @@ class Outcome:
         return self.cost.cost_per_million_tokens / self.bound.cost_per_million_tokens - 1.0
 
     @property
+    def within_bound(self) -> bool:
+        """Target 2: the cost policy meets the SLO and is within BOUND_GAP of the bound. The
+        bound is a lower bound only of routings that meet the SLO: one that misses it may sit
+        anywhere against it (below, or far above where no routing can meet it), so it counts
+        as a miss of this target too."""
+        return meets(self.cost) and self.bound_gap <= BOUND_GAP
+
+    @property
     def gpus_lose(self) -> bool:
         """Even a perfect router on this fleet pays more than no GPUs at all."""
         return self.by("no-gpus").cost_per_million_tokens < self.bound.cost_per_million_tokens
@@ -158,7 +166,7 @@ class Outcome:
                 "cost_is_cheapest_meeting_slo": self.cheapest_ok,
                 "some_policy_meets_slo": self.feasible,
                 "cost_above_bound": self.bound_gap,
-                "within_bound_target": self.bound_gap <= BOUND_GAP,
+                "within_bound_target": self.within_bound,
                 "gpus_lose_to_no_gpus": self.gpus_lose,
             },
             "notes": self.notes,
@@ -243,7 +251,9 @@ def explain(o: Outcome) -> list[str]:
     if other is not None and meets(cost) and not o.cheapest_ok:
         gap = cost.cost_per_million_tokens / other.cost_per_million_tokens - 1.0
         notes.append(f"{other.policy} is {gap:.1%} cheaper than the cost policy at the SLO target")
-    if o.bound_gap > BOUND_GAP:
+    if not meets(cost):
+        notes.append("the bound holds only for routings at the SLO target: not compared")
+    elif o.bound_gap > BOUND_GAP:
         notes.append(f"cost policy is {o.bound_gap:.1%} above the hindsight bound")
     passed = sum(o.idle_passed.values())
     if passed and (notes or passed >= 0.01 * max(o.decisions, 1)):

@@ -23,7 +23,7 @@ def verdict_lines(outcomes: Sequence[Outcome]) -> list[str]:
     out = []
     for o in outcomes:
         cheapest = "cheapest at the SLO" if o.cheapest_ok else "NOT cheapest at the SLO"
-        near = "within" if o.bound_gap <= BOUND_GAP else "NOT within"
+        near = "within" if o.within_bound else "NOT within"
         line = (
             f"- **{o.name}**: cost policy {cheapest}, {o.bound_gap:+.1%} against the bound "
             f"({near} {BOUND_GAP:.0%})"
@@ -39,7 +39,7 @@ def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
     held = sum(o.cheapest_ok for o in outcomes)
     feasible = [o for o in outcomes if o.feasible]
     held_feasible = sum(o.cheapest_ok for o in feasible)
-    near = sum(o.bound_gap <= BOUND_GAP for o in outcomes)
+    near = sum(o.within_bound for o in outcomes)
     lose = [o.name for o in outcomes if o.gpus_lose]
     lines = [
         "# neogate simulate --suite",
