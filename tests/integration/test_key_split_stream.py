@@ -18,6 +18,7 @@ from openai import AsyncOpenAI
 from gateway.runtime import RUNTIME
 from tests.conftest import GatewayFactory
 from tests.integration.faultkit import MESSAGES, MODEL, Upstream, policy
+from tests.integration.test_masking_roads import read_request
 from tests.integration.test_sse_transports import _tls
 from tests.unit.test_keymask_views import CASES, KEY, assert_no_key, views
 
@@ -60,13 +61,7 @@ async def echo_upstream() -> AsyncIterator[Serve]:
     async def serve(body: bytes, tls: ssl.SSLContext | None) -> str:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Connection: close\r\n\r\n"
