@@ -232,6 +232,30 @@ async def test_a_client_that_left_before_any_attempt_went_out_gets_it_all_back(
     assert await _fits(admission, budget, 5000)
 
 
+async def test_a_gpu_attempt_the_client_left_is_priced_at_the_prompts_length(
+    tmp_path: Path,
+) -> None:
+    """The client left while its one attempt, on the GPU, had a 2000-token prompt: the GPU
+    prefilled it at the profile's speed for that length (2048: 46,500 tokens/s), not at its
+    reference prompt (512: 41,900/s): $0.001/s / 46,500 = $0.021505376 per million, 2000 of
+    them 43,011 nano-dollars, and that is what the tenant's budget keeps of its reservation."""
+    budget = Decimal("0.01")
+    meter, admission, ledger, tenant, model = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=budget)
+    )
+    held = await meter.reserve(tenant, model, Estimate(2000, 50, 50, True))
+    await meter.left_before_answer(
+        _completion(held, 2000), [SentAttempt("gpu", "m", 1)], lambda b: 8
+    )
+    await ledger.close()
+    (row,) = _ledger_rows(tmp_path / "ledger.db")
+    assert (row["tenant"], row["backend"], row["batch_size"]) == ("t", "gpu", 8)
+    assert row["price_in_nusd_per_m"] == 21_505_376
+    assert (row["prompt_tokens"], row["cost_nusd"]) == (2000, 43_011)
+    assert await _fits(admission, budget - Decimal("0.000043011"))
+    assert not await _fits(admission, budget - Decimal("0.000043010"))
+
+
 async def test_a_row_that_could_not_be_priced_still_hands_the_reservation_back(
     tmp_path: Path,
 ) -> None:
@@ -768,6 +792,22 @@ async def test_a_price_asked_without_a_prompt_length_is_the_base_rate(tmp_path: 
     assert (base.input_per_m, base.output_per_m) == (Decimal(3), Decimal(4))
     one = meter.prices.unit_prices("prov", "pm", 0, prompt_tokens=1)
     assert (one.input_per_m, one.output_per_m) == (Decimal(6), Decimal(8))
+    await ledger.close()
+
+
+async def test_a_request_without_prompt_tokens_reserves_at_the_base_rate(tmp_path: Path) -> None:
+    """pm on prov at $3/$4 per M, $6/$8 from the first prompt token: a request whose prompt
+    counts no token reaches no tier, so 50 output tokens hold 50 x $4/M = $0.0002, not
+    50 x $8/M = $0.0004; one prompt token reaches the tier: 1 x $6/M + 50 x $8/M."""
+    meter, _, ledger, tenant, _ = await _meter_with_ledger(
+        tmp_path, TenantLimits.of(usd_total=Decimal(1))
+    )
+    meter._live.prices.set("prov", Price(3e-6, 4e-6, tiers=(PriceTier(1, 6e-6, 8e-6),)), model="pm")
+    pm = next(m for m in parse_config(TWO).models if m.name == "pm")
+    empty = await meter.reserve(tenant, pm, Estimate(0, 50, 50, True))
+    assert empty.cost_usd == Decimal("0.0002")
+    one = await meter.reserve(tenant, pm, Estimate(1, 50, 50, True))
+    assert one.cost_usd == Decimal("0.000406")
     await ledger.close()
 
 
