@@ -15,6 +15,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -203,8 +204,14 @@ async def test_the_metrics_are_named_and_explained(db: Path, tmp_path: Path) -> 
     del writer
 
 
-async def test_close_commits_what_is_queued(db: Path) -> None:
-    writer = LedgerWriter(store(db))
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_close_commits_what_is_queued(
+    db: Path, synchronous: Literal["NORMAL", "FULL"]
+) -> None:
+    """Every caller has its answer when close() returns. With synchronous=FULL the store
+    commits on its thread, behind its own close there: a close that did not wait for the
+    writer task would return with the rows still on their way (seen with the wait removed)."""
+    writer = LedgerWriter(SqliteLedger(db, busy_timeout_s=0.05, synchronous=synchronous))
     await writer.start()
     pending = [asyncio.create_task(writer.record(row(i))) for i in range(5)]
     await asyncio.sleep(0)  # queued, not yet committed
