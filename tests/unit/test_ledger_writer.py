@@ -562,6 +562,33 @@ async def test_the_default_chunk_is_5000_rows(db: Path, tmp_path: Path) -> None:
     await writer.store.close()
 
 
+async def test_the_default_round_is_100000_rows(db: Path, tmp_path: Path) -> None:
+    """100,000 rows and then one the database refuses: the first round commits and is
+    consumed, the second (the refused row alone) fails and leaves only that row spooled.
+    In rounds of 100,001 the refusal would come in the first round: nothing consumed.
+    The spool is written as bytes (one row's JSON, its request id changed): ~65 MB, read
+    and committed in 2-7 s (load 1-6), so the watchdog gets 120 s here."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    one = row(0).to_json()
+    head, tail = one.split(b'"req-0"')
+    spool_path = tmp_path / "spool"
+    spool_path.write_bytes(
+        b"".join(b'%s"req-%d"%s\n' % (head, i, tail) for i in range(100_000))
+        + poison(100_000).to_json()
+        + b"\n"
+    )
+    spool = Spool(spool_path)
+    spool.open()
+    writer = LedgerWriter(store(db), spool, replay_chunk=100_000, clock=Clock())
+    assert await writer.replay_now() == 100_000
+    assert spool.rows == 1
+    assert spooled_ids(spool_path) == ["req-100000"]
+    assert writer.stats().rows_replayed == 100_000
+    await writer.store.close()
+    spool_path.unlink()
+    db.unlink()
+
+
 async def test_live_rows_queued_during_a_replay_go_in_between_its_chunks(
     db: Path, tmp_path: Path, lock: sqlite3.Connection
 ) -> None:
