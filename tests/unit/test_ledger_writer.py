@@ -13,6 +13,7 @@ import dataclasses
 import faulthandler
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -614,6 +615,64 @@ async def test_live_rows_queued_during_a_replay_go_in_between_its_chunks(
     assert (stats.rows_spooled, stats.rows_written, stats.rows_replayed) == (4, 1, 4)
     await writer.close()
     assert ids_in(db) == ["req-0", "req-1", "req-11", "req-2", "req-10"]
+
+
+class PausingSpool(Spool):
+    """A real spool whose read number `pause_at` waits, on the writer's thread, until the
+    test lets it go: a replay held between its rounds."""
+
+    def __init__(self, path: Path, pause_at: int) -> None:
+        super().__init__(path)
+        self.reads = 0
+        self.pause_at = pause_at
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def read(self, max_rows: int | None = None) -> tuple[list[LedgerRow], int]:
+        self.reads += 1
+        if self.reads == self.pause_at:
+            self.paused.set()
+            self.resume.wait(10)
+        return super().read(max_rows)
+
+
+async def test_a_row_recorded_while_a_replay_reads_the_spool_waits_for_the_writer(
+    db: Path, tmp_path: Path, lock: sqlite3.Connection
+) -> None:
+    """Rows 0-3 spooled in an outage, replayed in rounds of 2. Between the rounds (the
+    database is back, the second read in progress) the writer is busy, not idle: row L
+    waits for it and goes in after the round, not on its own caller's turn before it."""
+    spool = PausingSpool(tmp_path / "spool", pause_at=2)
+    writer = LedgerWriter(
+        store(db), spool, replay_round=2, replay_chunk=2, retry_interval_s=3600, clock=Clock()
+    )
+    await writer.start()
+    lock.execute("BEGIN EXCLUSIVE")
+    for i in range(4):
+        await writer.record(row(i))
+    lock.execute("ROLLBACK")
+    replay = asyncio.create_task(writer.replay_now())
+    assert await asyncio.to_thread(spool.paused.wait, 5)
+    assert writer.db_up and ids_in(db) == ["req-0", "req-1"]
+    live = asyncio.create_task(writer.record(row(11)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not live.done() and ids_in(db) == ["req-0", "req-1"]
+    spool.resume.set()
+    await live
+    assert await replay == 4
+    await writer.close()
+    assert ids_in(db) == ["req-0", "req-1", "req-2", "req-3", "req-11"]
+
+
+async def test_a_replay_asked_after_close_is_answered(db: Path, tmp_path: Path) -> None:
+    """No writer task any more: the replay runs on the caller's task (nothing spooled: 0),
+    instead of waiting for a task that has ended."""
+    writer = LedgerWriter(store(db), Spool(tmp_path / "spool"), clock=Clock())
+    await writer.start()
+    await writer.close()
+    async with asyncio.timeout(5):
+        assert await writer.replay_now() == 0
 
 
 async def test_an_empty_spool_is_not_read(db: Path, tmp_path: Path) -> None:
