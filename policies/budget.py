@@ -26,7 +26,7 @@ Immutable: each event returns a new value; the clock is passed in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 # The share of a class's requests the budget lets routing spend on predicted misses: half of
 # the 1% a 99% target allows. The other half is kept for misses the model does not predict
@@ -78,16 +78,35 @@ class MissBudget:
         """The expected misses a local request predicted at `probability` is charged."""
         return probability * self.calibration
 
+    # The steps below build the next value with the constructor, not `dataclasses.replace`:
+    # they run on every request (count, settle, left), where replace cost ~3 us each.
+
     def count(self, now: float) -> MissBudget:
         """One more request of the class routed (wherever it went)."""
         b = self._faded(now)
-        return replace(b, routed=b.routed + 1.0)
+        return MissBudget(
+            b.routed + 1.0,
+            b.missed,
+            b.at,
+            b.in_flight,
+            b.predicted_local,
+            b.missed_local,
+            b.tau_s,
+        )
 
     def admit(self, charge: float) -> MissBudget:
         """A local worker took a request charged this many expected misses (`charge`)."""
         if charge <= 0.0:
             return self
-        return replace(self, in_flight=self.in_flight + charge)
+        return MissBudget(
+            self.routed,
+            self.missed,
+            self.at,
+            self.in_flight + charge,
+            self.predicted_local,
+            self.missed_local,
+            self.tau_s,
+        )
 
     def settle(
         self, now: float, charge: float, missed: bool, predicted: float | None = None
@@ -97,12 +116,14 @@ class MissBudget:
         to miss with this probability (the calibration's evidence)."""
         b = self._faded(now)
         miss = 1.0 if missed else 0.0
-        return replace(
-            b,
-            missed=b.missed + miss,
-            in_flight=max(b.in_flight - max(charge, 0.0), 0.0),
-            predicted_local=b.predicted_local + (predicted or 0.0),
-            missed_local=b.missed_local + (miss if predicted is not None else 0.0),
+        return MissBudget(
+            b.routed,
+            b.missed + miss,
+            b.at,
+            max(b.in_flight - max(charge, 0.0), 0.0),
+            b.predicted_local + (predicted or 0.0),
+            b.missed_local + (miss if predicted is not None else 0.0),
+            b.tau_s,
         )
 
     def withdraw(self, now: float, age_s: float) -> MissBudget:
@@ -111,16 +132,27 @@ class MissBudget:
         count, faded since, comes back out. Not a miss, and not a request that met the SLO."""
         b = self._faded(now)
         weight = math.exp(-max(age_s, 0.0) / b.tau_s)
-        return replace(b, routed=max(b.routed - weight, 0.0))
+        return MissBudget(
+            max(b.routed - weight, 0.0),
+            b.missed,
+            b.at,
+            b.in_flight,
+            b.predicted_local,
+            b.missed_local,
+            b.tau_s,
+        )
 
     def left(self, now: float, share: float = MISS_SHARE) -> float:
         """What the class can still afford now, in predicted miss probability (the misses
         left over the calibration; never below 0). Nothing until the window holds enough
         requests for the share to allow one whole miss (1 / share of them): a budget of a
         fraction of a miss, early in a window, is spent before anything is measured."""
-        b = self._faded(now)
-        allowed = share * b.routed
+        # `_faded`'s arithmetic without building the faded value: asked on every request.
+        keep = 1.0 if now <= self.at else math.exp((self.at - now) / self.tau_s)
+        allowed = share * (self.routed * keep)
         if allowed < 1.0:
             return 0.0
-        room = allowed - b.missed - b.in_flight
-        return room / b.calibration if room > 0.0 else 0.0
+        room = allowed - self.missed * keep - self.in_flight
+        if room <= 0.0:
+            return 0.0
+        return room / ((self.missed_local * keep + 1.0) / (self.predicted_local * keep + 1.0))

@@ -21,7 +21,7 @@ from gateway.flow.completion import Completion
 from gateway.flow.estimate import Estimate
 from gateway.metering.counting import CountingPool
 from gateway.metering.ledger import LedgerRow, LedgerWriter
-from gateway.metering.money import UnitPrices
+from gateway.metering.money import UnitPrices, cost_usd, nusd_to_usd, usd_to_nusd
 from gateway.metering.outcome import AttemptOutcome
 from gateway.metering.prices import PricesInForce
 from gateway.metering.stream_meter import StreamMeter
@@ -137,11 +137,15 @@ class Meter:
             ):
                 divergent = reconcile(usage, self._threshold)
                 assert ended is not None
-                row = self._row(completion, ended, usage, divergent)
-                cost = row.cost_usd
+                if self.ledger is None:  # no row to keep: only its cost, rounded as a row's
+                    cost = nusd_to_usd(usd_to_nusd(cost_usd(usage, completion.prices)))
+                    row = None
+                else:
+                    row = self._row(completion, ended, usage, divergent)
+                    cost = row.cost_usd
                 if divergent:
                     self._metrics.divergence.labels(completion.backend).inc()
-                if self.ledger is not None:
+                if row is not None and self.ledger is not None:
                     await self.ledger.record(row)
             for loser, prices, batch in completion.hedge_losers:
                 if self.ledger is not None:

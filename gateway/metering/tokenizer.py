@@ -130,6 +130,11 @@ class Tokenizer:
         self._enc = encoding
         self.name = name
         self.origin = origin
+        core = getattr(encoding, "_core_bpe", None)
+        # The Rust encoder's count without a token list (tiktoken >= 0.7), else None.
+        self._buffered = core if hasattr(core, "encode_to_tiktoken_buffer") else None
+        # Role names and the like: a handful of short strings, counted once each.
+        self._labels: dict[str, int] = {}
 
     @property
     def exact(self) -> bool:
@@ -187,8 +192,8 @@ class Tokenizer:
             return 0
         if self._enc is None:
             return estimate_tokens(text)
-        core = self._enc._core_bpe
-        if not hasattr(core, "encode_to_tiktoken_buffer"):
+        core = self._buffered
+        if core is None:
             return len(self._enc.encode_ordinary(text))
         # The count without a list of Python ints: building that list holds the GIL
         # (~20 ms for 4 MB), the buffer does not. Special tokens stay plain text, as in
@@ -216,9 +221,20 @@ class Tokenizer:
                     total += self._count_tool_calls(value)
                 elif key == "function_call" and isinstance(value, Mapping):
                     total += self._count_function(value)
-                elif key in ("role", "tool_call_id", "refusal") and isinstance(value, str):
+                elif key == "role" and isinstance(value, str):
+                    total += self._count_label(value)
+                elif key in ("tool_call_id", "refusal") and isinstance(value, str):
                     total += self.count_text(value)
         return total + _REPLY_PRIMING
+
+    def _count_label(self, text: str) -> int:
+        """`count_text` of a role: remembered for up to 256 short strings (~1 us a message)."""
+        n = self._labels.get(text)
+        if n is None:
+            n = self.count_text(text)
+            if len(text) <= 32 and len(self._labels) < 256:
+                self._labels[text] = n
+        return n
 
     def count_prompt(self, body: Mapping[str, Any]) -> int:
         """Prompt tokens of a chat, completions or embeddings request body (for estimation)."""

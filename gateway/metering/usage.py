@@ -10,7 +10,7 @@ costs is `gateway.metering.money`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeGuard
 
 from gateway.metering.tokenizer import estimate_tokens
@@ -67,6 +67,8 @@ class Usage:
 
 
 def _int(value: Any) -> int | None:
+    if type(value) is int:  # the common case first (bool is not `int` here)
+        return value if value > 0 else 0
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -83,18 +85,33 @@ def _float(value: Any) -> float | None:
 
 
 def _timings(obj: Mapping[str, Any]) -> UpstreamTimings | None:
+    queue, prompt = obj.get("queue_time"), obj.get("prompt_time")
+    completion, total = obj.get("completion_time"), obj.get("total_time")
+    if queue is None and prompt is None and completion is None and total is None:
+        return None  # most providers: no timings, and nothing to build
     t = UpstreamTimings(
-        queue_s=_float(obj.get("queue_time")),
-        prompt_s=_float(obj.get("prompt_time")),
-        completion_s=_float(obj.get("completion_time")),
-        total_s=_float(obj.get("total_time")),
+        queue_s=_float(queue),
+        prompt_s=_float(prompt),
+        completion_s=_float(completion),
+        total_s=_float(total),
     )
-    return None if t == UpstreamTimings() else t
+    return None if t == _NO_TIMINGS else t
 
 
-def parse_usage_object(obj: Any) -> Usage | None:
-    """An OpenAI `usage` object -> Usage(source="reported"); None if it has no counts."""
-    if not isinstance(obj, Mapping):
+_NO_TIMINGS = UpstreamTimings()
+
+
+def parse_usage_object(
+    obj: Any,
+    *,
+    counted_prompt_tokens: int | None = None,
+    counted_completion_tokens: int | None = None,
+) -> Usage | None:
+    """An OpenAI `usage` object -> Usage(source="reported"); None if it has no counts.
+
+    `counted_*`: the gateway's own counts to keep beside the reported ones.
+    """
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         return None
     prompt = _int(obj.get("prompt_tokens"))
     if prompt is None:
@@ -127,6 +144,8 @@ def parse_usage_object(obj: Any) -> Usage | None:
         cached_tokens=cached,
         reasoning_tokens=reasoning,
         source="reported",
+        counted_prompt_tokens=counted_prompt_tokens,
+        counted_completion_tokens=counted_completion_tokens,
         upstream_timings=_timings(obj),
         cache_write_tokens=written,
     )
@@ -257,15 +276,19 @@ def usage_from_response(
         for choice in choices:
             delivered.add_choice(choice, delta_key="message")
         counted = delivered.count(counter)
-    reported = parse_usage_object(body.get("usage"))
+    reported = parse_usage_object(
+        body.get("usage"),
+        counted_prompt_tokens=prompt_tokens_estimate,
+        counted_completion_tokens=counted,
+    )
     if reported is None and isinstance(body.get("x_groq"), Mapping):
-        reported = parse_usage_object(body["x_groq"].get("usage"))
-    if reported is not None:
-        return replace(
-            reported,
+        reported = parse_usage_object(
+            body["x_groq"].get("usage"),
             counted_prompt_tokens=prompt_tokens_estimate,
             counted_completion_tokens=counted,
         )
+    if reported is not None:
+        return reported
     source = counted_source(counter)
     return Usage(
         prompt_tokens=prompt_tokens_estimate or 0,
