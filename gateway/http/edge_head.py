@@ -115,7 +115,10 @@ class HeadReader:
         pairs = self._pairs
         if endpoint is None or not self._post_1_1 or len(pairs) > _EDGE_MAX_HEADERS:
             raise HandOver("another request")
-        if any(len(name) + len(value) + 2 > _EDGE_MAX_LINE for name, value in pairs):
+        # A head shorter than the longest field allowed cannot hold one that is too long.
+        if end > _EDGE_MAX_LINE and any(
+            len(name) + len(value) + 2 > _EDGE_MAX_LINE for name, value in pairs
+        ):
             raise HandOver("a field near aiohttp's limit")
         headers: CIMultiDict[str] = CIMultiDict(
             [
@@ -124,14 +127,22 @@ class HeadReader:
             ]
         )
         length = _content_length(headers)
-        if length is None or len(headers.getall("host", ())) != 1:  # HTTP/1.1 needs one Host
+        # llhttp's strict mode takes only ASCII token characters in a name, so names that
+        # differ once lowercased differ for the case-insensitive headers too: without a
+        # repeated name (the usual head), no header can be there twice.
+        names = {name.lower() for name, _ in pairs}
+        once = len(names) == len(pairs)
+        if length is None or (  # HTTP/1.1 needs one Host
+            b"host" not in names if once else len(headers.getall("host", ())) != 1
+        ):
             raise HandOver("no single length or Host")
         for name in _HAND_OVER_HEADERS:
             if name in headers:
                 raise HandOver(name)
-        for name in _AT_MOST_ONCE:
-            if len(headers.getall(name, ())) > 1:
-                raise HandOver(f"two {name}")
+        if not once:
+            for name in _AT_MOST_ONCE:
+                if len(headers.getall(name, ())) > 1:
+                    raise HandOver(f"two {name}")
         return Head(endpoint, headers, length, self._keep_alive, end)
 
     # -- llhttp callbacks (httptools) --

@@ -66,6 +66,10 @@ def test_the_reader_starts_afresh_after_a_head() -> None:
         head(b"Host: x", b"Content-Length: 2", b"Upgrade: h2c", b"Connection: upgrade"),
         head(b"Host: x", b"Content-Length: 2", b"Connection: keep-alive", b"Connection: close"),
         head(b"Host: x", b"Content-Length: 2", b"User-Agent: a", b"User-Agent: b"),
+        # the same header twice in two spellings is still twice
+        head(b"Host: x", b"HOST: y", b"Content-Length: 2"),
+        head(b"Host: x", b"Content-Length: 2", b"user-agent: a", b"User-Agent: b"),
+        head(b"host: x", b"Content-Length: 2", b"Connection: close", b"connection: close"),
         head(b"Host: x", b"Content-Length: 2", *[b"X-%d: v" % i for i in range(99)]),
         head(b"Host: x", b"Content-Length: 2", b"X-Big: " + b"a" * 8184),
         head(b"Host: x", b"Content-Length: 2", b"X-Big: " + b"a" * 70_000),
