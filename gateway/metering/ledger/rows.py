@@ -120,6 +120,13 @@ class LedgerRow:
     ) -> LedgerRow:
         """Build a row from metered usage and the unit prices in force for the attempt."""
         price_in, price_out, price_cached = prices.nusd
+        cost_nusd = usd_to_nusd(cost_usd(usage, prices))
+        if counterfactual is None:
+            counterfactual_nusd = None
+        elif counterfactual[1] is prices:  # the same prices (one cache entry): the same cost
+            counterfactual_nusd = cost_nusd
+        else:
+            counterfactual_nusd = usd_to_nusd(cost_usd(usage, counterfactual[1]))
         return cls(
             request_id=request_id,
             attempt=attempt,
@@ -140,7 +147,7 @@ class LedgerRow:
             price_out_nusd_per_m=price_out,
             price_cached_nusd_per_m=price_cached,
             price_version=prices.version,
-            cost_nusd=usd_to_nusd(cost_usd(usage, prices)),
+            cost_nusd=cost_nusd,
             ttft_s=ttft_s,
             total_s=total_s,
             stream=stream,
@@ -151,9 +158,7 @@ class LedgerRow:
             marginal_cost_nusd=(
                 None if marginal_cost_usd is None else usd_to_nusd(Decimal(repr(marginal_cost_usd)))
             ),
-            counterfactual_cost_nusd=(
-                None if counterfactual is None else usd_to_nusd(cost_usd(usage, counterfactual[1]))
-            ),
+            counterfactual_cost_nusd=counterfactual_nusd,
             counterfactual_backend=None if counterfactual is None else counterfactual[0],
         )
 
