@@ -142,9 +142,14 @@ class Gate:
         self._inflight[token.backend] -= 1
         self._total -= 1
         now = self._clock()
+        drained = self._drained
         for key in (token.backend, None):
-            self._drained.setdefault(key, deque(maxlen=4096)).append(now)
-        self._dispatch()
+            times = drained.get(key)
+            if times is None:  # not setdefault: that built a deque on every release
+                times = drained[key] = deque(maxlen=4096)
+            times.append(now)
+        if self._queue:
+            self._dispatch()
         return True
 
     @asynccontextmanager
