@@ -18,6 +18,7 @@ from loadtest.simulate.report import goal_check, markdown, plot, results_json, t
 from loadtest.simulate.routers import default_policies
 from loadtest.simulate.scenario import default_scenario
 from loadtest.simulate.scenario_file import LoadedScenario, load_scenario
+from loadtest.simulate.schedule import DEFAULT_RUNS
 from loadtest.simulate.suite import (
     SCENARIO_DIR,
     run_scenario,
@@ -83,6 +84,15 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="with --scenario/--suite: cut every trace to this many seconds",
+    )
+    p.add_argument(
+        "--schedule-runs",
+        type=int,
+        default=DEFAULT_RUNS,
+        metavar="N",
+        help="with --scenario/--suite: whole-trace runs the hindsight schedule's search may "
+        "make where the cost policy is not within 10%% of the bound (0: no search; "
+        "loadtest/simulate/schedule.py)",
     )
     p.add_argument("--save-trace", type=Path, help="also write the trace used as JSON lines")
     p.set_defaults(func=run_simulate)
@@ -171,6 +181,8 @@ def _run_referee(args: argparse.Namespace) -> int:
             return 2
     if args.short is not None:
         command += f" --short {args.short:g}"
+    if args.schedule_runs != DEFAULT_RUNS:
+        command += f" --schedule-runs {args.schedule_runs}"
     loaded: list[LoadedScenario] = []
     if heldout:
         loaded = heldout_suite(args.seed, args.count)
@@ -182,7 +194,7 @@ def _run_referee(args: argparse.Namespace) -> int:
             return 2
     outcomes = []
     for one in loaded:
-        outcome = run_scenario(one, args.short)
+        outcome = run_scenario(one, args.short, max(args.schedule_runs, 0))
         print(
             f"{outcome.name}: {len(outcome.trace.requests)} requests over "
             f"{outcome.trace.duration_s:.0f} s",

@@ -31,6 +31,13 @@ from loadtest.simulate.routers import (
 )
 from loadtest.simulate.scenario import Scenario
 from loadtest.simulate.scenario_file import LoadedScenario, load_scenario
+from loadtest.simulate.schedule import (
+    DEFAULT_RUNS,
+    Schedule,
+    meets_every_class,
+    search,
+    start_plan,
+)
 from loadtest.simulate.traces import Trace
 from policies.select import compile_policy
 
@@ -75,6 +82,9 @@ class Outcome:
     # and how many routing decisions it made.
     idle_passed: dict[str, int] = field(default_factory=dict)
     decisions: int = 0
+    # The cheapest routing found offline from the cost policy's (`simulate.schedule`), where
+    # the cost policy meets the SLO in every class and is not within BOUND_GAP of the bound.
+    schedule: Schedule | None = None
 
     def by(self, policy: str) -> PolicyResult:
         return next(r for r in self.results if r.policy == policy)
@@ -160,12 +170,17 @@ class Outcome:
                 "local_share": self.bound.local_token_share,
                 "never_local_requests": self.bound.never_local,
             },
+            "schedule": None if self.schedule is None else _schedule_json(self.schedule, self),
             "verdict": {
                 "cost_meets_slo": meets(self.cost),
                 "best_other_meeting_slo": None if other is None else other.policy,
                 "cost_is_cheapest_meeting_slo": self.cheapest_ok,
                 "some_policy_meets_slo": self.feasible,
                 "cost_above_bound": self.bound_gap,
+                "cost_above_schedule": None
+                if self.schedule is None
+                else self.cost.cost_per_million_tokens / self.schedule.cost_per_million_tokens
+                - 1.0,
                 "within_bound_target": self.within_bound,
                 "gpus_lose_to_no_gpus": self.gpus_lose,
             },
@@ -174,17 +189,38 @@ class Outcome:
         }
 
 
+def _schedule_json(s: Schedule, o: Outcome) -> dict[str, Any]:
+    return {
+        "cost_per_million_tokens": s.cost_per_million_tokens,
+        "total_cost_usd": s.result.total_cost_usd,
+        "slo_attainment_by_class": s.result.slo_attainment,
+        "local_share": local_share(s.result, o.scenario),
+        "start_cost_per_million_tokens": s.start_cost_per_million,
+        "runs": s.runs,
+        "moved_local": s.moved,
+        "tried": s.tried,
+        "candidates": s.candidates,
+        "exhausted": s.exhausted,
+    }
+
+
 def _run(sc: Scenario, trace: Trace, policy: SimPolicy, seed: int) -> PolicyResult:
     return Engine(sc, trace, policy, seed).run()
 
 
-def run_scenario(loaded: LoadedScenario, duration_s: float | None = None) -> Outcome:
-    """Every policy and the bound over one scenario (shortened to `duration_s` if given)."""
+def run_scenario(
+    loaded: LoadedScenario,
+    duration_s: float | None = None,
+    schedule_runs: int = DEFAULT_RUNS,
+) -> Outcome:
+    """Every policy and the bound over one scenario (shortened to `duration_s` if given);
+    the hindsight schedule where it is looked for (`schedule_runs` 0: never)."""
     sc, seed = loaded.scenario, loaded.seed
     trace = loaded.trace(duration_s)
     cost = SelectPolicy("cost", compile_policy(sc.cost_policy, sc.slo_classes), random.Random(seed))
+    cost_run = Engine(sc, trace, cost, seed)
     results = [
-        _run(sc, trace, cost, seed),
+        cost_run.run(),
         _run(sc.without_gpus(), trace, CheapestExternal("no-gpus"), seed),
         _run(sc, trace, AlwaysLocalUntilError("all-local"), seed),
     ]
@@ -209,6 +245,8 @@ def run_scenario(loaded: LoadedScenario, duration_s: float | None = None) -> Out
         idle_passed=dict(cost.idle_passed.most_common()),
         decisions=cost.routed,
     )
+    if schedule_runs > 0 and out.bound_gap > BOUND_GAP and meets_every_class(out.cost, SLO_TARGET):
+        out.schedule = search(sc, trace, seed, start_plan(cost_run), SLO_TARGET, schedule_runs)
     out.notes = explain(out)
     return out
 
@@ -219,10 +257,15 @@ def scenario_files(directory: Path = SCENARIO_DIR) -> list[Path]:
 
 
 def run_suite(
-    paths: Sequence[Path] | None = None, duration_s: float | None = None
+    paths: Sequence[Path] | None = None,
+    duration_s: float | None = None,
+    schedule_runs: int = DEFAULT_RUNS,
 ) -> list[Outcome]:
     """Every scenario in `paths` (default: the shipped ones)."""
-    return [run_scenario(load_scenario(p), duration_s) for p in (paths or scenario_files())]
+    return [
+        run_scenario(load_scenario(p), duration_s, schedule_runs)
+        for p in (paths or scenario_files())
+    ]
 
 
 def explain(o: Outcome) -> list[str]:
@@ -255,6 +298,16 @@ def explain(o: Outcome) -> list[str]:
         notes.append("the bound holds only for routings at the SLO target: not compared")
     elif o.bound_gap > BOUND_GAP:
         notes.append(f"cost policy is {o.bound_gap:.1%} above the hindsight bound")
+    if o.schedule is not None:
+        sch = o.schedule
+        above = cost.cost_per_million_tokens / sch.cost_per_million_tokens - 1.0
+        notes.append(
+            f"a routing found offline with the whole trace known (the hindsight schedule: "
+            f"{sch.moved} of {sch.candidates} requests the policy sent out moved local, "
+            f"{sch.runs} runs{'' if sch.exhausted else ', search cut short'}) costs "
+            f"${sch.cost_per_million_tokens:.4f}/M at the SLO: the least-cost routing lies "
+            f"between the bound and it; the cost policy is {above:.1%} above it"
+        )
     passed = sum(o.idle_passed.values())
     if passed and (notes or passed >= 0.01 * max(o.decisions, 1)):
         top, n = next(iter(o.idle_passed.items()))
@@ -270,13 +323,17 @@ def _fmt_policy(r: PolicyResult) -> str:
     return f"{r.cost_per_million_tokens:.4f} ({attainment(r):.1%})"
 
 
+def _fmt_schedule(s: Schedule | None) -> str:
+    return "-" if s is None else f"{s.cost_per_million_tokens:.4f}"
+
+
 def summary_table(outcomes: Sequence[Outcome]) -> str:
     """One row per scenario: $/M (interactive SLO) per policy, the bound and the verdict."""
     head = (
         "| scenario | cost | no GPUs | all-local | spill@N (best) | least-loaded | round-robin "
-        "| bound | cost local share | cost vs bound | cheapest at SLO? |"
+        "| bound | schedule | cost local share | cost vs bound | cheapest at SLO? |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     for o in outcomes:
         spill = next(r for r in o.results if r.policy.startswith("spill@"))
         verdict = "yes" if o.cheapest_ok else "NO" if o.feasible else "NO (no policy at SLO)"
@@ -286,7 +343,8 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
             f"| {o.name} | {_fmt_policy(o.cost)} | {_fmt_policy(o.by('no-gpus'))} | "
             f"{_fmt_policy(o.by('all-local'))} | {spill.policy}: {_fmt_policy(spill)} | "
             f"{_fmt_policy(o.by('least-loaded'))} | {_fmt_policy(o.by('round-robin'))} | "
-            f"{o.bound.cost_per_million_tokens:.4f} | {local_share(o.cost, o.scenario):.0%} | "
+            f"{o.bound.cost_per_million_tokens:.4f} | {_fmt_schedule(o.schedule)} | "
+            f"{local_share(o.cost, o.scenario):.0%} | "
             f"{o.bound_gap:+.1%} | {verdict} |"
         )
     return "\n".join(rows)

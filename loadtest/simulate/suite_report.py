@@ -52,7 +52,11 @@ def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
         "in force. `no GPUs` is the same traffic on the cheapest provider only, with no GPU "
         "cost. `spill@N` is the best N of "
         "a sweep, chosen in hindsight. The bound is the hindsight lower bound "
-        "(`loadtest/simulate/bound.py`). Simulated GPUs run on the measured profile "
+        "(`loadtest/simulate/bound.py`). The schedule is the cheapest routing a search found "
+        "offline with the whole trace known, starting from the cost policy's, where the cost "
+        "policy is not within the bound's 10% (`loadtest/simulate/schedule.py`): a routing "
+        "that runs and meets the SLO target, so the least-cost routing lies between the bound "
+        "and it. Simulated GPUs run on the measured profile "
         "(`simulate.physics`), the router on its configured belief (`gpu.profile`).",
         "",
         summary_table(outcomes),
@@ -108,6 +112,10 @@ def plot(outcomes: Sequence[Outcome], path: Path) -> None:
         ]
         ax.bar(names, values, color=colors)
         ax.axhline(o.bound.cost_per_million_tokens, color="black", ls="--", lw=1, label="bound")
+        if o.schedule is not None:
+            ax.axhline(
+                o.schedule.cost_per_million_tokens, color="black", ls=":", lw=1, label="schedule"
+            )
         ax.set_title(f"{o.name} (cost {o.bound_gap:+.1%} vs bound)", fontsize=9)
         ax.set_ylabel("$/M tokens", fontsize=8)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
@@ -117,7 +125,7 @@ def plot(outcomes: Sequence[Outcome], path: Path) -> None:
         ax.set_visible(False)
     fig.suptitle(
         f"$/M per policy (blue: cost; green: other policies meeting {SLO_TARGET:.0%} "
-        "interactive SLO; gray: missing it; dashed: hindsight bound)",
+        "interactive SLO; gray: missing it; dashed: hindsight bound; dotted: hindsight schedule)",
         fontsize=9,
     )
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.97))
