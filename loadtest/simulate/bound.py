@@ -6,8 +6,8 @@ a relaxation, so it is a valid lower bound on the cost of any routing that meets
 99% of every SLO class (`SLO_TARGET`) on this fleet:
 
 - The local GPUs are held for the whole trace, and as long after it as a router keeps
-  them working (the simulator charges every policy the same way); the bound picks the
-  cheapest held time on a 30-s grid, rounding in its own favour.
+  them working (the simulator charges every policy the same way), at the cheapest GPU's
+  price per GPU-second.
 - A request served locally takes the least GPU-seconds the simulated worker could serve it
   in within its SLO (`bound_local`): its own prefill at full speed with its real speed
   noise, and each decode token at the lower convex hull of what a step can give it at its
@@ -17,9 +17,9 @@ a relaxation, so it is a valid lower bound on the cost of any routing that meets
 - A request served externally costs, at one of the providers that answers it within its
   SLO (their latency draws are fixed per request), the lowest list price in force over the
   window in which it could be dispatched (`bound_external`).
-- A TPM-limited provider admits, in any stretch of time, no more than its bucket can: the
-  bound states this for every minute and every prefix of the trace, as the simulator's
-  bucket counts (prompt + max_tokens, refill limit / 60 per second, full at the start).
+- A TPM-limited provider admits no more than its token bucket holds: the bound follows
+  the bucket's level on a 10-s grid, as the simulator's bucket counts (prompt + max_tokens,
+  refill limit / 60 per second, never above the limit, full at the start).
 - Capacity: requests of a class that may not wait whose SLO window ends inside their 60-s
   arrival slot (and inside the trace) must be served inside that slot; everything else is
   bounded only by the GPU-seconds held.
@@ -28,14 +28,13 @@ a relaxation, so it is a valid lower bound on the cost of any routing that meets
   of the 1% is given to whichever requests it saves most on.
 - Any request may be split (a fractional relaxation).
 
-Solving it: the GPU-seconds constraints form a laminar family (disjoint slots inside one
-pool), so filling capacity greedily with the work of the highest external price per
-GPU-second is exact for them. The TPM intervals and the miss allowance are priced in
-(Lagrangian relaxation): every price >= 0 on a bucket token of an interval, or on a dropped
-request, gives a valid bound (weak duality), and the bound is the best found by a
-subgradient search (`bound_search`). Not modelled, and so not counted against any policy:
+Solving it: one linear program (`bound_lp`, HiGHS), solved to optimality, so the bound is
+the relaxation's exact minimum. Not modelled, and so not counted against any policy:
 queueing, KV limits, and that a prefill is one contiguous block that stalls every running
-decode and every prompt behind it (a time-indexed model of that is not built).
+decode and every prompt behind it (a time-indexed model of that is not built; prefill
+deadlines alone, each prompt's prefill inside its TTFT window on a GPU that prefills one
+prompt at a time, moved none of the four shipped bounds tried on 2026-12-06: the 70B pair,
+tpm-limited-8b, bursty-8b).
 """
 
 from __future__ import annotations
@@ -43,13 +42,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loadtest.simulate.bound_external import TpmGrid, external_options
+from loadtest.simulate.bound_external import external_options
 from loadtest.simulate.bound_local import (
     b_star,
     decode_token_cost,
     gpu_seconds,
 )
-from loadtest.simulate.bound_search import Problem, Req, search
+from loadtest.simulate.bound_lp import Problem, Req, solve
 from loadtest.simulate.engine import request_noise
 from loadtest.simulate.scenario import Scenario
 from loadtest.simulate.traces import Trace
@@ -76,6 +75,12 @@ class Bound:
     forced_misses: int = 0
 
     @property
+    def feasible(self) -> bool:
+        """False: no routing on this fleet meets the SLO target (the relaxation has no
+        solution; the totals are then inf)."""
+        return not math.isinf(self.total_usd)
+
+    @property
     def cost_per_million_tokens(self) -> float:
         """Total per million tokens of the whole trace."""
         return self.total_usd / self.tokens * 1e6 if self.tokens else math.inf
@@ -84,16 +89,20 @@ class Bound:
 def hindsight_bound(sc: Scenario, trace: Trace, seed: int, slot_s: float = SLOT_S) -> Bound:
     """The bound for `trace` on `sc`'s fleet (see the module docstring)."""
     problem = _problem(sc, trace, seed, slot_s)
-    best = search(problem)
+    best = solve(problem)
     tokens = sum(r.tokens for r in problem.reqs)
+    never_local = sum(math.isinf(r.need) for r in problem.reqs) if sc.locals else 0
+    forced = sum(math.isinf(r.need) and not r.options for r in problem.reqs)
+    if best is None:
+        return Bound(math.inf, math.inf, math.inf, tokens, 0.0, never_local, forced)
     return Bound(
         best.value,
         best.gpu_usd,
         best.value - best.gpu_usd,
         tokens,
         best.local_tokens / tokens if tokens else 0.0,
-        sum(math.isinf(r.need) for r in problem.reqs) if sc.locals else 0,
-        sum(math.isinf(r.need) and not r.options for r in problem.reqs),
+        never_local,
+        forced,
     )
 
 
@@ -135,22 +144,22 @@ def _problem(sc: Scenario, trace: Trace, seed: int, slot_s: float) -> Problem:
                 tr.t,
             )
         )
-    # The grid reaches the last dispatch window's end, at most an hour past the trace.
+    # The bucket grid reaches the last dispatch window's end, at most an hour past the trace.
     until = max((o.latest_s for r in reqs for o in r.options if o.provider in limited), default=0.0)
     until = max(trace.duration_s, min(until, trace.duration_s + 3600.0))
-    grids = {name: TpmGrid.covering(limit, until) for name, limit in limited.items()}
     counts: dict[str, int] = {}
     for r in reqs:
         counts[r.cls] = counts.get(r.cls, 0) + 1
     allowance = {c: math.floor((1.0 - SLO_TARGET) * n + 1e-9) for c, n in counts.items()}
     return Problem(
         reqs,
-        grids,
+        {name: float(limit) for name, limit in limited.items()},
         allowance,
         len(sc.locals),
         trace.duration_s,
         slot_s,
         min((g.model.price_per_hour for g in sc.locals), default=0.0) / 3600.0,
+        until,
     )
 
 

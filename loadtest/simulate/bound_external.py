@@ -10,12 +10,8 @@ provider too slow for it). A router may dispatch anywhere in [arrival, latest] (
 request may wait), so the bound charges the lowest list price in force over that window.
 
 A TPM limit is the simulator's token bucket: `tpm_limit` tokens, refilled at `tpm_limit / 60`
-per second, full at t = 0, each request taking prompt + max_tokens. Whatever the router
-does, the tokens admitted in any interval [u, v] are at most `limit + (v - u) x limit / 60`
-(the bucket holds at most `limit` at u). The bound states this for the intervals of a grid
-(`TpmGrid`): every single cell [k, k+1) x `cell_s` and every prefix [0, m x `cell_s`]; a
-request counts in an interval when its whole dispatch window lies inside it (a window that
-reaches past the grid, up to an hour after the trace, counts in none).
+per second, full at t = 0, each request taking prompt + max_tokens; the relaxation follows
+its level on a grid of cells (`bound_lp`).
 """
 
 from __future__ import annotations
@@ -27,8 +23,6 @@ from loadtest.simulate.backends import ProviderSpec
 from loadtest.simulate.scenario import Scenario
 from loadtest.simulate.traces import TraceRequest
 from policies.types import Slo
-
-TPM_CELL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,37 +81,3 @@ def external_options(
         usd = min((pi * tr.prompt_tokens + po * tr.output_tokens) / 1e6 for pi, po in prices)
         out.append(ExternalOption(p.name, usd, latest))
     return tuple(out)
-
-
-@dataclass(frozen=True, slots=True)
-class TpmGrid:
-    """The bucket's interval constraints on a grid of `cell_s` (see the module docstring).
-
-    Constraint ids: cell k (0 <= k < cells) is [k, k+1) x cell_s; prefix m (1 <= m <= cells)
-    is [0, m x cell_s]. Capacity of a stretch of length x: limit + x x limit / 60.
-    """
-
-    limit: float
-    cells: int
-    cell_s: float = TPM_CELL_S
-
-    @classmethod
-    def covering(cls, limit: float, until_s: float, cell_s: float = TPM_CELL_S) -> TpmGrid:
-        """A grid over [0, until_s] (the last dispatch window's end)."""
-        return cls(float(limit), max(1, math.ceil(until_s / cell_s)), cell_s)
-
-    def span(self, start_s: float, end_s: float) -> tuple[int, int]:
-        """(first cell, one past the last cell) of the grid stretch a dispatch window needs;
-        `cells + 1` past the last: the window reaches past the grid, no constraint holds it."""
-        k0 = min(max(0, int(start_s // self.cell_s)), self.cells - 1)
-        if end_s > self.cells * self.cell_s:
-            return k0, self.cells + 1
-        return k0, max(k0 + 1, math.ceil(end_s / self.cell_s))
-
-    def cell_capacity(self) -> float:
-        """Tokens one cell can admit."""
-        return self.limit * (1.0 + self.cell_s / 60.0)
-
-    def prefix_capacity(self, m: int) -> float:
-        """Tokens the prefix [0, m x cell_s] can admit."""
-        return self.limit * (1.0 + m * self.cell_s / 60.0)

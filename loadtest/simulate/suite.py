@@ -128,7 +128,10 @@ class Outcome:
 
     @property
     def bound_gap(self) -> float:
-        """How far above the hindsight bound the cost policy is (0.05 = 5%)."""
+        """How far above the hindsight bound the cost policy is (0.05 = 5%; inf where no
+        routing can meet the SLO target, so there is no bound to compare with)."""
+        if not self.bound.feasible:
+            return math.inf
         return self.cost.cost_per_million_tokens / self.bound.cost_per_million_tokens - 1.0
 
     @property
@@ -142,7 +145,10 @@ class Outcome:
     @property
     def gpus_lose(self) -> bool:
         """Even a perfect router on this fleet pays more than no GPUs at all."""
-        return self.by("no-gpus").cost_per_million_tokens < self.bound.cost_per_million_tokens
+        return (
+            self.bound.feasible
+            and self.by("no-gpus").cost_per_million_tokens < self.bound.cost_per_million_tokens
+        )
 
     def as_json(self) -> dict[str, Any]:
         other = self.best_other
@@ -163,10 +169,11 @@ class Outcome:
                 for r in self.spill_sweep
             },
             "bound": {
-                "total_cost_usd": self.bound.total_usd,
-                "gpu_cost_usd": self.bound.gpu_usd,
-                "external_cost_usd": self.bound.external_usd,
-                "cost_per_million_tokens": self.bound.cost_per_million_tokens,
+                "feasible": self.bound.feasible,
+                "total_cost_usd": _finite(self.bound.total_usd),
+                "gpu_cost_usd": _finite(self.bound.gpu_usd),
+                "external_cost_usd": _finite(self.bound.external_usd),
+                "cost_per_million_tokens": _finite(self.bound.cost_per_million_tokens),
                 "local_share": self.bound.local_token_share,
                 "never_local_requests": self.bound.never_local,
             },
@@ -176,7 +183,7 @@ class Outcome:
                 "best_other_meeting_slo": None if other is None else other.policy,
                 "cost_is_cheapest_meeting_slo": self.cheapest_ok,
                 "some_policy_meets_slo": self.feasible,
-                "cost_above_bound": self.bound_gap,
+                "cost_above_bound": _finite(self.bound_gap),
                 "cost_above_schedule": None
                 if self.schedule is None
                 else self.cost.cost_per_million_tokens / self.schedule.cost_per_million_tokens
@@ -187,6 +194,11 @@ class Outcome:
             "notes": self.notes,
             "idle_gpu_passed_over": {"decisions": self.decisions, "reasons": self.idle_passed},
         }
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: None where the bound does not exist."""
+    return None if math.isinf(x) else x
 
 
 def _schedule_json(s: Schedule, o: Outcome) -> dict[str, Any]:
@@ -245,7 +257,12 @@ def run_scenario(
         idle_passed=dict(cost.idle_passed.most_common()),
         decisions=cost.routed,
     )
-    if schedule_runs > 0 and out.bound_gap > BOUND_GAP and meets_every_class(out.cost, SLO_TARGET):
+    if (
+        schedule_runs > 0
+        and out.bound.feasible
+        and out.bound_gap > BOUND_GAP
+        and meets_every_class(out.cost, SLO_TARGET)
+    ):
         out.schedule = search(sc, trace, seed, start_plan(cost_run), SLO_TARGET, schedule_runs)
     out.notes = explain(out)
     return out
@@ -291,10 +308,15 @@ def explain(o: Outcome) -> list[str]:
             f"no policy on this fleet reaches {SLO_TARGET:.0%} interactive (best: "
             f"{best.policy} at {attainment(best):.2%})"
         )
+    if not o.bound.feasible:
+        notes.append(
+            f"no routing on this fleet can meet {SLO_TARGET:.0%} in every SLO class: the "
+            "hindsight bound's relaxation has no solution"
+        )
     if other is not None and meets(cost) and not o.cheapest_ok:
         gap = cost.cost_per_million_tokens / other.cost_per_million_tokens - 1.0
         notes.append(f"{other.policy} is {gap:.1%} cheaper than the cost policy at the SLO target")
-    if not meets(cost):
+    if not meets(cost) and o.bound.feasible:
         notes.append("the bound holds only for routings at the SLO target: not compared")
     elif o.bound_gap > BOUND_GAP:
         notes.append(f"cost policy is {o.bound_gap:.1%} above the hindsight bound")
@@ -323,6 +345,14 @@ def _fmt_policy(r: PolicyResult) -> str:
     return f"{r.cost_per_million_tokens:.4f} ({attainment(r):.1%})"
 
 
+def _fmt_bound(o: Outcome) -> str:
+    return f"{o.bound.cost_per_million_tokens:.4f}" if o.bound.feasible else "none at SLO"
+
+
+def _fmt_gap(o: Outcome) -> str:
+    return f"{o.bound_gap:+.1%}" if o.bound.feasible else "-"
+
+
 def _fmt_schedule(s: Schedule | None) -> str:
     return "-" if s is None else f"{s.cost_per_million_tokens:.4f}"
 
@@ -343,9 +373,9 @@ def summary_table(outcomes: Sequence[Outcome]) -> str:
             f"| {o.name} | {_fmt_policy(o.cost)} | {_fmt_policy(o.by('no-gpus'))} | "
             f"{_fmt_policy(o.by('all-local'))} | {spill.policy}: {_fmt_policy(spill)} | "
             f"{_fmt_policy(o.by('least-loaded'))} | {_fmt_policy(o.by('round-robin'))} | "
-            f"{o.bound.cost_per_million_tokens:.4f} | {_fmt_schedule(o.schedule)} | "
+            f"{_fmt_bound(o)} | {_fmt_schedule(o.schedule)} | "
             f"{local_share(o.cost, o.scenario):.0%} | "
-            f"{o.bound_gap:+.1%} | {verdict} |"
+            f"{_fmt_gap(o)} | {verdict} |"
         )
     return "\n".join(rows)
 
@@ -367,6 +397,9 @@ def detail_table(outcomes: Sequence[Outcome]) -> str:
                 f"{local_share(r, o.scenario):.0%} | {r.failed} |"
             )
         b = o.bound
+        if not b.feasible:
+            rows.append(f"| {o.name} | hindsight bound | none: no routing meets the SLO target |")
+            continue
         rows.append(
             f"| {o.name} | hindsight bound | {b.total_usd:.3f} | {b.gpu_usd:.3f} | "
             f"{b.external_usd:.3f} | {b.cost_per_million_tokens:.4f} | (all) | (all) | "

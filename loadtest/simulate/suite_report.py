@@ -24,10 +24,12 @@ def verdict_lines(outcomes: Sequence[Outcome]) -> list[str]:
     for o in outcomes:
         cheapest = "cheapest at the SLO" if o.cheapest_ok else "NOT cheapest at the SLO"
         near = "within" if o.within_bound else "NOT within"
-        line = (
-            f"- **{o.name}**: cost policy {cheapest}, {o.bound_gap:+.1%} against the bound "
-            f"({near} {BOUND_GAP:.0%})"
+        against = (
+            f"{o.bound_gap:+.1%} against the bound ({near} {BOUND_GAP:.0%})"
+            if o.bound.feasible
+            else "no bound (no routing meets the SLO target)"
         )
+        line = f"- **{o.name}**: cost policy {cheapest}, {against}"
         if o.notes:
             line += "; " + "; ".join(o.notes)
         out.append(line + ".")
@@ -41,6 +43,7 @@ def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
     held_feasible = sum(o.cheapest_ok for o in feasible)
     near = sum(o.within_bound for o in outcomes)
     lose = [o.name for o in outcomes if o.gpus_lose]
+    impossible = [o.name for o in outcomes if not o.bound.feasible]
     lines = [
         "# neogate simulate --suite",
         "",
@@ -66,7 +69,9 @@ def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
         f"{len(outcomes)} scenarios ({held_feasible} of the {len(feasible)} where some "
         f"policy on the fleet meets it), and within {BOUND_GAP:.0%} of the bound in {near} of "
         f"{len(outcomes)}. Owning the GPUs loses to no GPUs even with perfect routing in: "
-        f"{', '.join(lose) if lose else 'none'}.",
+        f"{', '.join(lose) if lose else 'none'}. No routing at all can meet the SLO target "
+        f"(the bound's relaxation has no solution) in: "
+        f"{', '.join(impossible) if impossible else 'none'}.",
         "",
         "## Verdicts",
         "",
@@ -111,12 +116,14 @@ def plot(outcomes: Sequence[Outcome], path: Path) -> None:
             for r in res
         ]
         ax.bar(names, values, color=colors)
-        ax.axhline(o.bound.cost_per_million_tokens, color="black", ls="--", lw=1, label="bound")
+        if o.bound.feasible:
+            ax.axhline(o.bound.cost_per_million_tokens, color="black", ls="--", lw=1, label="bound")
         if o.schedule is not None:
             ax.axhline(
                 o.schedule.cost_per_million_tokens, color="black", ls=":", lw=1, label="schedule"
             )
-        ax.set_title(f"{o.name} (cost {o.bound_gap:+.1%} vs bound)", fontsize=9)
+        gap = f"cost {o.bound_gap:+.1%} vs bound" if o.bound.feasible else "no bound at SLO"
+        ax.set_title(f"{o.name} ({gap})", fontsize=9)
         ax.set_ylabel("$/M tokens", fontsize=8)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
         ax.tick_params(axis="y", labelsize=7)

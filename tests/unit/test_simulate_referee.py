@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import MappingProxyType
 
@@ -24,7 +26,7 @@ from loadtest.simulate.scenario import (
     physics_of,
 )
 from loadtest.simulate.scenario_file import load_scenario
-from loadtest.simulate.suite import SCENARIO_DIR
+from loadtest.simulate.suite import SCENARIO_DIR, Outcome, explain, summary_table
 from loadtest.simulate.traces import Trace, TraceRequest, steady
 from policies.costmodel import GpuModel
 from policies.select import compile_policy
@@ -103,8 +105,14 @@ def test_bound_lets_delay_tolerant_work_keep_the_gpu_past_the_end_at_a_price() -
     sc = dataclasses.replace(sc, slo_classes=MappingProxyType({"batch": batch}))
     b = hindsight_bound(sc, trace, seed=1)
     assert b.external_usd == 0.0 and b.local_token_share == 1.0
-    # Held time is on a 30-s grid, rounded in the bound's favour: 1 s of GPU is charged.
-    assert b.gpu_usd == pytest.approx(0.001)
+    # Held time is exact: the 2 GPU-s of prefill keep the GPU 1 s past the trace. (Before
+    # 2026-12-06 it was on a 30-s grid rounded in the bound's favour: $0.001.)
+    assert b.gpu_usd == pytest.approx(0.002)
+    # The simulated GPU is held that long too (its prefill runs at the noisy speed, so a
+    # little longer or shorter), and the run costs at least the bound.
+    ran = Engine(sc, trace, AlwaysLocalUntilError("all-local"), 1).run()
+    assert ran.external_cost_usd == 0.0 and ran.slo_attainment["batch"] == 1.0
+    assert ran.total_cost_usd >= b.total_usd - 1e-12
 
 
 def test_price_change_applies_from_its_time_on() -> None:
@@ -184,22 +192,45 @@ def test_bound_caps_a_tpm_limited_provider_per_minute() -> None:
     # No GPUs; provider p at $1e-4 a token admits 1000 bucket tokens a minute; q costs $2e-4.
     # Five interactive requests of 1000 tokens (900 prompt + 100 output, max_tokens 100) at
     # t = 0..4 s. Each must be dispatched within 0.9 s of arriving (p answers in 0.1 s, the
-    # TTFT bound is 1 s), so all five fall in the first minute, where the bucket admits at
-    # most its 1000 tokens plus a minute's refill: 2 at p, 3 at q, $0.80. (Before 2026-12-05
-    # the bound capped the whole trace at a full bucket, the trace's refill and a minute of
-    # slack, 3000 tokens: $0.70.) The simulator's bucket admits only the first (the refill by
-    # t = 4.9 s is 82 tokens): a router that falls over to q pays $0.90.
-    sc, _ = _one_gpu(60.0, [])
-    p = ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0, tpm_limit=1000)
-    q = ProviderSpec("q", "m", 200.0, 200.0, 0.1, 0.0, 1e9, 0.001, 0.0)
-    sc = dataclasses.replace(sc, locals=(), providers=(p, q))
+    # TTFT bound is 1 s), so all five fall in the first 10-s cell of the bucket's grid, where
+    # it admits at most its 1000 tokens plus 10 s of refill (166.7): 1.167 at p, 3.833 at q,
+    # $0.8833. (Before 2026-12-06, with 60-s cells: $0.80; before 2026-12-05 the bound capped
+    # the whole trace at a full bucket, the trace's refill and a minute of slack: $0.70.) The
+    # simulator's bucket admits only the first (the refill by t = 4.9 s is 82 tokens): a
+    # router that falls over to q pays $0.90.
+    sc, p, q = _two_providers()
     trace = Trace("t", 60.0, tuple(TraceRequest(i, 900, 100, 100, "interactive") for i in range(5)))
     b = hindsight_bound(sc, trace, seed=1)
-    assert b.total_usd == pytest.approx(0.80, abs=0.005) and b.total_usd <= 0.80 + 1e-9
+    assert b.total_usd == pytest.approx(0.1 * (1 + 1 / 6) + 0.2 * (4 - 1 / 6))
     ran = Engine(sc, trace, CheapestExternal(), 1).run()
     assert ran.total_cost_usd == pytest.approx(0.90) and ran.slo_attainment["interactive"] == 1.0
     unlimited = dataclasses.replace(sc, providers=(dataclasses.replace(p, tpm_limit=None), q))
     assert hindsight_bound(unlimited, trace, seed=1).total_usd == pytest.approx(0.5)
+
+
+def test_bound_follows_the_bucket_level_across_minutes() -> None:
+    # The same providers; 36 requests of 1000 bucket tokens, one every 5 s from t = 60 to 235,
+    # each dispatched within 0.9 s of arriving. The bucket is full (1000) at t = 60 and refills
+    # 1000 a minute: over the three minutes up to t = 240 it admits at most 1000 + 3000, 4 at
+    # p and 32 at q, $6.80. Caps on single minutes and on stretches from t = 0 (the bound
+    # before 2026-12-06) allowed 5 at p: $6.70. The simulator's router that falls over to q
+    # gets 3 at p (t = 60, 120, 180; at 235 the bucket holds 917): $6.90.
+    sc, _, _ = _two_providers()
+    reqs = tuple(TraceRequest(60.0 + 5 * i, 900, 100, 100, "interactive") for i in range(36))
+    trace = Trace("t", 240.0, reqs)
+    b = hindsight_bound(sc, trace, seed=1)
+    assert b.total_usd == pytest.approx(4 * 0.1 + 32 * 0.2)
+    ran = Engine(sc, trace, CheapestExternal(), 1).run()
+    assert ran.slo_attainment["interactive"] == 1.0
+    assert ran.total_cost_usd == pytest.approx(3 * 0.1 + 33 * 0.2)
+
+
+def _two_providers() -> tuple[Scenario, ProviderSpec, ProviderSpec]:
+    """No GPUs; p at $1e-4 a token with a 1000-token-a-minute bucket, q at $2e-4, both 0.1 s."""
+    sc, _ = _one_gpu(60.0, [])
+    p = ProviderSpec("p", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0, tpm_limit=1000)
+    q = ProviderSpec("q", "m", 200.0, 200.0, 0.1, 0.0, 1e9, 0.001, 0.0)
+    return dataclasses.replace(sc, locals=(), providers=(p, q)), p, q
 
 
 def test_bound_on_a_gpu_whose_slo_batch_is_small() -> None:
@@ -349,3 +380,57 @@ def test_the_simulated_gpu_runs_on_the_measured_figures_not_the_routers_code() -
     step, chunk = ph.mixed_step(64, 1024, 1024)
     assert chunk == 2048 - 64 and step == pytest.approx(2048 / ph.prefill_tokens_per_s(1024))
     assert ph.prefill_tokens_per_s(1024) == pytest.approx(10_400, rel=0.01)
+
+
+def test_the_bound_solver_writes_nothing_to_stdout() -> None:
+    # HiGHS prints a banner from C++ when its Python wrapper turns on callbacks; the table and
+    # any JSON `neogate simulate` writes to stdout must not carry it. A fresh process: the
+    # banner would come once per process.
+    code = (
+        "from tests.unit.test_simulate_referee import _one_gpu\n"
+        "from loadtest.simulate.bound import hindsight_bound\n"
+        "from loadtest.simulate.traces import TraceRequest\n"
+        "sc, trace = _one_gpu(1.0, [TraceRequest(0.0, 500, 1, 1, 'interactive')])\n"
+        "assert hindsight_bound(sc, trace, seed=1).total_usd > 0\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout == "" and out.stderr == ""
+
+
+def test_no_bound_where_no_routing_can_meet_the_slo_target() -> None:
+    # Only provider p (1000 bucket tokens a minute) and no GPU; ten requests of 1000 bucket
+    # tokens in the first 5 s, each to be dispatched within 0.9 s, and a class too small to
+    # miss one (1% of 10 is 0): p admits 1.17 of them at most, so no routing meets the SLO
+    # target. The bound says so instead of giving a number, and the suite shows no bound.
+    sc, p, _ = _two_providers()
+    sc = dataclasses.replace(sc, providers=(p,))
+    trace = Trace(
+        "t", 60.0, tuple(TraceRequest(i / 2, 900, 100, 100, "interactive") for i in range(10))
+    )
+    b = hindsight_bound(sc, trace, seed=1)
+    assert not b.feasible and math.isinf(b.cost_per_million_tokens)
+    runs = [
+        Engine(sc, trace, policy, 1).run()
+        for policy in (
+            CheapestExternal("cost"),
+            CheapestExternal("no-gpus"),
+            AlwaysLocalUntilError("all-local"),
+            CheapestExternal("spill@8"),
+            CheapestExternal("least-loaded"),
+            CheapestExternal("round-robin"),
+        )
+    ]
+    assert all(r.slo_attainment["interactive"] < 0.99 for r in runs)
+    o = Outcome("t", "", trace, sc, runs, [], b)
+    o.notes = explain(o)
+    assert math.isinf(o.bound_gap) and not o.within_bound and not o.gpus_lose
+    assert any("no routing on this fleet can meet 99%" in n for n in o.notes)
+    assert not any("not compared" in n for n in o.notes)
+    row = summary_table([o]).splitlines()[-1]
+    assert "| none at SLO | - |" in row and "| - | NO (no policy at SLO) |" in row
+    verdict = o.as_json()["verdict"]
+    bound = o.as_json()["bound"]
+    assert verdict["cost_above_bound"] is None and bound["cost_per_million_tokens"] is None
+    assert bound["feasible"] is False
