@@ -16,7 +16,8 @@ in the same run and interleaved round by round, measures each variant and the
 upstream called directly:
 
 - added latency: wrk at concurrency 1 (p50, p99) through the gateway minus direct;
-- throughput: wrk at concurrency 32, requests/s, and the ratio to direct;
+- throughput: wrk at concurrency 32, requests/s, the ratio to direct, and the process's CPU
+  time per request (/proc: all its threads, during that run);
 - streaming: time to first byte at concurrency 1, through the gateway and direct.
 
 Medians over rounds are printed. Needs `wrk` (Debian package `wrk`).
@@ -121,6 +122,14 @@ class Samples:
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     ttfb_ms: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # process CPU per request at c=32
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -227,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                 for p in procs:
                     key = p.name != "direct"
                     script = keyed if key else plain
-                    rps = wrk(p.port, 32, args.duration, script).rps
-                    lat = wrk(p.port, 1, args.duration / 2, script)
+                    cpu0 = cpu_s(p.popen.pid)
+                    hi = wrk(p.port, 32, args.duration, script)
                     s = results[p.name]
+                    s.cpu_us.append((cpu_s(p.popen.pid) - cpu0) / max(hi.requests, 1) * 1e6)
+                    rps = hi.rps
+                    lat = wrk(p.port, 1, args.duration / 2, script)
                     s.rps.append(rps)
                     s.p50_ms.append(lat.p50_ms if lat.p50_ms is not None else float("nan"))
                     s.p99_ms.append(lat.p99_ms if lat.p99_ms is not None else float("nan"))
@@ -260,17 +272,20 @@ def report(
         f"load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after\n"
     )
     print(
-        "| path | req/s @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |"
+        "| path | req/s @c32 | CPU us/req @c32 | ratio to direct | p50 ms @c1 | p99 ms @c1 | added p50 ms | added p99 ms | stream TTFB ms @c1 | added TTFB ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in results.items():
         add50 = med(s.p50_ms) - med(d.p50_ms)
         add99 = med(s.p99_ms) - med(d.p99_ms)
         addt = med(s.ttfb_ms) - med(d.ttfb_ms)
         print(
-            f"| {name} | {med(s.rps):,.0f} | {med(s.rps) / med(d.rps):.2f} | {med(s.p50_ms):.3f} | "
+            f"| {name} | {med(s.rps):,.0f} | {med(s.cpu_us):.0f} | {med(s.rps) / med(d.rps):.2f} | {med(s.p50_ms):.3f} | "
             f"{med(s.p99_ms):.3f} | {add50:.3f} | {add99:.3f} | {med(s.ttfb_ms):.3f} | {addt:.3f} |"
         )
+    print("\nCPU us per request @c32 by round (the process, all threads; wrk's requests):")
+    for name, s in results.items():
+        print(f"  {name}: " + ", ".join(f"{v:.0f}" for v in s.cpu_us))
     print("\np99 ms @c1 by round (a loaded machine's pauses land in single rounds):")
     for name, s in results.items():
         print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in s.p99_ms))
