@@ -100,6 +100,46 @@ async def test_concurrent_records_are_group_committed(tmp_path: Path) -> None:
     assert registry.get_sample_value("neogate_ledger_up") == 1.0
 
 
+async def test_a_batch_is_inserted_whole_across_statements_duplicates_skipped(
+    tmp_path: Path,
+) -> None:
+    """A commit's rows go in several-row INSERTs (`ROWS_PER_INSERT` each, then the rest):
+    a batch longer than one statement, repeating rows inside a statement, across statements
+    and already in the file, leaves each (request_id, attempt) once with its own values."""
+    db = tmp_path / "ledger.db"
+    store = SqliteLedger(db)
+    await store.open()
+    await store.write([make_row(0), make_row(1)])
+    batch = [make_row(i) for i in range(40)] + [make_row(5), make_row(39), make_row(7, attempt=1)]
+    await store.write(batch)
+    got = await store.fetch("SELECT request_id, attempt, cost_nusd, day FROM ledger ORDER BY rowid")
+    await store.close()
+    want = [make_row(i) for i in range(40)] + [make_row(7, attempt=1)]
+    assert got == [(r.request_id, r.attempt, r.cost_nusd, r.day) for r in want]
+
+
+async def test_a_lookup_by_client_id_uses_its_index(tmp_path: Path) -> None:
+    """The index holds only rows with a client id (most have none: no entry written for
+    them); a lookup by id still finds it, and finds the rows."""
+    db = tmp_path / "ledger.db"
+    writer = LedgerWriter(SqliteLedger(db))
+    await writer.start()
+    await writer.record(make_row(1)._replace(client_request_id="c-1"))
+    await writer.record(make_row(2))
+    store = writer.store
+    plan = await store.fetch(
+        "EXPLAIN QUERY PLAN SELECT request_id FROM ledger WHERE client_request_id = ?", ("c-1",)
+    )
+    got = await store.fetch("SELECT request_id FROM ledger WHERE client_request_id = ?", ("c-1",))
+    (index,) = await store.fetch(
+        "SELECT sql FROM sqlite_master WHERE name = 'ledger_client_request_id'"
+    )
+    await writer.close()
+    assert any("USING INDEX ledger_client_request_id" in str(step) for step in plan), plan
+    assert got == [("req-1",)]
+    assert str(index[0]).endswith("WHERE client_request_id IS NOT NULL"), index
+
+
 async def test_wal_mode_and_synchronous_normal(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     store = SqliteLedger(db)

@@ -9,7 +9,6 @@ ledger file that is not there (`create=False`), or a row SQLite refuses (a NULL 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import faulthandler
 import logging
 import sqlite3
@@ -54,7 +53,7 @@ def row(i: int, **changes: object) -> LedgerRow:
         stream=False,
         outcome="ok",
     )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return base._replace(**changes)
 
 
 def poison(i: int) -> LedgerRow:
@@ -426,9 +425,9 @@ async def test_without_a_spool_the_caller_is_told_what_failed(db: Path) -> None:
     await writer.start()
     with pytest.raises(LedgerWriteFailed) as info:
         await writer.record(row(1, ts="not a time"))
-    # time.gmtime("not a time") fails with this TypeError.
+    # utc_day's floor division of "not a time" fails with this TypeError.
     assert str(info.value) == (
-        "ledger database unavailable: 'str' object cannot be interpreted as an integer"
+        "ledger database unavailable: unsupported operand type(s) for //: 'str' and 'int'"
     )
     await writer.close()
 

@@ -7,11 +7,10 @@ Unit prices are nano-dollars per million tokens (0.05 $/M -> 50_000_000).
 
 from __future__ import annotations
 
-import time
+import datetime
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -33,14 +32,22 @@ class LedgerUnavailable(Exception):
     """The database could not take a write (down, locked, unreachable, read-only)."""
 
 
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
 def utc_day(ts: float) -> str:
     """The UTC calendar day of a unix timestamp, as YYYY-MM-DD."""
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    # Days since the epoch, floored (as gmtime does): a third cheaper than strftime(gmtime()).
+    return datetime.date.fromordinal(_EPOCH_ORDINAL + int(ts // 86_400)).isoformat()
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
-    """One attempt that consumed tokens; (request_id, attempt) is its idempotent key."""
+class LedgerRow(NamedTuple):
+    """One attempt that consumed tokens; (request_id, attempt) is its idempotent key.
+
+    Immutable, as a frozen dataclass would be, and built once per request: a tuple of 31
+    fields is made in ~0.6 us, a frozen dataclass's `__init__` sets them one by one through
+    `object.__setattr__` (~3.8 us); the INSERT's values are the tuple with `day` added.
+    """
 
     request_id: str
     attempt: int
@@ -127,80 +134,47 @@ class LedgerRow:
             counterfactual_nusd = cost_nusd
         else:
             counterfactual_nusd = usd_to_nusd(cost_usd(usage, counterfactual[1]))
+        # Positional, in field order: a call with 31 keywords costs ~0.7 us more.
         return cls(
-            request_id=request_id,
-            attempt=attempt,
-            ts=ts,
-            tenant=tenant,
-            model=model,
-            backend=backend,
-            backend_model=backend_model,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            token_source=usage.source,
-            counted_prompt_tokens=usage.counted_prompt_tokens,
-            counted_completion_tokens=usage.counted_completion_tokens,
-            divergent=divergent,
-            price_in_nusd_per_m=price_in,
-            price_out_nusd_per_m=price_out,
-            price_cached_nusd_per_m=price_cached,
-            price_version=prices.version,
-            cost_nusd=cost_nusd,
-            ttft_s=ttft_s,
-            total_s=total_s,
-            stream=stream,
-            outcome=outcome,
-            batch_size=batch_size,
-            is_local=is_local,
-            client_request_id=client_request_id,
-            marginal_cost_nusd=(
-                None if marginal_cost_usd is None else usd_to_nusd(Decimal(repr(marginal_cost_usd)))
-            ),
-            counterfactual_cost_nusd=counterfactual_nusd,
-            counterfactual_backend=None if counterfactual is None else counterfactual[0],
+            request_id,
+            attempt,
+            ts,
+            tenant,
+            model,
+            backend,
+            backend_model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            usage.source,
+            usage.counted_prompt_tokens,
+            usage.counted_completion_tokens,
+            divergent,
+            price_in,
+            price_out,
+            price_cached,
+            prices.version,
+            cost_nusd,
+            ttft_s,
+            total_s,
+            stream,
+            outcome,
+            batch_size,
+            is_local,
+            client_request_id,
+            None if marginal_cost_usd is None else usd_to_nusd(Decimal(repr(marginal_cost_usd))),
+            counterfactual_nusd,
+            None if counterfactual is None else counterfactual[0],
         )
 
     def as_tuple(self) -> tuple[Any, ...]:
         """Values in `COLUMNS` order (the derived `day` included) for an INSERT."""
-        return (
-            self.request_id,
-            self.attempt,
-            self.ts,
-            utc_day(self.ts),
-            self.tenant,
-            self.model,
-            self.backend,
-            self.backend_model,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cached_tokens,
-            self.reasoning_tokens,
-            self.token_source,
-            self.counted_prompt_tokens,
-            self.counted_completion_tokens,
-            self.divergent,
-            self.price_in_nusd_per_m,
-            self.price_out_nusd_per_m,
-            self.price_cached_nusd_per_m,
-            self.price_version,
-            self.cost_nusd,
-            self.ttft_s,
-            self.total_s,
-            self.stream,
-            self.outcome,
-            self.batch_size,
-            self.is_local,
-            self.client_request_id,
-            self.marginal_cost_nusd,
-            self.counterfactual_cost_nusd,
-            self.counterfactual_backend,
-        )
+        return (*self[:3], utc_day(self.ts), *self[3:])
 
     def to_json(self) -> bytes:
         """One JSON object (no newline), the spool's line format."""
-        return orjson.dumps(self)
+        return orjson.dumps(dict(zip(self._fields, self, strict=True)))
 
     @classmethod
     def from_json(cls, data: bytes | str) -> LedgerRow:
@@ -211,7 +185,7 @@ class LedgerRow:
         return cls(**{name: obj[name] for name in _FIELD_NAMES if name in obj})
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(LedgerRow))
+_FIELD_NAMES: tuple[str, ...] = LedgerRow._fields
 
 # Column order of the ledger table; `day` is derived from ts (UTC) so reports group
 # by an indexed plain column on both SQLite and PostgreSQL.

@@ -38,12 +38,14 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from gateway.metering.ledger.rows import LedgerRow, LedgerUnavailable
 from gateway.metering.ledger.sqlite_file import (
-    INSERT,
+    INSERTS,
+    ROWS_PER_INSERT,
     SCHEMA,
     add_missing_columns,
     ensure_wal,
@@ -310,7 +312,9 @@ class SqliteLedger:
     def _commit(conn: sqlite3.Connection, values: list[tuple[Any, ...]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(INSERT, values)
+            for i in range(0, len(values), ROWS_PER_INSERT):
+                part = values[i : i + ROWS_PER_INSERT]
+                conn.execute(INSERTS[len(part) - 1], list(chain.from_iterable(part)))
             conn.execute("COMMIT")
         except sqlite3.Error:
             if conn.in_transaction:

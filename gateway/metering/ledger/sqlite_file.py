@@ -42,7 +42,12 @@ SCHEMA = (
     + ", PRIMARY KEY (request_id, attempt))",
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
     "CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts)",
-    "CREATE INDEX IF NOT EXISTS ledger_client_request_id ON ledger (client_request_id)",
+    # Only rows whose client sent an id: most rows have none, and an entry per NULL was one
+    # b-tree of five written per row (~0.6 us and ~240 bytes of WAL a row). A lookup by id
+    # (`client_request_id = ?`) implies NOT NULL, so SQLite uses it. Files made before
+    # keep their full index (same name).
+    "CREATE INDEX IF NOT EXISTS ledger_client_request_id ON ledger (client_request_id) "
+    "WHERE client_request_id IS NOT NULL",
     # Up intervals of local workers (gateway/metering/ledger/gpu_uptime.py). WITHOUT ROWID:
     # the key is the table, so extending an interval writes one b-tree, not two. A file
     # from before it gains it here.
@@ -62,10 +67,24 @@ def add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE ledger ADD COLUMN {column_sql(name)}")
 
 
-INSERT = (
-    f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
-    "ON CONFLICT (request_id, attempt) DO NOTHING"
-)
+# Rows per INSERT statement. One statement with several rows of VALUES binds and steps
+# once for all of them where executemany steps once per row: at the ~13 rows a commit
+# holds at c=32, ~1.3 of ~10 us of CPU less per row (measured in-process, 2026-12-06).
+# 16 x 31 columns stays under SQLite's oldest bound-variable limit (999).
+ROWS_PER_INSERT: Final = 16
+
+
+def insert_sql(rows: int) -> str:
+    """An INSERT of `rows` rows; a row already there (request_id, attempt) is skipped."""
+    one = "(" + ", ".join("?" for _ in COLUMNS) + ")"
+    return (
+        f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES {', '.join([one] * rows)} "
+        "ON CONFLICT (request_id, attempt) DO NOTHING"
+    )
+
+
+# INSERTS[n - 1] inserts n rows (SQLite keeps each prepared: a connection caches 128).
+INSERTS: Final = tuple(insert_sql(n) for n in range(1, ROWS_PER_INSERT + 1))
 
 
 # The page size of a new ledger file. A one-row commit writes one WAL frame (a page) per
