@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from policies.costmodel import GpuModel
 from policies.latency import ITL_REL_FLOOR_S, REL_FLOOR_S
 from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
 from policies.worker_signals import pressured_load, ttft_with_queue
@@ -10,6 +11,12 @@ from policies.worker_signals import pressured_load, ttft_with_queue
 KV_FULL = 0.98
 # A population budget never sends a request where it is predicted likelier to miss than not.
 POOLED_MAX_P = 0.5
+# A worker whose chunked-prefill step is at most this many times a request's ITL target
+# judges the request's exposure to prefill bursts with the size-biased mean of the prompts
+# that arrive, not its own prompt when that is longer (`prefill_burst_s`). Measured
+# 2026-12-06: the 8B profiles (0.05-0.10 s steps, 1-2x the 50 ms target) gain; the 70B pair
+# (0.197 s, 3.9x) lost interactive SLO (70b-vs-together 98.82%, heldout-202-4 98.98%).
+SIZE_BIASED_MAX_STEP_RATIO = 3.0
 
 
 def local_load(s: BackendSnapshot) -> int:
@@ -47,6 +54,36 @@ def stalled_arrivals(request: RouteRequest, s: BackendSnapshot, over_s: float) -
     if over_s > own:
         return None
     return s.recent_requests_per_s * over_s
+
+
+def prefill_burst_s(
+    request: RouteRequest, s: BackendSnapshot, gpu: GpuModel, itl_target_s: float | None
+) -> float:
+    """One prefill burst's length, for the variance of the prefill load `request` sees.
+
+    Its own prompt stands for the prompts prefilled while it decodes, except for a request
+    judged by its own ITL target on a worker whose chunked-prefill step is at most
+    SIZE_BIASED_MAX_STEP_RATIO x that target: there the size-biased mean of the prompts the
+    worker was sent recently (E[x^2] / E[x], `recent_prompt_sq_tokens_per_s` over
+    `recent_prompt_tokens_per_s`) when that is shorter. A long prompt's own size said nothing
+    about the prompts that will stall it, and judged by it the 8B fleets spilled long
+    interactive prompts that ran at a third of their ITL target (tpm-limited-8b: predicted
+    55-62 ms, ran at 8-29 ms). On a worker with a longer step its own prefill stalls the
+    requests decoding beside it past what they can absorb, which that model does not price:
+    there the own prompt keeps long prompts out, as measured.
+    """
+    own = gpu.prefill_time_s(request.prompt_tokens)
+    rate, sq = s.recent_prompt_tokens_per_s, s.recent_prompt_sq_tokens_per_s
+    if (
+        itl_target_s is None
+        or request.slo.max_itl_s is None
+        or sq <= 0.0
+        or rate <= 0.0
+        or gpu.mixed_step_s > SIZE_BIASED_MAX_STEP_RATIO * itl_target_s
+    ):
+        return own
+    biased = sq / rate
+    return gpu.prefill_time_s(biased) if biased < request.prompt_tokens else own
 
 
 def external_cost(request: RouteRequest, s: BackendSnapshot) -> float:
@@ -93,13 +130,13 @@ def predict(
         mean_rate = rate = s.recent_prompt_tokens_per_s
         burst = exposed = 0.0
         if rate > 0:
-            # The prompts prefilled while this request decodes stall it; its own prompt
-            # stands for their size, its mean decode time at the mean load for how long
-            # it is exposed.
+            # The prompts prefilled while this request decodes stall it (`prefill_burst_s`
+            # says how long one is); its mean decode time at the mean load says how long it
+            # is exposed.
             exposed = max(out - 1, 1) * gpu.itl_under_load_s(
                 min(local_load(s) + 1, gpu.max_batch), rate, context
             )
-            burst = gpu.prefill_time_s(request.prompt_tokens)
+            burst = prefill_burst_s(request, s, gpu, request.slo.max_itl_s)
             rate = gpu.tail_prompt_rate(rate, burst, exposed)
         target = request.slo.max_itl_s
         if target is None and guard is not None:

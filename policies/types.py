@@ -108,6 +108,10 @@ class BackendSnapshot:
     # Requests per second the gateway sent this worker recently (the same decaying average):
     # how many arrivals a long prefill holds up (`policies.predict`, the protected TTFT).
     recent_requests_per_s: float = 0.0
+    # The squared prompt sizes of those requests per second (the same decaying average): over
+    # the prompt rate, the size-biased mean prompt E[x^2] / E[x] of the prompts that stall a
+    # decode (`policies.predict.prefill_burst_s`). 0: not known.
+    recent_prompt_sq_tokens_per_s: float = 0.0
     # Gateway-side cap on in-flight requests; None: no cap.
     max_concurrency: int | None = None
     gpu: GpuModel | None = None

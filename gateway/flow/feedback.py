@@ -143,6 +143,7 @@ class Feedback:
         if live.gpu is not None:
             live.prompt_rate = live.prompt_rate.add(prompt_tokens, now)
             live.request_rate = live.request_rate.add(1, now)
+            live.prompt_sq_rate = live.prompt_sq_rate.add(float(prompt_tokens) ** 2, now)
         else:
             live.sent_requests = live.sent_requests.add(1, now)
             live.sent_prompt = live.sent_prompt.add(prompt_tokens, now)

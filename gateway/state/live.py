@@ -58,6 +58,8 @@ class BackendLive:
     prompt_rate: DecayingRate = field(default_factory=DecayingRate)
     # Requests per second sent it: the arrivals a long prefill would hold up.
     request_rate: DecayingRate = field(default_factory=DecayingRate)
+    # Their squared prompt sizes per second: the size-biased mean prompt (prefill bursts).
+    prompt_sq_rate: DecayingRate = field(default_factory=DecayingRate)
     # Local workers, per model: how far the cost model's TTFT and ITL predictions fell short.
     errors: dict[str, tuple[RelativeError, RelativeError]] = field(default_factory=dict)
     # What we sent a provider over about the last minute: stands in for the remaining
@@ -301,6 +303,7 @@ class LiveState:
             gpu=live.gpu,
             recent_prompt_tokens_per_s=live.prompt_rate.value(now) if live.gpu else 0.0,
             recent_requests_per_s=live.request_rate.value(now) if live.gpu else 0.0,
+            recent_prompt_sq_tokens_per_s=live.prompt_sq_rate.value(now) if live.gpu else 0.0,
         )
 
 

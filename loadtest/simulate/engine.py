@@ -82,6 +82,7 @@ class Engine:
         self.itl_error = {n: RelativeError() for n in self.gpus}
         self.prompt_rate = {n: DecayingRate() for n in self.gpus}
         self.request_rate = {n: DecayingRate() for n in self.gpus}
+        self.prompt_sq_rate = {n: DecayingRate() for n in self.gpus}
         # The gateway's population SLO budget per class (policies.budget); one per process
         # of `serve --workers N` (`processes`), each request on one of them at random (as
         # the kernel spreads connections over the workers' SO_REUSEPORT sockets).
@@ -149,6 +150,7 @@ class Engine:
                     pending_prefill_tokens=self.pending_prefill[name],
                     recent_prompt_tokens_per_s=self.prompt_rate[name].value(now),
                     recent_requests_per_s=self.request_rate[name].value(now),
+                    recent_prompt_sq_tokens_per_s=self.prompt_sq_rate[name].value(now),
                     max_concurrency=spec.max_concurrency,
                     gpu=spec.model,
                 )
@@ -253,6 +255,9 @@ class Engine:
                     self.pending_prefill[name] += tr.prompt_tokens
                     self.prompt_rate[name] = self.prompt_rate[name].add(tr.prompt_tokens, now)
                     self.request_rate[name] = self.request_rate[name].add(1, now)
+                    self.prompt_sq_rate[name] = self.prompt_sq_rate[name].add(
+                        float(tr.prompt_tokens) ** 2, now
+                    )
                     self._schedule_gpu(name)
                     return
             else:
