@@ -72,18 +72,18 @@ def prefill_burst_s(
     requests decoding beside it past what they can absorb, which that model does not price:
     there the own prompt keeps long prompts out, as measured.
     """
-    own = gpu.prefill_time_s(request.prompt_tokens)
-    rate, sq = s.recent_prompt_tokens_per_s, s.recent_prompt_sq_tokens_per_s
+    sq = s.recent_prompt_sq_tokens_per_s
     if (
-        itl_target_s is None
-        or request.slo.max_itl_s is None
-        or sq <= 0.0
-        or rate <= 0.0
-        or gpu.mixed_step_s > SIZE_BIASED_MAX_STEP_RATIO * itl_target_s
+        sq > 0.0
+        and itl_target_s is not None
+        and request.slo.max_itl_s is not None
+        and s.recent_prompt_tokens_per_s > 0.0
+        and gpu.mixed_step_s <= SIZE_BIASED_MAX_STEP_RATIO * itl_target_s
     ):
-        return own
-    biased = sq / rate
-    return gpu.prefill_time_s(biased) if biased < request.prompt_tokens else own
+        biased = sq / s.recent_prompt_tokens_per_s
+        if biased < request.prompt_tokens:
+            return gpu.prefill_time_s(biased)
+    return gpu.prefill_time_s(request.prompt_tokens)
 
 
 def external_cost(request: RouteRequest, s: BackendSnapshot) -> float:

@@ -1,6 +1,7 @@
 """The arrivals a long prefill would hold up: the gateway counts the requests it sends each
 local worker (`recent_requests_per_s`, a decaying rate like the prompt-token rate) and the
-routing snapshot carries it to `policies.predict.stalled_arrivals`. Real app, real sockets,
+routing snapshot carries it to `policies.predict.stalled_arrivals`; and their squared prompt
+sizes (`recent_prompt_sq_tokens_per_s`, for `policies.predict.prefill_burst_s`). Real app, real sockets,
 simulated worker and provider; the official openai SDK as the client."""
 
 from __future__ import annotations
@@ -53,3 +54,11 @@ async def test_the_snapshot_counts_the_requests_sent_to_a_local_worker(
         snap = live.snapshot("gpu-a", PUBLIC, now, 10.0)
         assert snap.recent_requests_per_s == pytest.approx(on_gpu / 10.0, rel=0.3)
         assert live.snapshot("sim-groq", PUBLIC, now, 10.0).recent_requests_per_s == 0.0
+        # The squared prompt sizes fade alike: every prompt here is the same size, so their
+        # size-biased mean (squares over tokens, `policies.predict.prefill_burst_s`) is that
+        # size, and the prompt rate over the request rate is it too.
+        assert snap.recent_prompt_tokens_per_s > 0.0
+        biased = snap.recent_prompt_sq_tokens_per_s / snap.recent_prompt_tokens_per_s
+        mean = snap.recent_prompt_tokens_per_s / snap.recent_requests_per_s
+        assert biased == pytest.approx(mean, rel=1e-6)
+        assert live.snapshot("sim-groq", PUBLIC, now, 10.0).recent_prompt_sq_tokens_per_s == 0.0

@@ -8,8 +8,10 @@ from types import MappingProxyType
 
 import pytest
 
+from gateway.profiles import load_profile
 from policies.budget import MISS_SHARE, WINDOW_TAU_S, MissBudget
 from policies.costmodel import TAIL_P, GpuModel
+from policies.predict import SIZE_BIASED_MAX_STEP_RATIO, prefill_burst_s
 from policies.select import compile_policy, select
 from policies.spec import CostPolicySpec, GpuSpec
 from policies.types import BackendSnapshot, Candidate, RouteRequest, Slo
@@ -197,3 +199,48 @@ def test_a_queue_already_past_the_protected_bound_is_busy_whatever_the_budget(
     # wait past its bound without this request: the worker is busy, not stalled by it.
     where, gpu = _batch_on_idle_gpu(h100, 100.0, queued=30_000)
     assert where == "groq" and gpu.reason.startswith("busy: ttft 2.60")
+
+
+def test_the_size_biased_prompt_judges_a_long_prompt_on_a_short_step_worker(
+    h100: GpuModel,
+) -> None:
+    # The worked fleet above (3,200-token prompt, 10,000 prompt tokens/s, miss probability
+    # 0.01329 judged by its own 0.16-s prefill: Groq), now with the prompts the GPU was sent
+    # known: 8e6 squared tokens/s over 10,000 tokens/s, a size-biased mean prompt of 800
+    # tokens (0.04 s). The step (102.4 ms) is 2.05 x the 50 ms target, within
+    # SIZE_BIASED_MAX_STEP_RATIO (3): sd = sqrt(0.5 x 0.04 / 2.0073) = 0.099818, z = 0.44274
+    # / 0.099818 = 4.4355, miss probability 4.59e-6: the GPU takes it alone, at $0.
+    assert SIZE_BIASED_MAX_STEP_RATIO == 3.0
+    fleet = _fleet(h100, 10_000)
+    fleet[0] = dataclasses.replace(fleet[0], recent_prompt_sq_tokens_per_s=8e6)
+    d = select(_request(None), fleet, compile_policy(CostPolicySpec()), 0.0)
+    top = d.chosen
+    assert top is not None and top.backend == "gpu" and top.meets_slo
+    assert top.miss_probability == pytest.approx(4.59e-6, rel=2e-3)
+    assert prefill_burst_s(_request(None), fleet[0], h100, 0.05) == pytest.approx(0.04)
+    # A prompt shorter than the size-biased mean keeps its own (400 tokens: 0.02 s).
+    short = dataclasses.replace(_request(None), prompt_tokens=400)
+    assert prefill_burst_s(short, fleet[0], h100, 0.05) == pytest.approx(0.02)
+    # A 30 ms target puts the step at 3.41 x it: the own prompt (0.16 s) again.
+    assert prefill_burst_s(_request(None), fleet[0], h100, 0.03) == pytest.approx(0.16)
+    # Guarded work (no ITL target of its own) keeps its own prompt.
+    batch = dataclasses.replace(_request(None), slo_class="batch", slo=Slo(None, None, 600.0))
+    assert prefill_burst_s(batch, fleet[0], h100, 0.05) == pytest.approx(0.16)
+
+
+def test_the_70b_pair_keeps_the_own_prompt_burst() -> None:
+    # The 70B pair's step is 2048 / 10,400 = 0.19692 s, 3.94 x a 50 ms target: its own
+    # prefill stalls the decodes beside it past what they absorb (measured: the size-biased
+    # burst there cost 70b-vs-together its 99%). A 3,200-token prompt: 3,200 / 10,175 tokens/s
+    # (interpolated between 2,048 and 8,192 tokens) = 0.31450 s, whatever the others sent.
+    pair = GpuModel.from_profile(load_profile("llama-3.1-70b-2xh200-tp2"), 7.0)
+    s = BackendSnapshot(
+        "pair",
+        "m",
+        is_local=True,
+        recent_prompt_tokens_per_s=10_000,
+        recent_prompt_sq_tokens_per_s=8e6,
+        gpu=pair,
+    )
+    assert pair.mixed_step_s == pytest.approx(0.19692, abs=1e-5)
+    assert prefill_burst_s(_request(None), s, pair, 0.05) == pytest.approx(0.31450, abs=1e-5)
