@@ -121,7 +121,7 @@ def test_honest_invariants(outcomes: dict[str, Outcome]) -> None:
         looked = o.bound_gap > BOUND_GAP and min(o.cost.slo_attainment.values()) >= SLO_TARGET
         if looked and o.schedule is None:
             # Looked for, and the start itself, replayed, misses the target (tpm-limited-8b
-            # since 2026-12-06, fbbf12b): nothing to search from.
+            # since 2026-12-06, 60ea594): nothing to search from.
             assert _replay_misses(o), name
         else:
             assert (o.schedule is not None) == looked, name
