@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gateway.config import ConfigError
 from gateway.profiles import load_profile, shipped_profiles
 from loadtest.simulate import suite_report
 from loadtest.simulate.engine import simulate
-from loadtest.simulate.heldout import DEFAULT_COUNT, heldout_suite
+from loadtest.simulate.heldout import DEFAULT_COUNT, heldout_data, heldout_suite
 from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
 from loadtest.simulate.routers import default_policies
 from loadtest.simulate.scenario import default_scenario
@@ -21,6 +23,7 @@ from loadtest.simulate.scenario_file import LoadedScenario, load_scenario
 from loadtest.simulate.schedule import DEFAULT_RUNS
 from loadtest.simulate.suite import (
     SCENARIO_DIR,
+    Outcome,
     run_scenario,
     scenario_files,
     suite_json,
@@ -94,7 +97,19 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "make where the cost policy is not within 10%% of the bound (0: no search; "
         "loadtest/simulate/schedule.py)",
     )
-    p.add_argument("--save-trace", type=Path, help="also write the trace used as JSON lines")
+    p.add_argument(
+        "--save-trace",
+        type=Path,
+        help="also write the trace used as JSON lines (with --suite: a directory, one "
+        "NAME.jsonl per scenario); `--trace file:PATH` or a scenario's trace file replays it",
+    )
+    p.add_argument(
+        "--save-heldout",
+        type=Path,
+        metavar="DIR",
+        help="with --suite heldout: also write each drawn scenario as DIR/NAME.yaml, an "
+        "ordinary scenario file for --scenario",
+    )
     p.set_defaults(func=run_simulate)
     return p
 
@@ -183,9 +198,18 @@ def _run_referee(args: argparse.Namespace) -> int:
         command += f" --short {args.short:g}"
     if args.schedule_runs != DEFAULT_RUNS:
         command += f" --schedule-runs {args.schedule_runs}"
+    if args.save_heldout is not None and not heldout:
+        print("neogate simulate: --save-heldout goes with --suite heldout", file=sys.stderr)
+        return 2
     loaded: list[LoadedScenario] = []
     if heldout:
         loaded = heldout_suite(args.seed, args.count)
+        if args.save_heldout is not None:
+            args.save_heldout.mkdir(parents=True, exist_ok=True)
+            for i in range(args.count):
+                data = heldout_data(args.seed, i)
+                path = args.save_heldout / f"{data['name']}.yaml"
+                path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     for path in paths:
         try:
             loaded.append(load_scenario(path))
@@ -201,6 +225,8 @@ def _run_referee(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         outcomes.append(outcome)
+        if args.save_trace is not None:
+            _save_trace(args.save_trace, outcome, several=args.scenario is None)
     print(summary_table(outcomes))
     print()
     print("\n".join(suite_report.verdict_lines(outcomes)))
@@ -216,6 +242,14 @@ def _run_referee(args: argparse.Namespace) -> int:
         )
         print(f"report: {args.report / 'report.md'}")
     return 0
+
+
+def _save_trace(where: Path, outcome: Outcome, *, several: bool) -> None:
+    """The trace a scenario ran: to `where` itself, or with a suite to where/NAME.jsonl."""
+    if several:
+        where.mkdir(parents=True, exist_ok=True)
+        where = where / f"{outcome.name}.jsonl"
+    where.write_text("\n".join(dump_trace(outcome.trace)) + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
