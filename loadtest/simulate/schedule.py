@@ -19,8 +19,11 @@ order — in chunks that double while the whole trace still meets the target and
 and halve when it does not (a single request that breaks it is left out). Each trial
 re-runs the whole trace; `runs` caps them, so the schedule is the best found within that
 budget, not the best there is. A request sent local is dispatched on arrival to the
-least-loaded worker; one sent out goes to its cheapest provider that meets its SLO (the
-latency draws are known), the others and then the workers after it on a refusal.
+least-loaded worker; every other request goes where and when the policy sent it (its
+worker, or its provider, so a TPM-limited provider's bucket drains as in the policy's run;
+until 2026-12-06 they went to the least-loaded worker and the cheapest provider, and under a
+TPM limit the replayed start could miss the target where the policy met it), the others and
+then the workers after it on a refusal.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loadtest.simulate.bound_external import external_options
 from loadtest.simulate.bound_local import gpu_seconds
@@ -70,10 +73,12 @@ class Schedule:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Which requests go local, and when those the start routing delayed are dispatched."""
+    """Which requests go local, and when those the start routing delayed are dispatched;
+    `sent`: the backend that served each request in the start routing, and when."""
 
     local: frozenset[int]
     dispatch_at: Mapping[int, float]
+    sent: Mapping[int, tuple[str, float]] = field(default_factory=dict)
 
 
 class _Planned:
@@ -105,8 +110,16 @@ class PlannedEngine(Engine):
     def _route(self, r: SimRequest, now: float, *, may_wait: bool) -> None:
         gpus = sorted(self.gpus, key=lambda n: self.inflight[n])
         ext = list(self.providers_by_request[r.i])
-        r.order = tuple(gpus + ext) if r.i in self.plan.local else tuple(ext + gpus)
         at = self.plan.dispatch_at.get(r.i, now)
+        sent = self.plan.sent.get(r.i)
+        if sent is not None and (sent[0] in self.gpus) == (r.i in self.plan.local):
+            # Where the start routing sent it, when: the same worker (their queues stay as in
+            # that run), the same provider (a TPM bucket drains as it did; a 429 there took
+            # nothing from it).
+            first, at = sent
+            gpus = [first, *(g for g in gpus if g != first)] if first in self.gpus else gpus
+            ext = [first, *(p for p in ext if p != first)] if first not in self.gpus else ext
+        r.order = tuple(gpus + ext) if r.i in self.plan.local else tuple(ext + gpus)
         if at > now:
             self._push(at, "retry", (r, 0))
         else:
@@ -121,7 +134,8 @@ def meets_every_class(result: PolicyResult, target: float) -> bool:
 def start_plan(engine: Engine) -> Plan:
     """A finished run's routing as a plan: its local requests, dispatched when they were."""
     local = [r for r in engine.reqs if r.backend in engine.gpus]
-    return Plan(frozenset(r.i for r in local), {r.i: r.dispatched_at for r in local})
+    sent = {r.i: (r.backend, r.dispatched_at) for r in engine.reqs if r.backend is not None}
+    return Plan(frozenset(r.i for r in local), {r.i: r.dispatched_at for r in local}, sent)
 
 
 def search(
@@ -173,7 +187,7 @@ def search(
         if not todo:
             todo, later, k = later, deque(), 1
         chunk = [todo.popleft() for _ in range(min(k, len(todo)))]
-        trial, missed = run(Plan(frozenset(local.union(chunk)), start.dispatch_at))
+        trial, missed = run(Plan(frozenset(local.union(chunk)), start.dispatch_at, start.sent))
         used += 1
         if (
             meets_every_class(trial, target)

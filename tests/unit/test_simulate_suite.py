@@ -7,18 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
 from loadtest.simulate.cli import add_simulate_parser, run_simulate
-from loadtest.simulate.engine import Engine
 from loadtest.simulate.heldout import DEFAULT_COUNT, heldout_suite
-from loadtest.simulate.routers import SelectPolicy
-from loadtest.simulate.scenario_file import load_scenario
-from loadtest.simulate.schedule import search, start_plan
 from loadtest.simulate.suite import (
     BOUND_GAP,
     SLO_TARGET,
@@ -31,21 +26,8 @@ from loadtest.simulate.suite import (
     run_suite,
     scenario_files,
 )
-from policies.select import compile_policy
 
 SHORT_S = 180.0
-
-
-def _replay_misses(o: Outcome) -> bool:
-    """Does the cost policy's routing, replayed as the schedule's start, miss the SLO target?
-    (`schedule.search` returns None then: under a TPM limit the replay sends external requests
-    to the providers the plan picks, not the policy's, so it is not the policy's run.)"""
-    loaded = next(load_scenario(p) for p in scenario_files() if load_scenario(p).name == o.name)
-    sc, seed = loaded.scenario, loaded.seed
-    cost = SelectPolicy("cost", compile_policy(sc.cost_policy, sc.slo_classes), random.Random(seed))
-    engine = Engine(sc, o.trace, cost, seed)
-    engine.run()
-    return search(sc, o.trace, seed, start_plan(engine), SLO_TARGET, runs=1) is None
 
 
 # Targets that hold on the short run today. A router change that breaks one fails here; one
@@ -119,12 +101,9 @@ def test_honest_invariants(outcomes: dict[str, Outcome]) -> None:
         # every class and is not within BOUND_GAP of the bound; it meets the target, never
         # costs more than the routing it started from, and never less than the bound.
         looked = o.bound_gap > BOUND_GAP and min(o.cost.slo_attainment.values()) >= SLO_TARGET
-        if looked and o.schedule is None:
-            # Looked for, and the start itself, replayed, misses the target (tpm-limited-8b
-            # since 2026-12-06, 60ea594): nothing to search from.
-            assert _replay_misses(o), name
-        else:
-            assert (o.schedule is not None) == looked, name
+        # (The start replays the policy's run exactly, TPM limits included, so a policy
+        # that meets the target gives a start that does.)
+        assert (o.schedule is not None) == looked, name
         if o.schedule is not None:
             s = o.schedule
             assert min(s.result.slo_attainment.values()) >= SLO_TARGET, name
