@@ -32,14 +32,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import highspy
-import numpy as np
-from highspy import _core
-
 from loadtest.simulate.bound_external import ExternalOption
 
 # Grid of the token-bucket constraints: finer is tighter and a bigger program.
 TPM_CELL_S = 10.0
+
+
+class SolverMissing(RuntimeError):
+    """HiGHS is not installed: it comes with `neogate[simulate]` (and the lock)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,16 @@ class _Program:
 
     def solve(self) -> list[float] | None:
         """The optimal column values; None when no point meets every row."""
+        # Imported here, not at the top: `neogate` builds every command's parser, and a
+        # gateway installed without the `simulate` extra must still serve.
+        try:
+            import highspy
+            import numpy as np
+            from highspy import _core
+        except ImportError as e:
+            raise SolverMissing(
+                "the hindsight bound needs the HiGHS solver: pip install 'neogate[simulate]'"
+            ) from e
         lp = highspy.HighsLp()
         lp.num_col_ = len(self.cost)
         lp.num_row_ = len(self.row_lower)

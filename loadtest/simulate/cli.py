@@ -14,6 +14,7 @@ import yaml
 from gateway.config import ConfigError
 from gateway.profiles import load_profile, shipped_profiles
 from loadtest.simulate import suite_report
+from loadtest.simulate.bound_lp import SolverMissing
 from loadtest.simulate.engine import simulate
 from loadtest.simulate.heldout import DEFAULT_COUNT, heldout_data, heldout_suite
 from loadtest.simulate.report import goal_check, markdown, plot, results_json, table
@@ -218,7 +219,11 @@ def _run_referee(args: argparse.Namespace) -> int:
             return 2
     outcomes = []
     for one in loaded:
-        outcome = run_scenario(one, args.short, max(args.schedule_runs, 0))
+        try:
+            outcome = run_scenario(one, args.short, max(args.schedule_runs, 0))
+        except SolverMissing as e:
+            print(f"neogate simulate: {e}", file=sys.stderr)
+            return 2
         print(
             f"{outcome.name}: {len(outcome.trace.requests)} requests over "
             f"{outcome.trace.duration_s:.0f} s",

@@ -434,3 +434,25 @@ def test_no_bound_where_no_routing_can_meet_the_slo_target() -> None:
     bound = o.as_json()["bound"]
     assert verdict["cost_above_bound"] is None and bound["cost_per_million_tokens"] is None
     assert bound["feasible"] is False
+
+
+def test_without_the_solver_the_gateway_serves_and_simulate_says_what_to_install() -> None:
+    # HiGHS comes with `neogate[simulate]`; a gateway installed without it must still parse
+    # every command (the CLI builds all parsers), and the referee must name the extra.
+    code = (
+        "import sys\n"
+        "sys.modules['highspy'] = None\n"
+        "from gateway.cli import main\n"
+        "try:\n"
+        "    main(['serve', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0\n"
+        "sys.exit(main(['simulate', '--scenario', 'loadtest/scenarios/steady-8b.yaml',"
+        " '--short', '5']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'neogate[simulate]'" in out.stderr
+    assert "Traceback" not in out.stderr
