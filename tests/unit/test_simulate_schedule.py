@@ -78,10 +78,9 @@ class Run:
     result: PolicyResult
 
 
-@pytest.fixture(scope="module")
-def seventy() -> Run:
-    """The cost policy's run over the first 180 s of 70b-vs-groq."""
-    loaded = load_scenario(SCENARIO_DIR / "70b-vs-groq.yaml")
+def _cost_run(scenario: str) -> Run:
+    """The cost policy's run over the first 180 s of a shipped scenario."""
+    loaded = load_scenario(SCENARIO_DIR / f"{scenario}.yaml")
     sc, seed = loaded.scenario, loaded.seed
     trace = loaded.trace(180.0)
     policy = SelectPolicy(
@@ -91,15 +90,25 @@ def seventy() -> Run:
     return Run(sc, trace, seed, engine, engine.run())
 
 
+def _replay(run: Run) -> PolicyResult:
+    """The run's routing replayed as the schedule's start."""
+    names = tuple(p.name for p in run.sc.providers)
+    plan = start_plan(run.engine)
+    return PlannedEngine(run.sc, run.trace, run.seed, plan, [names] * len(run.engine.reqs)).run()
+
+
+@pytest.fixture(scope="module")
+def seventy() -> Run:
+    """The cost policy's run over the first 180 s of 70b-vs-groq."""
+    return _cost_run("70b-vs-groq")
+
+
 def test_the_cost_policys_routing_replays_exactly(seventy: Run) -> None:
     plan = start_plan(seventy.engine)
     assert 0 < len(plan.local) < len(seventy.engine.reqs)
     # Without TPM limits the providers answer the same whoever asks first: the replay of the
     # policy's local set (same dispatch times) is the policy's run.
-    names = tuple(p.name for p in seventy.sc.providers)
-    replay = PlannedEngine(
-        seventy.sc, seventy.trace, seventy.seed, plan, [names] * len(seventy.engine.reqs)
-    ).run()
+    replay = _replay(seventy)
     assert replay.total_cost_usd == pytest.approx(seventy.result.total_cost_usd)
     assert replay.slo_attainment == seventy.result.slo_attainment
 
@@ -110,19 +119,11 @@ def test_the_replay_is_exact_under_a_tpm_limit_too() -> None:
     # drains as it did. (Sent to the least-loaded worker and the cheapest provider instead,
     # before 2026-12-06, the replay of this run met 98.67% interactive against the policy's
     # 99.57%, and the search had no start.)
-    loaded = load_scenario(SCENARIO_DIR / "tpm-limited-8b.yaml")
-    sc, seed = loaded.scenario, loaded.seed
-    trace = loaded.trace(180.0)
-    policy = SelectPolicy(
-        "cost", compile_policy(sc.cost_policy, sc.slo_classes), random.Random(seed)
-    )
-    engine = Engine(sc, trace, policy, seed)
-    ran = engine.run()
-    assert any(p.tpm_limit is not None for p in sc.providers)
-    names = tuple(p.name for p in sc.providers)
-    replay = PlannedEngine(sc, trace, seed, start_plan(engine), [names] * len(engine.reqs)).run()
-    assert replay.total_cost_usd == pytest.approx(ran.total_cost_usd)
-    assert replay.slo_attainment == ran.slo_attainment
+    run = _cost_run("tpm-limited-8b")
+    assert any(p.tpm_limit is not None for p in run.sc.providers)
+    replay = _replay(run)
+    assert replay.total_cost_usd == pytest.approx(run.result.total_cost_usd)
+    assert replay.slo_attainment == run.result.slo_attainment
 
 
 def test_the_schedule_sits_between_the_bound_and_the_policy(seventy: Run) -> None:
