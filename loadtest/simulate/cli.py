@@ -122,8 +122,24 @@ def _trace(arg: str, seed: int) -> Trace:
     return load_trace(Path(arg))
 
 
+def _plots_missing() -> str | None:
+    """Why `--report` cannot draw its plots (matplotlib comes with `neogate[plots]`), or None.
+
+    Checked before the simulation runs, not when the plot is drawn: a suite takes minutes
+    and would otherwise end in a bare ImportError after its tables were printed.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--report draws plots with matplotlib: pip install 'neogate[plots]'"
+    return None
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run the simulation the parsed arguments describe; 0 on success, 2 on bad input."""
+    if args.report is not None and (why := _plots_missing()) is not None:
+        print(f"neogate simulate: {why}", file=sys.stderr)
+        return 2
     if args.scenario is not None or args.suite is not None:
         return _run_referee(args)
     try:

@@ -456,3 +456,27 @@ def test_without_the_solver_the_gateway_serves_and_simulate_says_what_to_install
     assert out.returncode == 2, out.stderr
     assert "pip install 'neogate[simulate]'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "where", [["--trace", "steady"], ["--scenario", "loadtest/scenarios/steady-8b.yaml"]]
+)
+def test_report_without_matplotlib_says_what_to_install_before_simulating(
+    where: list[str], tmp_path: Path
+) -> None:
+    # matplotlib comes with `neogate[plots]`; without it `--report` used to run the whole
+    # simulation, print its tables and then end in a bare ImportError.
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None\n"
+        "from gateway.cli import main\n"
+        f"sys.exit(main(['simulate', *{where!r}, '--report', {str(tmp_path / 'r')!r}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'neogate[plots]'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == ""  # refused before any simulation ran
+    assert not (tmp_path / "r").exists()
