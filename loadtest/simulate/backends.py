@@ -10,6 +10,7 @@ so the state jumps from event to event.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from collections import deque
@@ -37,6 +38,20 @@ class Job:
     # The worker's batch-time integral when this job started decoding, for chargeback.
     joined_batch_s: float = 0.0
     joined_at: float = 0.0
+
+    def copy(self) -> Job:
+        """An independent copy (for `SimGpu.fork`)."""
+        return Job(
+            self.rid,
+            self.prompt_tokens,
+            self.output_tokens,
+            self.prefill_work,
+            self.remaining,
+            self.first_token_at,
+            self.finished_at,
+            self.joined_batch_s,
+            self.joined_at,
+        )
 
     @property
     def kv_need(self) -> int:
@@ -82,6 +97,15 @@ class SimGpu:
     kv_tokens: int = 0
     _rates_at: int = -1
     _rates: tuple[float, float] = (0.0, 0.0)
+
+    def fork(self) -> SimGpu:
+        """An independent copy of the worker as it stands, its jobs copied (`Engine.fork`)."""
+        new = copy.copy(self)
+        new.prefill = deque(j.copy() for j in self.prefill)
+        new.waiting = deque(j.copy() for j in self.waiting)
+        # A heap stays a heap under an order-preserving copy.
+        new.running = [(at, rid, j.copy()) for at, rid, j in self.running]
+        return new
 
     def load(self) -> int:
         """Requests on the worker: running, prefilling and waiting for a slot."""

@@ -94,9 +94,10 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_RUNS,
         metavar="N",
-        help="with --scenario/--suite: whole-trace runs the hindsight schedule's search may "
-        "make where the cost policy is not within 10%% of the bound (0: no search; "
-        "loadtest/simulate/schedule.py)",
+        help="with --scenario/--suite: the simulation the hindsight schedule's search may do "
+        "where the cost policy is not within 10%% of the bound, in whole-trace runs: events "
+        "handled over a replay's (a trial resumed from a snapshot halfway counts 1/2; no trial "
+        "starts past N; 0: no search; loadtest/simulate/schedule.py)",
     )
     p.add_argument(
         "--save-trace",

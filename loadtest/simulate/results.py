@@ -43,6 +43,30 @@ class SimRequest:
     miss_p: float = 0.0
     miss_charge: float = 0.0
 
+    def copy(self) -> SimRequest:
+        """An independent copy, for `Engine.fork` (spelled out: 20x faster than copy.copy on
+        slots, and a fork copies every request; the fork test checks no field is missed)."""
+        return SimRequest(
+            self.i,
+            self.tr,
+            self.rr,
+            self.z,
+            self.prefill_noise,
+            self.order,
+            self.backend,
+            self.dispatched_at,
+            self.predicted_ttft_s,
+            self.predicted_itl_s,
+            self.first_token_at,
+            self.done_at,
+            self.failed,
+            self.cost_usd,
+            self.chargeback_usd,
+            self.queued_until,
+            self.miss_p,
+            self.miss_charge,
+        )
+
 
 @dataclass
 class PolicyResult:

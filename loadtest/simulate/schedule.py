@@ -16,23 +16,27 @@ routing (replayed exactly: same backend, same dispatch time): the requests the p
 out are tried locally in order of density — the cheapest external price that meets their
 SLO per GPU-second they need locally (`bound_local.gpu_seconds`), the bound's own greedy
 order — in chunks that double while the whole trace still meets the target and get cheaper,
-and halve when it does not (a single request that breaks it is left out). Each trial
-re-runs the whole trace; `runs` caps them, so the schedule is the best found within that
-budget, not the best there is. A request sent local is dispatched on arrival to the
-least-loaded worker; every other request goes where and when the policy sent it (its
-worker, or its provider, so a TPM-limited provider's bucket drains as in the policy's run;
-until 2026-12-06 they went to the least-loaded worker and the cheapest provider, and under a
-TPM limit the replayed start could miss the target where the policy met it), the others and
-then the workers after it on a refusal.
+and halve when it does not (a single request that breaks it is left out). Each trial runs
+the whole trace, but only from the last snapshot of the best routing's run before the first
+request it changes (`Trials`; the same run, event for event, as from the start), and stops
+as soon as a class can no longer meet the target. `runs` caps the simulation done, in
+whole-trace runs, so the schedule is the best found within that budget, not the best there
+is. A request sent local is dispatched on arrival to the least-loaded worker; every other
+request goes where and when the policy sent it (its worker, or its provider, so a
+TPM-limited provider's bucket drains as in the policy's run; until 2026-12-06 they went to
+the least-loaded worker and the cheapest provider, and under a TPM limit the replayed start
+could miss the target where the policy met it), the others and then the workers after it on
+a refusal.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections import deque
+from bisect import bisect_left, bisect_right
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from loadtest.simulate.bound_external import external_options
 from loadtest.simulate.bound_local import gpu_seconds
@@ -48,6 +52,8 @@ DEFAULT_RUNS = 100
 FIRST_CHUNK = 1 / 16
 # A request moved local is blamed for a miss of a request that arrives this soon after it.
 BLAME_S = 30.0
+# Snapshots of the best routing's run a trial may resume from (`Trials`).
+CHECKPOINTS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +62,8 @@ class Schedule:
 
     result: PolicyResult
     start_cost_per_million: float
-    runs: int  # whole-trace runs made (the replay of the start included)
+    runs: float  # the simulation done, in whole-trace runs (the replay of the start is 1)
+    trials: int  # routings tried (the start not counted)
     tried: int  # requests the start sent out that were tried locally
     candidates: int  # requests the start sent out that could be local
     moved: int  # of them, now local
@@ -92,8 +99,17 @@ class _Planned:
         raise AssertionError("a planned run routes by its plan")
 
 
+class TargetMissed(Exception):
+    """A planned run can no longer meet the target: a class has already missed too often."""
+
+
 class PlannedEngine(Engine):
-    """The simulation engine with its routing step replaced by a fixed plan."""
+    """The simulation engine with its routing step replaced by a fixed plan.
+
+    It counts misses as requests end; given a `target`, it stops (`TargetMissed`) as soon as
+    a class has missed so often that even if every request still running met its SLO the
+    class would end below the target: a trial the search would reject anyway ends there,
+    with the same verdict as a full run (misses only grow)."""
 
     def __init__(
         self,
@@ -102,10 +118,32 @@ class PlannedEngine(Engine):
         seed: int,
         plan: Plan,
         providers_by_request: Sequence[tuple[str, ...]],
+        target: float | None = None,
     ) -> None:
         super().__init__(scenario, trace, _Planned(), seed)
         self.plan = plan
         self.providers_by_request = providers_by_request
+        self.target = target
+        self.class_sizes = Counter(tr.slo_class for tr in trace.requests)
+        self.misses = dict.fromkeys(self.class_sizes, 0)
+        self.missed: list[int] = []
+
+    def fork(self) -> Self:
+        new = super().fork()
+        new.misses = dict(self.misses)
+        new.missed = list(self.missed)
+        return new
+
+    def _settle(self, r: SimRequest, now: float) -> None:
+        super()._settle(r, now)
+        cls = r.tr.slo_class
+        if meets_slo(r, self.sc.slo_classes[cls]):
+            return
+        self.missed.append(r.i)
+        self.misses[cls] += 1
+        n = self.class_sizes[cls]
+        if self.target is not None and (n - self.misses[cls]) / n < self.target:
+            raise TargetMissed
 
     def _route(self, r: SimRequest, now: float, *, may_wait: bool) -> None:
         gpus = sorted(self.gpus, key=lambda n: self.inflight[n])
@@ -126,6 +164,84 @@ class PlannedEngine(Engine):
             self._attempt(r, 0, now)
 
 
+@dataclass(slots=True)
+class Trial:
+    """One trial's outcome: its result (None: stopped once it could not meet the target), the
+    requests that missed (up to where it stopped), its run, and the snapshots of that run to
+    keep if it becomes the best routing."""
+
+    result: PolicyResult | None
+    missed: set[int]
+    engine: PlannedEngine
+    snapshots: list[PlannedEngine]
+
+
+class Trials:
+    """Runs the search's trials, each resumed from a snapshot of the best routing's run.
+
+    A trial routes differently only requests arriving at or after some time t; its run up to
+    the last event before t is the best routing's run. The best routing's run is snapshotted
+    (`Engine.fork`) at CHECKPOINTS times, evenly spread over the arrivals, and a trial goes
+    on from a fork of the latest one before t: the same events in the same order as a full
+    run, so the same outcome to the last request and cent (tested). A trial that becomes
+    the best keeps the snapshots before t and its own after. `work` counts the events
+    handled, in whole-trace runs (the events of the start's replay); forks are not counted
+    (a fork costs ~1/2,000 of a whole run on the shipped scenarios: `Engine.fork`)."""
+
+    def __init__(
+        self,
+        sc: Scenario,
+        trace: Trace,
+        seed: int,
+        start: Plan,
+        providers_by_request: Sequence[tuple[str, ...]],
+        target: float,
+    ) -> None:
+        self.target = target
+        n = len(trace.requests)
+        arrivals = sorted(tr.t for tr in trace.requests)
+        self.times = [
+            -math.inf,
+            *sorted({arrivals[n * j // CHECKPOINTS] for j in range(1, CHECKPOINTS)}),
+        ]
+        engine = PlannedEngine(sc, trace, seed, start, providers_by_request)
+        engine.start()
+        self.snapshots: list[PlannedEngine] = []
+        for t in self.times:
+            engine.advance(t)
+            self.snapshots.append(engine.fork())
+        engine.advance()
+        self.result = engine.finish()
+        self.missed = set(engine.missed)
+        self.full = max(engine.handled, 1)
+        self.work = 1.0
+        self.count = 0
+
+    def run(self, plan: Plan, first: float) -> Trial:
+        """Run `plan`, which routes as the best routing every request arriving before `first`."""
+        j = bisect_right(self.times, first) - 1
+        base = self.snapshots[j]
+        engine = base.fork()
+        engine.plan, engine.target = plan, self.target
+        snapshots = self.snapshots[: j + 1]
+        result: PolicyResult | None = None
+        try:
+            for t in self.times[j + 1 :]:
+                engine.advance(t)
+                snapshots.append(engine.fork())
+            engine.advance()
+            result = engine.finish()
+        except TargetMissed:
+            pass
+        self.work += (engine.handled - base.handled) / self.full
+        self.count += 1
+        return Trial(result, set(engine.missed), engine, snapshots)
+
+    def keep(self, trial: Trial) -> None:
+        """`trial` is the best routing now: later trials resume from its snapshots."""
+        self.snapshots = trial.snapshots
+
+
 def meets_every_class(result: PolicyResult, target: float) -> bool:
     """Does the routing meet the SLO target in every class (the bound's condition)?"""
     return min(result.slo_attainment.values(), default=1.0) >= target
@@ -144,7 +260,7 @@ def search(
     seed: int,
     start: Plan,
     target: float,
-    runs: int = DEFAULT_RUNS,
+    runs: float = DEFAULT_RUNS,
 ) -> Schedule | None:
     """The cheapest routing found from `start` (None: the start, replayed, misses `target`)."""
     noise = request_noise(len(trace.requests), seed, sc.prefill_noise_sigma)
@@ -164,14 +280,8 @@ def search(
         else:
             density.append(options[0].usd / need)
 
-    def run(plan: Plan) -> tuple[PolicyResult, set[int]]:
-        engine = PlannedEngine(sc, trace, seed, plan, order)
-        result = engine.run()
-        missed = {r.i for r in engine.reqs if not meets_slo(r, sc.slo_classes[r.tr.slo_class])}
-        return result, missed
-
-    best, best_missed = run(start)
-    used = 1
+    trials = Trials(sc, trace, seed, start, order, target)
+    best, best_missed = trials.result, trials.missed
     if not meets_every_class(best, target):
         return None
     start_cost = best.cost_per_million_tokens
@@ -183,17 +293,19 @@ def search(
     todo, later = deque(out), deque[int]()
     k = max(1, int(len(out) * FIRST_CHUNK))
     moved = rejected = 0
-    while (todo or later) and used < runs:
+    while (todo or later) and trials.work < runs:
         if not todo:
             todo, later, k = later, deque(), 1
         chunk = [todo.popleft() for _ in range(min(k, len(todo)))]
-        trial, missed = run(Plan(frozenset(local.union(chunk)), start.dispatch_at, start.sent))
-        used += 1
+        plan = Plan(frozenset(local.union(chunk)), start.dispatch_at, start.sent)
+        trial = trials.run(plan, min(trace.requests[i].t for i in chunk))
         if (
-            meets_every_class(trial, target)
-            and trial.cost_per_million_tokens < best.cost_per_million_tokens
+            trial.result is not None
+            and meets_every_class(trial.result, target)
+            and trial.result.cost_per_million_tokens < best.cost_per_million_tokens
         ):
-            best, best_missed = trial, missed
+            trials.keep(trial)
+            best, best_missed = trial.result, trial.missed
             local.update(chunk)
             moved += len(chunk)
             k *= 2
@@ -201,7 +313,7 @@ def search(
             rejected += 1
         else:
             # Retry at once the part no new miss follows closely; the rest later, one by one.
-            kept = _clear_of(chunk, missed - best_missed, trace)
+            kept = _clear_of(chunk, trial.missed - best_missed, trace)
             if kept and len(kept) < len(chunk):
                 later.extend(i for i in chunk if i not in kept)
                 todo.extendleft(reversed(kept))
@@ -209,7 +321,7 @@ def search(
             else:
                 todo.extendleft(reversed(chunk))
                 k = max(1, len(chunk) // 2)
-    return Schedule(best, start_cost, used, moved + rejected, len(out), moved)
+    return Schedule(best, start_cost, trials.work, trials.count, moved + rejected, len(out), moved)
 
 
 def _clear_of(chunk: Sequence[int], new_misses: set[int], trace: Trace) -> list[int]:

@@ -209,6 +209,7 @@ def _schedule_json(s: Schedule, o: Outcome) -> dict[str, Any]:
         "local_share": local_share(s.result, o.scenario),
         "start_cost_per_million_tokens": s.start_cost_per_million,
         "runs": s.runs,
+        "trials": s.trials,
         "moved_local": s.moved,
         "tried": s.tried,
         "candidates": s.candidates,
@@ -326,7 +327,8 @@ def explain(o: Outcome) -> list[str]:
         notes.append(
             f"a routing found offline with the whole trace known (the hindsight schedule: "
             f"{sch.moved} of {sch.candidates} requests the policy sent out moved local, "
-            f"{sch.runs} runs{'' if sch.exhausted else ', search cut short'}) costs "
+            f"{sch.trials} trials in {sch.runs:.0f} runs' worth of simulation"
+            f"{'' if sch.exhausted else ', search cut short'}) costs "
             f"${sch.cost_per_million_tokens:.4f}/M at the SLO: the least-cost routing lies "
             f"between the bound and it; the cost policy is {above:.1%} above it"
         )

@@ -3,6 +3,7 @@ the upper end of the bracket [bound, schedule] around the least-cost routing at 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from loadtest.simulate.scenario_file import load_scenario
 from loadtest.simulate.schedule import (
     Plan,
     PlannedEngine,
+    Trial,
+    Trials,
     meets_every_class,
     search,
     start_plan,
@@ -45,8 +48,11 @@ def test_search_by_hand() -> None:
     s = search(sc, trace, 1, start, SLO_TARGET)
     assert s is not None
     # Densest first, in chunks of 1 (4 candidates / 16, at least 1) doubling on success:
-    # the replay, [0] moves, [1, 3] move, [4] alone misses its TTFT (1 of 5 > 1%): rejected.
-    assert (s.runs, s.candidates, s.moved, s.tried, s.exhausted) == (4, 4, 3, 4, True)
+    # [0] moves, [1, 3] move, [4] alone misses its TTFT (1 of 5 > 1%): rejected. Each trial
+    # resumes where its first changed request arrives: after the replay (1 run), [0] re-runs
+    # it all, [1, 3] from request 1 (4 of 5 arrivals on), [4] from request 3.
+    assert (s.trials, s.candidates, s.moved, s.tried, s.exhausted) == (3, 4, 3, 4, True)
+    assert 2.0 < s.runs < 4.0
     assert s.start_cost_per_million == pytest.approx(
         (0.0501 * 2 + 0.1501 + 0.0601 * 2 + 0.040) / sum(r.prompt_tokens + 1 for r in reqs) * 1e6
     )
@@ -130,8 +136,93 @@ def test_the_schedule_sits_between_the_bound_and_the_policy(seventy: Run) -> Non
     s = search(
         seventy.sc, seventy.trace, seventy.seed, start_plan(seventy.engine), SLO_TARGET, runs=30
     )
-    assert s is not None and s.runs <= 30
+    assert s is not None and s.runs < 30 + 1  # no trial starts past 30 runs
     assert meets_every_class(s.result, SLO_TARGET)
     assert s.moved > 0 and s.cost_per_million_tokens < s.start_cost_per_million
     bound = hindsight_bound(seventy.sc, seventy.trace, seventy.seed)
     assert bound.cost_per_million_tokens <= s.cost_per_million_tokens
+
+
+def _outcomes(engine: Engine) -> list[tuple[object, ...]]:
+    """Every request's outcome in a finished run, to compare two runs exactly."""
+    fields = ("backend", "dispatched_at", "first_token_at", "done_at", "failed", "cost_usd")
+    return [tuple(getattr(r, f) for f in (*fields, "chargeback_usd")) for r in engine.reqs]
+
+
+@pytest.mark.parametrize("scenario", ["70b-vs-groq", "tpm-limited-8b"])
+def test_a_fork_goes_on_as_the_run_would(scenario: str) -> None:
+    # The cost policy's own run (its learned state, budgets and the policy's counters), forked
+    # halfway: the original and the fork, each run on to the end, are the uninterrupted run.
+    full = _cost_run(scenario)
+    loaded = load_scenario(SCENARIO_DIR / f"{scenario}.yaml")
+    policy = SelectPolicy(
+        "cost", compile_policy(full.sc.cost_policy, full.sc.slo_classes), random.Random(full.seed)
+    )
+    engine = Engine(full.sc, loaded.trace(180.0), policy, full.seed)
+    engine.start()
+    engine.advance(90.0)
+    fork = engine.fork()
+    for run in (engine, fork):
+        run.advance()
+        assert run.finish().total_cost_usd == full.result.total_cost_usd
+        assert _outcomes(run) == _outcomes(full.engine)
+
+
+def test_a_request_copy_misses_no_field() -> None:
+    reqs = [TraceRequest(0.0, 500, 1, 1, "interactive")]
+    sc, trace = _one_gpu(10.0, reqs)
+    r = Engine(sc, trace, CheapestExternal(), 1).reqs[0]
+    for n, f in enumerate(dataclasses.fields(r)):
+        if f.name not in ("i", "tr", "rr"):
+            setattr(r, f.name, (n,))
+    copy = r.copy()
+    assert copy is not r
+    assert all(getattr(copy, f.name) == getattr(r, f.name) for f in dataclasses.fields(r))
+
+
+def test_a_trial_resumed_from_a_snapshot_is_the_full_run(seventy: Run) -> None:
+    sc, trace, seed = seventy.sc, seventy.trace, seventy.seed
+    names = [tuple(p.name for p in sc.providers)] * len(trace.requests)
+    start = start_plan(seventy.engine)
+    out = [r.i for r in seventy.engine.reqs if r.i not in start.local]
+
+    def plan(moved: list[int]) -> Plan:
+        return Plan(start.local.union(moved), start.dispatch_at, start.sent)
+
+    def same_as_full_run(trial: Trial, p: Plan) -> None:
+        engine = PlannedEngine(sc, trace, seed, p, names)
+        result = engine.run()
+        assert trial.result is not None
+        assert trial.result.total_cost_usd == result.total_cost_usd
+        assert trial.result.slo_attainment == result.slo_attainment
+        assert _outcomes(trial.engine) == _outcomes(engine)
+
+    trials = Trials(sc, trace, seed, start, names, target=0.0)
+    # Two requests sent out in the second half moved local: resumed from a snapshot past 90 s.
+    late = [i for i in out if trace.requests[i].t > 90.0][:2]
+    first = trials.run(plan(late), trace.requests[late[0]].t)
+    same_as_full_run(first, plan(late))
+    assert first.result is not None and first.result.total_cost_usd < trials.result.total_cost_usd
+    assert trials.work < 1.6  # the replay, then the trial from past 90 s
+    # Kept as the best, its snapshots past the change are its own: a trial changing an earlier
+    # request (before `late`) and one changing a later one both resume to the exact full run.
+    trials.keep(first)
+    for more in ([i for i in out if 30.0 < trace.requests[i].t < 60.0][:1], out[-1:]):
+        moved = late + more
+        same_as_full_run(
+            trials.run(plan(moved), min(trace.requests[i].t for i in more)), plan(moved)
+        )
+
+
+def test_a_trial_stops_when_it_can_no_longer_meet_the_target(seventy: Run) -> None:
+    # Everything the policy sent out moved local: the full run misses the target; the trial
+    # stops early (less work than the full run), and says so with no result.
+    sc, trace, seed = seventy.sc, seventy.trace, seventy.seed
+    names = [tuple(p.name for p in sc.providers)] * len(trace.requests)
+    start = start_plan(seventy.engine)
+    every = Plan(frozenset(range(len(trace.requests))), start.dispatch_at, start.sent)
+    assert not meets_every_class(PlannedEngine(sc, trace, seed, every, names).run(), SLO_TARGET)
+    trials = Trials(sc, trace, seed, start, names, SLO_TARGET)
+    trial = trials.run(every, 0.0)
+    assert trial.result is None and trial.missed
+    assert trials.work < 2.0
