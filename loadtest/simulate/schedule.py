@@ -13,20 +13,27 @@ least-cost routing at the SLO lies between the bound and it:
 
 It is found by a local search over which requests go local, from the cost policy's own
 routing (replayed exactly: same backend, same dispatch time): the requests the policy sent
-out are tried locally in order of density — the cheapest external price that meets their
-SLO per GPU-second they need locally (`bound_local.gpu_seconds`), the bound's own greedy
-order — in chunks that double while the whole trace still meets the target and get cheaper,
-and halve when it does not (a single request that breaks it is left out). Each trial runs
-the whole trace, but only from the last snapshot of the best routing's run before the first
-request it changes (`Trials`; the same run, event for event, as from the start), and stops
-as soon as a class can no longer meet the target. `runs` caps the simulation done, in
-whole-trace runs, so the schedule is the best found within that budget, not the best there
-is. A request sent local is dispatched on arrival to the least-loaded worker; every other
-request goes where and when the policy sent it (its worker, or its provider, so a
-TPM-limited provider's bucket drains as in the policy's run; until 2026-12-06 they went to
-the least-loaded worker and the cheapest provider, and under a TPM limit the replayed start
-could miss the target where the policy met it), the others and then the workers after it on
-a refusal.
+out are tried locally in order of density — what each cost where the start sent it (under a
+TPM limit often a dearer provider than its cheapest) per GPU-second it needs locally
+(`bound_local.gpu_seconds`), the bound's greedy order — in chunks that double while the
+whole trace still meets the target and gets cheaper. A chunk that breaks the target is tried
+again (twice at most) with the local requests that newly missed moved out, each to the
+cheapest provider that meets its SLO, on arrival (its own members that missed are left for
+later), if they cost less outside than the rest of the chunk saves: the miss budget, not GPU
+time, is what runs out first (on 70b-vs-groq every trial after the first dozen that adds a
+single miss breaks it), and a request that newly misses is usually a cheaper one than the
+one that pushed it over. Failing that, a chunk halves (a single request stays out).
+
+Each trial runs the whole trace, but only from the last snapshot of the best routing's run
+before the first request it changes (`Trials`; the same run, event for event, as from the
+start), and stops as soon as a class can no longer meet the target. `runs` caps the
+simulation done, in whole-trace runs, so the schedule is the best found within that budget,
+not the best there is. A request sent local is dispatched on arrival to the least-loaded
+worker; every other request goes where and when the policy sent it (its worker, or its
+provider, so a TPM-limited provider's bucket drains as in the policy's run; until 2026-12-06
+they went to the least-loaded worker and the cheapest provider, and under a TPM limit the
+replayed start could miss the target where the policy met it), the others and then the
+workers after it on a refusal.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -52,6 +59,8 @@ DEFAULT_RUNS = 100
 FIRST_CHUNK = 1 / 16
 # A request moved local is blamed for a miss of a request that arrives this soon after it.
 BLAME_S = 30.0
+# Rounds of moving a rejected request's new misses outside with it (`search`).
+REPAIRS = 2
 # Snapshots of the best routing's run a trial may resume from (`Trials`).
 CHECKPOINTS = 32
 
@@ -67,6 +76,7 @@ class Schedule:
     tried: int  # requests the start sent out that were tried locally
     candidates: int  # requests the start sent out that could be local
     moved: int  # of them, now local
+    moved_out: int = 0  # requests the start served locally, now outside
 
     @property
     def cost_per_million_tokens(self) -> float:
@@ -148,7 +158,8 @@ class PlannedEngine(Engine):
     def _route(self, r: SimRequest, now: float, *, may_wait: bool) -> None:
         gpus = sorted(self.gpus, key=lambda n: self.inflight[n])
         ext = list(self.providers_by_request[r.i])
-        at = self.plan.dispatch_at.get(r.i, now)
+        # A request moved out goes at once: its start-routing dispatch time was for a worker.
+        at = self.plan.dispatch_at.get(r.i, now) if r.i in self.plan.local else now
         sent = self.plan.sent.get(r.i)
         if sent is not None and (sent[0] in self.gpus) == (r.i in self.plan.local):
             # Where the start routing sent it, when: the same worker (their queues stay as in
@@ -213,6 +224,7 @@ class Trials:
         engine.advance()
         self.result = engine.finish()
         self.missed = set(engine.missed)
+        self.spent = [r.cost_usd for r in engine.reqs]  # each request's price in the start
         self.full = max(engine.handled, 1)
         self.work = 1.0
         self.count = 0
@@ -266,25 +278,46 @@ def search(
     noise = request_noise(len(trace.requests), seed, sc.prefill_noise_sigma)
     names = [p.name for p in sc.providers]
     order: list[tuple[str, ...]] = []
-    density: list[float] = []
+    need: list[float] = []  # GPU-seconds it needs locally (inf: cannot be local in its SLO)
+    outside: list[float] = []  # the cheapest price outside that meets its SLO
     for tr, (z, prefill_noise) in zip(trace.requests, noise, strict=True):
         slo = sc.slo_classes[tr.slo_class]
         options = sorted(external_options(sc, tr, slo, z), key=lambda o: o.usd)
         first = tuple(o.provider for o in options)
         order.append(first + tuple(n for n in names if n not in first))
-        need = min((gpu_seconds(g.physics, tr, slo, prefill_noise) for g in sc.locals), default=0)
-        if not sc.locals or math.isinf(need):
-            density.append(-1.0)  # cannot be local within its SLO
-        elif not options or need <= 0.0:
-            density.append(math.inf)  # local is its only way to meet the SLO, or free
-        else:
-            density.append(options[0].usd / need)
-
+        outside.append(options[0].usd if options else math.inf)
+        need.append(
+            min((gpu_seconds(g.physics, tr, slo, prefill_noise) for g in sc.locals), default=0)
+            if sc.locals
+            else math.inf
+        )
     trials = Trials(sc, trace, seed, start, order, target)
     best, best_missed = trials.result, trials.missed
     if not meets_every_class(best, target):
         return None
     start_cost = best.cost_per_million_tokens
+
+    def better(trial: Trial) -> bool:
+        return (
+            trial.result is not None
+            and meets_every_class(trial.result, target)
+            and trial.result.cost_per_million_tokens < best.cost_per_million_tokens
+        )
+
+    def earliest(changed: Iterable[int]) -> float:
+        return min(trace.requests[i].t for i in changed)
+
+    # What moving a request local saves: what it cost where the start sent it (under a TPM
+    # limit that may be a dearer provider than its cheapest), per GPU-second it needs there.
+    saves = [spent if spent > 0.0 else outside[i] for i, spent in enumerate(trials.spent)]
+    density = [
+        -1.0  # cannot be local within its SLO
+        if math.isinf(n)
+        else math.inf  # local is its only way to meet the SLO, or free
+        if math.isinf(outside[i]) or n <= 0.0
+        else saves[i] / n
+        for i, n in enumerate(need)
+    ]
     out = sorted(
         (i for i in range(len(trace.requests)) if i not in start.local and density[i] >= 0.0),
         key=lambda i: -density[i],
@@ -292,28 +325,43 @@ def search(
     local = set(start.local)
     todo, later = deque(out), deque[int]()
     k = max(1, int(len(out) * FIRST_CHUNK))
-    moved = rejected = 0
+    tried = 0
     while (todo or later) and trials.work < runs:
         if not todo:
             todo, later, k = later, deque(), 1
         chunk = [todo.popleft() for _ in range(min(k, len(todo)))]
         plan = Plan(frozenset(local.union(chunk)), start.dispatch_at, start.sent)
-        trial = trials.run(plan, min(trace.requests[i].t for i in chunk))
-        if (
-            trial.result is not None
-            and meets_every_class(trial.result, target)
-            and trial.result.cost_per_million_tokens < best.cost_per_million_tokens
-        ):
+        trial = trials.run(plan, earliest(chunk))
+        opening = trial
+        # Broke the target: again with the local requests that newly missed moved out (its own
+        # members that missed left for later), if that costs less than the rest saves.
+        moving, victims = chunk, set[int]()
+        for _ in range(REPAIRS):
+            if better(trial) or trials.work >= runs:
+                break
+            new = trial.missed - best_missed - victims
+            if not new or any(m not in plan.local or math.isinf(outside[m]) for m in new):
+                break
+            staying = [i for i in moving if i not in new]
+            out_too = victims | (new - set(moving))
+            if not staying or sum(outside[m] for m in out_too) >= sum(saves[i] for i in staying):
+                break
+            moving, victims = staying, out_too
+            plan = Plan(frozenset(local.union(moving) - victims), start.dispatch_at, start.sent)
+            trial = trials.run(plan, earliest([*moving, *victims]))
+        if better(trial):
             trials.keep(trial)
+            assert trial.result is not None
             best, best_missed = trial.result, trial.missed
-            local.update(chunk)
-            moved += len(chunk)
+            local = set(plan.local)
+            tried += len(moving)
+            later.extend(i for i in chunk if i not in moving)
             k *= 2
         elif len(chunk) == 1:
-            rejected += 1
+            tried += 1
         else:
             # Retry at once the part no new miss follows closely; the rest later, one by one.
-            kept = _clear_of(chunk, trial.missed - best_missed, trace)
+            kept = _clear_of(chunk, opening.missed - best_missed, trace)
             if kept and len(kept) < len(chunk):
                 later.extend(i for i in chunk if i not in kept)
                 todo.extendleft(reversed(kept))
@@ -321,7 +369,16 @@ def search(
             else:
                 todo.extendleft(reversed(chunk))
                 k = max(1, len(chunk) // 2)
-    return Schedule(best, start_cost, trials.work, trials.count, moved + rejected, len(out), moved)
+    return Schedule(
+        best,
+        start_cost,
+        trials.work,
+        trials.count,
+        tried,
+        len(out),
+        len(local - start.local),
+        len(start.local - local),
+    )
 
 
 def _clear_of(chunk: Sequence[int], new_misses: set[int], trace: Trace) -> list[int]:

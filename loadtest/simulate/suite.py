@@ -211,6 +211,7 @@ def _schedule_json(s: Schedule, o: Outcome) -> dict[str, Any]:
         "runs": s.runs,
         "trials": s.trials,
         "moved_local": s.moved,
+        "moved_out": s.moved_out,
         "tried": s.tried,
         "candidates": s.candidates,
         "exhausted": s.exhausted,
@@ -326,7 +327,8 @@ def explain(o: Outcome) -> list[str]:
         above = cost.cost_per_million_tokens / sch.cost_per_million_tokens - 1.0
         notes.append(
             f"a routing found offline with the whole trace known (the hindsight schedule: "
-            f"{sch.moved} of {sch.candidates} requests the policy sent out moved local, "
+            f"{sch.moved} of {sch.candidates} requests the policy sent out moved local"
+            f"{f' and {sch.moved_out} it served locally moved out' if sch.moved_out else ''}, "
             f"{sch.trials} trials in {sch.runs:.0f} runs' worth of simulation"
             f"{'' if sch.exhausted else ', search cut short'}) costs "
             f"${sch.cost_per_million_tokens:.4f}/M at the SLO: the least-cost routing lies "

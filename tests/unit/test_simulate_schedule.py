@@ -65,6 +65,25 @@ def test_search_by_hand() -> None:
     assert hindsight_bound(sc, trace, 1).total_usd <= s.result.total_cost_usd + 1e-12
 
 
+def test_a_request_that_makes_a_local_one_miss_moves_in_with_it_moved_out() -> None:
+    # One GPU (1,000 prompt tokens/s, TTFT 1 s). The start serves the small request locally
+    # and sends the big one out; both arrive at once, the big one first. Moved local alone, the
+    # big one goes first and the small one waits 0.9 s behind it: 1.2 s to its first token, a
+    # miss (1 of 2). With the small one moved out ($0.0301) the big one ($0.0901 outside) fits.
+    reqs = [
+        TraceRequest(0.0, 900, 1, 1, "interactive"),
+        TraceRequest(0.0, 300, 1, 1, "interactive"),
+    ]
+    sc, trace = _one_gpu(10.0, reqs)
+    start = Plan(frozenset({1}), {1: 0.0}, {0: ("p", 0.0), 1: ("g", 0.0)})
+    s = search(sc, trace, 1, start, SLO_TARGET)
+    assert s is not None
+    assert s.start_cost_per_million == pytest.approx((0.010 + 0.0901) / 1202 * 1e6)
+    assert (s.trials, s.tried, s.moved, s.moved_out) == (2, 1, 1, 1)
+    assert s.result.total_cost_usd == pytest.approx(0.010 + 0.0301)
+    assert s.result.slo_attainment == {"interactive": 1.0}
+
+
 def test_a_start_that_misses_the_target_gives_no_schedule() -> None:
     reqs = [
         TraceRequest(0.0, 600, 1, 1, "interactive"),
