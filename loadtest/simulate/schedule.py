@@ -22,7 +22,9 @@ cheapest provider that meets its SLO, on arrival (its own members that missed ar
 later), if they cost less outside than the rest of the chunk saves: the miss budget, not GPU
 time, is what runs out first (on 70b-vs-groq every trial after the first dozen that adds a
 single miss breaks it), and a request that newly misses is usually a cheaper one than the
-one that pushed it over. Failing that, a chunk halves (a single request stays out).
+one that pushed it over. Failing that, a chunk halves (a single request stays out). When
+every candidate has been tried and the budget is not spent, those still outside are tried
+again, pass after pass while a pass moves any (what moved out since may have made room).
 
 Each trial runs the whole trace, but only from the last snapshot of the best routing's run
 before the first request it changes (`Trials`; the same run, event for event, as from the
@@ -77,6 +79,7 @@ class Schedule:
     candidates: int  # requests the start sent out that could be local
     moved: int  # of them, now local
     moved_out: int = 0  # requests the start served locally, now outside
+    passes: int = 1  # over the candidates (another while the last one moved any)
 
     @property
     def cost_per_million_tokens(self) -> float:
@@ -325,10 +328,19 @@ def search(
     local = set(start.local)
     todo, later = deque(out), deque[int]()
     k = max(1, int(len(out) * FIRST_CHUNK))
-    tried = 0
-    while (todo or later) and trials.work < runs:
+    tried: set[int] = set()
+    passes, moved_in_pass = 1, 0
+    while trials.work < runs:
         if not todo:
-            todo, later, k = later, deque(), 1
+            again = [i for i in out if i not in local]
+            if later:
+                todo, later, k = later, deque(), 1
+            elif moved_in_pass and again:
+                # Another pass over those still outside: what moved since may have made room.
+                todo, k = deque(again), max(1, int(len(again) * FIRST_CHUNK))
+                passes, moved_in_pass = passes + 1, 0
+            else:
+                break
         chunk = [todo.popleft() for _ in range(min(k, len(todo)))]
         plan = Plan(frozenset(local.union(chunk)), start.dispatch_at, start.sent)
         trial = trials.run(plan, earliest(chunk))
@@ -354,11 +366,12 @@ def search(
             assert trial.result is not None
             best, best_missed = trial.result, trial.missed
             local = set(plan.local)
-            tried += len(moving)
+            tried.update(moving)
+            moved_in_pass += len(moving)
             later.extend(i for i in chunk if i not in moving)
             k *= 2
         elif len(chunk) == 1:
-            tried += 1
+            tried.add(chunk[0])
         else:
             # Retry at once the part no new miss follows closely; the rest later, one by one.
             kept = _clear_of(chunk, opening.missed - best_missed, trace)
@@ -374,10 +387,11 @@ def search(
         start_cost,
         trials.work,
         trials.count,
-        tried,
+        len(tried),
         len(out),
         len(local - start.local),
         len(start.local - local),
+        passes,
     )
 
 

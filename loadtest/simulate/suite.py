@@ -212,6 +212,7 @@ def _schedule_json(s: Schedule, o: Outcome) -> dict[str, Any]:
         "trials": s.trials,
         "moved_local": s.moved,
         "moved_out": s.moved_out,
+        "passes": s.passes,
         "tried": s.tried,
         "candidates": s.candidates,
         "exhausted": s.exhausted,
