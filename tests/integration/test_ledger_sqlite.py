@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import faulthandler
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -50,6 +52,16 @@ def make_row(i: int, *, attempt: int = 0, tenant: str = "acme") -> LedgerRow:
         stream=True,
         outcome="ok",
     )
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A broken writer leaves a caller waiting forever: end the process after 30 s of one
+    test instead, with every thread's stack (each test here takes under a second; mutmut
+    otherwise waits out its own timeout, ~165 s, for such a mutant)."""
+    faulthandler.dump_traceback_later(30, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def count_rows(db: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,16 @@ def make_row(i: int) -> LedgerRow:
 def ids_in(db: Path) -> list[str]:
     with sqlite3.connect(db) as conn:
         return sorted(r[0] for r in conn.execute("SELECT request_id FROM ledger"))
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A broken writer leaves a caller waiting forever: end the process after 30 s of one
+    test instead, with every thread's stack (each test here takes under a second; mutmut
+    otherwise waits out its own timeout, ~165 s, for such a mutant)."""
+    faulthandler.dump_traceback_later(30, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
