@@ -662,3 +662,191 @@ def test_reconcile_default_slack_is_eight_tokens() -> None:
         0.1,
         include_prompt=True,
     )
+
+
+# --- pinned by mutation testing, 2026-12-06 (expected counts by hand: the estimate is
+# ceil(characters / 4) per choice, at least 1) -----------------------------------------------
+
+from types import MappingProxyType  # noqa: E402
+
+
+def test_a_stream_usage_beside_an_x_groq_without_usage_is_kept() -> None:
+    # Groq's chunks carry `x_groq` (its id) with or without a usage object inside: a usage
+    # object at the top level is the report either way.
+    m = StreamMeter()
+    m.feed(
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6},'
+        b'"x_groq":{"id":"req_01"}}'
+    )
+    assert m.reported is not None
+    assert (m.reported.prompt_tokens, m.reported.completion_tokens) == (5, 6)
+
+
+def test_tool_calls_count_names_and_arguments_and_skip_what_is_not_a_call() -> None:
+    calls: list[Any] = [
+        None,
+        "not a call",
+        {"id": "call_1", "type": "function"},  # no function yet
+        {"function": None},
+        {"function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+        # Any Mapping is read, not only a dict.
+        {"function": MappingProxyType({"name": "abcd", "arguments": "efgh"})},
+    ]
+    body = {"choices": [{"index": 0, "message": {"content": None, "tool_calls": calls}}]}
+    u = usage_from_response(body, tokenizer=Tokenizer.estimate())
+    # "get_weather" 11 + '{"city":"Paris"}' 16 + "abcd" 4 + "efgh" 4 = 35 characters: 9 tokens.
+    assert (u.completion_tokens, u.source) == (9, "estimated")
+
+
+def test_a_response_counted_without_a_tokenizer_is_the_estimate() -> None:
+    body = {"choices": [{"index": 0, "message": {"content": "abcdefghi"}}]}
+    u = usage_from_response(body)
+    # 9 characters: ceil(9 / 4) = 3 tokens.
+    assert (u.completion_tokens, u.counted_completion_tokens, u.source) == (3, 3, "estimated")
+
+
+def test_a_counted_stream_keeps_its_counts_beside_them() -> None:
+    m = StreamMeter()
+    feed_all(m, [chunk("abcde"), b"data: [DONE]"])
+    u = m.finish(True, Tokenizer.estimate(), 20)
+    # No usage object: the prompt is the estimate and "abcde" is ceil(5 / 4) = 2 tokens,
+    # and both are also the gateway's own counts (what reconciliation would compare).
+    assert (u.prompt_tokens, u.completion_tokens, u.source) == (20, 2, "estimated")
+    assert (u.counted_prompt_tokens, u.counted_completion_tokens) == (20, 2)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        # The first "usage" holds the object; a later one is null.
+        b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6},'
+        b'"x_groq":{"id":"r","usage":null}}',
+        # Null first, the object second, null again after it.
+        b'{"choices":[],"usage":null,"x_groq":{"usage":{"prompt_tokens":5,"completion_tokens":6}},'
+        b'"extra":{"usage":null}}',
+    ],
+)
+def test_the_usage_object_is_found_among_null_usages(block: bytes) -> None:
+    m = StreamMeter()
+    m.feed(block)
+    assert m.reported is not None
+    assert (m.reported.prompt_tokens, m.reported.completion_tokens) == (5, 6)
+
+
+def test_done_is_looked_for_only_in_blocks_under_32_bytes() -> None:
+    # A legacy completions chunk of exactly 32 bytes whose text mentions [DONE]: content,
+    # counted ("[DONE] " is 7 characters: 2 tokens by the estimate), not the end.
+    block = b'{"choices":[{"text":"[DONE] "}]}'
+    assert len(block) == 32
+    m = StreamMeter()
+    m.feed(block)
+    assert not m.saw_done
+    assert m.finish(True, Tokenizer.estimate(), 0).completion_tokens == 2
+    short = StreamMeter()
+    short.feed(b"data: [DONE]" + b" " * 19)  # 31 bytes
+    assert short.saw_done
+
+
+class Count(int):
+    """An int subclass (as an IntEnum member is): read as the int it is."""
+
+
+@pytest.mark.parametrize(
+    ("obj", "want"),
+    [
+        ({"prompt_tokens": Count(7), "completion_tokens": Count(-2)}, (7, 0)),
+        # 0.0 is a count of zero (not "absent": the total would then give the prompt 4).
+        ({"prompt_tokens": 0.0, "completion_tokens": 5, "total_tokens": 9}, (0, 5)),
+    ],
+)
+def test_counts_of_other_number_types(obj: dict[str, Any], want: tuple[int, int]) -> None:
+    u = parse_usage_object(obj)
+    assert u is not None and (u.prompt_tokens, u.completion_tokens) == want
+
+
+@pytest.mark.parametrize(
+    ("times", "want"),
+    [
+        ({"queue_time": 0.5}, UpstreamTimings(queue_s=0.5)),
+        ({"prompt_time": 0.25}, UpstreamTimings(prompt_s=0.25)),
+        # Timings that are all not numbers are no timings.
+        ({"queue_time": "soon", "total_time": None}, None),
+    ],
+)
+def test_each_provider_timing_alone(times: dict[str, Any], want: UpstreamTimings | None) -> None:
+    u = parse_usage_object({"prompt_tokens": 1, "completion_tokens": 1, **times})
+    assert u is not None and u.upstream_timings == want
+
+
+@pytest.mark.parametrize(
+    ("obj", "want"),
+    [
+        # Completion 0 and no prompt: the prompt is total - 0, or 0 without a total.
+        ({"completion_tokens": 0}, (0, 0, 0, 0, 0)),
+        ({"completion_tokens": 0, "total_tokens": 10}, (10, 0, 0, 0, 0)),
+        # Details that leave a count out: none of it.
+        (
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 4},
+                "completion_tokens_details": {"audio_tokens": 0},
+            },
+            (10, 5, 4, 0, 0),
+        ),
+        # Any Mapping is a usage object, not only a dict.
+        (MappingProxyType({"prompt_tokens": 3, "completion_tokens": 2}), (3, 2, 0, 0, 0)),
+    ],
+)
+def test_parse_usage_object_fallbacks(obj: Any, want: tuple[int, int, int, int, int]) -> None:
+    u = parse_usage_object(obj)
+    assert u is not None and u.source == "reported"
+    got = (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens)
+    assert (*got, u.cache_write_tokens) == want
+
+
+def test_reconcile_judges_a_report_of_zero_as_one_token() -> None:
+    # Nothing reported, 1 counted, no slack: 1 > 0.75 x max(0, 1), so it diverges.
+    assert reconcile(Usage(0, 0, counted_completion_tokens=1), 0.75, min_tokens=0)
+    assert not reconcile(Usage(0, 0, counted_completion_tokens=1), 1.0, min_tokens=0)
+
+
+def test_choices_without_an_integer_index_are_choice_0() -> None:
+    # One text per choice index, counted as one: "abcd" + "e" + "f" = 6 characters,
+    # ceil(6 / 4) = 2 tokens; any of them counted apart would make 3 (a choice's count is
+    # at least 1: "abcde" 2 + "f" 1, or "abcdf" 2 + "e" 1).
+    body = {
+        "choices": [
+            {"index": 0, "message": {"content": "abcd"}},
+            {"message": {"content": "e"}},  # no index
+            {"index": "1", "message": {"content": "f"}},  # not an integer
+        ]
+    }
+    assert usage_from_response(body, tokenizer=Tokenizer.estimate()).completion_tokens == 2
+    m = StreamMeter()
+    feed_all(m, [chunk("abcd"), b'{"choices":[{"delta":{"content":"e"}}]}'])
+    m.feed(b'{"choices":[{"index":null,"delta":{"content":"f"}}]}')
+    assert m.finish(True, Tokenizer.estimate(), 0).completion_tokens == 2
+
+
+def test_a_legacy_function_call_counts_its_name_and_arguments() -> None:
+    call = {"name": "get_time", "arguments": "{}"}
+    body = {
+        "choices": [
+            {"index": 0, "message": {"content": None, "function_call": call}},
+            {"index": 1, "message": {"content": "abc", "function_call": "not a call"}},
+        ]
+    }
+    # "get_time" 8 + "{}" 2 = 10 characters: 3 tokens; "abc" 1, its junk call nothing.
+    assert usage_from_response(body, tokenizer=Tokenizer.estimate()).completion_tokens == 4
+
+
+def test_choices_and_deltas_may_be_any_mapping() -> None:
+    body = {
+        "choices": [
+            MappingProxyType({"index": 0, "message": {"content": "abcde"}}),
+            {"index": 1, "message": MappingProxyType({"content": "fghij"})},
+        ]
+    }
+    # Two choices of 5 characters: 2 tokens each.
+    assert usage_from_response(body, tokenizer=Tokenizer.estimate()).completion_tokens == 4
