@@ -250,6 +250,8 @@ async def test_an_outage_spools_counts_one_error_and_later_batches_skip_the_data
         "database is locked (logged once until it recovers)"
     ]
     assert caplog.records[0].exc_info is None  # an outage of a known kind: no traceback
+    # At ERROR, not the streak's default WARNING: rows now wait in the spool, not the ledger.
+    assert caplog.records[0].levelno == logging.ERROR
     caplog.clear()
     stats = writer.stats()
     assert not stats.db_up and not writer.db_up
