@@ -340,3 +340,67 @@ def test_ttft_waits_for_a_slot_past_the_kv_cap(h100: GpuModel) -> None:
     # Without the cap 11 fit: no wait.
     free = h100.predicted_ttft_s(1000, load=10, queued_prefill_tokens=0, expected_output_tokens=200)
     assert free == pytest.approx(0.05 + 11 / h100.throughput(11), rel=1e-6)
+
+
+# --- pinned by mutation testing, 2026-12-06: the toy profile's round numbers, by hand ------
+
+
+def test_toy_kv_cap_boundaries() -> None:
+    # A cache of 5 tokens (max_batch 8): 1-token sequences fit 5; a size of 0 (nothing to
+    # hold) is not a cap, and half-token sequences would fit 10: max_batch binds.
+    gpu = GpuModel.from_profile(
+        ThroughputProfileSpec(
+            decode_tokens_per_s=TOY.decode_tokens_per_s,
+            prefill_tokens_per_s=TOY.prefill_tokens_per_s,
+            max_batch=8,
+            kv_capacity_tokens=5,
+        ),
+        3.6,
+    )
+    assert (gpu.batch_cap(1), gpu.batch_cap(2), gpu.batch_cap(0), gpu.batch_cap(0.5)) == (
+        5,
+        2,
+        8,
+        8,
+    )
+
+
+def test_toy_tail_prompt_rate_small_rates_and_no_horizon(toy: GpuModel) -> None:
+    # 1 prompt token/s on 3,600/s, bursts of 0.36 s over a 1-s decode: the tail rate is
+    # r + Z sqrt(r x 3600 x 0.36 / 1) = 1 + 2.33 x 36 = 84.88 tokens/s.
+    assert toy.tail_prompt_rate(1.0, 0.36, 1.0) == pytest.approx(84.88)
+    # No decode to average over: the mean as it is (not a division by zero).
+    assert toy.tail_prompt_rate(1800, 0.16, 0.0) == 1800
+
+
+def test_toy_itl_miss_probability_edges(toy: GpuModel) -> None:
+    # Decode step 10 ms (batch 1), target 50 ms, mixed step 2048 / 3600 = 0.568889 s:
+    # rho_max = (100 - 20) / (100 - 1.7578125) = 0.814314.
+    # A decode step exactly at the target already misses.
+    assert toy.itl_miss_probability(0.05, 0.05, 1800, 0.16, 1.0) == 1.0
+    # Without a burst length (or a horizon) the share is its mean: a step at rho_max.
+    assert toy.itl_miss_probability(0.01, 0.05, 1800, 0.0, 1.0) == 0.0  # load 0.5
+    assert toy.itl_miss_probability(0.01, 0.05, 3240, 0.0, 1.0) == 1.0  # load 0.9
+    assert toy.itl_miss_probability(0.01, 0.05, 3240, 0.16, 0.0) == 1.0
+    # A mixed step exactly at the target meets it: never a miss.
+    assert toy.itl_miss_probability(0.01, toy.mixed_step_s, 1800, 0.16, 1.0) == 0.0
+    # 1 prompt token/s is a load (1/3600 = 2.78e-4): past rho_max = (100 - 99.990001) /
+    # 98.2421875 = 1.0178e-4 for a target of 10.0001 ms.
+    assert toy.itl_miss_probability(0.01, 0.010001, 1.0, 0.0, 1.0) == 1.0
+    # A load exactly at rho_max meets the target (the mixed ITL is the target itself): for
+    # 62.5 ms, rho_max = (100 - 16) / 98.2421875 = 0.85503, the load of this rate (the
+    # float whose quotient by 3,600 is that same float).
+    rho_max = (100.0 - 16.0) / (100.0 - 1.7578125)
+    at_rho_max = 3078.107355864811
+    assert at_rho_max / 3600 == rho_max
+    assert toy.itl_miss_probability(0.01, 0.0625, at_rho_max, 0.0, 1.0) == 0.0
+
+
+def test_toy_ttft_with_a_single_slot(toy: GpuModel) -> None:
+    # Room for 1 (or 0, read as 1) and one running: wait for its 1 token at T(1) = 100/s,
+    # 0.01 s, then one decode step at batch 1, 0.01 s. Nothing to prefill.
+    for slots in (1, 0):
+        got = toy.predicted_ttft_s(
+            0, load=1, queued_prefill_tokens=0, expected_output_tokens=1, slots=slots
+        )
+        assert got == pytest.approx(0.02)
