@@ -170,6 +170,7 @@ class GpuModel:
         prompt_tokens_per_s: float,
         burst_s: float,
         horizon_s: float,
+        extra_s: float = 0.0,
     ) -> float:
         """Probability that a request's mean ITL misses `max_itl_s` under prefill interference.
 
@@ -177,17 +178,21 @@ class GpuModel:
         decode spent in chunked-prefill steps passes the share at which `mixed_itl` reaches
         the target, rho_max = (1/itl - 1/target) / (1/itl - 1/step); that share is the
         compound-Poisson count of `tail_prompt_rate` (mean `load`, variance load x burst_s /
-        horizon_s), taken as normal. 1 when the decode step alone misses; 0 when even a
+        horizon_s), taken as normal, plus `extra_s / horizon_s` when a prefill of `extra_s`
+        seconds is known to fall inside the decode (a prompt about to be sent there:
+        `policies.predict.stall_misses`). 1 when the decode step alone misses; 0 when even a
         mixed step meets the target or nothing is prefilled.
         """
         if itl_s >= max_itl_s:
             return 1.0
         step = self._mixed_step_s if self._mixed_step_s > itl_s else itl_s
-        if step <= max_itl_s or prompt_tokens_per_s <= 0:
+        if step <= max_itl_s or (prompt_tokens_per_s <= 0 and extra_s <= 0):
             return 0.0
         rho_max = (1.0 / itl_s - 1.0 / max_itl_s) / (1.0 / itl_s - 1.0 / step)
+        if extra_s > 0 and horizon_s > 0:
+            rho_max -= extra_s / horizon_s
         load = self.prefill_load(prompt_tokens_per_s)
-        if burst_s <= 0 or horizon_s <= 0:
+        if load <= 0 or burst_s <= 0 or horizon_s <= 0:
             return 1.0 if load > rho_max else 0.0
         sd = math.sqrt(load * burst_s / horizon_s)
         return 0.5 * math.erfc((rho_max - load) / (sd * math.sqrt(2.0)))

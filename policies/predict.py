@@ -11,12 +11,18 @@ from policies.worker_signals import pressured_load, ttft_with_queue
 KV_FULL = 0.98
 # A population budget never sends a request where it is predicted likelier to miss than not.
 POOLED_MAX_P = 0.5
-# A worker whose chunked-prefill step is at most this many times a request's ITL target
-# judges the request's exposure to prefill bursts with the size-biased mean of the prompts
-# that arrive, not its own prompt when that is longer (`prefill_burst_s`). Measured
-# 2026-12-06: the 8B profiles (0.05-0.10 s steps, 1-2x the 50 ms target) gain; the 70B pair
-# (0.197 s, 3.9x) lost interactive SLO (70b-vs-together 98.82%, heldout-202-4 98.98%).
-SIZE_BIASED_MAX_STEP_RATIO = 3.0
+# On a worker whose chunked-prefill step is more than this many times a request's ITL
+# target, a prompt's own prefill can stall the requests decoding beside it past what they
+# absorb, and the stall is priced (`stall_misses`). Measured 2026-12-06: the 70B pair
+# (0.197 s steps, 3.9x the 50 ms target) needs it (admitting long prompts on their own ITL
+# alone cost 70b-vs-together its 99%: 98.82%); the 8B profiles (0.05-0.10 s, 1-2x) lose by it
+# (tpm-limited-8b $0.0842 -> $0.0928/M).
+STALL_STEP_RATIO = 3.0
+# Expected misses among the running decodes one admission's prefill may cause without the
+# class's miss budget covering them; more, and the request goes elsewhere. Chosen on the
+# shipped 70B pair (0.05: 70b-vs-together $0.6808/M; 0.1-0.2: $0.6370-0.6425 at 99.3%;
+# 0.35-0.75: 98.8-98.9%), then measured on 90 held-out scenarios (docs/economics.md).
+STALL_FREE_MISSES = 0.15
 
 
 def local_load(s: BackendSnapshot) -> int:
@@ -61,16 +67,14 @@ def prefill_burst_s(
 ) -> float:
     """One prefill burst's length, for the variance of the prefill load `request` sees.
 
-    Its own prompt stands for the prompts prefilled while it decodes, except for a request
-    judged by its own ITL target on a worker whose chunked-prefill step is at most
-    SIZE_BIASED_MAX_STEP_RATIO x that target: there the size-biased mean of the prompts the
+    For a request judged by its own ITL target: the size-biased mean of the prompts the
     worker was sent recently (E[x^2] / E[x], `recent_prompt_sq_tokens_per_s` over
-    `recent_prompt_tokens_per_s`) when that is shorter. A long prompt's own size said nothing
-    about the prompts that will stall it, and judged by it the 8B fleets spilled long
-    interactive prompts that ran at a third of their ITL target (tpm-limited-8b: predicted
-    55-62 ms, ran at 8-29 ms). On a worker with a longer step its own prefill stalls the
-    requests decoding beside it past what they can absorb, which that model does not price:
-    there the own prompt keeps long prompts out, as measured.
+    `recent_prompt_tokens_per_s`) when that is shorter than its own prompt. Its own prompt
+    is prefilled before it decodes and says nothing about the prompts that will stall it:
+    judged by it the 8B fleets spilled long interactive prompts that ran at a third of
+    their ITL target (tpm-limited-8b: predicted 55-62 ms, ran at 8-29 ms). What its own
+    prefill does to the requests decoding beside it is `stall_misses`. Guarded work (judged
+    by the protected class's target), and any request before a rate is known: its own.
     """
     sq = s.recent_prompt_sq_tokens_per_s
     if (
@@ -78,12 +82,38 @@ def prefill_burst_s(
         and itl_target_s is not None
         and request.slo.max_itl_s is not None
         and s.recent_prompt_tokens_per_s > 0.0
-        and gpu.mixed_step_s <= SIZE_BIASED_MAX_STEP_RATIO * itl_target_s
     ):
         biased = sq / s.recent_prompt_tokens_per_s
         if biased < request.prompt_tokens:
             return gpu.prefill_time_s(biased)
     return gpu.prefill_time_s(request.prompt_tokens)
+
+
+def stall_misses(
+    gpu: GpuModel,
+    running: int,
+    own_s: float,
+    itl_s: float,
+    target_s: float,
+    prompt_tokens_per_s: float,
+    burst_s: float,
+    exposed_s: float,
+    base_p: float,
+) -> float:
+    """Expected ITL misses a prefill of `own_s` seconds adds among the `running` requests
+    decoding on a local worker.
+
+    Its prefill falls inside the decode of every one of them. Each is taken as a typical
+    one: decode-only ITL `itl_s`, exposed `exposed_s` seconds, stalled by the prompts
+    arriving at `prompt_tokens_per_s` in bursts of `burst_s` (the size-biased mean prompt),
+    judged by `target_s` (every one: an upper bound where delay-tolerant work runs beside),
+    missing with probability `base_p` without this prefill. With it known to lie in the
+    decode (`GpuModel.itl_miss_probability`'s `extra_s`) less `base_p`, times how many run.
+    """
+    if running <= 0 or own_s <= 0.0:
+        return 0.0
+    hit = gpu.itl_miss_probability(itl_s, target_s, prompt_tokens_per_s, burst_s, exposed_s, own_s)
+    return running * (hit - base_p) if hit > base_p else 0.0
 
 
 def external_cost(request: RouteRequest, s: BackendSnapshot) -> float:
@@ -115,13 +145,17 @@ def predict(
     A local worker's ITL is judged at the TAIL_Z quantile of the prefill load the request
     sees (a miss probability of at most TAIL_P); with a population `budget` (SLO misses
     the ITL target's class can still afford, `policies.budget`) a request whose predicted
-    miss probability is within the budget is admitted too (docs/economics.md).
+    miss probability is within the budget is admitted too (docs/economics.md). On a worker
+    whose chunked-prefill step is long against the target (STALL_STEP_RATIO), a request
+    whose own prefill is expected to cost the decodes running there more than
+    STALL_FREE_MISSES misses, and more than the budget, is not admitted (`stall_misses`).
     """
     out = request.expected_output_tokens
     gpu = s.gpu
     batch = 0
     b_star = 0
     p_miss = 0.0
+    decode_stall = 0.0
     pooled = False
     if gpu is not None:
         fresh = s.metrics_fresh
@@ -171,6 +205,21 @@ def predict(
             mean_itl = gpu.mixed_itl(itl0, gpu.prefill_load(mean_rate)) if mean_rate > 0 else itl0
             margin = sigmas * (s.itl_spread_s + s.itl_rel_spread * (mean_itl + ITL_REL_FLOOR_S))
             p_miss = gpu.itl_miss_probability(itl0, target - margin, mean_rate, burst, exposed)
+            running = min(local_load(s), gpu.max_batch)
+            if gpu.mixed_step_s > STALL_STEP_RATIO * target and running and mean_rate > 0:
+                # What its own prefill does to the decodes already there (`stall_misses`):
+                # judged like this request, by the prompts the worker is sent.
+                own = gpu.prefill_time_s(request.prompt_tokens)
+                sq = s.recent_prompt_sq_tokens_per_s
+                others = gpu.prefill_time_s(sq / mean_rate) if sq > 0.0 else own
+                base = p_miss
+                if others != burst:
+                    base = gpu.itl_miss_probability(
+                        itl0, target - margin, mean_rate, others, exposed
+                    )
+                decode_stall = stall_misses(
+                    gpu, running, own, itl0, target - margin, mean_rate, others, exposed, base
+                )
             pooled = p_miss <= budget and p_miss < POOLED_MAX_P
             if pooled and batch > b_star:
                 # Admitted on the budget: the batch the SLO allows is the mean load's.
@@ -197,6 +246,11 @@ def predict(
         reason = f"ttft {ttft:.2f}+{ttft_margin:.2f}s > {slo.max_ttft_s:g}s"
     elif slo.max_itl_s is not None and itl + itl_margin > slo.max_itl_s and not pooled:
         reason = f"itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
+    elif decode_stall > STALL_FREE_MISSES and decode_stall > budget and gpu is not None:
+        reason = (
+            f"stall: its {gpu.prefill_time_s(request.prompt_tokens):.2f}s prefill costs the"
+            f" decodes running {decode_stall:.2f} misses > budget {budget:.2f}"
+        )
     elif (
         slo.max_total_s is not None and total + ttft_margin + decode * itl_margin > slo.max_total_s
     ):
