@@ -217,8 +217,8 @@ def test_the_size_biased_prompt_judges_a_long_prompt_on_a_short_step_worker(
     # 0.01329 judged by its own 0.16-s prefill: Groq), now with the prompts the GPU was sent
     # known: 8e6 squared tokens/s over 10,000 tokens/s, a size-biased mean prompt of 800
     # tokens (0.04 s). The step (102.4 ms) is 2.05 x the 50 ms target, within
-    # SIZE_BIASED_MAX_STEP_RATIO (3): sd = sqrt(0.5 x 0.04 / 2.0073) = 0.099818, z = 0.44274
-    # / 0.099818 = 4.4355, miss probability 4.59e-6: the GPU takes it alone, at $0.
+    # STALL_STEP_RATIO (3): no stall priced. sd = sqrt(0.5 x 0.04 / 2.0073) = 0.099818,
+    # z = 0.44274 / 0.099818 = 4.4355, miss probability 4.59e-6: the GPU takes it alone, at $0.
     fleet = _fleet(h100, 10_000)
     fleet[0] = dataclasses.replace(fleet[0], recent_prompt_sq_tokens_per_s=8e6)
     d = select(_request(None), fleet, compile_policy(CostPolicySpec()), 0.0)
