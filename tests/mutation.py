@@ -297,6 +297,24 @@ pytest_add_cli_args = [{args}]
     )
 
 
+# Appended to the scratch copy's tests/conftest.py: every failing test of a run, with the
+# mutant it ran against, goes to the file `run` names (mutmut keeps only each mutant's exit
+# code, so a kill by a test that failed for another reason could not be traced).
+FAILURE_LOG_ENV = "NEOGATE_MUTATION_FAILURES"
+_FAILURE_HOOK = f"""
+
+
+def pytest_runtest_logreport(report):  # added by tests/mutation.py to its scratch copy only
+    import os
+
+    path = os.environ.get("{FAILURE_LOG_ENV}")
+    if path and report.failed:
+        with open(path, "a") as log:
+            mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+            log.write(f"{{mutant}}\\t{{report.nodeid}}\\t{{report.when}}\\n")
+"""
+
+
 def sync(target: Target) -> Path:
     """Refresh the scratch copy: sources and tests as they are now; mutmut's cache stays."""
     work = WORK / target.name
@@ -306,6 +324,8 @@ def sync(target: Target) -> Path:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(ROOT / package, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    conftest = work / "tests" / "conftest.py"
+    conftest.write_text(conftest.read_text() + _FAILURE_HOOK)
     (work / "pyproject.toml").write_text(pyproject_for(target))
     return work
 
@@ -353,13 +373,20 @@ def run(target: Target, children: int) -> float:
             names = not_killed(target) if again else []
             if again and (fresh or not names):
                 break  # a first run just tested every mutant against these very tests
+            with (work / "failures.log").open("a") as failures:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+                failures.write(f"# {stamp} UTC: mutmut run, {len(names) or 'all'} mutants\n")
             proc = subprocess.run(
                 [str(mutmut), "run", "--max-children", str(children), *names],
                 cwd=work,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
-                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                env={
+                    **os.environ,
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                    FAILURE_LOG_ENV: str(work / "failures.log"),
+                },
             )
             if proc.returncode != 0:
                 break
