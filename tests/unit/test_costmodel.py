@@ -382,6 +382,9 @@ def test_toy_itl_miss_probability_edges(toy: GpuModel) -> None:
     assert toy.itl_miss_probability(0.01, 0.05, 1800, 0.0, 1.0) == 0.0  # load 0.5
     assert toy.itl_miss_probability(0.01, 0.05, 3240, 0.0, 1.0) == 1.0  # load 0.9
     assert toy.itl_miss_probability(0.01, 0.05, 3240, 0.16, 0.0) == 1.0
+    # A known prefill inside a decode of no length cannot be spread over it: the same step.
+    assert toy.itl_miss_probability(0.01, 0.05, 3240, 0.16, 0.0, extra_s=0.1) == 1.0
+    assert toy.itl_miss_probability(0.01, 0.05, 1800, 0.16, 0.0, extra_s=0.1) == 0.0
     # A mixed step exactly at the target meets it: never a miss.
     assert toy.itl_miss_probability(0.01, toy.mixed_step_s, 1800, 0.16, 1.0) == 0.0
     # 1 prompt token/s is a load (1/3600 = 2.78e-4): past rho_max = (100 - 99.990001) /
