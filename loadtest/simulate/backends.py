@@ -264,6 +264,14 @@ class SimProvider:
     _level: float | None = None
     _at: float = 0.0
 
+    def has_room(self, prompt_tokens: int, max_tokens: int, now: float) -> bool:
+        """Would `attempt` at `now` be served rather than refused (429)? Changes nothing."""
+        limit = self.spec.tpm_limit
+        if limit is None:
+            return True
+        level = limit if self._level is None else self._level + limit / 60.0 * (now - self._at)
+        return min(float(limit), level) >= prompt_tokens + max_tokens
+
     def attempt(
         self,
         prompt_tokens: int,

@@ -17,12 +17,16 @@ out are tried locally in order of density — what each cost where the start sen
 TPM limit often a dearer provider than its cheapest) per GPU-second it needs locally
 (`bound_local.gpu_seconds`), the bound's greedy order — in chunks that double while the
 whole trace still meets the target and gets cheaper. A chunk that breaks the target is tried
-again (twice at most) with the local requests that newly missed moved out, each to the
-cheapest provider that meets its SLO, on arrival (its own members that missed are left for
-later), if they cost less outside than the rest of the chunk saves: the miss budget, not GPU
-time, is what runs out first (on 70b-vs-groq every trial after the first dozen that adds a
-single miss breaks it), and a request that newly misses is usually a cheaper one than the
-one that pushed it over. Failing that, a chunk halves (a single request stays out). When
+again with the local requests that newly missed moved out, each on arrival to the cheapest
+provider that meets its SLO and has the tokens (its own members that missed are left for
+later), if they cost less outside than the rest of the chunk saves; failing that, once more
+with the local requests that already missed from its first change on moved out too. The
+miss budget, not GPU time, is what runs out first (on 70b-vs-groq every trial after the
+first dozen that adds a single miss breaks it), and a request that misses is usually a
+cheaper one than the one that pushed it over. (The old misses in the first retry instead:
+better on the 70B pair at 100 runs' worth, worse on tpm-limited-8b and with every candidate
+tried; measured 2026-12-06, `docs/benchmarks.md`.) Failing that, a chunk halves (a single
+request stays out). When
 every candidate has been tried and the budget is not spent, those still outside are tried
 again, pass after pass while a pass moves any (what moved out since may have made room).
 
@@ -171,6 +175,13 @@ class PlannedEngine(Engine):
             first, at = sent
             gpus = [first, *(g for g in gpus if g != first)] if first in self.gpus else gpus
             ext = [first, *(p for p in ext if p != first)] if first not in self.gpus else ext
+        elif r.i not in self.plan.local:
+            # Moved out: the cheapest provider that meets its SLO and has the tokens now (with
+            # hindsight no 429 and no failover delay), the others after it.
+            tr = r.tr
+            ext.sort(
+                key=lambda p: not self.providers[p].has_room(tr.prompt_tokens, tr.max_tokens, now)
+            )
         r.order = tuple(gpus + ext) if r.i in self.plan.local else tuple(ext + gpus)
         if at > now:
             self._push(at, "retry", (r, 0))
@@ -358,12 +369,20 @@ def search(
         # Broke the target: again with the local requests that newly missed moved out (its own
         # members that missed left for later), if that costs less than the rest saves.
         moving, victims = chunk, set[int]()
-        for _ in range(REPAIRS):
+        for n in range(REPAIRS):
             if better(trial) or trials.work >= runs:
                 break
             new = trial.missed - best_missed - victims
             if not new or any(m not in plan.local or math.isinf(outside[m]) for m in new):
                 break
+            if n:
+                # The misses it already had from its first change on go too, where they can.
+                t0 = earliest(moving)
+                new |= {
+                    m
+                    for m in trial.missed & best_missed
+                    if m in plan.local and trace.requests[m].t >= t0 and not math.isinf(outside[m])
+                } - victims
             staying = [i for i in moving if i not in new]
             out_too = victims | (new - set(moving))
             if not staying or sum(outside[m] for m in out_too) >= sum(saves[i] for i in staying):

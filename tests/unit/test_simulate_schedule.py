@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from loadtest.simulate.backends import ProviderSpec
 from loadtest.simulate.bound import hindsight_bound
 from loadtest.simulate.engine import Engine
 from loadtest.simulate.results import PolicyResult
@@ -84,6 +85,26 @@ def test_a_request_that_makes_a_local_one_miss_moves_in_with_it_moved_out() -> N
     assert (s.trials, s.tried, s.moved, s.moved_out) == (2, 1, 1, 1)
     assert s.result.total_cost_usd == pytest.approx(0.010 + 0.0301)
     assert s.result.slo_attainment == {"interactive": 1.0}
+
+
+def test_a_request_moved_out_goes_where_the_tokens_are() -> None:
+    # A cheap provider limited to 600 tokens a minute and a dear one. Request 0 is sent to the
+    # cheap one (501 tokens of its bucket); request 1, served locally by the start and now
+    # moved out, arrives 1 s later, when the bucket holds 109: it goes to the dear provider
+    # at once rather than being refused (429) and failing over after a delay.
+    reqs = [
+        TraceRequest(0.0, 500, 1, 1, "interactive"),
+        TraceRequest(1.0, 500, 1, 1, "interactive"),
+    ]
+    sc, trace = _one_gpu(10.0, reqs)
+    cheap = ProviderSpec("cheap", "m", 1.0, 1.0, 0.1, 0.0, 1e9, 0.001, 0.0, tpm_limit=600)
+    dear = ProviderSpec("dear", "m", 100.0, 100.0, 0.1, 0.0, 1e9, 0.001, 0.0)
+    sc = dataclasses.replace(sc, providers=(cheap, dear))
+    plan = Plan(frozenset(), {}, {0: ("cheap", 0.0), 1: ("g", 1.0)})
+    engine = PlannedEngine(sc, trace, 1, plan, [("cheap", "dear")] * 2)
+    engine.run()
+    assert [r.backend for r in engine.reqs] == ["cheap", "dear"]
+    assert engine.refusals == 0 and engine.reqs[1].dispatched_at == 1.0
 
 
 def test_a_start_that_misses_the_target_gives_no_schedule() -> None:
