@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -783,3 +785,70 @@ async def test_batch_request_waits_for_local_then_deadline_spills(
     took = spilled.ended - spilled.started
     # It waited (rather than spilling at once) and finished before its deadline.
     assert 0.5 < took < deadline_s, took
+
+
+# --- 8. a long prompt's prefill priced by the decodes it would stall -------------------------
+
+
+async def test_a_prompt_whose_prefill_would_stall_the_running_decodes_goes_out(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    # A worker whose prefill runs at 2,000 tokens/s: a 2,048-token chunked-prefill step lasts
+    # 1.024 s, 32 x the 32 ms ITL target (over STALL_STEP_RATIO, 3). Two streams decode there
+    # at ~26 ms a token. A ~1,200-token prompt's own 0.6 s prefill would fit its 1 s TTFT and
+    # its own ITL (the prompts the worker is sent are a dozen tokens), but it would lie inside
+    # the ~0.8 s decode of each running stream (32 expected tokens) past the ~0.19 share of
+    # mixed steps their 32 ms allows: about two expected misses, over STALL_FREE_MISSES (0.15)
+    # and the class's budget (nothing routed yet). It goes to the provider, and says why.
+    slow = dict(GPU, profile={**GPU["profile"], "prefill_tokens_per_s": 2000.0})
+    options = dataclasses.replace(worker_options(3, 1.0), prefill_tokens_per_s=2000.0)
+    long_prompt = [{"role": "user", "content": "tell me about batching " * 200}]
+    async with sims(w=create_worker_app(options), p=create_provider_app(ProviderOptions())) as s:
+        gw = await gateway_factory(
+            policy(
+                [local("gpu-a", s.urls["w"], gpu=slow), provider("sim-groq", s.urls["p"])],
+                ["gpu-a", "sim-groq"],
+                tmp_path,
+            )
+        )
+
+        async def ask(http: aiohttp.ClientSession, messages: list[dict[str, str]]) -> Answer:
+            body = {"model": PUBLIC, "messages": messages, "max_tokens": 8, "stream": True}
+            started = time.monotonic()
+            async with http.post(gw.url + "/v1/chat/completions", json=body) as r:
+                raw = await r.read()
+                assert r.status == 200, raw[:300]
+                h = r.headers
+                return Answer(
+                    h["x-neogate-backend"],
+                    h.get("x-neogate-route-reason", ""),
+                    h.get("x-neogate-price-version", ""),
+                    started,
+                    time.monotonic(),
+                    int(h.get("x-neogate-attempts", "1")),
+                )
+
+        async with aiohttp.ClientSession() as http:
+            held = [await hold(http, gw.url), await hold(http, gw.url)]
+            try:
+                assert all(h.backend == "gpu-a" for h in held)
+                await wait_until(lambda: scraped_running(http, gw.url, "gpu-a", 2))
+                beside = await ask(http, long_prompt)
+                short = await ask(http, MSG)
+            finally:
+                for h in held:
+                    await h.close()
+            await wait_until(lambda: scraped_running(http, gw.url, "gpu-a", 0))
+            # Alone on the worker, the same prompt is served locally: nothing to stall.
+            alone = await ask(http, long_prompt)
+    assert beside.backend == "sim-groq", beside.reason
+    stall = re.search(
+        r"gpu-a stall: its 0\.\d\ds prefill costs the decodes running (\d+\.\d\d) misses"
+        r" > budget 0\.00",
+        beside.reason,
+    )
+    assert stall is not None, beside.reason
+    assert 1.0 <= float(stall.group(1)) <= 2.0, beside.reason  # two streams, each near-certain
+    # A short prompt beside the same two streams stalls nothing worth pricing: local.
+    assert short.backend == "gpu-a", short.reason
+    assert alone.backend == "gpu-a", alone.reason
