@@ -126,11 +126,11 @@ class Run:
     result: PolicyResult
 
 
-def _cost_run(scenario: str) -> Run:
-    """The cost policy's run over the first 180 s of a shipped scenario."""
+def _cost_run(scenario: str, duration_s: float = 180.0) -> Run:
+    """The cost policy's run over the first 180 s (`duration_s`) of a shipped scenario."""
     loaded = load_scenario(SCENARIO_DIR / f"{scenario}.yaml")
     sc, seed = loaded.scenario, loaded.seed
-    trace = loaded.trace(180.0)
+    trace = loaded.trace(duration_s)
     policy = SelectPolicy(
         "cost", compile_policy(sc.cost_policy, sc.slo_classes), random.Random(seed)
     )
@@ -191,18 +191,22 @@ def _outcomes(engine: Engine) -> list[tuple[object, ...]]:
     return [tuple(getattr(r, f) for f in (*fields, "chargeback_usd")) for r in engine.reqs]
 
 
-@pytest.mark.parametrize("scenario", ["70b-vs-groq", "tpm-limited-8b"])
-def test_a_fork_goes_on_as_the_run_would(scenario: str) -> None:
+@pytest.mark.parametrize(
+    ("scenario", "duration_s", "fork_at"),
+    [("70b-vs-groq", 180.0, 90.0), ("tpm-limited-8b", 180.0, 90.0), ("price-cut-8b", 640.0, 590.0)],
+)
+def test_a_fork_goes_on_as_the_run_would(scenario: str, duration_s: float, fork_at: float) -> None:
     # The cost policy's own run (its learned state, budgets and the policy's counters), forked
-    # halfway: the original and the fork, each run on to the end, are the uninterrupted run.
-    full = _cost_run(scenario)
+    # partway (price-cut-8b: before its price change at 600 s): the original and the fork,
+    # each run on to the end, are the uninterrupted run.
+    full = _cost_run(scenario, duration_s)
     loaded = load_scenario(SCENARIO_DIR / f"{scenario}.yaml")
     policy = SelectPolicy(
         "cost", compile_policy(full.sc.cost_policy, full.sc.slo_classes), random.Random(full.seed)
     )
-    engine = Engine(full.sc, loaded.trace(180.0), policy, full.seed)
+    engine = Engine(full.sc, loaded.trace(duration_s), policy, full.seed)
     engine.start()
-    engine.advance(90.0)
+    engine.advance(fork_at)
     fork = engine.fork()
     for run in (engine, fork):
         run.advance()
