@@ -15,8 +15,9 @@ POOLED_MAX_P = 0.5
 # target, a prompt's own prefill can stall the requests decoding beside it past what they
 # absorb, and the stall is priced (`stall_misses`). Measured 2026-12-06: the 70B pair
 # (0.197 s steps, 3.9x the 50 ms target) needs it (admitting long prompts on their own ITL
-# alone cost 70b-vs-together its 99%: 98.82%); the 8B profiles (0.05-0.10 s, 1-2x) lose by it
-# (tpm-limited-8b $0.0842 -> $0.0928/M).
+# alone cost 70b-vs-together its 99%: 98.82%). On the 8B profiles (0.05-0.10 s, 1-2x) it is
+# mixed: priced there too, bursty / diurnal / price-cut-8b -1.1 to -1.6%, steady-8b +1.4%
+# (past all-local by more than the 1% tie), tpm-limited-8b +3.7%: not priced there.
 STALL_STEP_RATIO = 3.0
 # Expected misses among the running decodes one admission's prefill may cause without the
 # class's miss budget covering them; more, and the request goes elsewhere. Chosen on the
