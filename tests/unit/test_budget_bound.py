@@ -866,3 +866,30 @@ async def test_a_reservation_bounds_every_backend_and_the_tier_the_prompt_reache
     below = await meter.reserve(tenant, models["pm"], Estimate(199_999, 50, 50, True))
     assert below.cost_usd == Decimal("0.600197")  # 199,999 x $3/M + 50 x $4/M: the base tier
     await ledger.close()
+
+
+async def test_without_a_ledger_the_budget_settles_to_the_rows_cost_all_the_same() -> None:
+    """No ledger (no row is built): the budget is still charged what the row would have
+    cost, rounded to the nano-dollar as a row is. odd's prices in force, $0.123456789 and
+    $0.987654322 per million: 2000 x 0.123456789 + 10 x 0.987654322 = 256.79012122
+    micro-dollars, 256,790 nano-dollars."""
+    config = parse_config(TWO)
+    live = LiveState({b.name: b for b in config.backends}, 0.0)
+    budget = Decimal("0.001")
+    admission = Admission({"t": TenantLimits.of(usd_total=budget)})
+    meter = Meter(Tokenizer.estimate(), GatewayMetrics(), None, admission, live)
+    odd = next(m for m in config.models if m.name == "odd")
+    held = await meter.reserve(
+        Tenant.from_spec(config.tenants[0]), odd, Estimate(1000, 50, 50, True)
+    )
+    completion = _completion(held, 1000, "odd")
+    completion.backend, completion.backend_model, completion.attempt = "prov", "prov-m", 1
+    completion.prices = meter.prices.unit_prices("prov", "odd", 1)
+    answer = {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 2000, "completion_tokens": 10, "total_tokens": 2010},
+    }
+    usage = await meter.finish(completion, outcome="ok", answer=answer, answer_bytes=100)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (2000, 10)
+    assert await _fits(admission, budget - Decimal("0.00025679"))
+    assert not await _fits(admission, budget - Decimal("0.00025679") + Decimal("0.000000001"))
