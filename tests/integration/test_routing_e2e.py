@@ -163,10 +163,13 @@ async def chat(
     max_tokens: int = 16,
     stream: bool = True,
     headers: Mapping[str, str] | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> Answer:
-    """One chat request, read to the end; the routing headers of its answer."""
+    """One chat request (`MSG` unless `messages`), read to the end; the routing headers of
+    its answer."""
     started = time.monotonic()
-    body = {"model": PUBLIC, "messages": MSG, "max_tokens": max_tokens, "stream": stream}
+    body = {"model": PUBLIC, "messages": messages or MSG, "max_tokens": max_tokens,
+            "stream": stream}  # fmt: skip
     async with http.post(gw + "/v1/chat/completions", json=body, headers=headers) as r:
         raw = await r.read()
         assert r.status == 200, raw[:300]
@@ -812,35 +815,19 @@ async def test_a_prompt_whose_prefill_would_stall_the_running_decodes_goes_out(
             )
         )
 
-        async def ask(http: aiohttp.ClientSession, messages: list[dict[str, str]]) -> Answer:
-            body = {"model": PUBLIC, "messages": messages, "max_tokens": 8, "stream": True}
-            started = time.monotonic()
-            async with http.post(gw.url + "/v1/chat/completions", json=body) as r:
-                raw = await r.read()
-                assert r.status == 200, raw[:300]
-                h = r.headers
-                return Answer(
-                    h["x-neogate-backend"],
-                    h.get("x-neogate-route-reason", ""),
-                    h.get("x-neogate-price-version", ""),
-                    started,
-                    time.monotonic(),
-                    int(h.get("x-neogate-attempts", "1")),
-                )
-
         async with aiohttp.ClientSession() as http:
             held = [await hold(http, gw.url), await hold(http, gw.url)]
             try:
                 assert all(h.backend == "gpu-a" for h in held)
                 await wait_until(lambda: scraped_running(http, gw.url, "gpu-a", 2))
-                beside = await ask(http, long_prompt)
-                short = await ask(http, MSG)
+                beside = await chat(http, gw.url, max_tokens=8, messages=long_prompt)
+                short = await chat(http, gw.url, max_tokens=8)
             finally:
                 for h in held:
                     await h.close()
             await wait_until(lambda: scraped_running(http, gw.url, "gpu-a", 0))
             # Alone on the worker, the same prompt is served locally: nothing to stall.
-            alone = await ask(http, long_prompt)
+            alone = await chat(http, gw.url, max_tokens=8, messages=long_prompt)
     assert beside.backend == "sim-groq", beside.reason
     stall = re.search(
         r"gpu-a stall: its 0\.\d\ds prefill costs the decodes running (\d+\.\d\d) misses"
