@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import faulthandler
 import io
 import json
 import os
@@ -14,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from gateway.metering.ledger.reports import (
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.money import UnitPrices
 from gateway.metering.usage import Usage
+from tests.watchdog import watchdog_after
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,14 +53,8 @@ def make_row(i: int, *, attempt: int = 0, tenant: str = "acme") -> LedgerRow:
     )
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """A broken writer leaves a caller waiting forever: end the process after 30 s of one
-    test instead, with every thread's stack (each test here takes under a second; mutmut
-    otherwise waits out its own timeout, ~165 s, for such a mutant)."""
-    faulthandler.dump_traceback_later(30, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# Each test here takes well under a second: a writer that stops answering fails in 30 s.
+watchdog = watchdog_after(30)
 
 
 def count_rows(db: Path) -> int:

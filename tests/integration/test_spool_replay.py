@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.money import UnitPrices
 from gateway.metering.usage import Usage
 from gateway.process import orphan_spools
+from tests.watchdog import watchdog_after
 
 
 def make_row(i: int) -> LedgerRow:
@@ -40,14 +40,8 @@ def ids_in(db: Path) -> list[str]:
         return sorted(r[0] for r in conn.execute("SELECT request_id FROM ledger"))
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """A broken writer leaves a caller waiting forever: end the process after 30 s of one
-    test instead, with every thread's stack (each test here takes under a second; mutmut
-    otherwise waits out its own timeout, ~165 s, for such a mutant)."""
-    faulthandler.dump_traceback_later(30, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# Each test here takes well under a second: a writer that stops answering fails in 30 s.
+watchdog = watchdog_after(30)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from gateway.metering.ledger.rows import LedgerUnavailable
 from gateway.metering.ledger.sqlite import SqliteLedger
 from gateway.metering.money import UnitPrices
 from gateway.metering.usage import Usage
+from tests.watchdog import watchdog_after
 
 
 class Clock:
@@ -71,13 +72,8 @@ def spooled_ids(path: Path) -> list[str]:
     return [LedgerRow.from_json(line).request_id for line in path.read_bytes().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """A broken writer leaves a caller waiting forever: end the process after 20 s instead,
-    with every thread's stack (each test here takes well under a second)."""
-    faulthandler.dump_traceback_later(20, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# Each test here takes well under a second: a writer that stops answering fails in 20 s.
+watchdog = watchdog_after(20)
 
 
 @pytest.fixture
