@@ -206,8 +206,9 @@ def predict(
             mean_itl = gpu.mixed_itl(itl0, gpu.prefill_load(mean_rate)) if mean_rate > 0 else itl0
             margin = sigmas * (s.itl_spread_s + s.itl_rel_spread * (mean_itl + ITL_REL_FLOOR_S))
             p_miss = gpu.itl_miss_probability(itl0, target - margin, mean_rate, burst, exposed)
-            running = min(local_load(s), gpu.max_batch)
-            if gpu.mixed_step_s > STALL_STEP_RATIO * target and running and mean_rate > 0:
+            long_step = gpu.mixed_step_s > STALL_STEP_RATIO * target
+            running = min(local_load(s), gpu.max_batch) if long_step and mean_rate > 0 else 0
+            if running:
                 # What its own prefill does to the decodes already there (`stall_misses`):
                 # judged like this request, by the prompts the worker is sent.
                 own = gpu.prefill_time_s(request.prompt_tokens)
