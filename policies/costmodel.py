@@ -238,13 +238,18 @@ class GpuModel:
             return self.max_batch
         load = self.prefill_load(prompt_tokens_per_s) if prompt_tokens_per_s > 0 else 0.0
         ta, tb, w = self.profile.tables_at(context)
+        mixed = self._mixed_step_s
         lo, hi = 0, self.max_batch
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             t = ta[mid] if w == 0.0 else ta[mid] + (tb[mid] - ta[mid]) * w
-            # The mixed ITL rises with ITL(mid) = mid / T(mid).
+            # The mixed ITL rises with ITL(mid) = mid / T(mid). `mixed_itl` written out: the
+            # same arithmetic, without a call per step of the search (the hot path).
             itl = mid / t
-            if (self.mixed_itl(itl, load) if load else itl) <= max_itl_s:
+            if load:
+                step = mixed if mixed > itl else itl
+                itl = 1.0 / (load / step + (1.0 - load) / itl)
+            if itl <= max_itl_s:
                 lo = mid
             else:
                 hi = mid - 1
