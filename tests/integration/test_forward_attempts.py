@@ -62,9 +62,11 @@ HANG = b""  # answer nothing, hold the connection
 class Server:
     answer: bytes
     then_hold: bool = False  # keep the connection open after the answer
+    go: asyncio.Event | None = None  # answer only once this is set
     port: int = 0
     requests: int = 0
     hold: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came in
 
 
 @dataclass
@@ -106,9 +108,15 @@ class Upstreams:
         self._backends: list[OpenAICompatBackend] = []
 
     async def plan(
-        self, name: str, answer: bytes, *, refused: bool = False, then_hold: bool = False
+        self,
+        name: str,
+        answer: bytes,
+        *,
+        refused: bool = False,
+        then_hold: bool = False,
+        go: asyncio.Event | None = None,
     ) -> AttemptPlan:
-        script = Server(answer, then_hold)
+        script = Server(answer, then_hold, go)
         self.servers[name] = script
         if refused:
             s = socket.socket()
@@ -136,6 +144,9 @@ class Upstreams:
             try:
                 await reader.readuntil(b"\r\n\r\n")
                 script.requests += 1
+                script.arrived.set()
+                if script.go is not None:
+                    await script.go.wait()
                 if script.answer:
                     writer.write(script.answer)
                     await writer.drain()
@@ -514,6 +525,99 @@ async def test_a_deadline_that_passes_after_a_failure_ends_the_failover(ups: Ups
     assert hooks.calls == [("admit", "a"), ("on_failure", "a")]
 
 
+class LoopClock:
+    """The running loop's clock held still, moved only by the test (the forwarder's deadline
+    and `remaining()` are in loop time): "exactly 0 s left" is then a state a test can make.
+    Sockets still work; a timer fires only once the test moves the clock past it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+
+    def __enter__(self) -> LoopClock:
+        self.loop.time = lambda: self.now  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.loop.time
+
+
+@dataclass
+class SpendAllOnFailure(Hooks):
+    """A failure that, on the clock, takes the request's time up to `left` seconds before its
+    deadline (`deadline` is set once the request started)."""
+
+    clock: LoopClock | None = None
+    deadline: float = 0.0
+    left: float = 0.0
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_failure(self, backend: str, exc: GatewayError, elapsed: float) -> None:
+        super().on_failure(backend, exc, elapsed)
+        assert self.clock is not None
+        self.clock.now = self.deadline - self.left
+        self.failed.set()
+
+
+async def test_a_deadline_reached_exactly_tries_nothing(ups: Upstreams) -> None:
+    # 0.0 s left is no time left: the pick is given back, nothing is sent, and the client is
+    # told the deadline passed (not that no backend was there).
+    a = await ups.plan("a", reply(200, ANSWER))
+    hooks = Hooks()
+    with LoopClock(), pytest.raises(UpstreamTimeout) as info:
+        await forward([a], hooks, within=0.0)
+    assert info.value.message == "the request's deadline passed before any backend answered"
+    assert hooks.calls == [("admit", "a"), ("on_abandon", "a")]
+    assert ups.requests("a") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["failover", "hedge"])
+async def test_a_failure_that_ends_exactly_at_the_deadline_ends_the_request(
+    ups: Upstreams, stream: bool
+) -> None:
+    # a fails just as the deadline is reached (0.0 s left): b is not picked, not asked of the
+    # retry budget, not sent anything, neither as a failover nor as a hedge.
+    a = await ups.plan("a", reply(500))
+    b = await ups.plan("b", sse(EVENT) if stream else reply(200, ANSWER))
+    with LoopClock() as clock:
+        hooks = SpendAllOnFailure(clock=clock, deadline=clock.now + 10.0)
+        with pytest.raises(UpstreamStatus) as info:
+            await forward([a, b], hooks, stream=stream, options=HEDGE, within=10.0)
+    assert info.value.upstream_status == 500
+    assert hooks.calls == [("admit", "a"), ("on_failure", "a")]
+    assert ups.requests("b") == 0
+
+
+async def test_the_backoff_sleeps_no_longer_than_the_time_left(ups: Upstreams) -> None:
+    # a fails with a microsecond left, less than any backoff (up to 0.02 s after a first
+    # failure): the forwarder sleeps only that microsecond, then finds no time left.
+    a = await ups.plan("a", reply(500))
+    b = await ups.plan("b", reply(200, ANSWER))
+    with LoopClock() as clock:
+        end = clock.now + 10.0
+        hooks = SpendAllOnFailure(clock=clock, deadline=end, left=1e-6)
+        task = asyncio.ensure_future(forward([a, b], hooks, within=10.0))
+        await hooks.failed.wait()  # the forwarder went straight on to its backoff sleep
+        clock.now = end
+        for _ in range(100):  # a timer due now fires in the loop's next turn or two
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        done = task.done()
+        task.cancel()
+        with pytest.raises((UpstreamStatus, asyncio.CancelledError)):
+            await task
+    assert done, "the backoff slept past the request's deadline"
+    assert hooks.calls == [
+        ("admit", "a"),
+        ("on_failure", "a"),
+        ("admit", "b"),
+        ("may_retry",),
+        ("on_abandon", "b"),
+    ]
+    assert ups.requests("b") == 0
+
+
 # --- the gate -------------------------------------------------------------------------------
 
 
@@ -866,6 +970,32 @@ async def test_a_hedge_the_budget_refuses_is_not_started(ups: Upstreams) -> None
         await forward([a, b], Hooks(retries=0), stream=True, options=HEDGE)
     assert (info.value.should_retry, info.value.retry_after_s) == (False, None)
     assert ups.requests("b") == 0
+
+
+async def test_a_hedge_that_answers_with_the_winner_is_closed_and_given_back(
+    ups: Upstreams,
+) -> None:
+    # Both attempts answer in the same turn of the loop (their servers write at once):
+    # a wins by rank; b, which answered too, is closed, its slot given back, reported
+    # abandoned and named as the operator's cost.
+    go = asyncio.Event()
+    gate = Gate(GateConfig(max_per_backend=1))
+    a = await ups.plan("a", sse(EVENT), go=go)
+    b = await ups.plan("b", sse(EVENT), go=go)
+    hooks = Hooks()
+    task = asyncio.ensure_future(forward([a, b], hooks, stream=True, gate=gate, options=HEDGE))
+    await ups.servers["a"].arrived.wait()
+    await ups.servers["b"].arrived.wait()  # the hedge after 0.05 s
+    go.set()
+    attempt = await task
+    assert (attempt.backend, attempt.number) == ("a", 0)
+    assert attempt.hedged == (SentAttempt("b", "b-model", 1),)
+    assert hooks.calls[-1] == ("on_abandon", "b")
+    token = gate.try_acquire("b")
+    assert token is not None  # the loser's slot went back
+    gate.release(token)
+    attempt.release()
+    attempt.response.close()
 
 
 async def test_a_hedge_with_nothing_admitted_is_503(ups: Upstreams) -> None:
