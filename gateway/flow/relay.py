@@ -71,7 +71,9 @@ class EventFilter:
         self.event = obj if b"\n" not in payload else None
         if self.meta is None and not self.usage_sent:
             self.meta = _chunk_meta(payload) if obj is None else _meta_of(obj)
-        if b'"usage"' in payload or b'"x_groq"' in payload:
+        # Groq's usage under `x_groq` is a `"usage"` key too; an `x_groq` without one is
+        # nothing to strip and passes as it came.
+        if b'"usage"' in payload:
             return self._usage_event(block, payload)
         error = stream_error_payload(payload)
         if error is not None:

@@ -233,3 +233,43 @@ def test_each_one_line_event_is_parsed_once_and_the_meter_reads_the_filters_obje
     assert handed.delivered_tokens(words) == parsed_again.delivered_tokens(words)
     assert handed.finish(True, words, 3) == parsed_again.finish(True, words, 3)
     assert handed.events_seen == parsed_again.events_seen == 7
+
+
+def test_a_groq_chunk_without_usage_passes_byte_for_byte_with_or_without_choices() -> None:
+    # `x_groq` carrying only an id is nothing to strip: the chunk passes as the backend wrote
+    # it, also one with no choices (only a usage-only chunk is dropped).
+    spaced = b'data: {"id": "c", "x_groq": {"id": "g"}, "choices": [{"index": 0, "delta": {}}]}'
+    bare = b'data: {"id":"c","choices":[],"x_groq":{"id":"g"}}'
+    for strip_usage in (True, False):
+        f = EventFilter(strip_usage=strip_usage)
+        assert f.filter(spaced) == spaced
+        assert f.filter(bare) == bare
+        assert f.bad_event is None and not f.error_seen
+
+
+def test_an_error_event_in_openais_shape_passes_byte_for_byte() -> None:
+    f = EventFilter(strip_usage=True)
+    block = b'data:{"error":{"message":"overloaded","type":"server_error"}}'
+    assert f.filter(block) == block and f.error_seen
+
+
+def test_a_payload_that_parses_only_across_a_line_break_is_not_handed_to_the_meter() -> None:
+    # The JSON runs onto a line that is not a `data:` line: the filter, reading past the
+    # break, sees an object, but the event is not one data line, so the meter reads the
+    # block its own way (as a client's SSE parser would) instead of taking that object.
+    f = EventFilter(strip_usage=False)
+    block = b'data: {"id":"c",\n"choices":[]}'
+    assert f.filter(block) == block and f.bad_event is None
+    assert f.event is None
+    f.filter(CHUNK)
+    assert f.event == orjson.loads(CHUNK[6:])
+
+
+def test_a_first_chunk_over_several_data_lines_leaves_the_meta_to_a_one_line_chunk() -> None:
+    # The filter does not join a chunk's data lines for its meta (the stream meter does, for
+    # usage); the meta comes from the first one-line chunk with choices.
+    f = EventFilter(strip_usage=False)
+    two = b'data: {"id":"two","choices":[],\ndata: "model":"m2"}'
+    assert f.filter(two) == two and f.bad_event is None
+    f.filter(CHUNK)
+    assert f.meta is not None and (f.meta["id"], f.meta["model"]) == ("c1", "m")
