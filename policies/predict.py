@@ -64,7 +64,11 @@ def stalled_arrivals(request: RouteRequest, s: BackendSnapshot, over_s: float) -
 
 
 def prefill_burst_s(
-    request: RouteRequest, s: BackendSnapshot, gpu: GpuModel, itl_target_s: float | None
+    request: RouteRequest,
+    s: BackendSnapshot,
+    gpu: GpuModel,
+    itl_target_s: float | None,
+    own_s: float | None = None,
 ) -> float:
     """One prefill burst's length, for the variance of the prefill load `request` sees.
 
@@ -75,7 +79,8 @@ def prefill_burst_s(
     judged by it the 8B fleets spilled long interactive prompts that ran at a third of
     their ITL target (tpm-limited-8b: predicted 55-62 ms, ran at 8-29 ms). What its own
     prefill does to the requests decoding beside it is `stall_misses`. Guarded work (judged
-    by the protected class's target), and any request before a rate is known: its own.
+    by the protected class's target), and any request before a rate is known: its own
+    (`own_s` when the caller has its prefill time already).
     """
     sq = s.recent_prompt_sq_tokens_per_s
     if (
@@ -87,7 +92,7 @@ def prefill_burst_s(
         biased = sq / s.recent_prompt_tokens_per_s
         if biased < request.prompt_tokens:
             return gpu.prefill_time_s(biased)
-    return gpu.prefill_time_s(request.prompt_tokens)
+    return gpu.prefill_time_s(request.prompt_tokens) if own_s is None else own_s
 
 
 def stall_misses(
@@ -157,21 +162,29 @@ def predict(
     b_star = 0
     p_miss = 0.0
     decode_stall = 0.0
+    own = 0.0
     pooled = False
     if gpu is not None:
         fresh = s.metrics_fresh
         # The request's mean context while it decodes stands for the batch's.
         context = request.prompt_tokens + out / 2
         mean_rate = rate = s.recent_prompt_tokens_per_s
+        # Its own prefill time and the load already there, each worked out once.
+        own = gpu.prefill_time_s(request.prompt_tokens)
+        there = local_load(s)
         burst = exposed = 0.0
+        # The batch it joins and its decode-only and mean-load ITL there (`itl_under_load_s`),
+        # kept for the ITL below when that is at the same batch (most of the time).
+        exposed_at = min(there + 1, gpu.max_batch)
+        itl_at = mean_itl_at = 0.0
         if rate > 0:
             # The prompts prefilled while this request decodes stall it (`prefill_burst_s`
             # says how long one is); its mean decode time at the mean load says how long it
             # is exposed.
-            exposed = max(out - 1, 1) * gpu.itl_under_load_s(
-                min(local_load(s) + 1, gpu.max_batch), rate, context
-            )
-            burst = prefill_burst_s(request, s, gpu, request.slo.max_itl_s)
+            itl_at = gpu.itl_s(exposed_at, context)
+            mean_itl_at = gpu.mixed_itl(itl_at, gpu.prefill_load(rate))
+            exposed = max(out - 1, 1) * mean_itl_at
+            burst = prefill_burst_s(request, s, gpu, request.slo.max_itl_s, own)
             rate = gpu.tail_prompt_rate(rate, burst, exposed)
         target = request.slo.max_itl_s
         if target is None and guard is not None:
@@ -180,7 +193,7 @@ def predict(
         slots = gpu.batch_cap(request.prompt_tokens + out)
         b_star = min(gpu.slo_batch(target, rate, context), slots)
         # A worker that preempts (or queues for KV room) is at the batch its memory holds.
-        load = pressured_load(local_load(s), b_star, fresh and s.preempting)
+        load = pressured_load(there, b_star, fresh and s.preempting)
         queued_prefill = s.pending_prefill_tokens
         if s.metrics_fresh and s.queued:
             # Prompts of requests queued by other clients are unknown; ours stands in for them.
@@ -191,29 +204,37 @@ def predict(
             queued_prefill_tokens=queued_prefill,
             expected_output_tokens=out,
             slots=slots,
+            own_prefill_s=own,
         )
         if fresh:
-            own_prefill = gpu.prefill_time_s(request.prompt_tokens)
-            ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own_prefill)
+            ttft = ttft_with_queue(ttft, s.queue_wait_s, s.queued, own)
         batch = load + 1
         running = batch if batch <= slots else slots
         # Decode-only ITL at this batch, then under the tail prefill load (`itl_under_load_s`).
-        itl0 = gpu.itl_s(running, context)
+        same = mean_rate > 0 and running == exposed_at
+        itl0 = itl_at if same else gpu.itl_s(running, context)
         itl = gpu.mixed_itl(itl0, gpu.prefill_load(rate)) if rate > 0 else itl0
         if target is not None:
             # The margin of the mean-load ITL comes off the target; the rest is the
             # prefill share's spread (`GpuModel.itl_miss_probability`).
-            mean_itl = gpu.mixed_itl(itl0, gpu.prefill_load(mean_rate)) if mean_rate > 0 else itl0
+            if same:
+                mean_itl = mean_itl_at
+            elif mean_rate > 0:
+                mean_itl = gpu.mixed_itl(itl0, gpu.prefill_load(mean_rate))
+            else:
+                mean_itl = itl0
             margin = sigmas * (s.itl_spread_s + s.itl_rel_spread * (mean_itl + ITL_REL_FLOOR_S))
             p_miss = gpu.itl_miss_probability(itl0, target - margin, mean_rate, burst, exposed)
             long_step = gpu.mixed_step_s > STALL_STEP_RATIO * target
-            running = min(local_load(s), gpu.max_batch) if long_step and mean_rate > 0 else 0
+            running = min(there, gpu.max_batch) if long_step and mean_rate > 0 else 0
             if running:
                 # What its own prefill does to the decodes already there (`stall_misses`):
-                # judged like this request, by the prompts the worker is sent.
-                own = gpu.prefill_time_s(request.prompt_tokens)
+                # judged like this request, by the prompts the worker is sent. A burst other
+                # than its own prefill is that size-biased prompt's already (`prefill_burst_s`).
                 sq = s.recent_prompt_sq_tokens_per_s
-                others = gpu.prefill_time_s(sq / mean_rate) if sq > 0.0 else own
+                others = burst
+                if burst == own:
+                    others = gpu.prefill_time_s(sq / mean_rate) if sq > 0.0 else own
                 base = p_miss
                 if others != burst:
                     base = gpu.itl_miss_probability(
@@ -250,7 +271,7 @@ def predict(
         reason = f"itl {itl * 1000:.1f}+{itl_margin * 1000:.1f}ms > {slo.max_itl_s * 1000:g}ms"
     elif decode_stall > STALL_FREE_MISSES and decode_stall > budget and gpu is not None:
         reason = (
-            f"stall: its {gpu.prefill_time_s(request.prompt_tokens):.2f}s prefill costs the"
+            f"stall: its {own:.2f}s prefill costs the"
             f" decodes running {decode_stall:.2f} misses > budget {budget:.2f}"
         )
     elif (

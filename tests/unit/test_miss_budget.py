@@ -235,6 +235,10 @@ def test_the_size_biased_prompt_judges_a_long_prompt_on_a_short_step_worker(
     # Guarded work (no ITL target of its own) keeps its own prompt.
     batch = dataclasses.replace(_request(None), slo_class="batch", slo=Slo(None, None, 600.0))
     assert prefill_burst_s(batch, fleet[0], h100, 0.05) == pytest.approx(0.16)
+    # Its own prefill time when the caller has it already (`predict` works it out once):
+    # returned as given where its own prompt is the burst, unused where the biased one is.
+    assert prefill_burst_s(batch, fleet[0], h100, 0.05, 0.123) == 0.123
+    assert prefill_burst_s(_request(None), fleet[0], h100, 0.05, 0.123) == pytest.approx(0.04)
 
 
 def _pair_fleet(running: int) -> tuple[GpuModel, list[BackendSnapshot]]:
