@@ -271,3 +271,93 @@ def test_released_text_of_a_fresh_choice_is_only_its_own() -> None:
     assert masker.feed(e2) == [e1, e2]
     e3 = _chunk(_c(1, "cdefgh"))
     assert masker.feed(e3) == [e3]
+
+
+def test_text_that_only_looks_like_the_rest_of_a_key_is_not_starred() -> None:
+    # The stream's first text begins with the key but for its first 3 characters and ends
+    # in those 3: no key was sent, so nothing is starred, then or after.
+    out = _feed_all(KEY, [_chunk(_c(0, KEY[3:] + " then sk-")), _chunk(_c(0, "!"))])
+    assert _content(out) == KEY[3:] + " then sk-!"
+
+
+def test_a_key_across_two_choices_of_one_event_is_starred_in_both() -> None:
+    # A client that joins every choice's text reads "a " + KEY + " b" from this one event.
+    out = _feed_all(KEY, [_chunk(_c(0, "a sk-"), _c(1, KEY[3:] + " b"))])
+    assert _content(out, 0) == "a ***"
+    assert _content(out, 1) == "*" * (len(KEY) - 3) + " b"
+
+
+def test_a_keys_start_that_broke_off_is_forgotten() -> None:
+    # "sk-", then other text: the key's rest arriving later is no key, whether the start
+    # was let through at once or held and released.
+    let_through = [_chunk(_c(0, "a sk-")), _chunk(_c(0, "hello")), _chunk(_c(0, KEY[3:]))]
+    out = _feed_all(KEY, let_through)
+    assert _content(out) == "a sk-hello" + KEY[3:]
+    held = [
+        _chunk(_c(0, "a sk-")),
+        _chunk(_c(0, "ca")),
+        _chunk(_c(0, "t!")),
+        _chunk(_c(0, KEY[3:])),
+    ]
+    out = _feed_all(KEY, held)
+    assert _content(out) == "a sk-cat!" + KEY[3:]
+
+
+def test_a_new_choices_first_text_has_nothing_before_it_in_its_own_view() -> None:
+    # The key begins with "X". Choice 0 ends in "X" (let through: one character); choice 1's
+    # first text "ab" has nothing before it in its own view, so its later "-secret..." is no
+    # key there (only "X" + "ab" + "-secret..." would be).
+    key = "Xab-secret-0123456789"
+    events = [
+        _chunk(_c(0, "hi X")),
+        _chunk(_c(0, " ok"), _c(1, "ab")),
+        _chunk(_c(1, "-secret-0123456789 done")),
+    ]
+    out = _feed_all(key, events)
+    assert _content(out, 0) == "hi X ok"
+    assert _content(out, 1) == "ab-secret-0123456789 done"
+
+
+def test_a_key_split_from_reasoning_into_content_is_starred_where_all_text_joins() -> None:
+    # "sk" ends the reasoning (2 characters: let through), "-ca" begins the content: a client
+    # that joins all of a stream's text reads "sk-ca", the key's start, so the content is
+    # held until the key is whole, then starred.
+    def reasoning(text: str) -> bytes:
+        choice = {"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}
+        return b"data: " + json.dumps({"choices": [choice]}).encode()
+
+    events = [reasoning("think sk"), _chunk(_c(0, "-ca")), _chunk(_c(0, KEY[5:] + " done"))]
+    masker = KeyMask(KEY).stream()
+    assert masker.feed(events[0]) == [events[0]]
+    assert masker.feed(events[1]) == []
+    out = masker.feed(events[2]) + masker.flush()
+    assert _content(out) == "***" + "*" * (len(KEY) - 5) + " done"
+
+
+def test_tool_calls_without_an_index_are_told_apart_by_their_place() -> None:
+    # Two calls without an index in one event are calls 0 and 1: the first one's arguments
+    # end in the key's start (held, though the second's do not), and the key's rest comes as
+    # call 0's arguments of the next event.
+    def calls(*args: str) -> bytes:
+        listed = [{"function": {"arguments": a}} for a in args]
+        return b"data: " + orjson.dumps(
+            {"choices": [{"index": 0, "delta": {"tool_calls": listed}}]}
+        )
+
+    masker = KeyMask(KEY).stream()
+    first = calls('{"a": "' + KEY[:5], '{"b": 1}')
+    assert masker.feed(first) == []
+    out = masker.feed(calls(KEY[5:] + '"}')) + masker.flush()
+    assert _args(out) == '{"a": "' + "*****" + '{"b": 1}' + "*" * (len(KEY) - 5) + '"}'
+
+
+def test_a_choice_without_an_index_and_choice_0_are_one_text() -> None:
+    # Choice 0's text begins in a choice without an index and goes on in one that says 0;
+    # another choice before each keeps the views across choices from joining them.
+    events = [
+        _chunk(_c(2, "x"), _c(None, "a " + KEY[:5])),
+        _chunk(_c(2, "y"), _c(0, KEY[5:] + " b")),
+    ]
+    out = _feed_all(KEY, events)
+    assert _content(out, None) + _content(out, 0) == "a " + STARS + " b"
+    assert _content(out, 2) == "xy"
