@@ -1,9 +1,9 @@
-"""A per-test watchdog for the ledger's test files.
+"""A per-test watchdog for the ledger's and the key masker's test files.
 
-A broken ledger writer (a mutant, or a real bug) leaves its caller waiting forever; the
-watchdog ends the process after `seconds` of one test instead, printing every thread's
-stack, so mutmut and CI see a failure in seconds rather than waiting out their own
-timeouts (~165 s a mutant). A test that needs longer re-arms it with its own
+A broken ledger writer (a mutant, or a real bug) leaves its caller waiting forever, and a
+broken key masker can loop; the watchdog ends the process after `seconds` of one test
+instead, printing every thread's stack, so mutmut and CI see a failure in seconds rather
+than waiting out their own timeouts (~165 s a mutant). A test that needs longer re-arms it with its own
 `faulthandler.dump_traceback_later`.
 """
 

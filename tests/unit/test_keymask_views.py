@@ -13,6 +13,10 @@ import orjson
 import pytest
 
 from adapters.keymask import HOLD_PREFIX, KeyMask
+from tests.watchdog import watchdog_after
+
+# A masker that loops (a mutant's `while`) ends the process in seconds, not at mutmut's limit.
+watchdog = watchdog_after(10)
 
 KEY = "sk-canary-0123456789abcdef/xyz"
 A, B = KEY[:12], KEY[12:]  # each starts and ends away from a repeat of "s"
