@@ -89,6 +89,9 @@ class PolicyResult:
     queued_requests: int
     refused_attempts: int = 0
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
+    # Per SLO class, why its requests missed: "local ttft", "external itl", "failed", ...
+    # (`miss_causes`; a request that broke two bounds counts under both).
+    misses: dict[str, dict[str, int]] = field(default_factory=dict)
     wall_s: float = 0.0
 
     @property
@@ -122,6 +125,7 @@ class PolicyResult:
             "interactive_external_fraction": self.interactive_external_fraction,
             "queued_requests": self.queued_requests,
             "refused_attempts": self.refused_attempts,
+            "misses_by_cause": self.misses,
         }
 
 
@@ -149,6 +153,7 @@ def summarize(engine: FinishedRun) -> PolicyResult:
     """Cost, SLO attainment, shares and utilization from a finished run."""
     sc, trace = engine.sc, engine.trace
     met: dict[str, list[int]] = {}
+    misses: dict[str, dict[str, int]] = {}
     tokens_by: dict[str, int] = {}
     ttfts: list[float] = []
     external_interactive = 0
@@ -160,6 +165,10 @@ def summarize(engine: FinishedRun) -> PolicyResult:
         tr = r.tr
         slo = sc.slo_classes[tr.slo_class]
         ok = meets_slo(r, slo)
+        if not ok:
+            counts = misses.setdefault(tr.slo_class, {})
+            for cause in miss_causes(r, slo, r.backend in engine.gpus):
+                counts[cause] = counts.get(cause, 0) + 1
         m = met.setdefault(tr.slo_class, [0, 0])
         m[0] += ok
         m[1] += 1
@@ -200,21 +209,38 @@ def summarize(engine: FinishedRun) -> PolicyResult:
         queued_requests=engine.queued_total,
         refused_attempts=engine.refusals,
         timeline=[(i * TIMELINE_BUCKET_S, local_tl[i], ext_tl[i]) for i in range(nb)],
+        misses={c: dict(sorted(v.items())) for c, v in sorted(misses.items())},
     )
 
 
 def meets_slo(r: SimRequest, slo: Slo) -> bool:
     """Did this request get what its class promised? Times count from arrival."""
+    broken = _broken(r, slo)
+    return broken is not None and not any(broken)
+
+
+def _broken(r: SimRequest, slo: Slo) -> tuple[bool, bool, bool] | None:
+    """Whether it broke its TTFT, ITL and total bounds; None: it got no whole answer."""
     if r.failed or r.first_token_at is None or r.done_at is None:
-        return False
-    t0 = r.tr.t
-    if slo.max_ttft_s is not None and r.first_token_at - t0 > slo.max_ttft_s:
-        return False
-    n = r.tr.output_tokens
-    if (
+        return None
+    t0, n = r.tr.t, r.tr.output_tokens
+    return (
+        slo.max_ttft_s is not None and r.first_token_at - t0 > slo.max_ttft_s,
         slo.max_itl_s is not None
         and n > 1
-        and (r.done_at - r.first_token_at) / (n - 1) > slo.max_itl_s
-    ):
-        return False
-    return not (slo.max_total_s is not None and r.done_at - t0 > slo.max_total_s)
+        and (r.done_at - r.first_token_at) / (n - 1) > slo.max_itl_s,
+        slo.max_total_s is not None and r.done_at - t0 > slo.max_total_s,
+    )
+
+
+def miss_causes(r: SimRequest, slo: Slo, local: bool) -> tuple[str, ...]:
+    """Which of its class's bounds a request broke, each prefixed by where it was served
+    ("local ttft", "external itl", ...); ("failed",) when it got no whole answer; () when it
+    met them all (`meets_slo`)."""
+    broken = _broken(r, slo)
+    if broken is None:
+        return ("failed",)
+    where = "local" if local else "external"
+    return tuple(
+        f"{where} {bound}" for bound, b in zip(("ttft", "itl", "total"), broken, strict=True) if b
+    )

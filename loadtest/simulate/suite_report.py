@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from loadtest.simulate.results import PolicyResult
 from loadtest.simulate.suite import (
     BOUND_GAP,
     SLO_TARGET,
@@ -34,6 +35,16 @@ def verdict_lines(outcomes: Sequence[Outcome]) -> list[str]:
             line += "; " + "; ".join(o.notes)
         out.append(line + ".")
     return out
+
+
+def misses_text(r: PolicyResult) -> str:
+    """`interactive: local itl 5, local ttft 2; batch: none`."""
+    parts = []
+    for cls in sorted(r.slo_attainment):
+        causes = r.misses.get(cls, {})
+        text = ", ".join(f"{c} {n}" for c, n in causes.items()) if causes else "none"
+        parts.append(f"{cls}: {text}")
+    return "; ".join(parts) if parts else "no requests"
 
 
 def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
@@ -80,6 +91,17 @@ def markdown(outcomes: Sequence[Outcome], command: str, png: str | None) -> str:
         "## Every policy",
         "",
         detail_table(outcomes),
+        "",
+        "## Why requests missed",
+        "",
+        "Per SLO class, the misses of the cost policy and of all-local by the bound broken and "
+        "where the request was served (one that broke two bounds counts under both).",
+        "",
+        *(
+            f"- {o.name}: cost policy ({misses_text(o.cost)}); all-local "
+            f"({misses_text(o.by('all-local'))})"
+            for o in outcomes
+        ),
         "",
         "## spill@N sweeps",
         "",

@@ -287,6 +287,7 @@ def test_requests_no_backend_answered_are_misses_for_every_policy() -> None:
         res = engine.run()
         assert res.failed == 2, policy.name
         assert res.slo_attainment == {"interactive": pytest.approx(1 / 3)}, policy.name
+        assert res.misses == {"interactive": {"failed": 2}}, policy.name
         # Refused by the provider (429), or not sent at all by a policy that reads the
         # 429's cool-down (no backend): unanswered either way.
         assert 1 <= res.refused_attempts <= 2, policy.name

@@ -17,6 +17,7 @@ from loadtest.simulate.bound import b_star, gpu_seconds, hindsight_bound
 from loadtest.simulate.bound_local import decode_token_cost
 from loadtest.simulate.engine import Engine
 from loadtest.simulate.physics import GpuPhysics
+from loadtest.simulate.results import meets_slo, miss_causes
 from loadtest.simulate.routers import AlwaysLocalUntilError, CheapestExternal, SelectPolicy
 from loadtest.simulate.scenario import (
     LocalSpec,
@@ -72,6 +73,35 @@ def _one_gpu(duration: float, requests: list[TraceRequest]) -> tuple[Scenario, T
         prefill_noise_sigma=0.0,
     )
     return sc, Trace("t", duration, tuple(requests))
+
+
+def test_misses_are_told_apart_by_the_bound_broken_and_where() -> None:
+    # One GPU: batch-1 decode 10 ms a token, prefill 1,000 tokens/s (a step of 2,048 tokens
+    # takes 2.048 s). A (t = 0, 10-token prompt, 21 tokens out) has its first token at
+    # 0.01 s and ~9 more by 0.1 s; then B's 1,500-token prompt stalls it for ~1.5 s (one
+    # token of A per 2.048-s step); its last ~11 tokens take 0.11 s: mean ITL ~(0.09 + 1.5 +
+    # 0.11) / 20 = 85 ms > 50 ms. B (one token out) gets it ~1.5 s after arriving: TTFT > 1 s.
+    sc, trace = _one_gpu(
+        10.0,
+        [
+            TraceRequest(0.0, 10, 21, 64, "interactive"),
+            TraceRequest(0.1, 1500, 1, 64, "interactive"),
+        ],
+    )
+    engine = Engine(sc, trace, AlwaysLocalUntilError(), 1)
+    res = engine.run()
+    assert res.misses == {"interactive": {"local itl": 1, "local ttft": 1}}
+    a, b = engine.reqs
+    assert miss_causes(a, INTERACTIVE, True) == ("local itl",)
+    assert miss_causes(b, INTERACTIVE, False) == ("external ttft",)
+    # Alone, A meets both bounds: no cause, and meets_slo agrees.
+    alone = Engine(sc, Trace("a", 10.0, trace.requests[:1]), AlwaysLocalUntilError(), 1)
+    assert alone.run().misses == {}
+    assert miss_causes(alone.reqs[0], INTERACTIVE, True) == ()
+    assert meets_slo(alone.reqs[0], INTERACTIVE) and not meets_slo(a, INTERACTIVE)
+    # A request that got no answer is "failed", whatever its times.
+    a.failed = True
+    assert miss_causes(a, INTERACTIVE, True) == ("failed",)
 
 
 def test_hindsight_bound_by_hand() -> None:
