@@ -34,7 +34,8 @@ queueing, KV limits, and that a prefill is one contiguous block that stalls ever
 decode and every prompt behind it (a time-indexed model of that is not built; prefill
 deadlines alone, each prompt's prefill inside its TTFT window on a GPU that prefills one
 prompt at a time, moved none of the four shipped bounds tried on 2026-12-06: the 70B pair,
-tpm-limited-8b, bursty-8b).
+tpm-limited-8b, bursty-8b; nor did, on the 70B pair, the FIFO queue and the stall as rows
+of a mixed-integer program with every local share 0/1: docs/economics.md).
 """
 
 from __future__ import annotations
