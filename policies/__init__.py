@@ -45,6 +45,9 @@ policies.costmodel
     .amortized_cost(prompt, output, batch, context=None) .most_per_token()
     .predicted_ttft_s(prompt, *, load, queued_prefill_tokens, expected_output_tokens)
     opportunity_share(batch_after, slo_batch) -> 0..1
+policies.batch_search                # the search behind GpuModel.slo_batch
+    slo_batch(max_itl_s, load, tables, curves, top_batch, mixed_step_s) -> b*
+    mixed_itl_cut(max_itl_s, load, mixed_step_s) itl_curve(table, top) itl_curves(profile)
 policies.pricebook
     Price(input_per_token, output_per_token, cached_input_per_token=None, source="config",
           updated_at=0.0); Price.per_million(...); .cost(prompt, completion, cached=0)

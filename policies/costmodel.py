@@ -16,10 +16,11 @@ measured profile (`policies.profile`). The numbers (docs/economics.md):
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Literal
 
+from policies.batch_search import ItlCurve, itl_curves
+from policies.batch_search import slo_batch as search_slo_batch
 from policies.profile import Profile
 from policies.spec import GpuSpec, ThroughputProfileSpec
 
@@ -35,36 +36,6 @@ RAMP_FRACTION = 0.25
 TAIL_Z = 2.33
 # Phi(-TAIL_Z): the miss probability one request may carry with no population budget.
 TAIL_P = 0.5 * math.erfc(TAIL_Z / math.sqrt(2.0))
-# `slo_batch` compares a batch's decode-only ITL with the ITL at which the mixed ITL meets
-# the target (`mixed_itl_cut`), solved once per search instead of the mixed ITL per batch.
-# Within this relative distance of the cut the two sides' rounding (~1e-15) could disagree,
-# so there the mixed ITL is computed as before; outside it the answer is the same (the mixed
-# ITL moves at least 0.05 x as far as the decode ITL: its elasticity is >= 1 - load).
-CUT_BAND = 1e-9
-
-
-def mixed_itl_cut(max_itl_s: float, load: float, mixed_step_s: float) -> float:
-    """The decode-only ITL at which `GpuModel.mixed_itl` reaches `max_itl_s` (> 0) with a
-    share `load` (0 < load < 1) of the time in chunked-prefill steps of `mixed_step_s`.
-
-    A decode step at least as long as the mixed step is the mixed ITL itself, so when the
-    target is no shorter than the mixed step the cut is the target. Otherwise the root of
-    load / step + (1 - load) / itl = 1 / max_itl_s: (1 - load) / (1 / max_itl_s - load /
-    step), below the mixed step (the denominator is at least (1 - load) / step).
-    """
-    if max_itl_s >= mixed_step_s:
-        return max_itl_s
-    return (1.0 - load) / (1.0 / max_itl_s - load / mixed_step_s)
-
-
-def itl_curve(table: tuple[float, ...], top: int) -> tuple[tuple[float, ...], int]:
-    """(ITL by batch 0..top of a throughput table, as `slo_batch` computes it (b / T(b); 0.0
-    at 0, unused), the smallest batch m >= 1 from which that ITL never falls)."""
-    itl = (0.0, *(b / table[b] for b in range(1, top + 1)))
-    m = top if top > 1 else 1
-    while m > 1 and itl[m - 1] <= itl[m]:
-        m -= 1
-    return itl, m
 
 
 def opportunity_share(batch_after: int, slo_batch: int) -> float:
@@ -100,10 +71,8 @@ class GpuModel:
     _one_curve: bool = field(init=False, repr=False, compare=False)
     _prefill_ref: float = field(init=False, repr=False, compare=False)
     _mixed_step_s: float = field(init=False, repr=False, compare=False)
-    # Per measured context: (its throughput table, `itl_curve` of it): `slo_batch`'s fast path.
-    _itl_curves: tuple[tuple[tuple[float, ...], tuple[float, ...], int], ...] = field(
-        init=False, repr=False, compare=False
-    )
+    # Per measured context: (its throughput table, its ITL by batch, m): `slo_batch`'s fast path.
+    _itl_curves: tuple[ItlCurve, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.price_per_hour <= 0:
@@ -113,11 +82,7 @@ class GpuModel:
         object.__setattr__(self, "_one_curve", len(prof.contexts) == 1)
         object.__setattr__(self, "_prefill_ref", prof.prefill_tokens_per_s(512))
         object.__setattr__(self, "_mixed_step_s", prof.step_token_budget / self._prefill_ref)
-        curves = []
-        for c in prof.contexts:
-            table = prof.tables_at(c)[0]
-            curves.append((table, *itl_curve(table, prof.max_batch)))
-        object.__setattr__(self, "_itl_curves", tuple(curves))
+        object.__setattr__(self, "_itl_curves", itl_curves(prof))
 
     @classmethod
     def from_spec(cls, spec: GpuSpec) -> GpuModel:
@@ -272,76 +237,19 @@ class GpuModel:
         """b*: the largest batch whose predicted ITL (at this context and prefill load) meets
         `max_itl_s`; `max_batch` without a target, 0 when not even batch 1 meets it.
 
-        Binary search: per-request speed T(b)/b falls as b grows, so ITL rises with b.
+        The search itself is `policies.batch_search.slo_batch`.
         """
         if max_itl_s is None:
             return self.max_batch
         load = self.prefill_load(prompt_tokens_per_s) if prompt_tokens_per_s > 0 else 0.0
-        ta, tb, w = self.profile.tables_at(context)
-        # A batch meets the target when its decode-only ITL is below the cut (`mixed_itl_cut`,
-        # solved once) and misses above it; within CUT_BAND of the cut, and with nothing
-        # prefilled, `_meets` judges it by the mixed ITL itself as the search always did.
-        below = above = max_itl_s
-        if load and max_itl_s > 0.0:
-            cut = mixed_itl_cut(max_itl_s, load, self._mixed_step_s)
-            below, above = cut * (1.0 - CUT_BAND), cut * (1.0 + CUT_BAND)
-        if w == 0.0:
-            for table, itl, m in self._itl_curves:
-                if table is ta:
-                    found = self._sorted_slo_batch(itl, m, below, above, max_itl_s, load)
-                    if found is not None:
-                        return found
-                    break
-        lo, hi = 0, self.max_batch
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            t = ta[mid] if w == 0.0 else ta[mid] + (tb[mid] - ta[mid]) * w
-            itl_mid = mid / t
-            if itl_mid < below:
-                lo = mid
-            elif itl_mid > above:
-                hi = mid - 1
-            elif self._meets(itl_mid, max_itl_s, load):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _meets(self, itl: float, max_itl_s: float, load: float) -> bool:
-        """Whether the mixed ITL of decode-only ITL `itl` at prefill share `load` (0: none)
-        meets `max_itl_s`: `mixed_itl` written out, the arithmetic b* was always judged by."""
-        if load:
-            step = self._mixed_step_s if self._mixed_step_s > itl else itl
-            itl = 1.0 / (load / step + (1.0 - load) / itl)
-        return itl <= max_itl_s
-
-    def _sorted_slo_batch(
-        self,
-        itl: tuple[float, ...],
-        m: int,
-        below: float,
-        above: float,
-        max_itl_s: float,
-        load: float,
-    ) -> int | None:
-        """The binary search's answer found by bisection, where that is sure to be the same.
-
-        `itl` never falls from batch m on, and a correctly rounded `mixed_itl` never falls
-        as the ITL rises, so from m on the batches that meet the target are m..top: bisect
-        finds top. The search of `slo_batch` visits no batch below m when m is 1 or top >=
-        2m - 1 (each step's midpoint is at least half of a bound >= top), and then returns
-        top too. Otherwise None: the search itself must run (a curve whose ITL dips at small
-        batches, e.g. a 1-to-5 interpolation, may answer differently there).
-        """
-        top_batch = self.max_batch
-        i = bisect_left(itl, below, m, top_batch + 1)
-        j = bisect_right(itl, above, i, top_batch + 1)
-        while i < j and self._meets(itl[i], max_itl_s, load):
-            i += 1
-        top = i - 1
-        if m == 1 or top >= 2 * m - 1:
-            return top
-        return None
+        return search_slo_batch(
+            max_itl_s,
+            load,
+            self.profile.tables_at(context),
+            self._itl_curves,
+            self.max_batch,
+            self._mixed_step_s,
+        )
 
     def cost_per_output_token(self, batch: float, context: float | None = None) -> float:
         """USD per output token when the GPU runs this batch: price per second / T(b)."""

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from gateway.profiles import load_profile, shipped_profiles
-from policies.costmodel import GpuModel, itl_curve, mixed_itl_cut
+from policies.batch_search import itl_curve, mixed_itl_cut
+from policies.costmodel import GpuModel
 from policies.spec import LLAMA_8B_H100, ThroughputProfileSpec
 
 
