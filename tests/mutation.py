@@ -93,9 +93,11 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "costmodel",
-        ("policies/costmodel.py",),
+        # The b* search moved out of costmodel.py (ebe0b09); GpuModel.slo_batch delegates to it.
+        ("policies/costmodel.py", "policies/batch_search.py"),
         (
             "tests/unit/test_costmodel.py",
+            "tests/unit/test_slo_batch.py",
             "tests/unit/test_select.py",
             # The ITL miss probability (5621dbf) and the KV cap (b89b679) are tested here.
             "tests/unit/test_miss_budget.py",

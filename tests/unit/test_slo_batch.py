@@ -53,6 +53,9 @@ def test_itl_curve_worked() -> None:
     assert itl == (0.0, 1 / 100.0, 2 / 150.0, 3 / 330.0, 4 / 400.0) and m == 3
     assert itl_curve((0.0, 100.0, 150.0, 200.0), 3)[1] == 1  # rising from batch 1
     assert itl_curve((0.0, 100.0), 1) == ((0.0, 0.01), 1)
+    # Two batches: 10 then 6.67 ms falls, so m is 2; 10 then 10 ms does not fall, so m is 1.
+    assert itl_curve((0.0, 100.0, 300.0), 2)[1] == 2
+    assert itl_curve((0.0, 100.0, 200.0), 2)[1] == 1
 
 
 # ITL 10, 13.33, 9.09, 10 ms at batch 1-4: a dip the bisection must not be trusted over.
@@ -71,11 +74,27 @@ def test_a_curve_that_dips_keeps_the_search_answer() -> None:
     assert gpu.slo_batch(0.02) == 4
 
 
+# ITL 10, 6.67, 7.5 ms at batch 1-3: it never falls from batch 2 on (m == 2), nor from 3.
+DIP_AT_2 = ThroughputProfileSpec(
+    decode_tokens_per_s={1: 100, 2: 300, 3: 400}, prefill_tokens_per_s=3600, max_batch=3
+)
+
+
+def test_a_dip_at_batch_2_keeps_the_search_answer() -> None:
+    gpu = GpuModel.from_profile(DIP_AT_2, 1.0)
+    # 5 ms: nothing meets it. Bisecting from m = 2 finds top 1 (batch 2 misses), which is
+    # not 2m - 1 = 3 or more: the search runs, tries 2 then 1, both misses: 0, not 1.
+    assert gpu.slo_batch(0.005) == 0
+    # 7 ms: 2 meets, 3 misses: the search's 2. 8 ms: 2 and 3 meet, top 3 >= 2m - 1: 3.
+    assert gpu.slo_batch(0.007) == 2
+    assert gpu.slo_batch(0.008) == 3
+
+
 def _profiles() -> list[ThroughputProfileSpec]:
-    return [load_profile(n) for n in shipped_profiles()] + [LLAMA_8B_H100, DIP]
+    return [load_profile(n) for n in shipped_profiles()] + [LLAMA_8B_H100, DIP, DIP_AT_2]
 
 
-@pytest.mark.parametrize("spec", _profiles(), ids=lambda p: p.name or "dip")
+@pytest.mark.parametrize("spec", _profiles(), ids=lambda p: p.name or f"dip{p.max_batch}")
 def test_slo_batch_is_the_plain_search_at_every_boundary(spec: ThroughputProfileSpec) -> None:
     # Targets at each batch's own mixed ITL and one ulp either side (where the cut's
     # rounding could differ from the mixed ITL's), at no, some and a saturating prefill
